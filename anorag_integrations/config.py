@@ -1,0 +1,229 @@
+"""Typed configuration: ``config.yaml`` (either layout the anorag docs use) plus env overrides.
+
+Layouts accepted::
+
+    llm:                          llm:
+      provider: vllm_openai         provider: vllm_openai
+      routes: {a: {...}}            vllm_openai:
+      lb_policy: round_robin          routes: {a: {...}}
+                                      lb_policy: round_robin
+
+Environment: ``ANORAG_CONFIG`` (path), and ``VLLM_BASE_URL`` / ``VLLM_MODEL`` / ``VLLM_API_KEY``,
+which override the default route (or define a single route when there is no file). Every problem is
+reported in one ``ConfigError`` naming the file and the key path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .router.errors import ConfigError
+from .router.policies import POLICIES
+
+DEFAULT_CONFIG_PATH = "config.yaml"
+ENV_CONFIG_PATH = "ANORAG_CONFIG"
+ENV_ROUTE_OVERRIDES = {"VLLM_BASE_URL": "base_url", "VLLM_MODEL": "model", "VLLM_API_KEY": "api_key"}
+ENV_ONLY_ROUTE = "default"
+"""Name of the single route built from ``VLLM_BASE_URL`` when there is no config file."""
+OTHER_PROVIDER_SECTIONS = frozenset({"ollama", "multi_ollama", "openai"})
+"""Sibling sections under ``llm:`` that belong to other providers; the router leaves them alone."""
+ROUTER_KEYS = frozenset({"routes", "default_route", "fallback_route", "lb_policy", "params", "health"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouteConfig(_Section):
+    """One OpenAI-compatible endpoint serving one model."""
+
+    base_url: str
+    model: str = Field(min_length=1)
+    timeout: float | None = Field(default=None, gt=0, description="per-attempt seconds; default params.timeout")
+    api_key: SecretStr = SecretStr("EMPTY")
+    weight: float = Field(default=1.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {value!r} (expected e.g. http://127.0.0.1:8000/v1)")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError(f"bad port in URL {value!r}") from None
+        return value.strip().rstrip("/")
+
+
+class Params(_Section):
+    """Request defaults and retry bounds."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    timeout: float = Field(default=60.0, gt=0, description="seconds per attempt (for streams: between chunks)")
+    max_retries: int = Field(default=2, ge=0, description="extra full rounds over the routes after the first")
+    deadline: float | None = Field(default=None, gt=0, description="total seconds for one request, all attempts")
+
+
+class HealthConfig(_Section):
+    """Breaker thresholds and the active prober."""
+
+    probe_interval: float = Field(default=0.0, ge=0, description="seconds between probes; 0 turns probing off")
+    probe_timeout: float = Field(default=2.0, gt=0)
+    failure_threshold: int = Field(default=3, ge=1, description="consecutive failures that open the breaker")
+    cooldown: float = Field(default=10.0, ge=0, description="seconds an open breaker waits before a trial")
+
+
+class Config(_Section):
+    """The router's whole configuration."""
+
+    provider: str = "vllm_openai"
+    routes: dict[str, RouteConfig] = Field(min_length=1)
+    default_route: str | None = None
+    fallback_route: str | None = None
+    lb_policy: str = "round_robin"
+    params: Params = Params()
+    health: HealthConfig = HealthConfig()
+    source: str = Field(default="<dict>", exclude=True, description="where this config was read from")
+
+    @field_validator("lb_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown lb_policy {value!r}; choose one of {', '.join(sorted(POLICIES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _known_routes(self) -> Config:
+        for key in ("default_route", "fallback_route"):
+            name = getattr(self, key)
+            if name is not None and name not in self.routes:
+                raise ValueError(f"{key}: {name!r} is not among the routes ({', '.join(self.routes)})")
+        if self.fallback_route is not None and len(self.routes) == 1:
+            raise ValueError("fallback_route: needs at least one other route to fall back from")
+        return self
+
+    @property
+    def default_route_name(self) -> str:
+        return self.default_route or next(iter(self.routes))
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path``, else ``$ANORAG_CONFIG``, else ``./config.yaml``; apply env overrides; validate."""
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get(ENV_CONFIG_PATH))
+    file = Path(path if path is not None else env.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH)
+    if not file.is_file():
+        if not explicit and env.get("VLLM_BASE_URL"):
+            return config_from_dict({"llm": {"routes": {ENV_ONLY_ROUTE: {}}}}, source="environment", env=env)
+        how = "" if explicit else f"; pass a path, set ${ENV_CONFIG_PATH}, or set VLLM_BASE_URL and VLLM_MODEL"
+        raise ConfigError(str(file), [("", f"config file not found{how}")])
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(str(file), [("", f"{where}not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    except OSError as exc:
+        raise ConfigError(str(file), [("", f"cannot read: {exc.strerror or exc}")]) from None
+    return config_from_dict(data, source=str(file), env=env)
+
+
+def config_from_dict(data: object, *, source: str = "<dict>", env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed config document (the whole file, with its ``llm:`` key)."""
+    env = os.environ if env is None else env
+    section, prefix = _router_section(data, source)
+    section = dict(section)
+    from_env = _apply_env(section, prefix, env)
+    try:
+        return Config.model_validate({**section, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err, prefix, from_env) for err in exc.errors()]) from None
+
+
+def _router_section(data: object, source: str) -> tuple[dict[str, Any], str]:
+    """Find the router's keys in either layout; return them and their key-path prefix."""
+    if data is None:
+        raise ConfigError(source, [("llm", "missing: the file is empty")])
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("", f"expected a mapping at the top level, got {type(data).__name__}")])
+    llm = data.get("llm")
+    if not isinstance(llm, dict):
+        got = "missing" if llm is None else f"expected a mapping, got {type(llm).__name__}"
+        raise ConfigError(source, [("llm", got)])
+    problems = [
+        (f"llm.{key}", f"unknown key; expected one of {', '.join(sorted(ROUTER_KEYS | {'provider', 'vllm_openai'}))}")
+        for key in llm
+        if key not in ROUTER_KEYS | OTHER_PROVIDER_SECTIONS | {"provider", "vllm_openai"}
+    ]
+    if "vllm_openai" in llm:
+        nested = llm["vllm_openai"]
+        if not isinstance(nested, dict):
+            problems.append(("llm.vllm_openai", f"expected a mapping, got {type(nested).__name__}"))
+        problems += [
+            (f"llm.{key}", "with the llm.vllm_openai layout this key belongs under llm.vllm_openai")
+            for key in llm
+            if key in ROUTER_KEYS
+        ]
+        if problems:
+            raise ConfigError(source, problems)
+        section = {k: v for k, v in nested.items()}
+        if "provider" in llm:
+            section.setdefault("provider", llm["provider"])
+        return section, "llm.vllm_openai"
+    if problems:
+        raise ConfigError(source, problems)
+    return {k: v for k, v in llm.items() if k not in OTHER_PROVIDER_SECTIONS}, "llm"
+
+
+def _apply_env(section: dict[str, Any], prefix: str, env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Write VLLM_* overrides into the default route; return {key path: env var} for error messages."""
+    overrides = {key: env[var] for var, key in ENV_ROUTE_OVERRIDES.items() if env.get(var)}
+    routes = section.get("routes")
+    if not overrides or not isinstance(routes, dict) or not routes:
+        return {}
+    name = section.get("default_route")
+    if not isinstance(name, str) or name not in routes:
+        name = next(iter(routes))
+    route = routes[name]
+    if route is None:
+        route = {}
+    if not isinstance(route, dict):
+        return {}
+    section["routes"] = {**routes, name: {**route, **overrides}}
+    by_key = {key: var for var, key in ENV_ROUTE_OVERRIDES.items()}
+    return {("routes", name, key): by_key[key] for key in overrides}
+
+
+def _describe(err: Any, prefix: str, from_env: dict[tuple[str, ...], str]) -> tuple[str, str]:
+    """One pydantic error as (key path, message); secrets are never echoed back."""
+    loc = tuple(str(part) for part in err["loc"])
+    message: str = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    kind = err["type"]
+    if kind == "missing":
+        message = "missing (required)"
+    elif kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "too_short" and loc == ("routes",):
+        message = "no routes defined; add at least one under routes:"
+    elif "api_key" not in loc and not kind.startswith("value_error") and "input" in err:
+        message = f"{message} (got {err['input']!r})"
+    key = ".".join((prefix, *loc)) if loc else prefix
+    if loc[:3] in from_env:
+        key += f" (from ${from_env[loc[:3]]})"
+    # A model-level check (default_route, fallback_route) names its own key in the message.
+    if not loc and ":" in message:
+        field, _, message = message.partition(": ")
+        key = f"{prefix}.{field}"
+    return key, message

@@ -1,0 +1,45 @@
+"""Framework-free routing engine: routes, policies, health, failover, statistics."""
+
+from __future__ import annotations
+
+from .core import CallInfo, Router, call_info
+from .errors import (
+    AllRoutesFailed,
+    Attempt,
+    AuthenticationError,
+    BadRequestError,
+    ConfigError,
+    ContextOverflowError,
+    ModelNotFoundError,
+    PermanentRouteError,
+    RouteError,
+    RouterError,
+    StreamCut,
+    StreamInterruptedError,
+    TransientRouteError,
+    UnprocessableEntityError,
+)
+from .policies import POLICIES, Policy, register
+
+__all__ = [
+    "POLICIES",
+    "AllRoutesFailed",
+    "Attempt",
+    "AuthenticationError",
+    "BadRequestError",
+    "CallInfo",
+    "ConfigError",
+    "ContextOverflowError",
+    "ModelNotFoundError",
+    "PermanentRouteError",
+    "Policy",
+    "RouteError",
+    "Router",
+    "RouterError",
+    "StreamCut",
+    "StreamInterruptedError",
+    "TransientRouteError",
+    "UnprocessableEntityError",
+    "call_info",
+    "register",
+]

@@ -1,0 +1,530 @@
+"""Router: sends each request to one of several routes, failing over and retrying as configured.
+
+One request runs in *rounds* (``1 + max_retries``). In a round the policy picks among the routes
+available now; a transient failure moves the request to the next pick, a permanent one is raised at
+once; ``fallback_route`` is tried last. Between rounds tenacity waits (exponential with jitter, at
+least any ``Retry-After``), all bounded by the request ``deadline``. Streams fail over the same way
+until their first chunk with content has been delivered; after that a failure raises
+``StreamInterruptedError`` with exactly what was delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import openai
+from openai.resources.chat.completions import Completions
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
+
+from .errors import (
+    AllRoutesFailed,
+    Attempt,
+    PermanentRouteError,
+    RouteError,
+    RouterError,
+    StreamCut,
+    StreamInterruptedError,
+    classify,
+    trips_breaker,
+)
+from .health import BreakerState, Prober
+from .policies import make_policy
+from .route import Route
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+BACKOFF_INITIAL_S = 0.25
+"""Scale of the first wait between rounds (tenacity's random exponential)."""
+BACKOFF_MAX_S = 8.0
+"""Longest wait between two rounds, unless a ``Retry-After`` asks for more."""
+
+SDK_PARAMS = frozenset(inspect.signature(Completions.create).parameters) - {"self", "messages", "model", "stream"}
+"""Keyword arguments the openai SDK accepts; any other goes into ``extra_body`` (vLLM's extras)."""
+ROUTER_PARAMS = frozenset({"route", "timeout", "max_retries", "deadline"})
+
+_T = TypeVar("_T")
+Messages = Iterable[Mapping[str, Any]]
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """How the router served one request: read it with :func:`call_info` on a response or chunk."""
+
+    route: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    rounds: int = 0
+    latency_s: float | None = None
+    ttft_s: float | None = None
+
+
+_INFO_ATTR = "_anorag_call"
+
+
+def call_info(obj: ChatCompletion | ChatCompletionChunk) -> CallInfo | None:
+    """The :class:`CallInfo` the router attached to a response or a stream chunk, if any."""
+    return getattr(obj, _INFO_ATTR, None)
+
+
+def _attach(obj: _T, info: CallInfo) -> _T:
+    object.__setattr__(obj, _INFO_ATTR, info)  # a plain attribute: model_dump() stays the SDK's
+    return obj
+
+
+def _has_payload(chunk: ChatCompletionChunk) -> bool:
+    """Whether a chunk carries something the caller must see (text, reasoning, tools, finish, usage)."""
+    if chunk.usage is not None:
+        return True
+    for choice in chunk.choices:
+        delta = choice.delta
+        extra = delta.model_extra or {}
+        if (
+            choice.finish_reason
+            or delta.content
+            or delta.tool_calls
+            or extra.get("reasoning")
+            or extra.get("reasoning_content")
+        ):
+            return True
+    return False
+
+
+class _Call:
+    """The state of one request across its attempts."""
+
+    def __init__(self, router: Router, messages: Messages, params: dict[str, Any], *, stream: bool) -> None:
+        cfg = router.config.params
+        self.started = time.monotonic()
+        self.pinned: Route | None = None
+        name = params.pop("route", None)
+        if name is not None:
+            try:
+                self.pinned = router.routes[name]
+            except KeyError:
+                raise ValueError(f"unknown route {name!r}; routes: {', '.join(router.routes)}") from None
+        self.timeout: float | None = params.pop("timeout", None)
+        self.max_retries: int = params.pop("max_retries", None)
+        if self.max_retries is None:
+            self.max_retries = cfg.max_retries
+        deadline = params.pop("deadline", None) or cfg.deadline
+        self.deadline = None if deadline is None else self.started + deadline
+        self.deadline_s = deadline
+        self.model: str | None = params.pop("model", None)
+        for key in ("temperature", "max_tokens", "top_p"):
+            default = getattr(cfg, key)
+            if default is not None and key not in params:
+                params[key] = default
+        extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
+        if extra:
+            params["extra_body"] = {**extra, **(params.get("extra_body") or {})}
+        if stream:
+            params.setdefault("stream_options", {"include_usage": True})
+        params["messages"] = list(messages)
+        self.body = params
+        self.info = CallInfo()
+        self.retry_after = 0.0
+
+    def body_for(self, route: Route) -> dict[str, Any]:
+        return {**self.body, "model": self.model or route.model}
+
+    def start_round(self) -> None:
+        self.info.rounds += 1
+        self.retry_after = 0.0
+
+    def attempt_timeout(self, route: Route) -> float:
+        timeout = self.timeout or route.timeout
+        if self.deadline is None:
+            return timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.exhausted("deadline exceeded")
+        return min(timeout, left)
+
+    def exhausted(self, reason: str | None = None) -> AllRoutesFailed:
+        if reason is None:
+            reason = (
+                "every available route failed"
+                if self.info.attempts
+                else "no route available (all circuit breakers open)"
+            )
+        return AllRoutesFailed(self.info.attempts, reason)
+
+
+class _Wait:
+    """Tenacity wait: random exponential backoff, at least the largest ``Retry-After`` of the round."""
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+        self.backoff = wait_random_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
+
+    def __call__(self, state: RetryCallState) -> float:
+        wait = max(self.backoff(state), self.call.retry_after)
+        if self.call.deadline is not None:
+            wait = min(wait, max(0.0, self.call.deadline - time.monotonic()))
+        return wait
+
+
+@dataclass(slots=True)
+class _Opened:
+    """A stream whose first content chunk has arrived: the chunks so far and the rest to read."""
+
+    stream: Any
+    pending: list[ChatCompletionChunk]
+    ttft_s: float
+
+
+class Router:
+    """Routes chat completions over the configured servers (see the module docstring)."""
+
+    def __init__(self, config: Config, *, start_prober: bool = True) -> None:
+        self.config = config
+        self.routes: dict[str, Route] = {name: Route(name, rc, config) for name, rc in config.routes.items()}
+        fallback = config.fallback_route
+        self._fallback = self.routes[fallback] if fallback else None
+        self._primary = [r for r in self.routes.values() if r is not self._fallback]
+        self.policy = make_policy(config.lb_policy)
+        self.prober = Prober(self.routes.values(), config.health.probe_interval)
+        if start_prober and config.health.probe_interval > 0:
+            self.prober.start()
+
+    @classmethod
+    def from_config(cls, path: str | PathLike[str] | None = None, **kwargs: Any) -> Router:
+        """Build from ``path`` (else ``$ANORAG_CONFIG``, else ``./config.yaml``)."""
+        from ..config import load_config  # config imports router.errors: keep the cycle out of import time
+
+        return cls(load_config(path), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Router(routes={list(self.routes)}, lb_policy={self.config.lb_policy!r}, source={self.config.source!r})"
+
+    # --- public API -------------------------------------------------------------------------------
+
+    def chat(self, messages: Messages, **params: Any) -> ChatCompletion:
+        """One chat completion; ``route=`` pins a route, other keywords go to the server."""
+        call = _Call(self, messages, params, stream=False)
+        for attempt in self._retrying(call, Retrying):
+            with attempt:
+                route, t0, response = self._round(
+                    call, lambda r, t: r.client.chat.completions.create(**call.body_for(r), timeout=t)
+                )
+        self._done(call, route, t0, usage_tokens=_completion_tokens(response))
+        return _attach(response, call.info)
+
+    async def achat(self, messages: Messages, **params: Any) -> ChatCompletion:
+        """Async twin of :meth:`chat` on the routes' async clients."""
+        call = _Call(self, messages, params, stream=False)
+        async for attempt in self._retrying(call, AsyncRetrying):
+            with attempt:
+                route, t0, response = await self._around(
+                    call, lambda r, t: r.aclient.chat.completions.create(**call.body_for(r), timeout=t)
+                )
+        self._done(call, route, t0, usage_tokens=_completion_tokens(response))
+        return _attach(response, call.info)
+
+    def stream(self, messages: Messages, **params: Any) -> Iterator[ChatCompletionChunk]:
+        """Streamed chat completion; usage arrives in a last chunk unless ``stream_options`` says otherwise."""
+        call = _Call(self, messages, params, stream=True)
+        return self._stream(call)
+
+    def astream(self, messages: Messages, **params: Any) -> AsyncIterator[ChatCompletionChunk]:
+        """Async twin of :meth:`stream`."""
+        call = _Call(self, messages, params, stream=True)
+        return self._astream(call)
+
+    def health(self, *, probe: bool = True) -> dict[str, dict[str, Any]]:
+        """Per route: healthy, breaker state, probe latency, served models (probing all now by default)."""
+        if probe and self.routes:
+            with ThreadPoolExecutor(max_workers=min(16, len(self.routes))) as pool:
+                list(pool.map(Route.probe, self.routes.values()))
+        return {name: self._health_row(route) for name, route in self.routes.items()}
+
+    async def ahealth(self, *, probe: bool = True) -> dict[str, dict[str, Any]]:
+        """Async twin of :meth:`health`."""
+        if probe:
+            await asyncio.gather(*(route.aprobe() for route in self.routes.values()))
+        return {name: self._health_row(route) for name, route in self.routes.items()}
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per route: requests, failures, in-flight, latency and TTFT percentiles (ms), tokens/s."""
+        return {
+            name: {"url": r.base_url, "model": r.model, "state": str(r.breaker.state), **r.stats.snapshot()}
+            for name, r in self.routes.items()
+        }
+
+    async def astart_prober(self) -> None:
+        """Probe in a task on the running loop instead of a thread (build with ``start_prober=False``)."""
+        if self.config.health.probe_interval > 0:
+            self.prober.astart()
+
+    def close(self) -> None:
+        self.prober.stop()
+        for route in self.routes.values():
+            route.close()
+
+    async def aclose(self) -> None:
+        await self.prober.astop()
+        for route in self.routes.values():
+            await route.aclose()
+            route.close()
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Router:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- choosing and bookkeeping (shared by sync and async) --------------------------------------
+
+    def _retrying(self, call: _Call, kind: type[_T]) -> _T:
+        stop = stop_after_attempt(call.max_retries + 1)
+        if call.deadline_s is not None:
+            stop = stop | stop_before_delay(call.deadline_s)
+        return kind(stop=stop, wait=_Wait(call), retry=retry_if_exception_type(AllRoutesFailed), reraise=True)  # type: ignore[call-arg]
+
+    def _select(self, call: _Call, tried: set[str]) -> Route | None:
+        """The next route to try in this round, or None when the round is exhausted."""
+        if call.pinned is not None:
+            return None if call.pinned.name in tried else call.pinned
+        now = time.monotonic()
+        candidates = [r for r in self._primary if r.name not in tried and r.available(now)]
+        while candidates:
+            route = self.policy.pick(candidates)
+            if route.breaker.acquire():
+                return route
+            candidates.remove(route)  # lost a half-open trial to a concurrent request
+        fb = self._fallback
+        if fb is not None and fb.name not in tried and fb.available(now) and fb.breaker.acquire():
+            return fb
+        return None
+
+    def _failed(self, call: _Call, route: Route, exc: BaseException, t0: float) -> RouteError:
+        """Record a failed attempt; raise at once when no other route would do better."""
+        error = classify(
+            exc,
+            route=route.name,
+            url=route.base_url,
+            model=call.model or route.model,
+            timeout=call.timeout or route.timeout,
+        )
+        route.stats.failed(f"{type(error).__name__}: {error.message}")
+        if trips_breaker(error):
+            route.breaker.record_failure()
+        else:
+            route.breaker.release()
+        if error.retry_after is not None:
+            route.not_before = time.monotonic() + error.retry_after
+            call.retry_after = max(call.retry_after, error.retry_after)
+        call.info.attempts.append(Attempt(route.name, error, time.perf_counter() - t0, call.info.rounds))
+        if isinstance(error, PermanentRouteError):
+            raise error from exc
+        return error
+
+    @staticmethod
+    def _abandoned(route: Route) -> None:
+        route.stats.abandoned()
+        route.breaker.release()
+
+    def _done(
+        self, call: _Call, route: Route, t0: float, *, usage_tokens: int | None, ttft_s: float | None = None
+    ) -> None:
+        latency = time.perf_counter() - t0
+        route.stats.succeeded(latency, ttft_s=ttft_s, output_tokens=usage_tokens)
+        route.breaker.record_success()
+        call.info.route, call.info.latency_s, call.info.ttft_s = route.name, latency, ttft_s
+
+    def _round(self, call: _Call, send: Callable[[Route, float], _T]) -> tuple[Route, float, _T]:
+        call.start_round()
+        tried: set[str] = set()
+        while (route := self._select(call, tried)) is not None:
+            tried.add(route.name)
+            timeout = call.attempt_timeout(route)
+            t0 = time.perf_counter()
+            route.stats.started()
+            try:
+                return route, t0, send(route, timeout)
+            except (openai.APIError, RouteError) as exc:
+                self._failed(call, route, exc, t0)
+            except BaseException:
+                self._abandoned(route)
+                raise
+        raise call.exhausted()
+
+    async def _around(self, call: _Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Route, float, _T]:
+        call.start_round()
+        tried: set[str] = set()
+        while (route := self._select(call, tried)) is not None:
+            tried.add(route.name)
+            timeout = call.attempt_timeout(route)
+            t0 = time.perf_counter()
+            route.stats.started()
+            try:
+                return route, t0, await send(route, timeout)
+            except (openai.APIError, RouteError) as exc:
+                self._failed(call, route, exc, t0)
+            except BaseException:
+                self._abandoned(route)
+                raise
+        raise call.exhausted()
+
+    def _health_row(self, route: Route) -> dict[str, Any]:
+        probe = route.probe_result
+        state = route.breaker.state
+        return {
+            "url": route.base_url,
+            "model": route.model,
+            "healthy": state is BreakerState.CLOSED and probe.healthy is not False,
+            "state": str(state),
+            "latency_ms": probe.latency_ms,
+            "models": list(probe.models),
+            "max_model_len": probe.max_model_len,
+            "error": probe.error or route.stats.last_error,
+            "checked_at": probe.checked_at,
+        }
+
+    # --- streams ------------------------------------------------------------------------------------
+
+    def _open(self, call: _Call, route: Route, timeout: float) -> _Opened:
+        """Start a stream on ``route`` and read up to its first chunk with content."""
+        t0 = time.perf_counter()
+        stream = route.client.chat.completions.create(**call.body_for(route), stream=True, timeout=timeout)
+        pending: list[ChatCompletionChunk] = []
+        try:
+            for chunk in stream:
+                pending.append(chunk)
+                if _has_payload(chunk):
+                    return _Opened(stream, pending, time.perf_counter() - t0)
+        except BaseException:
+            stream.close()
+            raise
+        raise _cut(route, "before any content")
+
+    async def _aopen(self, call: _Call, route: Route, timeout: float) -> _Opened:
+        t0 = time.perf_counter()
+        stream = await route.aclient.chat.completions.create(**call.body_for(route), stream=True, timeout=timeout)
+        pending: list[ChatCompletionChunk] = []
+        try:
+            async for chunk in stream:
+                pending.append(chunk)
+                if _has_payload(chunk):
+                    return _Opened(stream, pending, time.perf_counter() - t0)
+        except BaseException:
+            await stream.close()
+            raise
+        raise _cut(route, "before any content")
+
+    def _stream(self, call: _Call) -> Iterator[ChatCompletionChunk]:
+        for attempt in self._retrying(call, Retrying):
+            with attempt:
+                route, t0, opened = self._round(call, lambda r, t: self._open(call, r, t))
+        tally = _Tally()
+        try:
+            for chunk in itertools.chain(opened.pending, opened.stream):
+                tally.add(chunk)
+                yield _attach(chunk, call.info)
+            tally.check(route)
+        except (openai.APIError, RouteError) as exc:
+            raise self._interrupted(call, route, t0, tally, exc) from exc
+        except BaseException:
+            self._abandoned(route)
+            raise
+        finally:
+            opened.stream.close()
+        self._done(call, route, t0, usage_tokens=tally.tokens, ttft_s=opened.ttft_s)
+
+    async def _astream(self, call: _Call) -> AsyncIterator[ChatCompletionChunk]:
+        async for attempt in self._retrying(call, AsyncRetrying):
+            with attempt:
+                route, t0, opened = await self._around(call, lambda r, t: self._aopen(call, r, t))
+        tally = _Tally()
+        try:
+            for chunk in opened.pending:
+                tally.add(chunk)
+                yield _attach(chunk, call.info)
+            async for chunk in opened.stream:
+                tally.add(chunk)
+                yield _attach(chunk, call.info)
+            tally.check(route)
+        except (openai.APIError, RouteError) as exc:
+            raise self._interrupted(call, route, t0, tally, exc) from exc
+        except BaseException:
+            self._abandoned(route)
+            raise
+        finally:
+            await opened.stream.close()
+        self._done(call, route, t0, usage_tokens=tally.tokens, ttft_s=opened.ttft_s)
+
+    def _interrupted(self, call: _Call, route: Route, t0: float, tally: _Tally, exc: BaseException) -> RouterError:
+        """A stream broke after delivery began: typed permanent error, or what was delivered."""
+        try:
+            error = self._failed(call, route, exc, t0)
+        except PermanentRouteError as permanent:
+            return permanent
+        return StreamInterruptedError(
+            route=route.name,
+            url=route.base_url,
+            delivered_chunks=tally.chunks,
+            delivered_text="".join(tally.text),
+            cause=error,
+        )
+
+
+class _Tally:
+    """What a stream has delivered so far: chunk count, text of choice 0, finish and usage."""
+
+    __slots__ = ("chunks", "finished", "text", "tokens")
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.text: list[str] = []
+        self.finished = False
+        self.tokens: int | None = None
+
+    def add(self, chunk: ChatCompletionChunk) -> None:
+        self.chunks += 1
+        for choice in chunk.choices:
+            if choice.index == 0 and choice.delta.content:
+                self.text.append(choice.delta.content)
+            if choice.finish_reason:
+                self.finished = True
+        if chunk.usage is not None:
+            self.tokens = chunk.usage.completion_tokens
+
+    def check(self, route: Route) -> None:
+        if not self.finished:
+            raise _cut(route, f"after {self.chunks} chunks")
+
+
+def _cut(route: Route, when: str) -> StreamCut:
+    return StreamCut(
+        f"stream ended without a finish reason {when} (connection closed early)",
+        route=route.name,
+        url=route.base_url,
+        hint="the server closed the connection mid-answer; check its logs",
+    )
+
+
+def _completion_tokens(response: ChatCompletion) -> int | None:
+    return response.usage.completion_tokens if response.usage is not None else None

@@ -1,0 +1,257 @@
+"""Exceptions raised by the router and the config loader.
+
+Catch ``RouterError`` for everything; the tree says what else you can tell apart::
+
+    RouterError
+    ├── ConfigError                 config.yaml (or env) is invalid; names file and key path
+    ├── RouteError                  one route answered with an error (route, url, status, hint)
+    │   ├── TransientRouteError     timeouts, refused/reset connections, 408/409/429/5xx, cut streams;
+    │   │                           the router fails over on these, callers usually see them only
+    │   │                           inside AllRoutesFailed.attempts
+    │   │   └── StreamCut          a stream ended without a finish reason (connection closed early)
+    │   └── PermanentRouteError     raised at once, never retried on another route
+    │       ├── BadRequestError            400 (and other 4xx without a class below)
+    │       │   └── ContextOverflowError   400: prompt + max_tokens exceed the context window
+    │       ├── AuthenticationError        401 / 403: wrong or missing api_key
+    │       ├── ModelNotFoundError         404: the route does not serve that model
+    │       └── UnprocessableEntityError   422: the body failed the server's validation
+    ├── StreamInterruptedError      a stream broke after text was delivered; says how much
+    └── AllRoutesFailed             every route (and retry round) failed; .attempts lists them
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class RouterError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(RouterError, ValueError):
+    """The configuration is invalid: each problem names the file and the key path."""
+
+    def __init__(self, source: str, problems: Sequence[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = [f"{source}: {key}: {msg}" if key else f"{source}: {msg}" for key, msg in self.problems]
+        head = "invalid configuration" if len(lines) == 1 else f"{len(lines)} problems in configuration"
+        super().__init__(f"{head}\n  " + "\n  ".join(lines))
+
+
+class RouteError(RouterError):
+    """A route answered with (or failed with) an error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        route: str,
+        url: str,
+        status: int | None = None,
+        hint: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.route = route
+        self.url = url
+        self.status = status
+        self.hint = hint
+        self.retry_after = retry_after
+        self.message = message
+        text = f"route {route!r} ({url})"
+        if status is not None:
+            text += f" HTTP {status}"
+        text += f": {message}"
+        if hint:
+            text += f" (hint: {hint})"
+        super().__init__(text)
+
+
+class TransientRouteError(RouteError):
+    """A failure worth retrying on another route (or later on this one)."""
+
+
+class PermanentRouteError(RouteError):
+    """A failure that no other route would fix: raised to the caller at once."""
+
+
+class BadRequestError(PermanentRouteError):
+    """HTTP 400: the request itself is wrong."""
+
+
+class ContextOverflowError(BadRequestError):
+    """HTTP 400: the prompt plus ``max_tokens`` do not fit the model's context window."""
+
+
+class AuthenticationError(PermanentRouteError):
+    """HTTP 401/403: the route rejected the api key."""
+
+
+class ModelNotFoundError(PermanentRouteError):
+    """HTTP 404: the route does not serve the requested model."""
+
+
+class UnprocessableEntityError(PermanentRouteError):
+    """HTTP 422: the server could not validate the request body."""
+
+
+class StreamInterruptedError(RouterError):
+    """A stream failed after part of the answer had been delivered to the caller.
+
+    ``delivered_text`` is exactly what the caller already received, so it can be shown, kept, or
+    used to continue the answer elsewhere; nothing was repeated or dropped.
+    """
+
+    def __init__(
+        self, *, route: str, url: str, delivered_chunks: int, delivered_text: str, cause: BaseException
+    ) -> None:
+        self.route = route
+        self.url = url
+        self.delivered_chunks = delivered_chunks
+        self.delivered_text = delivered_text
+        self.__cause__ = cause
+        super().__init__(
+            f"stream from route {route!r} ({url}) broke after {delivered_chunks} chunks "
+            f"({len(delivered_text)} characters) had been delivered: {cause}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try of one request on one route."""
+
+    route: str
+    error: RouteError
+    elapsed_s: float
+    round: int
+
+
+class AllRoutesFailed(RouterError):
+    """No route could serve the request; ``attempts`` holds each try in order."""
+
+    def __init__(self, attempts: Sequence[Attempt], reason: str) -> None:
+        self.attempts = list(attempts)
+        self.reason = reason
+        lines = [f"round {a.round}, {a.elapsed_s * 1000:.0f} ms: {a.error}" for a in self.attempts]
+        body = ("\n  " + "\n  ".join(lines)) if lines else ""
+        super().__init__(f"all routes failed ({reason}); {len(self.attempts)} attempts{body}")
+
+
+# --- mapping the openai SDK's exceptions onto this tree -------------------------------------------
+
+_OVERFLOW_MARKERS = ("maximum context length", "exceed_context_size", "exceeds the available context size")
+_TRANSIENT_STATUSES = frozenset({408, 409, 429})
+
+
+def _error_fields(body: object) -> tuple[str | None, str | None, int | None]:
+    """(message, type, code) from an OpenAI/vLLM error body, whichever nesting it uses."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    if not isinstance(body, dict):
+        return None, None, None
+    code = body.get("code")
+    message, kind = body.get("message"), body.get("type")
+    return (
+        message if isinstance(message, str) else None,
+        kind if isinstance(kind, str) else None,
+        code if isinstance(code, int) else None,
+    )
+
+
+def parse_retry_after(headers: object) -> float | None:
+    """Seconds from ``retry-after-ms`` / ``retry-after`` (seconds or HTTP date), if present."""
+    import email.utils
+    import time
+
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+    raw_ms = get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        parsed = email.utils.parsedate_tz(raw)
+        if parsed is None:
+            return None
+        return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: float | None) -> RouteError:
+    """Turn an exception from one call to a route into the typed error the router acts on."""
+    import openai
+
+    if isinstance(exc, RouteError):
+        return exc
+    where = {"route": route, "url": url}
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientRouteError(
+            f"timed out after {timeout}s" if timeout else "timed out",
+            hint="the server may be overloaded or hung; raise this route's `timeout` (or params.timeout) "
+            "if long generations are expected",
+            **where,
+        )
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return TransientRouteError(
+            f"cannot connect: {type(cause).__name__}: {cause}",
+            hint=f"is the server started and listening at {url}? check host and port "
+            f"(try: curl {url.rstrip('/')}/models)",
+            **where,
+        )
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        message, kind, _ = _error_fields(exc.body)
+        message = message or exc.message
+        retry_after = parse_retry_after(exc.response.headers)
+        if status in _TRANSIENT_STATUSES or status >= 500:
+            hint = "the server asks to slow down" if status == 429 else "server-side error; retried elsewhere"
+            return TransientRouteError(message, status=status, hint=hint, retry_after=retry_after, **where)
+        if status in (401, 403):
+            return AuthenticationError(
+                message,
+                status=status,
+                hint="check this route's api_key (or VLLM_API_KEY); it must match the server's --api-key",
+                **where,
+            )
+        if status == 404:
+            return ModelNotFoundError(
+                message,
+                status=status,
+                hint=f"the server does not serve model {model!r}: compare the route's `model` with the "
+                "server's --served-model-name (GET /v1/models lists them)",
+                **where,
+            )
+        if status == 422:
+            return UnprocessableEntityError(message, status=status, hint="check the request parameters", **where)
+        lowered = f"{kind or ''} {message}".lower()
+        if status == 400 and any(marker in lowered for marker in _OVERFLOW_MARKERS):
+            return ContextOverflowError(message, status=status, hint="shorten the prompt or lower max_tokens", **where)
+        return BadRequestError(message, status=status, hint="check the request parameters", **where)
+    if isinstance(exc, openai.APIError):
+        # An error event inside an HTTP 200 stream: vLLM puts the status in body.code.
+        message, kind, code = _error_fields(exc.body)
+        message = message or str(exc)
+        if code is not None and 400 <= code < 500 and code not in _TRANSIENT_STATUSES:
+            lowered = f"{kind or ''} {message}".lower()
+            cls = ContextOverflowError if any(m in lowered for m in _OVERFLOW_MARKERS) else BadRequestError
+            return cls(f"error event in stream: {message}", status=code, **where)
+        return TransientRouteError(f"error event in stream: {message}", status=code, hint="server-side error", **where)
+    return TransientRouteError(f"{type(exc).__name__}: {exc}", **where)
+
+
+def trips_breaker(error: RouteError) -> bool:
+    """Whether an error counts against the route's circuit breaker."""
+    return isinstance(error, TransientRouteError | AuthenticationError | ModelNotFoundError)
+
+
+class StreamCut(TransientRouteError):
+    """The stream ended without a finish reason: the connection was closed early."""

@@ -1,0 +1,165 @@
+"""Route health: a passive circuit breaker per route and an active background prober.
+
+Breaker states::
+
+    closed ──(failure_threshold consecutive transient failures)──► open
+    open ──(cooldown elapsed)──► half_open: one trial request is let through
+    half_open ──trial succeeds──► closed        half_open ──trial fails──► open (cool-down again)
+
+The prober calls ``GET /health`` (``GET /v1/models`` when that is 404) on every route every
+``probe_interval`` seconds, records latency and served models, and opens or closes breakers from what
+it sees, so a dead server leaves the rotation before a user request finds it and a restarted one
+comes back without waiting for traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .route import Route
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Counts consecutive failures of one route and stops traffic to it while it is open."""
+
+    def __init__(
+        self, failure_threshold: int = 3, cooldown_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial_in_flight = False
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            return self._peek()
+
+    def _peek(self) -> BreakerState:
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s:
+            return BreakerState.HALF_OPEN
+        return self._state
+
+    def available(self) -> bool:
+        """Whether a request may be sent now, without claiming the half-open trial."""
+        with self._lock:
+            state = self._peek()
+            return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self._trial_in_flight)
+
+    def acquire(self) -> bool:
+        """Claim permission to send one request; in half-open only the first caller gets it."""
+        with self._lock:
+            state = self._peek()
+            if state is BreakerState.CLOSED:
+                return True
+            if state is BreakerState.HALF_OPEN and not self._trial_in_flight:
+                self._state = BreakerState.HALF_OPEN
+                self._trial_in_flight = True
+                return True
+            return False
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._state = BreakerState.CLOSED
+            self._failures = 0
+            self._trial_in_flight = False
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._state is BreakerState.HALF_OPEN or self._failures >= self.failure_threshold:
+                self._open()
+
+    def release(self) -> None:
+        """Give back a half-open trial that ended neither way (e.g. a permanent 400)."""
+        with self._lock:
+            self._trial_in_flight = False
+
+    def force_open(self) -> None:
+        """Open at once: an active probe found the server down."""
+        with self._lock:
+            self._open()
+
+    def _open(self) -> None:
+        self._state = BreakerState.OPEN
+        self._opened_at = self._clock()
+        self._trial_in_flight = False
+
+
+class Prober:
+    """Probes routes in the background: a daemon thread for sync use, or a task on a running loop."""
+
+    def __init__(self, routes: Iterable[Route], interval_s: float) -> None:
+        self.routes = list(routes)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return (self._thread is not None and self._thread.is_alive()) or (
+            self._task is not None and not self._task.done()
+        )
+
+    def start(self) -> None:
+        """Start the probing thread (no-op when already probing)."""
+        if self.running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="anorag-health-prober", daemon=True)
+        self._thread.start()
+
+    def astart(self) -> None:
+        """Start probing as a task on the running event loop (no-op when already probing)."""
+        if self.running:
+            return
+        self._stop.clear()
+        self._task = asyncio.get_running_loop().create_task(self._arun(), name="anorag-health-prober")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for route in self.routes:
+                if self._stop.is_set():
+                    return
+                route.probe()
+            self._stop.wait(self.interval_s)
+
+    async def _arun(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.gather(*(route.aprobe() for route in self.routes))
+            await asyncio.sleep(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def astop(self) -> None:
+        """Stop probing and wait for a probing task to end."""
+        task = self._task
+        self.stop()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await task

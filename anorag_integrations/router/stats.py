@@ -1,0 +1,100 @@
+"""Per-route live statistics in bounded memory: counters plus sliding windows of recent samples.
+
+Percentiles come from the last ``WINDOW`` samples of each series (a ``deque`` with ``maxlen``), so
+memory stays flat however many requests pass, and the figures follow the route's recent behaviour.
+A lock guards every update; updates never await, so the same object is safe from threads and tasks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+WINDOW = 2048
+"""How many recent samples each percentile series keeps."""
+
+EWMA_ALPHA = 0.2
+"""Weight of the newest sample in the moving-average latency that ``least_latency`` uses."""
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation; None for no data."""
+    if not sorted_values:
+        return None
+    k = (len(sorted_values) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+class RouteStats:
+    """Counters and recent latency / TTFT / throughput samples of one route."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.successes = 0
+        self.failures = 0
+        self.in_flight = 0
+        self.output_tokens = 0
+        self.ewma_latency_s: float | None = None
+        self._latency: deque[float] = deque(maxlen=window)
+        self._ttft: deque[float] = deque(maxlen=window)
+        self._tps: deque[float] = deque(maxlen=window)
+        self.last_error: str | None = None
+
+    def started(self) -> None:
+        with self._lock:
+            self.requests += 1
+            self.in_flight += 1
+
+    def succeeded(self, latency_s: float, *, ttft_s: float | None = None, output_tokens: int | None = None) -> None:
+        """Record a finished request; ``ttft_s`` for streams, tokens for throughput."""
+        with self._lock:
+            self.in_flight -= 1
+            self.successes += 1
+            self._latency.append(latency_s)
+            if ttft_s is not None:
+                self._ttft.append(ttft_s)
+            if output_tokens:
+                self.output_tokens += output_tokens
+                decode_s = latency_s - (ttft_s or 0.0)
+                if decode_s > 0:
+                    self._tps.append(output_tokens / decode_s)
+            signal = ttft_s if ttft_s is not None else latency_s
+            self.ewma_latency_s = (
+                signal if self.ewma_latency_s is None else EWMA_ALPHA * signal + (1 - EWMA_ALPHA) * self.ewma_latency_s
+            )
+
+    def failed(self, error: str) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.failures += 1
+            self.last_error = error
+
+    def abandoned(self) -> None:
+        """The caller stopped a stream early: neither a success nor a failure of the route."""
+        with self._lock:
+            self.in_flight -= 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain dict of the current figures (milliseconds, tokens per second)."""
+        with self._lock:
+            lat = sorted(self._latency)
+            ttft = sorted(self._ttft)
+            tps = list(self._tps)
+            out: dict[str, Any] = {
+                "requests": self.requests,
+                "successes": self.successes,
+                "failures": self.failures,
+                "in_flight": self.in_flight,
+                "output_tokens": self.output_tokens,
+                "last_error": self.last_error,
+            }
+        for name, values in (("latency", lat), ("ttft", ttft)):
+            for q in (50, 95, 99):
+                value = percentile(values, q)
+                out[f"{name}_p{q}_ms"] = None if value is None else round(value * 1000, 2)
+        out["tokens_per_s"] = round(sum(tps) / len(tps), 2) if tps else None
+        return out

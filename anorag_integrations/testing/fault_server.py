@@ -1,0 +1,336 @@
+"""A vLLM-shaped OpenAI-compatible server on loopback whose failures are switched at run time.
+
+Real servers cannot be made to time out, answer 503 or cut a stream on demand; this one can. It
+speaks vLLM's protocol where it matters to a client (``/health``, ``/v1/models`` with
+``max_model_len``, ``/metrics`` names, error bodies, ``stop_reason``, usage in streams only with
+``stream_options.include_usage``) and answers with a fixed text, one word per stream chunk::
+
+    with FaultServer(model="m") as server:            # runs in a background thread
+        server.set_fault(Fault.STATUS, status=503, times=2)
+        ...  # point a route at server.base_url
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from aiohttp import web
+
+
+class Fault(StrEnum):
+    NONE = "none"
+    STATUS = "status"  # answer with an HTTP error status (options: status, retry_after, message)
+    HANG = "hang"  # accept the request and never answer (until the fault is cleared or the server stops)
+    REFUSE = "refuse"  # stop listening: connections are refused
+    CUT = "cut"  # close the connection mid-response (streams: after `after_chunks` content chunks)
+    ERROR_EVENT = "error_event"  # HTTP 200 stream with `data: {"error": ...}` after `after_chunks` chunks
+    SLOW_FIRST_TOKEN = "slow_first_token"  # wait `delay` seconds before the first chunk / the response
+    DELAY = "delay"  # wait `delay` seconds before answering every request (a slow but healthy server)
+
+
+@dataclass
+class _FaultState:
+    fault: Fault = Fault.NONE
+    remaining: int | None = None  # how many more requests it applies to; None = until cleared
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class FaultServer:
+    """The server; ``hits`` counts chat requests, ``requests`` keeps their bodies (newest last)."""
+
+    def __init__(
+        self,
+        model: str = "fake-model",
+        *,
+        reply: str = "The quick brown fox jumps over the lazy dog.",
+        max_model_len: int = 4096,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        health_endpoint: bool = True,
+        keep_requests: int = 1000,
+    ) -> None:
+        self.model = model
+        self.reply = reply
+        self.max_model_len = max_model_len
+        self.host = host
+        self.port = port
+        self.health_endpoint = health_endpoint
+        self.hits = 0
+        self.running = 0
+        self.requests: list[dict[str, Any]] = []
+        self._keep = keep_requests
+        self._state = _FaultState()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._release: asyncio.Event | None = None
+
+    # --- control, from any thread ------------------------------------------------------------------
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def set_fault(self, fault: Fault | str | None, *, times: int | None = None, **options: Any) -> None:
+        """Switch the fault for the next ``times`` chat requests (all when None); None clears it."""
+        fault = Fault(fault or Fault.NONE)
+        previous = self._state.fault
+        with self._lock:
+            self._state = _FaultState(fault, times, options)
+        if previous is Fault.HANG and fault is not Fault.HANG:
+            self._call(self._wake_hung())
+        if fault is Fault.REFUSE and previous is not Fault.REFUSE:
+            self._call(self._stop_listening())
+        elif previous is Fault.REFUSE and fault is not Fault.REFUSE:
+            self._call(self._listen())
+
+    def start(self) -> FaultServer:
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, args=(ready,), name=f"fault-server-{self.model}", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fault server did not start within 10 s")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        self._call(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._loop = None
+
+    def __enter__(self) -> FaultServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the event loop thread -----------------------------------------------------------------------
+
+    def _call(self, coro: Any) -> None:
+        assert self._loop is not None, "server not started"
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    def _serve(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        self._release = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        loop.run_until_complete(self._runner.setup())
+        loop.run_until_complete(self._listen())
+        ready.set()
+        loop.run_forever()
+        loop.close()
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await self._site.start()
+        server = self._site._server
+        if self.port == 0 and server is not None:
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _stop_listening(self) -> None:
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def _wake_hung(self) -> None:
+        assert self._release is not None
+        self._release.set()
+        self._release = asyncio.Event()
+
+    async def _shutdown(self) -> None:
+        await self._wake_hung()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _take_fault(self) -> _FaultState:
+        with self._lock:
+            state = self._state
+            if state.remaining is None:
+                return state
+            if state.remaining <= 0:
+                return _FaultState()
+            state.remaining -= 1
+            return _FaultState(state.fault, None, state.options)
+
+    # --- endpoints -----------------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if not self.health_endpoint:
+            raise web.HTTPNotFound()
+        return web.Response(status=200)
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.0.0-fault-server"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = (
+            f'vllm:num_requests_running{{model_name="{self.model}"}} {self.running}\n'
+            f'vllm:num_requests_waiting{{model_name="{self.model}"}} 0\n'
+            f'vllm:kv_cache_usage_perc{{model_name="{self.model}"}} 0.0\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        model = {
+            "id": self.model,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "vllm",
+            "root": self.model,
+            "max_model_len": self.max_model_len,
+        }
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.hits += 1
+        self.requests.append(body)
+        del self.requests[: -self._keep]
+        state = self._take_fault()
+        opts = state.options
+        self.running += 1
+        try:
+            if state.fault is Fault.STATUS:
+                return _error(opts.get("status", 500), opts.get("message", "injected failure"), opts.get("retry_after"))
+            if state.fault is Fault.HANG:
+                assert self._release is not None
+                await self._release.wait()
+                return _error(503, "hang released")
+            if state.fault is Fault.DELAY or (state.fault is Fault.SLOW_FIRST_TOKEN and not body.get("stream")):
+                await asyncio.sleep(float(opts.get("delay", 1.0)))
+            if body.get("model") != self.model:
+                return _error(404, f"The model `{body.get('model')}` does not exist.", err_type="NotFoundError")
+            if state.fault is Fault.CUT and not body.get("stream"):
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response(status=500)  # never sent: the connection is gone
+            if body.get("stream"):
+                return await self._stream(request, body, state)
+            return web.json_response(self._completion(body))
+        finally:
+            self.running -= 1
+
+    def _words(self, body: Mapping[str, Any]) -> tuple[list[str], str]:
+        words = [w + " " for w in self.reply.split(" ")]
+        words[-1] = words[-1].rstrip()
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        if isinstance(limit, int) and limit < len(words):
+            return words[:limit], "length"
+        return words, "stop"
+
+    def _completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        words, finish = self._words(body)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(words), "reasoning": None, "tool_calls": []},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                }
+            ],
+            "usage": _usage(body, len(words)),
+        }
+
+    async def _stream(self, request: web.Request, body: Mapping[str, Any], state: _FaultState) -> web.StreamResponse:
+        opts = state.options
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
+            data: dict[str, Any] = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
+            }
+            data["choices"] = (
+                [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "stop_reason": None}]
+                if choices
+                else []
+            )
+            if usage is not None:
+                data["usage"] = usage
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        await response.write(chunk({"role": "assistant", "content": ""}))
+        if state.fault is Fault.SLOW_FIRST_TOKEN:
+            await asyncio.sleep(float(opts.get("delay", 1.0)))
+        words, finish = self._words(body)
+        after = int(opts.get("after_chunks", len(words) // 2))
+        for i, word in enumerate(words):
+            if i == after and state.fault is Fault.CUT:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            if i == after and state.fault is Fault.ERROR_EVENT:
+                error = {
+                    "error": {
+                        "message": opts.get("message", "injected error"),
+                        "type": "InternalServerError",
+                        "param": None,
+                        "code": int(opts.get("status", 500)),
+                    }
+                }
+                await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                return response
+            await response.write(chunk({"content": word}))
+        await response.write(chunk({}, finish))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await response.write(chunk({}, usage=_usage(body, len(words)), choices=False))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _usage(body: Mapping[str, Any], completion_tokens: int) -> dict[str, int]:
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+def _error(status: int, message: str, retry_after: float | None = None, err_type: str | None = None) -> web.Response:
+    kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError"}
+    body = {
+        "error": {
+            "message": message,
+            "type": err_type or kinds.get(status, "InternalServerError"),
+            "param": None,
+            "code": status,
+        }
+    }
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response(body, status=status, headers=headers)
