@@ -201,10 +201,16 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
         )
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
+        if "Connect" in type(cause).__name__:  # httpx ConnectError: refused, unreachable, DNS
+            return TransientRouteError(
+                f"cannot connect: {cause}",
+                hint=f"is the server started and listening at {url}? check host and port "
+                f"(try: curl {url.rstrip('/')}/models)",
+                **where,
+            )
         return TransientRouteError(
-            f"cannot connect: {type(cause).__name__}: {cause}",
-            hint=f"is the server started and listening at {url}? check host and port "
-            f"(try: curl {url.rstrip('/')}/models)",
+            f"connection dropped: {type(cause).__name__}: {cause}",
+            hint="the server closed or reset the connection mid-request; check its logs (crash, restart, proxy)",
             **where,
         )
     if isinstance(exc, openai.APIStatusError):

@@ -115,16 +115,10 @@ class LeastOutstanding:
     name: ClassVar[str] = "least_outstanding"
 
     def __init__(self) -> None:
-        self._offset = itertools.count()
+        self._turn = itertools.count()
 
     def pick(self, candidates: Sequence[Route]) -> Route:
-        n = len(candidates)
-        start = next(self._offset) % n
-        best = candidates[start]
-        best_load = best.stats.in_flight / best.weight
-        for i in range(1, n):
-            route = candidates[(start + i) % n]
-            load = route.stats.in_flight / route.weight
-            if load < best_load:
-                best, best_load = route, load
-        return best
+        loads = [route.stats.in_flight / route.weight for route in candidates]  # one read: they move
+        best_load = min(loads)
+        tied = [route for route, load in zip(candidates, loads, strict=True) if load == best_load]
+        return tied[next(self._turn) % len(tied)]

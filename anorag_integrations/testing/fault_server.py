@@ -145,6 +145,10 @@ class FaultServer:
         loop.run_until_complete(self._listen())
         ready.set()
         loop.run_forever()
+        pending = asyncio.all_tasks(loop)  # handlers still sleeping or hung at shutdown
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
 
     async def _listen(self) -> None:
@@ -156,9 +160,13 @@ class FaultServer:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def _stop_listening(self) -> None:
+        """Stop accepting and drop kept-alive connections, as a dead process would."""
         if self._site is not None:
             await self._site.stop()
             self._site = None
+        server = self._runner.server if self._runner is not None else None
+        for handler in list(server.connections if server is not None else ()):
+            handler.force_close()
 
     async def _wake_hung(self) -> None:
         assert self._release is not None

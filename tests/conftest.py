@@ -1,0 +1,86 @@
+"""Shared fixtures: fault-injection servers, routers over them, and real llama.cpp servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from anorag_integrations import Router
+from anorag_integrations.config import Config, config_from_dict
+from anorag_integrations.testing import FaultServer
+
+MODEL = "m"
+USER = [{"role": "user", "content": "hello"}]
+
+
+def make_config(servers: dict[str, FaultServer | str], **llm: Any) -> Config:
+    """A config with one route per server (name -> server or base URL); extra keys go under llm:."""
+    routes: dict[str, Any] = {}
+    for name, server in servers.items():
+        url = server.base_url if isinstance(server, FaultServer) else server
+        routes[name] = {"base_url": url, "model": MODEL, "timeout": 2.0}
+    for name, overrides in llm.pop("route_overrides", {}).items():
+        routes[name].update(overrides)
+    health = {"failure_threshold": 3, "cooldown": 60, **llm.pop("health", {})}
+    params = {"max_retries": 0, **llm.pop("params", {})}
+    return config_from_dict({"llm": {"routes": routes, "health": health, "params": params, **llm}}, env={})
+
+
+@pytest.fixture
+def servers() -> Iterator[dict[str, FaultServer]]:
+    """Three fault servers a, b, c, all healthy to begin with."""
+    with FaultServer(MODEL, reply="from a") as a, FaultServer(MODEL, reply="from b") as b:
+        with FaultServer(MODEL, reply="from c") as c:
+            yield {"a": a, "b": b, "c": c}
+
+
+@pytest.fixture
+def router_for(servers: dict[str, FaultServer]) -> Iterator[Callable[..., Router]]:
+    """Factory: a router over the named fault servers (default a and b), closed after the test."""
+    made: list[Router] = []
+
+    def build(*names: str, **llm: Any) -> Router:
+        chosen = {n: servers[n] for n in (names or ("a", "b"))}
+        router = Router(make_config(chosen, **llm))
+        made.append(router)
+        return router
+
+    yield build
+    for router in made:
+        router.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def llama_servers() -> Iterator[list[Any]]:
+    """Two real llama.cpp servers on the PyPI-shipped Gemma 3 270M model, for the whole session."""
+    try:
+        from anorag_integrations.cli.servers import LlamaServer, ServerStartError, server_command
+
+        server_command()
+    except Exception as exc:  # the [server] extra is missing
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"live tests need the real llama.cpp server ('pip install -e .[server]'): {exc}")
+    started = [LlamaServer(free_port(), parallel=2) for _ in range(2)]
+    try:
+        for server in started:
+            server.start(wait=False)
+        for server in started:
+            server.wait_ready()
+    except ServerStartError:
+        for server in started:
+            server.stop()
+        raise
+    yield started
+    for server in started:
+        server.stop()

@@ -1,0 +1,202 @@
+"""Circuit breaker transitions, bounded statistics, and the mapping of SDK errors to typed ones."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx2
+import openai
+import pytest
+
+from anorag_integrations.router import errors
+from anorag_integrations.router.health import BreakerState, CircuitBreaker
+from anorag_integrations.router.stats import WINDOW, RouteStats, percentile
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_threshold_then_half_opens_for_one_trial() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=3, cooldown_s=10, clock=clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED and breaker.acquire()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.available() and not breaker.acquire()
+    clock.now += 10
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.acquire()  # the one trial
+    assert not breaker.acquire() and not breaker.available()  # everyone else waits for it
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED and breaker.acquire()
+
+
+def test_failed_trial_reopens_for_a_full_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
+    breaker.record_failure()
+    clock.now += 5
+    assert breaker.acquire()
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN
+    clock.now += 4.9
+    assert breaker.state is BreakerState.OPEN
+    clock.now += 0.1
+    assert breaker.state is BreakerState.HALF_OPEN
+
+
+def test_success_resets_the_consecutive_count() -> None:
+    breaker = CircuitBreaker(failure_threshold=2, cooldown_s=5, clock=Clock())
+    for _ in range(5):
+        breaker.record_failure()
+        breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_released_trial_lets_the_next_request_try() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=1, clock=clock)
+    breaker.record_failure()
+    clock.now += 1
+    assert breaker.acquire()
+    breaker.release()  # e.g. the trial got a 400: says nothing about the route
+    assert breaker.acquire()
+
+
+def test_stats_percentiles_and_bounded_window() -> None:
+    stats = RouteStats()
+    for i in range(WINDOW * 3):
+        stats.started()
+        stats.succeeded(latency_s=(i % 100 + 1) / 1000, ttft_s=0.0005, output_tokens=10)
+    snap = stats.snapshot()
+    assert snap["requests"] == snap["successes"] == WINDOW * 3
+    assert len(stats._latency) == WINDOW  # memory does not grow with requests
+    assert snap["latency_p50_ms"] == pytest.approx(50.5, abs=1)
+    assert snap["latency_p99_ms"] == pytest.approx(99, abs=1.5)
+    assert snap["ttft_p50_ms"] == 0.5
+    assert snap["output_tokens"] == WINDOW * 30
+    assert snap["in_flight"] == 0
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_stats_are_consistent_under_threads() -> None:
+    stats = RouteStats()
+
+    def work() -> None:
+        for _ in range(2000):
+            stats.started()
+            stats.succeeded(0.001)
+            stats.started()
+            stats.failed("x")
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = stats.snapshot()
+    assert (snap["requests"], snap["successes"], snap["failures"], snap["in_flight"]) == (32000, 16000, 16000, 0)
+
+
+REQUEST = httpx2.Request("POST", "http://gpu1:8000/v1/chat/completions")
+
+
+def status_error(status: int, message: str, headers: dict[str, str] | None = None, kind: str = "Err") -> openai.APIStatusError:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    response = httpx2.Response(status, json=body, headers=headers, request=REQUEST)
+    cls = {400: openai.BadRequestError, 401: openai.AuthenticationError, 404: openai.NotFoundError}.get(
+        status, openai.APIStatusError
+    )
+    return cls(message, response=response, body=body)
+
+
+def classify(exc: BaseException) -> errors.RouteError:
+    return errors.classify(exc, route="gpt20_a", url="http://gpu1:8000/v1", model="gpt-oss", timeout=30)
+
+
+CASES = [
+    (status_error(500, "boom"), errors.TransientRouteError, "server-side error"),
+    (status_error(503, "loading"), errors.TransientRouteError, "server-side error"),
+    (status_error(429, "slow down"), errors.TransientRouteError, "slow down"),
+    (status_error(408, "timeout"), errors.TransientRouteError, ""),
+    (status_error(400, "bad temperature"), errors.BadRequestError, "check the request"),
+    (
+        status_error(400, "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens"),
+        errors.ContextOverflowError,
+        "shorten the prompt",
+    ),
+    (
+        status_error(400, "request (9000 tokens) exceeds the available context size", kind="exceed_context_size_error"),
+        errors.ContextOverflowError,
+        "lower max_tokens",
+    ),
+    (status_error(401, "bad key"), errors.AuthenticationError, "api_key"),
+    (status_error(403, "forbidden"), errors.AuthenticationError, "--api-key"),
+    (status_error(404, "The model `x` does not exist."), errors.ModelNotFoundError, "--served-model-name"),
+    (status_error(422, "field required"), errors.UnprocessableEntityError, ""),
+    (openai.APITimeoutError(request=REQUEST), errors.TransientRouteError, "raise this route's `timeout`"),
+    (openai.APIConnectionError(request=REQUEST), errors.TransientRouteError, "is the server started"),
+    (
+        openai.APIError("x", request=REQUEST, body={"message": "engine died", "code": 500}),
+        errors.TransientRouteError,
+        "",
+    ),
+    (
+        openai.APIError("x", request=REQUEST, body={"message": "bad", "type": "BadRequestError", "code": 400}),
+        errors.BadRequestError,
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(("exc", "cls", "hint"), CASES, ids=[f"{type(c[0]).__name__}-{i}" for i, c in enumerate(CASES)])
+def test_error_mapping(exc: BaseException, cls: type[errors.RouteError], hint: str) -> None:
+    error = classify(exc)
+    assert type(error) is cls
+    assert "gpt20_a" in str(error) and "http://gpu1:8000/v1" in str(error)
+    assert hint in str(error)
+
+
+def test_breaker_counts_transient_and_misconfiguration_only() -> None:
+    assert errors.trips_breaker(classify(status_error(503, "x")))
+    assert errors.trips_breaker(classify(status_error(401, "x")))
+    assert errors.trips_breaker(classify(status_error(404, "x")))
+    assert not errors.trips_breaker(classify(status_error(400, "x")))
+    assert not errors.trips_breaker(classify(status_error(422, "x")))
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [({"retry-after": "3"}, 3.0), ({"retry-after-ms": "250"}, 0.25), ({"retry-after": "soon"}, None), ({}, None)],
+)
+def test_retry_after(headers: dict[str, str], seconds: float | None) -> None:
+    assert classify(status_error(429, "x", headers)).retry_after == seconds
+
+
+def test_retry_after_http_date() -> None:
+    import email.utils
+    import time
+
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    value = classify(status_error(503, "x", {"retry-after": date})).retry_after
+    assert value is not None and 25 < value <= 30
+
+
+def test_all_routes_failed_lists_every_attempt() -> None:
+    attempts = [errors.Attempt("a", classify(status_error(503, "down")), 0.01, 1), errors.Attempt("b", classify(openai.APITimeoutError(request=REQUEST)), 2.0, 1)]
+    exc = errors.AllRoutesFailed(attempts, "every available route failed")
+    text = str(exc)
+    assert "2 attempts" in text and "HTTP 503" in text and "timed out" in text
+    assert [a.route for a in exc.attempts] == ["a", "b"]
