@@ -33,9 +33,12 @@ def make_config(servers: dict[str, FaultServer | str], **llm: Any) -> Config:
 @pytest.fixture
 def servers() -> Iterator[dict[str, FaultServer]]:
     """Three fault servers a, b, c, all healthy to begin with."""
-    with FaultServer(MODEL, reply="from a") as a, FaultServer(MODEL, reply="from b") as b:
-        with FaultServer(MODEL, reply="from c") as c:
-            yield {"a": a, "b": b, "c": c}
+    with (
+        FaultServer(MODEL, reply="from a") as a,
+        FaultServer(MODEL, reply="from b") as b,
+        FaultServer(MODEL, reply="from c") as c,
+    ):
+        yield {"a": a, "b": b, "c": c}
 
 
 @pytest.fixture

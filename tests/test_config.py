@@ -52,7 +52,11 @@ def test_env_overrides_apply_to_the_default_route(tmp_path: Path) -> None:
     env = {"VLLM_BASE_URL": "http://gpu7:9000/v1", "VLLM_MODEL": "qwen3", "VLLM_API_KEY": "sk-secret-123"}
     config = load_config(write(tmp_path, FLAT), env=env)
     route = config.routes["gpt20_a"]
-    assert (route.base_url, route.model, route.api_key.get_secret_value()) == ("http://gpu7:9000/v1", "qwen3", "sk-secret-123")
+    assert (route.base_url, route.model, route.api_key.get_secret_value()) == (
+        "http://gpu7:9000/v1",
+        "qwen3",
+        "sk-secret-123",
+    )
     assert config.routes["gpt20_b"].base_url == "http://10.0.0.2:8000/v1"
 
 

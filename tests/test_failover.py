@@ -266,7 +266,7 @@ def test_parameters_pass_through_and_vllm_extras_go_to_the_body(
     servers: dict[str, FaultServer], router_for: Callable[..., Router]
 ) -> None:
     router = router_for("a", params={"max_tokens": 3, "temperature": 0.1})
-    text, _ = run(router, "chat", top_k=5, extra_body={"min_p": 0.2}, seed=7)
+    run(router, "chat", top_k=5, extra_body={"min_p": 0.2}, seed=7)
     body = servers["a"].requests[-1]
     assert (body["top_k"], body["min_p"], body["seed"]) == (5, 0.2, 7)
     assert (body["max_tokens"], body["temperature"], body["model"]) == (3, 0.1, "m")

@@ -113,7 +113,9 @@ def test_stats_are_consistent_under_threads() -> None:
 REQUEST = httpx2.Request("POST", "http://gpu1:8000/v1/chat/completions")
 
 
-def status_error(status: int, message: str, headers: dict[str, str] | None = None, kind: str = "Err") -> openai.APIStatusError:
+def status_error(
+    status: int, message: str, headers: dict[str, str] | None = None, kind: str = "Err"
+) -> openai.APIStatusError:
     body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
     response = httpx2.Response(status, json=body, headers=headers, request=REQUEST)
     cls = {400: openai.BadRequestError, 401: openai.AuthenticationError, 404: openai.NotFoundError}.get(
@@ -195,7 +197,10 @@ def test_retry_after_http_date() -> None:
 
 
 def test_all_routes_failed_lists_every_attempt() -> None:
-    attempts = [errors.Attempt("a", classify(status_error(503, "down")), 0.01, 1), errors.Attempt("b", classify(openai.APITimeoutError(request=REQUEST)), 2.0, 1)]
+    attempts = [
+        errors.Attempt("a", classify(status_error(503, "down")), 0.01, 1),
+        errors.Attempt("b", classify(openai.APITimeoutError(request=REQUEST)), 2.0, 1),
+    ]
     exc = errors.AllRoutesFailed(attempts, "every available route failed")
     text = str(exc)
     assert "2 attempts" in text and "HTTP 503" in text and "timed out" in text

@@ -74,7 +74,3 @@ def _servers(ports: list[int], alias: str) -> int:
         for server in servers:
             server.stop()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

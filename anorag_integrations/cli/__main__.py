@@ -1,0 +1,9 @@
+"""``python -m anorag_integrations.cli`` runs the ``anorag-llm`` console script."""
+
+from __future__ import annotations
+
+import sys
+
+from . import main
+
+sys.exit(main())
