@@ -322,3 +322,16 @@ def test_concurrent_async_requests_are_spread_and_none_lost(
     assert len(results) == 30 and set(routes) == {"a", "b"}
     assert abs(routes.count("a") - routes.count("b")) <= 6
     assert all(stats["in_flight"] == 0 for stats in router.stats().values())
+
+
+def test_stream_names_its_route_from_the_first_chunk(
+    servers: dict[str, FaultServer], router_for: Callable[..., Router]
+) -> None:
+    router = router_for("a", "b")
+    servers["a"].set_fault(Fault.STATUS, status=503)
+    stream = iter(router.stream(USER))
+    first = next(stream)
+    info = call_info(first)
+    assert info is not None and info.route == "b" and info.latency_s is None  # still streaming
+    list(stream)
+    assert info.latency_s is not None

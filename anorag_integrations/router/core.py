@@ -364,12 +364,15 @@ class Router:
             t0 = time.perf_counter()
             route.stats.started()
             try:
-                return route, t0, send(route, timeout)
+                result = send(route, timeout)
             except (openai.APIError, RouteError) as exc:
                 self._failed(call, route, exc, t0)
+                continue
             except BaseException:
                 self._abandoned(route)
                 raise
+            call.info.route = route.name  # streams: known from the first chunk on
+            return route, t0, result
         raise call.exhausted()
 
     async def _around(self, call: _Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Route, float, _T]:
@@ -381,12 +384,15 @@ class Router:
             t0 = time.perf_counter()
             route.stats.started()
             try:
-                return route, t0, await send(route, timeout)
+                result = await send(route, timeout)
             except (openai.APIError, RouteError) as exc:
                 self._failed(call, route, exc, t0)
+                continue
             except BaseException:
                 self._abandoned(route)
                 raise
+            call.info.route = route.name  # streams: known from the first chunk on
+            return route, t0, result
         raise call.exhausted()
 
     def _health_row(self, route: Route) -> dict[str, Any]:
