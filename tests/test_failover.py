@@ -335,3 +335,24 @@ def test_stream_names_its_route_from_the_first_chunk(
     assert info is not None and info.route == "b" and info.latency_s is None  # still streaming
     list(stream)
     assert info.latency_s is not None
+
+
+def test_failover_and_breaker_opening_are_logged_without_secrets(
+    servers: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    from anorag_integrations.config import config_from_dict
+
+    routes = {n: {"base_url": servers[n].base_url, "model": "m", "api_key": "sk-live-9f8e7d"} for n in ("a", "b")}
+    config = config_from_dict({"llm": {"routes": routes, "health": {"failure_threshold": 1}}}, env={})
+    servers["a"].set_fault(Fault.STATUS, status=503)
+    caplog.set_level("INFO", logger="anorag_integrations")
+    with Router(config) as router:
+        router.chat(USER)
+        with pytest.raises(AllRoutesFailed) as info:
+            router.chat(USER, route="a")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("failing over" in m and "'a'" in m and "HTTP 503" in m for m in messages)
+    assert any("circuit breaker opened" in m for m in messages)
+    assert servers["a"].last_authorization == "Bearer sk-live-9f8e7d"  # the key reached the server ...
+    everything = "\n".join(messages) + str(info.value) + repr(info.value.attempts) + repr(router.routes)
+    assert "sk-live-9f8e7d" not in everything  # ... and appears in no log, error or repr

@@ -50,8 +50,23 @@ def test_down_route_is_unhealthy_with_a_hint_and_leaves_rotation(
     assert "cannot connect" in row["error"] and "is the server started" in row["error"]
     assert {router.chat(USER).choices[0].message.content for _ in range(4)} == {"from b"}
     servers["a"].set_fault(None)
-    assert router.health()["a"]["healthy"] is True  # a successful probe closes the breaker
+    row = router.health()["a"]
+    assert row["healthy"] is True and row["state"] == "half_open"  # a good probe ends the cool-down
     assert "from a" in {router.chat(USER).choices[0].message.content for _ in range(4)}
+    assert router.routes["a"].breaker.state is BreakerState.CLOSED  # the trial request closed it
+
+
+def test_probe_of_a_server_whose_completions_fail_allows_one_trial_only(
+    servers: dict[str, FaultServer], router_for: Callable[..., Router]
+) -> None:
+    router = router_for("a", "b", health={"failure_threshold": 1})
+    servers["a"].set_fault(Fault.STATUS, status=500)  # /health still answers 200
+    router.chat(USER)
+    assert router.routes["a"].breaker.state is BreakerState.OPEN
+    router.health()
+    for _ in range(5):
+        assert router.chat(USER).choices[0].message.content == "from b"
+    assert servers["a"].hits == 2  # the first failure and one trial after the probe
 
 
 def test_wrong_model_name_is_reported_as_misconfiguration(servers: dict[str, FaultServer]) -> None:
@@ -77,7 +92,9 @@ def test_background_prober_takes_a_dead_route_out_and_brings_it_back(servers: di
         assert wait_for(lambda: breaker.state is BreakerState.OPEN), "prober did not notice the dead route"
         assert servers["a"].hits == 0  # no user request was needed to find out
         servers["a"].set_fault(None)
-        assert wait_for(lambda: breaker.state is BreakerState.CLOSED), "prober did not bring the route back"
+        assert wait_for(breaker.available), "prober did not end the cool-down of the recovered route"
+        assert "from a" in {router.chat(USER).choices[0].message.content for _ in range(2)}
+        assert breaker.state is BreakerState.CLOSED
     assert not router.prober.running
 
 

@@ -52,6 +52,19 @@ def test_failed_trial_reopens_for_a_full_cooldown() -> None:
     assert breaker.state is BreakerState.HALF_OPEN
 
 
+def test_good_probe_ends_the_cooldown_but_does_not_close() -> None:
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=60, clock=Clock())
+    breaker.record_failure()
+    breaker.probe_succeeded()
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.acquire() and not breaker.acquire()
+    closed = CircuitBreaker(failure_threshold=2, cooldown_s=60, clock=Clock())
+    closed.record_failure()
+    closed.probe_succeeded()  # does not wipe the count of real failures
+    closed.record_failure()
+    assert closed.state is BreakerState.OPEN
+
+
 def test_success_resets_the_consecutive_count() -> None:
     breaker = CircuitBreaker(failure_threshold=2, cooldown_s=5, clock=Clock())
     for _ in range(5):

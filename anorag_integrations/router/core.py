@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ SDK_PARAMS = frozenset(inspect.signature(Completions.create).parameters) - {"sel
 """Keyword arguments the openai SDK accepts; any other goes into ``extra_body`` (vLLM's extras)."""
 ROUTER_PARAMS = frozenset({"route", "timeout", "max_retries", "deadline"})
 
+log = logging.getLogger("anorag_integrations.router")
 _T = TypeVar("_T")
 Messages = Iterable[Mapping[str, Any]]
 
@@ -331,7 +333,10 @@ class Router:
         )
         route.stats.failed(f"{type(error).__name__}: {error.message}")
         if trips_breaker(error):
+            was_open = route.breaker.state is BreakerState.OPEN
             route.breaker.record_failure()
+            if not was_open and route.breaker.state is BreakerState.OPEN:
+                log.warning("route %r: circuit breaker opened after: %s", route.name, error)
         else:
             route.breaker.release()
         if error.retry_after is not None:
@@ -340,6 +345,7 @@ class Router:
         call.info.attempts.append(Attempt(route.name, error, time.perf_counter() - t0, call.info.rounds))
         if isinstance(error, PermanentRouteError):
             raise error from exc
+        log.info("failing over: %s", error)
         return error
 
     @staticmethod
@@ -401,7 +407,7 @@ class Router:
         return {
             "url": route.base_url,
             "model": route.model,
-            "healthy": state is BreakerState.CLOSED and probe.healthy is not False,
+            "healthy": state is not BreakerState.OPEN and probe.healthy is not False,
             "state": str(state),
             "latency_ms": probe.latency_ms,
             "models": list(probe.models),

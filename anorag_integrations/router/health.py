@@ -7,9 +7,9 @@ Breaker states::
     half_open ──trial succeeds──► closed        half_open ──trial fails──► open (cool-down again)
 
 The prober calls ``GET /health`` (``GET /v1/models`` when that is 404) on every route every
-``probe_interval`` seconds, records latency and served models, and opens or closes breakers from what
-it sees, so a dead server leaves the rotation before a user request finds it and a restarted one
-comes back without waiting for traffic.
+``probe_interval`` seconds and records latency and served models. A failed probe opens the breaker at
+once, so a dead server leaves the rotation before a user request finds it; a good probe ends an open
+breaker's cool-down, so a restarted server gets its trial request without waiting out ``cooldown``.
 """
 
 from __future__ import annotations
@@ -91,6 +91,16 @@ class CircuitBreaker:
         """Give back a half-open trial that ended neither way (e.g. a permanent 400)."""
         with self._lock:
             self._trial_in_flight = False
+
+    def probe_succeeded(self) -> None:
+        """An active probe found the server up: end the cool-down so one trial request goes through.
+
+        The breaker closes only when real traffic succeeds: a server whose ``/health`` answers but
+        whose completions fail gets one trial per probe, not a stream of failing requests.
+        """
+        with self._lock:
+            if self._state is BreakerState.OPEN:
+                self._opened_at = self._clock() - self.cooldown_s
 
     def force_open(self) -> None:
         """Open at once: an active probe found the server down."""

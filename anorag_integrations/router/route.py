@@ -137,7 +137,7 @@ class Route:
                     result.max_model_len = int(length) if isinstance(length, int | float) else None
             result.healthy = not result.models or self.model in result.models
             if result.healthy:
-                self.breaker.record_success()
+                self.breaker.probe_succeeded()
             else:
                 result.error = (
                     f"route {self.name!r} ({self.base_url}): server serves {result.models}, not {self.model!r} "

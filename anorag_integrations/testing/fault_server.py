@@ -44,7 +44,11 @@ class _FaultState:
 
 
 class FaultServer:
-    """The server; ``hits`` counts chat requests, ``requests`` keeps their bodies (newest last)."""
+    """The server; ``hits`` counts chat requests, ``requests`` keeps their bodies (newest last).
+
+    ``last_authorization`` is the last ``Authorization`` header received, so tests can check a key
+    reached the server while staying out of logs and errors.
+    """
 
     def __init__(
         self,
@@ -66,6 +70,7 @@ class FaultServer:
         self.hits = 0
         self.running = 0
         self.requests: list[dict[str, Any]] = []
+        self.last_authorization: str | None = None
         self._keep = keep_requests
         self._state = _FaultState()
         self._lock = threading.Lock()
@@ -220,6 +225,7 @@ class FaultServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.hits += 1
+        self.last_authorization = request.headers.get("Authorization")
         self.requests.append(body)
         del self.requests[: -self._keep]
         state = self._take_fault()
