@@ -24,6 +24,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check anorag_integrations tests
 	$(BIN)/ruff format --check anorag_integrations tests
+	$(BIN)/mypy --strict anorag_integrations
 
 install: $(STAMP)
 

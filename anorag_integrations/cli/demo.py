@@ -26,6 +26,10 @@ def _local_servers(config_path: str | None) -> list[LlamaServer]:
     return servers
 
 
+def messages(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
 def run_demo(config_path: str | None) -> int:
     servers = _local_servers(config_path)
     if len(servers) < 2:
@@ -40,7 +44,6 @@ def run_demo(config_path: str | None) -> int:
             server.wait_ready()
             print(f"  {server.base_url} ready (pid {server.process.pid if server.process else '?'})")
         router = stack.enter_context(Router.from_config(config_path))
-        messages = lambda q: [{"role": "user", "content": q}]  # noqa: E731
 
         print("\n== sync chat ==")
         for q in QUESTIONS:

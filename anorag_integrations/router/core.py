@@ -223,9 +223,7 @@ class Router:
         call = _Call(self, messages, params, stream=False)
         for attempt in self._retrying(call, Retrying):
             with attempt:
-                route, t0, response = self._round(
-                    call, lambda r, t: r.client.chat.completions.create(**call.body_for(r), timeout=t)
-                )
+                route, t0, response = self._round(call, lambda r, t: self._create(call, r, t))
         self._done(call, route, t0, usage_tokens=_completion_tokens(response))
         return _attach(response, call.info)
 
@@ -234,9 +232,7 @@ class Router:
         call = _Call(self, messages, params, stream=False)
         async for attempt in self._retrying(call, AsyncRetrying):
             with attempt:
-                route, t0, response = await self._around(
-                    call, lambda r, t: r.aclient.chat.completions.create(**call.body_for(r), timeout=t)
-                )
+                route, t0, response = await self._around(call, lambda r, t: self._acreate(call, r, t))
         self._done(call, route, t0, usage_tokens=_completion_tokens(response))
         return _attach(response, call.info)
 
@@ -301,7 +297,7 @@ class Router:
     # --- choosing and bookkeeping (shared by sync and async) --------------------------------------
 
     def _retrying(self, call: _Call, kind: type[_T]) -> _T:
-        stop = stop_after_attempt(call.max_retries + 1)
+        stop: Any = stop_after_attempt(call.max_retries + 1)
         if call.deadline_s is not None:
             stop = stop | stop_before_delay(call.deadline_s)
         return kind(stop=stop, wait=_Wait(call), retry=retry_if_exception_type(AllRoutesFailed), reraise=True)  # type: ignore[call-arg]
@@ -361,44 +357,42 @@ class Router:
         route.breaker.record_success()
         call.info.route, call.info.latency_s, call.info.ttft_s = route.name, latency, ttft_s
 
-    def _round(self, call: _Call, send: Callable[[Route, float], _T]) -> tuple[Route, float, _T]:
+    def _attempts(self, call: _Call) -> Iterator[tuple[Route, float, float]]:
+        """One round: each route to try, with its attempt timeout and start time."""
         call.start_round()
         tried: set[str] = set()
         while (route := self._select(call, tried)) is not None:
             tried.add(route.name)
             timeout = call.attempt_timeout(route)
-            t0 = time.perf_counter()
             route.stats.started()
+            yield route, timeout, time.perf_counter()
+
+    def _round(self, call: _Call, send: Callable[[Route, float], _T]) -> tuple[Route, float, _T]:
+        for route, timeout, t0 in self._attempts(call):
             try:
                 result = send(route, timeout)
             except (openai.APIError, RouteError) as exc:
                 self._failed(call, route, exc, t0)
-                continue
             except BaseException:
                 self._abandoned(route)
                 raise
-            call.info.route = route.name  # streams: known from the first chunk on
-            return route, t0, result
+            else:
+                call.info.route = route.name  # streams: known from the first chunk on
+                return route, t0, result
         raise call.exhausted()
 
     async def _around(self, call: _Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Route, float, _T]:
-        call.start_round()
-        tried: set[str] = set()
-        while (route := self._select(call, tried)) is not None:
-            tried.add(route.name)
-            timeout = call.attempt_timeout(route)
-            t0 = time.perf_counter()
-            route.stats.started()
+        for route, timeout, t0 in self._attempts(call):
             try:
                 result = await send(route, timeout)
             except (openai.APIError, RouteError) as exc:
                 self._failed(call, route, exc, t0)
-                continue
             except BaseException:
                 self._abandoned(route)
                 raise
-            call.info.route = route.name  # streams: known from the first chunk on
-            return route, t0, result
+            else:
+                call.info.route = route.name
+                return route, t0, result
         raise call.exhausted()
 
     def _health_row(self, route: Route) -> dict[str, Any]:
@@ -415,6 +409,16 @@ class Router:
             "error": probe.error or route.stats.last_error,
             "checked_at": probe.checked_at,
         }
+
+    @staticmethod
+    def _create(call: _Call, route: Route, timeout: float) -> ChatCompletion:
+        response: ChatCompletion = route.client.chat.completions.create(**call.body_for(route), timeout=timeout)
+        return response
+
+    @staticmethod
+    async def _acreate(call: _Call, route: Route, timeout: float) -> ChatCompletion:
+        response: ChatCompletion = await route.aclient.chat.completions.create(**call.body_for(route), timeout=timeout)
+        return response
 
     # --- streams ------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class RouterError(Exception):
@@ -191,7 +192,7 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
 
     if isinstance(exc, RouteError):
         return exc
-    where = {"route": route, "url": url}
+    where: dict[str, Any] = {"route": route, "url": url}
     if isinstance(exc, openai.APITimeoutError):
         return TransientRouteError(
             f"timed out after {timeout}s" if timeout else "timed out",

@@ -29,7 +29,7 @@ class Policy(Protocol):
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {}
-_P = TypeVar("_P", bound=type)
+_P = TypeVar("_P", bound="type[Policy]")
 
 
 def register(cls: _P) -> _P:

@@ -162,7 +162,7 @@ class FaultServer:
         await self._site.start()
         server = self._site._server
         if self.port == 0 and server is not None:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def _stop_listening(self) -> None:
         """Stop accepting and drop kept-alive connections, as a dead process would."""
