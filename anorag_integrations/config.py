@@ -116,6 +116,12 @@ class Config(_Section):
     def default_route_name(self) -> str:
         return self.default_route or next(iter(self.routes))
 
+    def with_api_key(self, api_key: str) -> Config:
+        """A copy in which every route uses ``api_key``."""
+        secret = SecretStr(api_key)
+        routes = {name: route.model_copy(update={"api_key": secret}) for name, route in self.routes.items()}
+        return self.model_copy(update={"routes": routes})
+
 
 def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> Config:
     """Read ``path``, else ``$ANORAG_CONFIG``, else ``./config.yaml``; apply env overrides; validate."""

@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,20 @@ def _has_payload(chunk: ChatCompletionChunk) -> bool:
         ):
             return True
     return False
+
+
+_SHARED: dict[tuple[object, ...], Router] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _resolved_config_path(path: str | PathLike[str] | None) -> str:
+    """The file ``load_config`` would read (absolute), or "" when the environment alone defines it."""
+    import os
+
+    from ..config import DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH
+
+    chosen = path if path is not None else os.environ.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH
+    return os.path.abspath(chosen) if path is not None or os.path.exists(chosen) else ""
 
 
 class _Call:
@@ -212,6 +227,42 @@ class Router:
         from ..config import load_config  # config imports router.errors: keep the cycle out of import time
 
         return cls(load_config(path), **kwargs)
+
+    @classmethod
+    def shared(
+        cls,
+        config_path: str | PathLike[str] | None = None,
+        *,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+    ) -> Router:
+        """The process-wide router for a config file (or for one ``base_url``), built on first use.
+
+        Adapters call this, so a LangChain and a LlamaIndex model built from the same config share
+        one health state: a route that fails under one is avoided by the other. ``api_key``, when
+        given, replaces the key of every route.
+        """
+        from ..config import config_from_dict, load_config
+
+        if base_url is not None:
+            key: tuple[object, ...] = ("url", base_url, model, api_key)
+        else:
+            key = ("file", _resolved_config_path(config_path), api_key)
+        with _SHARED_LOCK:
+            router = _SHARED.get(key)
+            if router is None:
+                if base_url is not None:
+                    if not model:
+                        raise ValueError("base_url needs model= (the server's --served-model-name)")
+                    route = {"base_url": base_url, "model": model, **({"api_key": api_key} if api_key else {})}
+                    config = config_from_dict({"llm": {"routes": {"default": route}}}, source="arguments", env={})
+                else:
+                    config = load_config(config_path)
+                    if api_key is not None:
+                        config = config.with_api_key(api_key)
+                router = _SHARED[key] = cls(config)
+            return router
 
     def __repr__(self) -> str:
         return f"Router(routes={list(self.routes)}, lb_policy={self.config.lb_policy!r}, source={self.config.source!r})"

@@ -59,6 +59,7 @@ class FaultServer:
         host: str = "127.0.0.1",
         port: int = 0,
         health_endpoint: bool = True,
+        auto_tool_choice: bool = True,
         keep_requests: int = 1000,
     ) -> None:
         self.model = model
@@ -67,6 +68,13 @@ class FaultServer:
         self.host = host
         self.port = port
         self.health_endpoint = health_endpoint
+        self.auto_tool_choice = auto_tool_choice
+        """As vLLM's --enable-auto-tool-choice: without it, tool_choice="auto" gets a 400."""
+        self.reasoning: str | None = None
+        """Reasoning text sent before the answer (vLLM's reasoning parser), in ``reasoning_field``."""
+        self.reasoning_field = "reasoning"
+        self.tool_arguments: dict[str, Any] = {}
+        """Arguments of the tool call the server makes when the request offers tools."""
         self.hits = 0
         self.running = 0
         self.requests: list[dict[str, Any]] = []
@@ -246,6 +254,9 @@ class FaultServer:
                 assert request.transport is not None
                 request.transport.close()
                 return web.Response(status=500)  # never sent: the connection is gone
+            if body.get("tools") and body.get("tool_choice", "auto") == "auto" and not self.auto_tool_choice:
+                message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+                return _error(400, message)
             if body.get("stream"):
                 return await self._stream(request, body, state)
             return web.json_response(self._completion(body))
@@ -260,21 +271,36 @@ class FaultServer:
             return words[:limit], "length"
         return words, "stop"
 
+    def _tool(self, body: Mapping[str, Any]) -> str | None:
+        """The tool the server calls: the forced one, else the first offered (None: answer in text)."""
+        tools, choice = body.get("tools") or [], body.get("tool_choice", "auto")
+        if not tools or choice == "none":
+            return None
+        if isinstance(choice, dict):
+            return str(choice["function"]["name"])
+        return str(tools[0]["function"]["name"])
+
     def _completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
         words, finish = self._words(body)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(words), "tool_calls": []}
+        message[self.reasoning_field] = self.reasoning
+        if (tool := self._tool(body)) is not None:
+            arguments = json.dumps(self.tool_arguments)
+            message["content"], finish = None, "tool_calls"
+            message["tool_calls"] = [
+                {
+                    "id": f"chatcmpl-tool-{uuid.uuid4().hex[:8]}",
+                    "type": "function",
+                    "function": {"name": tool, "arguments": arguments},
+                }
+            ]
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model,
             "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(words), "reasoning": None, "tool_calls": []},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                    "stop_reason": None,
-                }
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish, "stop_reason": None}
             ],
             "usage": _usage(body, len(words)),
         }
@@ -305,6 +331,22 @@ class FaultServer:
         if state.fault is Fault.SLOW_FIRST_TOKEN:
             await asyncio.sleep(float(opts.get("delay", 1.0)))
         words, finish = self._words(body)
+        for piece in (self.reasoning or "").split(" ") if self.reasoning else ():
+            await response.write(chunk({self.reasoning_field: piece + " "}))
+        if (tool := self._tool(body)) is not None:
+            # As vLLM streams tool calls: name first with arguments null, then the arguments in pieces.
+            head = {
+                "index": 0,
+                "id": f"chatcmpl-tool-{uuid.uuid4().hex[:8]}",
+                "type": "function",
+                "function": {"name": tool, "arguments": None},
+            }
+            await response.write(chunk({"tool_calls": [head]}))
+            arguments = json.dumps(self.tool_arguments)
+            half = len(arguments) // 2
+            for part in (arguments[:half], arguments[half:]):
+                await response.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+            words, finish = [], "tool_calls"
         after = int(opts.get("after_chunks", len(words) // 2))
         for i, word in enumerate(words):
             if i == after and state.fault is Fault.CUT:
