@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from langchain_core.language_models import BaseChatModel
@@ -86,7 +86,7 @@ class TestChatVLLMRoutedIntegration(ChatModelIntegrationTests):
     def chat_model_params(self) -> dict[str, Any]:
         return {"config_path": type(self)._config, "temperature": 0, "max_tokens": 24}
 
-    xfail_reasons = {
+    xfail_reasons: ClassVar[dict[str, str]] = {
         "test_tool_calling": NO_TOOLS,
         "test_tool_calling_async": NO_TOOLS,
         "test_bind_runnables_as_tools": NO_TOOLS,
