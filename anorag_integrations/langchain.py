@@ -16,8 +16,9 @@ from typing import Any, Literal, Self
 
 from langchain_core import exceptions as lc_errors
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.language_models.chat_models import LangSmithParams, agenerate_from_stream, generate_from_stream
+from langchain_core.callbacks.manager import adispatch_custom_event, ahandle_event, dispatch_custom_event, handle_event
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
@@ -136,8 +137,8 @@ class ChatVLLMRouted(BaseChatModel):
         with _langchain_errors():
             response = self._router.chat(_to_dicts(messages), **self._request_params(stop, **kwargs))
         info = call_info(response)
-        if run_manager and info and info.attempts:
-            run_manager.on_custom_event(FAILOVER_EVENT, _failover_data(info))
+        if info and info.attempts:
+            _report(run_manager, info)
         return _to_chat_result(response, info)
 
     async def _agenerate(
@@ -152,8 +153,8 @@ class ChatVLLMRouted(BaseChatModel):
         with _langchain_errors():
             response = await self._router.achat(_to_dicts(messages), **self._request_params(stop, **kwargs))
         info = call_info(response)
-        if run_manager and info and info.attempts:
-            await run_manager.on_custom_event(FAILOVER_EVENT, _failover_data(info))
+        if info and info.attempts:
+            await _areport(run_manager, info)
         return _to_chat_result(response, info)
 
     def _stream(
@@ -167,8 +168,8 @@ class ChatVLLMRouted(BaseChatModel):
         info: CallInfo | None = None
         with _langchain_errors():
             for chunk in self._router.stream(_to_dicts(messages), **params):
-                if info is None and (info := call_info(chunk)) and info.attempts and run_manager:
-                    run_manager.on_custom_event(FAILOVER_EVENT, _failover_data(info))
+                if info is None and (info := call_info(chunk)) and info.attempts:
+                    _report(run_manager, info)
                 generation = _to_generation_chunk(chunk)
                 if generation is None:
                     continue
@@ -191,8 +192,8 @@ class ChatVLLMRouted(BaseChatModel):
         info: CallInfo | None = None
         with _langchain_errors():
             async for chunk in self._router.astream(_to_dicts(messages), **params):
-                if info is None and (info := call_info(chunk)) and info.attempts and run_manager:
-                    await run_manager.on_custom_event(FAILOVER_EVENT, _failover_data(info))
+                if info is None and (info := call_info(chunk)) and info.attempts:
+                    await _areport(run_manager, info)
                 generation = _to_generation_chunk(chunk)
                 if generation is None:
                     continue
@@ -300,7 +301,7 @@ class ChatVLLMRouted(BaseChatModel):
 
 
 def _to_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    return convert_to_openai_messages(list(messages))  # type: ignore[return-value]
+    return convert_to_openai_messages(list(messages))
 
 
 def _reasoning(obj: Any) -> str | None:
@@ -335,6 +336,47 @@ def _route_metadata(info: CallInfo | None) -> dict[str, Any]:
         "latency_s": info.latency_s,
         "ttft_s": info.ttft_s,
     }
+
+
+def _report(run_manager: CallbackManagerForLLMRun | None, info: CallInfo) -> None:
+    """Dispatch the failover as a custom event, so LangSmith and console traces show it.
+
+    ``BaseChatModel.stream`` calls ``_stream`` without its run manager; then the event goes to the
+    enclosing run (a chain) when there is one, and otherwise only ``response_metadata`` tells.
+    """
+    data = _failover_data(info)
+    if run_manager is None:
+        with contextlib.suppress(RuntimeError):  # no enclosing run
+            dispatch_custom_event(FAILOVER_EVENT, data)
+        return
+    handle_event(
+        run_manager.handlers,
+        "on_custom_event",
+        "ignore_custom_event",
+        FAILOVER_EVENT,
+        data,
+        run_id=run_manager.run_id,
+        tags=run_manager.tags,
+        metadata=run_manager.metadata,
+    )
+
+
+async def _areport(run_manager: AsyncCallbackManagerForLLMRun | None, info: CallInfo) -> None:
+    data = _failover_data(info)
+    if run_manager is None:
+        with contextlib.suppress(RuntimeError):
+            await adispatch_custom_event(FAILOVER_EVENT, data)
+        return
+    await ahandle_event(
+        run_manager.handlers,
+        "on_custom_event",
+        "ignore_custom_event",
+        FAILOVER_EVENT,
+        data,
+        run_id=run_manager.run_id,
+        tags=run_manager.tags,
+        metadata=run_manager.metadata,
+    )
 
 
 def _failover_data(info: CallInfo) -> dict[str, Any]:
@@ -434,7 +476,7 @@ def _tool_choice(choice: dict[str, Any] | str | bool, tools: list[dict[str, Any]
     if choice == "any":
         return "required"
     if choice in ("auto", "none", "required"):
-        return choice  # type: ignore[return-value]
+        return choice
     names = [tool["function"]["name"] for tool in tools]
     if choice not in names:
         raise ValueError(f"tool_choice {choice!r} is not among the tools ({', '.join(names)})")
@@ -474,5 +516,5 @@ def _langchain_errors() -> Iterator[None]:
         yield
     except r.RouterError as exc:
         if (twin := _LC_ERRORS.get(type(exc))) is not None:
-            exc.__class__ = twin
+            exc.__class__ = twin  # type: ignore[assignment]  # twin subclasses type(exc)
         raise

@@ -44,6 +44,7 @@ class TestChatVLLMRoutedUnit(ChatModelUnitTests):
         super().test_serdes(model, snapshot)
 
 
+@pytest.mark.filterwarnings("ignore::langchain_core._api.beta_decorator.LangChainBetaWarning")
 def test_serialisation_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     from langchain_core.load import dumpd, dumps, load
 
