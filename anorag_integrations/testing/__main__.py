@@ -1,0 +1,32 @@
+"""``python -m anorag_integrations.testing``: run a FaultServer in its own process (for benchmarks).
+
+Prints ``READY <base_url>`` once listening and serves until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from .fault_server import FaultServer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="vLLM-shaped fault-injection server")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--reply", default="one two three four five six seven eight")
+    args = parser.parse_args()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FaultServer(args.model, reply=args.reply, port=args.port) as server:
+        print(f"READY {server.base_url}", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
