@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_OPENMP=OFF
 export LLAMA_CPP_BUILD_JOBS ?= 2
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean record
 
 demo: $(STAMP)
 	$(BIN)/anorag-llm demo
@@ -27,6 +27,13 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict anorag_integrations
 
 install: $(STAMP)
+
+# Re-record cassettes/ from two real llama.cpp servers on the ports the cassette tests use.
+record: $(STAMP)
+	$(BIN)/anorag-llm servers --ports 8211,8212 & pid=$$!; trap "kill $$pid; wait $$pid" EXIT; \
+	for i in $$(seq 600); do curl -sf http://127.0.0.1:8211/health >/dev/null && \
+	  curl -sf http://127.0.0.1:8212/health >/dev/null && break; sleep 0.5; done; \
+	$(BIN)/python -m pytest tests/test_langchain_standard.py -k Cassettes --record-mode=rewrite
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

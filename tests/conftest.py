@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +27,47 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         name = getattr(item, "originalname", item.name)
         if name in reasons:
             item.add_marker(pytest.mark.xfail(reason=reasons[name], strict=False))
+
+
+CASSETTES = Path(__file__).parent.parent / "cassettes"
+SECRET_HEADERS = ["authorization", "api-key", "x-api-key", "cookie", "set-cookie", "openai-organization"]
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _normalised(body: bytes | str | None) -> object:
+    """A request body as JSON, with the random UUIDs tests put in tool-call ids made equal."""
+    if not body:
+        return None
+    text = body.decode() if isinstance(body, bytes) else body
+    try:
+        return json.loads(_UUID.sub("<uuid>", text))
+    except ValueError:
+        return text
+
+
+def _json_body(r1: Any, r2: Any) -> None:
+    assert _normalised(r1.body) == _normalised(r2.body)
+
+
+def pytest_recording_configure(config: pytest.Config, vcr: Any) -> None:
+    vcr.register_matcher("json_body", _json_body)
+
+
+@pytest.fixture(scope="module")
+def vcr_config() -> dict[str, Any]:
+    """Cassettes: readable YAML, secrets filtered, requests matched on method, path and JSON body."""
+    return {
+        "filter_headers": SECRET_HEADERS,
+        "match_on": ["method", "path", "json_body"],
+        "decode_compressed_response": True,
+    }
+
+
+@pytest.fixture(scope="module")
+def vcr_cassette_dir(request: pytest.FixtureRequest) -> str:
+    return str(CASSETTES / request.module.__name__.split(".")[-1])
 
 
 def make_config(servers: dict[str, FaultServer | str], **llm: Any) -> Config:

@@ -69,6 +69,8 @@ NO_JSON = "the 270M base model does not produce JSON (llama.cpp ignores vLLM's s
 
 @pytest.mark.live
 class TestChatVLLMRoutedIntegration(ChatModelIntegrationTests):
+    _config: ClassVar[str]
+
     @pytest.fixture(autouse=True)
     def _servers(self, llama_servers: list[Any], tmp_path_factory: pytest.TempPathFactory) -> None:
         import yaml
@@ -109,3 +111,25 @@ class TestChatVLLMRoutedIntegration(ChatModelIntegrationTests):
     @property
     def supports_model_override(self) -> bool:
         return False  # one model per llama.cpp server
+
+
+CASSETTE_PORTS = (8211, 8212)
+"""Fixed ports of the servers the cassettes were recorded from (`make record` starts them)."""
+
+
+@pytest.mark.vcr
+class TestChatVLLMRoutedCassettes(TestChatVLLMRoutedIntegration):
+    """The same suite replayed from cassettes/ (recorded from two real llama.cpp servers): no network."""
+
+    @pytest.fixture(autouse=True)
+    def _servers(self, tmp_path_factory: pytest.TempPathFactory) -> None:  # type: ignore[override]
+        import yaml
+
+        path = tmp_path_factory.getbasetemp() / "cassette_config.yaml"
+        if not path.exists():
+            routes = {
+                f"llama{i}": {"base_url": f"http://127.0.0.1:{port}/v1", "model": "gemma3_270m"}
+                for i, port in enumerate(CASSETTE_PORTS)
+            }
+            path.write_text(yaml.safe_dump({"llm": {"routes": routes, "lb_policy": "round_robin"}}))
+        type(self)._config = str(path)

@@ -59,8 +59,13 @@ def _healthcheck(config_path: str | None, *, as_json: bool) -> int:
 
 
 def _servers(ports: list[int], alias: str) -> int:
+    import signal
     import threading
 
+    def terminate(*_: object) -> None:
+        raise SystemExit(0)  # unwinds to the finally below, which stops the child servers
+
+    signal.signal(signal.SIGTERM, terminate)
     servers = [LlamaServer(port, alias=alias) for port in ports]
     try:
         for server in servers:

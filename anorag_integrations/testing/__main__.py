@@ -6,6 +6,7 @@ Prints ``READY <base_url>`` once listening and serves until killed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
 
@@ -22,10 +23,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with FaultServer(args.model, reply=args.reply, port=args.port) as server:
         print(f"READY {server.base_url}", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":
