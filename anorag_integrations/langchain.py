@@ -344,39 +344,27 @@ def _report(run_manager: CallbackManagerForLLMRun | None, info: CallInfo) -> Non
     ``BaseChatModel.stream`` calls ``_stream`` without its run manager; then the event goes to the
     enclosing run (a chain) when there is one, and otherwise only ``response_metadata`` tells.
     """
-    data = _failover_data(info)
     if run_manager is None:
         with contextlib.suppress(RuntimeError):  # no enclosing run
-            dispatch_custom_event(FAILOVER_EVENT, data)
-        return
-    handle_event(
-        run_manager.handlers,
-        "on_custom_event",
-        "ignore_custom_event",
-        FAILOVER_EVENT,
-        data,
-        run_id=run_manager.run_id,
-        tags=run_manager.tags,
-        metadata=run_manager.metadata,
-    )
+            dispatch_custom_event(FAILOVER_EVENT, _failover_data(info))
+    else:
+        handle_event(run_manager.handlers, *_event(info), **_event_context(run_manager))
 
 
 async def _areport(run_manager: AsyncCallbackManagerForLLMRun | None, info: CallInfo) -> None:
-    data = _failover_data(info)
     if run_manager is None:
         with contextlib.suppress(RuntimeError):
-            await adispatch_custom_event(FAILOVER_EVENT, data)
-        return
-    await ahandle_event(
-        run_manager.handlers,
-        "on_custom_event",
-        "ignore_custom_event",
-        FAILOVER_EVENT,
-        data,
-        run_id=run_manager.run_id,
-        tags=run_manager.tags,
-        metadata=run_manager.metadata,
-    )
+            await adispatch_custom_event(FAILOVER_EVENT, _failover_data(info))
+    else:
+        await ahandle_event(run_manager.handlers, *_event(info), **_event_context(run_manager))
+
+
+def _event(info: CallInfo) -> tuple[str, str, str, dict[str, Any]]:
+    return "on_custom_event", "ignore_custom_event", FAILOVER_EVENT, _failover_data(info)
+
+
+def _event_context(run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun) -> dict[str, Any]:
+    return {"run_id": run_manager.run_id, "tags": run_manager.tags, "metadata": run_manager.metadata}
 
 
 def _failover_data(info: CallInfo) -> dict[str, Any]:
