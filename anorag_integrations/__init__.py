@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .config import Config, load_config
 from .router import (
     AllRoutesFailed,
@@ -20,11 +22,15 @@ from .router import (
     call_info,
 )
 
+if TYPE_CHECKING:
+    from .langchain import ChatVLLMRouted
+
 __all__ = [
     "AllRoutesFailed",
     "AuthenticationError",
     "BadRequestError",
     "CallInfo",
+    "ChatVLLMRouted",
     "Config",
     "ConfigError",
     "ContextOverflowError",
@@ -38,3 +44,12 @@ __all__ = [
     "call_info",
     "load_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Adapters import their framework on first use, so the router alone stays light to import."""
+    if name == "ChatVLLMRouted":
+        from .langchain import ChatVLLMRouted
+
+        return ChatVLLMRouted
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,12 @@
+"""LangChain adapter: ``ChatVLLMRouted``, a chat model over the shared router.
+
+Only conversions live here (messages and chunks to and from the openai SDK types, errors to
+``langchain_core.exceptions``); routing, failover, retries and statistics belong to the router.
+"""
+
+from __future__ import annotations
+
+from ._callbacks import FAILOVER_EVENT
+from .chat_model import ChatVLLMRouted
+
+__all__ = ["FAILOVER_EVENT", "ChatVLLMRouted"]

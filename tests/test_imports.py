@@ -1,0 +1,27 @@
+"""The public names other code relies on (architecture.md), and the router's independence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anorag_integrations
+
+
+def test_public_names() -> None:
+    expected = {"Router", "load_config", "ChatVLLMRouted", "call_info", "ConfigError", "AllRoutesFailed"}
+    assert expected <= set(anorag_integrations.__all__)
+    for name in anorag_integrations.__all__:
+        assert getattr(anorag_integrations, name) is not None
+    from anorag_integrations.langchain import ChatVLLMRouted
+
+    assert anorag_integrations.ChatVLLMRouted is ChatVLLMRouted
+
+
+def test_router_imports_no_framework() -> None:
+    code = (
+        "import sys, anorag_integrations.router, anorag_integrations.config; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('langchain_core', 'llama_index')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
