@@ -12,6 +12,8 @@ STAMP  := $(VENV)/.installed
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_OPENMP=OFF
 export LLAMA_CPP_BUILD_JOBS ?= 2
+# A CPU build of torch for the embedding model (these machines carry a local 2.13.0 CPU wheel).
+TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint install clean record
 
@@ -33,11 +35,12 @@ record: $(STAMP)
 	$(BIN)/anorag-llm servers --ports 8211,8212 & pid=$$!; trap "kill $$pid; wait $$pid" EXIT; \
 	for i in $$(seq 600); do curl -sf http://127.0.0.1:8211/health >/dev/null && \
 	  curl -sf http://127.0.0.1:8212/health >/dev/null && break; sleep 0.5; done; \
-	$(BIN)/python -m pytest tests/test_langchain_standard.py -k Cassettes --record-mode=rewrite
+	$(BIN)/python -m pytest -m vcr --record-mode=rewrite
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

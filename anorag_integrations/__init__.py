@@ -24,6 +24,7 @@ from .router import (
 
 if TYPE_CHECKING:
     from .langchain import ChatVLLMRouted
+    from .llama_index import VLLMRouted
 
 __all__ = [
     "AllRoutesFailed",
@@ -41,6 +42,7 @@ __all__ = [
     "RouterError",
     "StreamInterruptedError",
     "TransientRouteError",
+    "VLLMRouted",
     "call_info",
     "load_config",
 ]
@@ -52,4 +54,8 @@ def __getattr__(name: str) -> Any:
         from .langchain import ChatVLLMRouted
 
         return ChatVLLMRouted
+    if name == "VLLMRouted":
+        from .llama_index import VLLMRouted
+
+        return VLLMRouted
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

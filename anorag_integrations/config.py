@@ -49,6 +49,7 @@ class RouteConfig(_Section):
     timeout: float | None = Field(default=None, gt=0, description="per-attempt seconds; default params.timeout")
     api_key: SecretStr = SecretStr("EMPTY")
     weight: float = Field(default=1.0, gt=0)
+    max_model_len: int | None = Field(default=None, gt=0, description="context window when the server does not say")
 
     @field_validator("base_url")
     @classmethod

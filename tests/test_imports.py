@@ -9,13 +9,15 @@ import anorag_integrations
 
 
 def test_public_names() -> None:
-    expected = {"Router", "load_config", "ChatVLLMRouted", "call_info", "ConfigError", "AllRoutesFailed"}
+    expected = {"Router", "load_config", "ChatVLLMRouted", "VLLMRouted", "call_info", "ConfigError", "AllRoutesFailed"}
     assert expected <= set(anorag_integrations.__all__)
     for name in anorag_integrations.__all__:
         assert getattr(anorag_integrations, name) is not None
     from anorag_integrations.langchain import ChatVLLMRouted
+    from anorag_integrations.llama_index import VLLMRouted
 
     assert anorag_integrations.ChatVLLMRouted is ChatVLLMRouted
+    assert anorag_integrations.VLLMRouted is VLLMRouted
 
 
 def test_router_imports_no_framework() -> None:

@@ -45,6 +45,7 @@ class Route:
         self.model = cfg.model
         self.weight = cfg.weight
         self.timeout = cfg.timeout or config.params.timeout
+        self.configured_max_model_len = cfg.max_model_len
         self.probe_timeout = config.health.probe_timeout
         self._api_key = cfg.api_key
         self.client = openai.OpenAI(
@@ -80,6 +81,11 @@ class Route:
                     )
                     self._aclients[loop] = client
         return client
+
+    @property
+    def max_model_len(self) -> int | None:
+        """Context window: what the server reported (``/v1/models``), else the configured value."""
+        return self.probe_result.max_model_len or self.configured_max_model_len
 
     def available(self, now: float) -> bool:
         """Whether the route may be offered to the policy now."""

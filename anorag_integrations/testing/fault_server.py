@@ -55,7 +55,7 @@ class FaultServer:
         model: str = "fake-model",
         *,
         reply: str = "The quick brown fox jumps over the lazy dog.",
-        max_model_len: int = 4096,
+        max_model_len: int | None = 4096,
         host: str = "127.0.0.1",
         port: int = 0,
         health_endpoint: bool = True,
@@ -226,8 +226,9 @@ class FaultServer:
             "created": int(time.time()),
             "owned_by": "vllm",
             "root": self.model,
-            "max_model_len": self.max_model_len,
         }
+        if self.max_model_len is not None:  # servers other than vLLM may not report it
+            model["max_model_len"] = self.max_model_len
         return web.json_response({"object": "list", "data": [model]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,242 @@
+"""VLLMRouted: a LlamaIndex LLM over the shared router (``Settings.llm = VLLMRouted()``).
+
+It converts LlamaIndex messages and responses; routing, failover and statistics belong to the
+router. Unlike ``OpenAILike`` it is a chat model by default, takes its context window from the
+server's ``/v1/models`` (``max_model_len``), keeps vLLM's reasoning text, and its async methods run
+on the router's async path instead of blocking the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+from llama_index.core.llms import CustomLLM
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import Field, PrivateAttr, SecretStr
+
+from .router import CallInfo, Router, call_info
+
+
+class VLLMRouted(CustomLLM):
+    """LlamaIndex LLM over a fleet of vLLM servers; same constructor rules as ``ChatVLLMRouted``."""
+
+    config_path: str | None = Field(default=None, description="config file; default $ANORAG_CONFIG or ./config.yaml")
+    route: str | None = Field(default=None, description="pin every request to this route")
+    model: str | None = Field(default=None, description="model to request; default: each route's own")
+    base_url: str | None = Field(default=None, description="a single server instead of a config file")
+    api_key: SecretStr | None = Field(default=None, description="replaces every route's key")
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    timeout: float | None = None
+    max_retries: int | None = None
+    context_window: int | None = Field(default=None, description="override what the servers report")
+    additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra request parameters")
+    _router: Router = PrivateAttr()
+
+    def __init__(self, router: Router | None = None, **data: Any) -> None:
+        super().__init__(**data)
+        key = self.api_key.get_secret_value() if self.api_key else None
+        self._router = router or Router.shared(self.config_path, base_url=self.base_url, model=self.model, api_key=key)
+        if self.route is not None and self.route not in self._router.routes:
+            raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(self._router.routes)})")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "VLLMRouted"
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """Chat model; context window from the servers' max_model_len (smallest of the routes it may use)."""
+        routes = [self._router.routes[self.route]] if self.route else list(self._router.routes.values())
+        window = self.context_window
+        if window is None:
+            for route in routes:
+                if route.probe_result.checked_at is None and route.configured_max_model_len is None:
+                    route.probe()  # once: the result stays on the shared route
+            known = [route.max_model_len for route in routes if route.max_model_len]
+            window = min(known) if known else DEFAULT_CONTEXT_WINDOW
+        config = self._router.config
+        return LLMMetadata(
+            context_window=window,
+            num_output=self.max_tokens or config.params.max_tokens or 256,
+            is_chat_model=True,
+            model_name=self.model or config.routes[self.route or config.default_route_name].model,
+        )
+
+    # --- chat -------------------------------------------------------------------------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, kwargs)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await self._achat(messages, kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._stream_chat(messages, kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return self._astream_chat(messages, kwargs)
+
+    # --- completion: the prompt as one user message on the chat endpoint ----------------------------
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return _completion(self._chat(_prompt(prompt), kwargs))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return _completion(await self._achat(_prompt(prompt), kwargs))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return (_completion(r) for r in self._stream_chat(_prompt(prompt), kwargs))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        responses = self._astream_chat(_prompt(prompt), kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            async for response in responses:
+                yield _completion(response)
+
+        return gen()
+
+    # --- internal: undecorated, so a completion is one callback event, not two ----------------------
+    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
+        return _chat_response(self._router.chat(_to_dicts(messages), **self._params(kwargs)))
+
+    async def _achat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
+        return _chat_response(await self._router.achat(_to_dicts(messages), **self._params(kwargs)))
+
+    def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
+        chunks = self._router.stream(_to_dicts(messages), **self._params(kwargs))
+        state = _StreamState()
+        return (response for chunk in chunks if (response := state.add(chunk)) is not None)
+
+    async def _astream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseAsyncGen:
+        chunks = self._router.astream(_to_dicts(messages), **self._params(kwargs))
+        state = _StreamState()
+        async for chunk in chunks:
+            if (response := state.add(chunk)) is not None:
+                yield response
+
+    def _params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        params = {
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "timeout": self.timeout,
+            "max_retries": self.max_retries,
+            "route": self.route,
+            "model": self.model,
+        }
+        return {**{k: v for k, v in params.items() if v is not None}, **self.additional_kwargs, **kwargs}
+
+
+def _prompt(prompt: str) -> list[ChatMessage]:
+    return [ChatMessage(role=MessageRole.USER, content=prompt)]
+
+
+def _to_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """LlamaIndex messages as OpenAI chat messages (tool calls and tool results included)."""
+    out = []
+    for message in messages:
+        item: dict[str, Any] = {"role": message.role.value, "content": message.content or ""}
+        extra = message.additional_kwargs
+        if message.role is MessageRole.TOOL and "tool_call_id" in extra:
+            item["tool_call_id"] = extra["tool_call_id"]
+        if message.role is MessageRole.ASSISTANT and extra.get("tool_calls"):
+            item["tool_calls"] = extra["tool_calls"]
+        out.append(item)
+    return out
+
+
+def _reasoning(obj: Any) -> str | None:
+    extra = getattr(obj, "model_extra", None) or {}
+    value = extra.get("reasoning") or extra.get("reasoning_content")
+    return value if isinstance(value, str) and value else None
+
+
+def _route_kwargs(info: CallInfo | None) -> dict[str, Any]:
+    if info is None:
+        return {}
+    return {
+        "route": info.route,
+        "failed_routes": [a.route for a in info.attempts],
+        "latency_s": info.latency_s,
+        "ttft_s": info.ttft_s,
+    }
+
+
+def _chat_response(response: ChatCompletion) -> ChatResponse:
+    choice = response.choices[0]
+    extra: dict[str, Any] = {}
+    if reasoning := _reasoning(choice.message):
+        extra["reasoning_content"] = reasoning
+    if choice.message.tool_calls:
+        extra["tool_calls"] = [call.model_dump() for call in choice.message.tool_calls]
+    usage = response.usage.model_dump() if response.usage else None
+    message = ChatMessage(role=MessageRole.ASSISTANT, content=choice.message.content or "", additional_kwargs=extra)
+    kwargs = {
+        "usage": usage,
+        "finish_reason": choice.finish_reason,
+        "model": response.model,
+        **_route_kwargs(call_info(response)),
+    }
+    return ChatResponse(message=message, raw=response.model_dump(), additional_kwargs=kwargs)
+
+
+class _StreamState:
+    """Accumulates text and reasoning across chunks; LlamaIndex responses carry the whole so far."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.reasoning = ""
+        self.usage: dict[str, Any] | None = None
+
+    def add(self, chunk: ChatCompletionChunk) -> ChatResponse | None:
+        if chunk.usage is not None:
+            self.usage = chunk.usage.model_dump()
+        delta, finish = "", None
+        if chunk.choices:
+            choice = chunk.choices[0]
+            delta = choice.delta.content or ""
+            finish = choice.finish_reason
+            self.reasoning += _reasoning(choice.delta) or ""
+        elif self.usage is None:
+            return None
+        self.text += delta
+        extra = {"reasoning_content": self.reasoning} if self.reasoning else {}
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=self.text, additional_kwargs=extra)
+        kwargs = {"usage": self.usage, "finish_reason": finish, **_route_kwargs(call_info(chunk))}
+        return ChatResponse(message=message, delta=delta, raw=chunk.model_dump(), additional_kwargs=kwargs)
+
+
+def _completion(response: ChatResponse) -> CompletionResponse:
+    return CompletionResponse(
+        text=response.message.content or "",
+        delta=response.delta,
+        raw=response.raw,
+        additional_kwargs={**response.additional_kwargs, **response.message.additional_kwargs},
+    )
