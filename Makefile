@@ -32,7 +32,7 @@ install: $(STAMP)
 
 # Re-record cassettes/ from two real llama.cpp servers on the ports the cassette tests use.
 record: $(STAMP)
-	$(BIN)/anorag-llm servers --ports 8211,8212 & pid=$$!; trap "kill $$pid; wait $$pid" EXIT; \
+	$(BIN)/anorag-llm servers start cpu --ports 8211,8212 --foreground & pid=$$!; trap "kill $$pid; wait $$pid" EXIT; \
 	for i in $$(seq 600); do curl -sf http://127.0.0.1:8211/health >/dev/null && \
 	  curl -sf http://127.0.0.1:8212/health >/dev/null && break; sleep 0.5; done; \
 	$(BIN)/python -m pytest -m vcr --record-mode=rewrite

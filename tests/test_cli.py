@@ -1,35 +1,51 @@
-"""The anorag-llm console script: healthcheck exit codes and clear errors without tracebacks."""
+"""The anorag-llm console script: healthcheck, bench, servers, presets; one-line errors."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from anorag_integrations.cli import main
+from anorag_integrations.cli import main, manage, presets
+from anorag_integrations.config import ConfigError
 from anorag_integrations.testing import Fault, FaultServer
 
-from .conftest import MODEL
+from .conftest import MODEL, free_port
 
 
 def write_config(tmp_path: Path, servers: dict[str, FaultServer]) -> Path:
     routes = {name: {"base_url": s.base_url, "model": MODEL, "timeout": 2} for name, s in servers.items()}
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"llm": {"provider": "vllm_openai", "routes": routes}}))
+    path.write_text(yaml.safe_dump({"llm": {"provider": "vllm_openai", "routes": routes, "default_route": "a"}}))
     return path
 
 
-def test_healthcheck_all_healthy(
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "anorag_integrations.cli", *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+# --- healthcheck -------------------------------------------------------------------------------------
+
+
+def test_healthcheck_text_all_healthy(
     tmp_path: Path, servers: dict[str, FaultServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = write_config(tmp_path, servers)
-    assert main(["--config", str(path), "healthcheck"]) == 0
+    assert main(["--config", str(write_config(tmp_path, servers)), "healthcheck"]) == 0
     out = capsys.readouterr().out
-    assert "3/3 routes healthy" in out and "default route: a" in out
+    assert "default route: a" in out and "total routes:  3" in out
+    for name in "abc":
+        assert f"[OK] {name}" in out and servers[name].base_url in out
+    assert f"served:  {MODEL} (max_model_len 4096)" in out
+    assert out.rstrip().endswith("3/3 routes healthy")
 
 
 def test_healthcheck_json_and_failing_exit_status(
@@ -41,17 +57,182 @@ def test_healthcheck_json_and_failing_exit_status(
     data = json.loads(capsys.readouterr().out)
     assert (data["healthy"], data["total"]) == (2, 3)
     assert data["routes"]["b"]["healthy"] is False and "cannot connect" in data["routes"]["b"]["error"]
+    assert main(["--config", str(path), "healthcheck"]) == 1
+    out = capsys.readouterr().out
+    assert "[DOWN] b" in out and "error:   route 'b'" in out and "2/3 routes healthy" in out
+
+
+def test_healthcheck_watch_repeats(
+    tmp_path: Path, servers: dict[str, FaultServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, servers)
+    assert main(["--config", str(path), "healthcheck", "--watch", "0.01", "--count", "3"]) == 0
+    assert capsys.readouterr().out.count("3/3 routes healthy") == 3
 
 
 def test_bad_config_is_one_clear_message_not_a_traceback(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("llm:\n  routes:\n    a: {base_url: 'gpu1:8000', model: x}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "anorag_integrations.cli", "--config", str(path), "healthcheck"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("--config", str(path), "healthcheck")
     assert result.returncode == 2
     assert f"{path}: llm.routes.a.base_url: not an http(s) URL" in result.stderr
     assert "Traceback" not in result.stderr
+    with pytest.raises(ConfigError):  # --debug: the traceback instead
+        main(["--debug", "--config", str(path), "healthcheck"])
+
+
+# --- bench -------------------------------------------------------------------------------------------
+
+SEED_SECTIONS = {
+    "summary": {"total_requests", "successful_requests", "failed_requests", "success_rate", "total_time_seconds",
+                "requests_per_second", "successful_rps"},
+    "latency_ms": {"min", "max", "mean", "median", "p95", "p99"},
+}  # fmt: skip
+
+
+def test_bench_through_the_router_writes_the_seed_json(
+    tmp_path: Path, servers: dict[str, FaultServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    code = main(["--config", str(write_config(tmp_path, servers)), "bench", "--requests", "30", "--concurrency", "6",
+                 "--max-tokens", "3", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"benchmark_config", "summary", "latency_ms"}
+    for section, keys in SEED_SECTIONS.items():
+        assert set(report[section]) == keys
+    assert report["summary"]["successful_requests"] == 30 and report["summary"]["success_rate"] == 1.0
+    assert report["benchmark_config"]["concurrency"] == 6 and set(report["benchmark_config"]["routes"]) == {
+        "a",
+        "b",
+        "c",
+    }
+    assert sum(s.hits for s in servers.values()) == 30  # spread over all routes
+    assert min(s.hits for s in servers.values()) > 0
+    assert servers["a"].requests[-1]["max_tokens"] == 3
+    assert "30/30 ok" in capsys.readouterr().out
+
+
+def test_bench_one_url_from_the_seed_env_vars_streaming(tmp_path: Path, servers: dict[str, FaultServer]) -> None:
+    out = tmp_path / "bench.json"
+    env = {"VLLM_BASE": servers["b"].base_url, "VLLM_MODEL": MODEL, "CONC": "3", "NREQ": "9"}
+    result = run_cli("bench", "--stream", "--out", str(out), env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    config = report["benchmark_config"]
+    assert (config["base_url"], config["model"], config["concurrency"], config["total_requests"]) == (
+        servers["b"].base_url, MODEL, 3, 9)  # fmt: skip
+    assert servers["b"].hits == 9 and servers["a"].hits == 0
+    assert report["ttft_ms"]["median"] > 0 and report["output_tokens_per_s"]["aggregate"] > 0
+
+
+def test_bench_sweep_with_plot(tmp_path: Path, servers: dict[str, FaultServer]) -> None:
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    code = main(["--config", str(write_config(tmp_path, servers)), "bench", "--sweep", "1,2,4", "--requests", "8",
+                 "--out", str(out), "--plot", str(plot)])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [r["benchmark_config"]["concurrency"] for r in report["runs"]] == [1, 2, 4]
+    assert all(r["summary"]["successful_requests"] == 8 for r in report["runs"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_counts_failures_and_exits_1(tmp_path: Path, servers: dict[str, FaultServer]) -> None:
+    servers["a"].set_fault(Fault.STATUS, status=400, message="bad")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--base-url", servers["a"].base_url, "--model", MODEL, "--requests", "4", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 1 and report["summary"]["failed_requests"] == 4 and "BadRequestError" in report["errors"][0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--base-url", "http://127.0.0.1:9/v1"], "--base-url needs --model"),
+        (["bench", "--plot", "x.png"], "--plot needs --sweep"),
+        (["bench", "--requests", "0"], "at least 1"),
+        (["servers", "start", "tiny"], "vLLM is not installed here"),
+        (["servers", "start", "custom"], "the custom preset needs --model"),
+        (["servers", "logs", "nothing-here"], "no server named or preset 'nothing-here'"),
+    ],
+)
+def test_errors_are_one_line_with_the_fix(args: list[str], message: str, tmp_path: Path) -> None:
+    result = run_cli(*args, env={"ANORAG_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- presets -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "medium", "large"])
+def test_preset_command_lines(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(presets.shutil, "which", lambda cmd: "/usr/bin/vllm" if cmd == "vllm" else None)
+    preset = presets.resolve(name)
+    command = presets.vllm_command(preset)
+    assert command[:3] == ["vllm", "serve", preset.model]
+    flags = dict(zip(command[3::2], command[4::2], strict=True))
+    assert flags == {
+        "--served-model-name": preset.served_model_name,
+        "--dtype": "auto",
+        "--max-model-len": str(preset.max_model_len),
+        "--gpu-memory-utilization": str(preset.gpu_memory_utilization),
+        "--tensor-parallel-size": str(preset.tensor_parallel_size),
+        "--host": "0.0.0.0",
+        "--port": "8000",
+    }
+
+
+def test_custom_preset_and_overrides_without_the_vllm_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(presets.shutil, "which", lambda cmd: None)
+    preset = presets.resolve("custom", model="meta-llama/Llama-3.1-8B-Instruct", port=8100, max_model_len=None)
+    command = presets.vllm_command(preset, extra_args=("--enable-prefix-caching",))
+    assert command[:5] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", preset.model]
+    assert command[command.index("--served-model-name") + 1] == "Llama-3.1-8B-Instruct"
+    assert command[command.index("--port") + 1] == "8100" and command[-1] == "--enable-prefix-caching"
+    assert presets.resolve("medium", tensor_parallel_size=4).tensor_parallel_size == 4
+
+
+def test_presets_refuse_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(presets.importlib.util, "find_spec", lambda name: object())  # pretend vLLM is installed
+    monkeypatch.setattr(presets, "gpu_count", lambda: 0)
+    with pytest.raises(presets.PresetError, match="no NVIDIA GPU found"):
+        presets.check_can_run(presets.resolve("tiny"))
+    monkeypatch.setattr(presets, "gpu_count", lambda: 1)
+    with pytest.raises(presets.PresetError, match="tensor parallel size 2 needs 2 GPUs; found 1"):
+        presets.check_can_run(presets.resolve("large"))
+    presets.check_can_run(presets.resolve("small"))  # one GPU is enough for small
+
+
+# --- servers (real llama.cpp processes) ---------------------------------------------------------------
+
+
+@pytest.mark.live
+def test_servers_start_status_logs_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], llama_servers: Any
+) -> None:
+    monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
+    port = free_port()
+    assert main(["servers", "start", "cpu", "--ports", str(port)]) == 0
+    [record] = manage.records()
+    assert record.name == f"cpu-{port}" and manage.running(record)
+    assert main(["servers", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])[record.name]["healthy"] is True
+    assert main(["servers", "logs", "cpu"]) == 0
+    assert "llama" in capsys.readouterr().out.lower()
+    assert main(["servers", "start", "cpu", "--ports", str(port)]) == 2  # already running: refused
+    assert main(["servers", "stop", "cpu"]) == 0
+    assert f"cpu-{port}: stopped" in capsys.readouterr().out
+    assert not manage.running(record) and manage.records() == []
+
+
+def test_stop_never_kills_a_process_it_did_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
+    stale = manage.Record("cpu-1", "cpu", os.getpid(), "http://127.0.0.1:1/v1", ["llama-cpp-server", "-m", "x.gguf"],
+                          str(tmp_path / "x.log"), 0.0)  # fmt: skip
+    (tmp_path / "cpu-1.json").write_text(json.dumps(stale.__dict__))
+    assert not manage.running(stale)  # this pid is the test process: its command line differs
+    assert manage.status(None)["cpu-1"]["running"] is False
+    assert manage.stop("cpu-1") == [(stale, "was not running")]  # and we are still alive to assert it
+    assert manage.records() == []

@@ -1,81 +1,223 @@
-"""The ``anorag-llm`` console script: demo, healthcheck, local servers."""
+"""The ``anorag-llm`` console script: healthcheck, bench, servers, demo.
+
+Every failure is one line that says what to do; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
-from ..router import RouterError
-from .servers import DEFAULT_ALIAS, DEFAULT_PORTS, LlamaServer, ServerStartError
+from .presets import PRESET_NAMES, PresetError
+from .servers import DEFAULT_ALIAS, DEFAULT_PORTS, ServerStartError
+
+PRESET_FLAGS: dict[str, type] = {
+    "--model": str,
+    "--served-model-name": str,
+    "--dtype": str,
+    "--max-model-len": int,
+    "--gpu-memory-utilization": float,
+    "--tensor-parallel-size": int,
+    "--port": int,
+}
+"""Command-line overrides of a vLLM preset's fields."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anorag-llm", description="Route LLM calls over a fleet of vLLM servers.")
     parser.add_argument("--config", help="config file (default: $ANORAG_CONFIG or ./config.yaml)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+
     sub.add_parser("demo", help="start two local llama.cpp servers, route requests over them, show tables")
+
     health = sub.add_parser("healthcheck", help="probe every route; exit 0 only when all are healthy")
-    health.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    servers = sub.add_parser("servers", help="run local llama.cpp servers in the foreground until Ctrl-C")
-    servers.add_argument("--ports", default=",".join(map(str, DEFAULT_PORTS)), help="comma-separated ports")
-    servers.add_argument("--alias", default=DEFAULT_ALIAS, help="served model name")
+    health.add_argument("--json", action="store_true", help="print JSON instead of text")
+    health.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C")
+    health.add_argument("--count", type=int, help="with --watch: stop after COUNT checks")
+
+    bench = sub.add_parser("bench", help="load test through the router (all routes) or one --base-url")
+    bench.add_argument("--base-url", help="one server instead of the config's routes (env VLLM_BASE)")
+    bench.add_argument("--model", help="model name (env VLLM_MODEL); required with --base-url")
+    bench.add_argument("--concurrency", type=int, help="parallel requests (env CONC, default 8)")
+    bench.add_argument("--requests", type=int, help="total requests (env NREQ, default 64)")
+    bench.add_argument("--max-tokens", type=int, help="tokens per answer (default 32)")
+    bench.add_argument("--stream", action="store_true", help="stream, and report time to first token and tokens/s")
+    bench.add_argument("--prompt", help="the prompt every request sends")
+    bench.add_argument("--sweep", help="progressive test over concurrencies, e.g. 1,2,4,8,16,32,64")
+    bench.add_argument("--out", help="write the JSON report here")
+    bench.add_argument("--plot", help="with --sweep: write throughput and p95 against concurrency here (PNG)")
+
+    servers = sub.add_parser("servers", help="start, stop, inspect local inference servers")
+    actions = servers.add_subparsers(dest="action", required=True)
+    start = actions.add_parser("start", help=f"start a preset in the background: {', '.join(PRESET_NAMES)}")
+    start.add_argument("preset", choices=PRESET_NAMES)
+    start.add_argument("--ports", help=f"cpu: comma-separated ports (default {','.join(map(str, DEFAULT_PORTS))})")
+    start.add_argument("--alias", default=DEFAULT_ALIAS, help="cpu: served model name")
+    start.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C or SIGTERM stops them")
+    for flag, kind in PRESET_FLAGS.items():
+        start.add_argument(flag, type=kind, help="vLLM presets: override the preset's value")
+    for action in ("stop", "status"):
+        cmd = actions.add_parser(action, help=f"{action} servers started from here (all when no NAME)")
+        cmd.add_argument("target", nargs="?", metavar="NAME|PRESET")
+        if action == "status":
+            cmd.add_argument("--json", action="store_true")
+    logs = actions.add_parser("logs", help="show the end of a server's log")
+    logs.add_argument("target", metavar="NAME|PRESET")
+    logs.add_argument("-n", "--lines", type=int, default=40)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..router import RouterError
+
     args = _parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo(args.config)
-        if args.command == "healthcheck":
-            return _healthcheck(args.config, as_json=args.json)
-        return _servers([int(p) for p in args.ports.split(",") if p], args.alias)
-    except (RouterError, ServerStartError) as exc:
-        print(f"anorag-llm {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return _dispatch(args)
     except KeyboardInterrupt:
         return 130
+    except (RouterError, ServerStartError, PresetError, ValueError, OSError) as exc:
+        if args.debug:
+            raise
+        message = str(exc).strip()
+        print(f"anorag-llm {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
-def _healthcheck(config_path: str | None, *, as_json: bool) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.config)
+    if args.command == "healthcheck":
+        return _healthcheck(args.config, as_json=args.json, watch=args.watch, count=args.count)
+    if args.command == "bench":
+        return _bench(args)
+    return _servers(args)
+
+
+def _healthcheck(config_path: str | None, *, as_json: bool, watch: float | None, count: int | None) -> int:
     from ..router import Router
-    from .tables import HEALTH_COLUMNS, table
 
+    checks = 0
     with Router.from_config(config_path, start_prober=False) as router:
-        rows = router.health()
-        healthy = sum(1 for row in rows.values() if row["healthy"])
-        if as_json:
-            print(json.dumps({"routes": rows, "healthy": healthy, "total": len(rows)}, indent=2))
+        while True:
+            rows = router.health()
+            healthy = sum(1 for row in rows.values() if row["healthy"])
+            if as_json:
+                print(json.dumps({"routes": rows, "healthy": healthy, "total": len(rows)}, indent=2), flush=True)
+            else:
+                if watch:
+                    print(time.strftime("%Y-%m-%d %H:%M:%S"))
+                print(_health_text(router, rows, healthy), flush=True)
+            checks += 1
+            if not watch or (count is not None and checks >= count):
+                return 0 if healthy == len(rows) else 1
+            time.sleep(watch)
+
+
+def _health_text(router: Any, rows: dict[str, dict[str, Any]], healthy: int) -> str:
+    config = router.config
+    lines = [
+        f"config:        {config.source}",
+        f"default route: {config.default_route_name}",
+        f"fallback:      {config.fallback_route or '-'}",
+        f"lb_policy:     {config.lb_policy}",
+        f"total routes:  {len(rows)}",
+        "",
+    ]
+    for name, row in rows.items():
+        latency = f"{row['latency_ms']:.1f} ms" if row["latency_ms"] is not None else "-"
+        lines += [
+            f"[{'OK' if row['healthy'] else 'DOWN'}] {name}",
+            f"    url:     {row['url']}",
+            f"    model:   {row['model']}",
+            f"    served:  {', '.join(row['models']) or '-'}"
+            + (f" (max_model_len {row['max_model_len']})" if row["max_model_len"] else ""),
+            f"    latency: {latency}   breaker: {row['state']}",
+        ]
+        if not row["healthy"] and row["error"]:
+            lines.append(f"    error:   {row['error']}")
+    lines.append(f"\n{healthy}/{len(rows)} routes healthy")
+    return "\n".join(lines)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, run, summary_line
+
+    sweep = [int(part) for part in args.sweep.split(",") if part.strip()] if args.sweep else []
+    if args.plot and not sweep:
+        raise ValueError("--plot needs --sweep (it plots against concurrency)")
+    options = BenchOptions.from_env(
+        base_url=args.base_url,
+        model=args.model,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        stream=args.stream or None,
+        prompt=args.prompt,
+        config_path=args.config,
+        sweep=sweep or None,
+    )
+    report = run(options, out=args.out, plot=args.plot)
+    print(summary_line(report))
+    if args.out:
+        print(f"report: {args.out}")
+    if args.plot:
+        print(f"plot: {args.plot}")
+    runs = report.get("runs") or [report]
+    return 0 if all(r["summary"]["failed_requests"] == 0 for r in runs) else 1
+
+
+def _servers(args: argparse.Namespace) -> int:
+    from . import manage
+    from .tables import table
+
+    if args.action == "start":
+        ports = [int(p) for p in args.ports.split(",") if p] if args.ports else None
+        overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in PRESET_FLAGS}
+        started = manage.start(args.preset, ports=ports, alias=args.alias, **overrides)
+        for record in started:
+            print(f"started {record.name}: {record.url} (pid {record.pid}, log {record.log})", flush=True)
+        if args.foreground:
+            _wait_then_stop([record.name for record in started])
+        return 0
+    if args.action == "stop":
+        for record, outcome in manage.stop(args.target):
+            print(f"{record.name}: {outcome}")
+        return 0
+    if args.action == "status":
+        rows = manage.status(args.target)
+        if args.json:
+            print(json.dumps(rows, indent=2))
         else:
-            print(f"config: {router.config.source}")
-            print(f"default route: {router.config.default_route_name}; lb_policy: {router.config.lb_policy}\n")
-            print(table(rows, (*HEALTH_COLUMNS, "error")))
-            print(f"\n{healthy}/{len(rows)} routes healthy")
-    return 0 if healthy == len(rows) else 1
+            print(
+                table(rows, ("preset", "url", "pid", "running", "healthy"), key="server")
+                if rows
+                else "no servers started from here"
+            )
+        return 0 if all(row["healthy"] for row in rows.values()) else 1
+    print(manage.logs(args.target, args.lines))
+    return 0
 
 
-def _servers(ports: list[int], alias: str) -> int:
+def _wait_then_stop(names: list[str]) -> None:
     import signal
     import threading
 
+    from . import manage
+
     def terminate(*_: object) -> None:
-        raise SystemExit(0)  # unwinds to the finally below, which stops the child servers
+        raise SystemExit(0)  # unwinds to the finally below
 
     signal.signal(signal.SIGTERM, terminate)
-    servers = [LlamaServer(port, alias=alias) for port in ports]
+    print("Ctrl-C stops them.", flush=True)
     try:
-        for server in servers:
-            server.start(wait=False)
-        for server in servers:
-            server.wait_ready()
-            print(f"{server.base_url} ready (model {alias!r}, log {server.log_path})", flush=True)
-        print("Ctrl-C stops them.", flush=True)
         threading.Event().wait()
     finally:
-        for server in servers:
-            server.stop()
-    return 0
+        for name in names:
+            manage.stop(name)

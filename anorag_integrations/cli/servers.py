@@ -74,6 +74,7 @@ class LlamaServer:
         self.threads = threads
         self.log_path = Path(log_dir or Path.cwd() / ".anorag" / "logs") / f"llama-server-{port}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.command: list[str] = []
 
     @property
     def root_url(self) -> str:
@@ -91,7 +92,7 @@ class LlamaServer:
         """Spawn the server (logging to ``log_path``) and, by default, wait until it is ready."""
         if self.process is not None and self.process.poll() is None:
             return self
-        if _answers(f"{self.root_url}/health"):
+        if answers(f"{self.root_url}/health"):
             raise ServerStartError(
                 f"port {self.port} is already in use by another server; stop it or pick another port"
             )
@@ -108,6 +109,7 @@ class LlamaServer:
             "-t", str(self.threads),
         ]  # fmt: skip
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.command = cmd
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
@@ -123,7 +125,7 @@ class LlamaServer:
                     f"llama-server on port {self.port} exited with status {self.process.returncode}; "
                     f"last log lines ({self.log_path}):\n{self.log_tail()}"
                 )
-            if _answers(f"{self.root_url}/health"):
+            if answers(f"{self.root_url}/health"):
                 return
             time.sleep(POLL_INTERVAL_S)
         self.stop()
@@ -164,7 +166,7 @@ class LlamaServer:
         self.stop()
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     """Whether ``url`` answers 200 right now."""
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
