@@ -274,7 +274,7 @@ class Router:
         call = _Call(self, messages, params, stream=False)
         for attempt in self._retrying(call, Retrying):
             with attempt:
-                route, t0, response = self._round(call, lambda r, t: self._create(call, r, t))
+                route, t0, response = self._round(call, lambda r, t: r.create(call.body_for(r), t))
         self._done(call, route, t0, usage_tokens=_completion_tokens(response))
         return _attach(response, call.info)
 
@@ -283,7 +283,7 @@ class Router:
         call = _Call(self, messages, params, stream=False)
         async for attempt in self._retrying(call, AsyncRetrying):
             with attempt:
-                route, t0, response = await self._around(call, lambda r, t: self._acreate(call, r, t))
+                route, t0, response = await self._around(call, lambda r, t: r.acreate(call.body_for(r), t))
         self._done(call, route, t0, usage_tokens=_completion_tokens(response))
         return _attach(response, call.info)
 
@@ -461,22 +461,12 @@ class Router:
             "checked_at": probe.checked_at,
         }
 
-    @staticmethod
-    def _create(call: _Call, route: Route, timeout: float) -> ChatCompletion:
-        response: ChatCompletion = route.client.chat.completions.create(**call.body_for(route), timeout=timeout)
-        return response
-
-    @staticmethod
-    async def _acreate(call: _Call, route: Route, timeout: float) -> ChatCompletion:
-        response: ChatCompletion = await route.aclient.chat.completions.create(**call.body_for(route), timeout=timeout)
-        return response
-
     # --- streams ------------------------------------------------------------------------------------
 
     def _open(self, call: _Call, route: Route, timeout: float) -> _Opened:
         """Start a stream on ``route`` and read up to its first chunk with content."""
         t0 = time.perf_counter()
-        stream = route.client.chat.completions.create(**call.body_for(route), stream=True, timeout=timeout)
+        stream = route.open_stream(call.body_for(route), timeout)
         pending: list[ChatCompletionChunk] = []
         try:
             for chunk in stream:
@@ -490,7 +480,7 @@ class Router:
 
     async def _aopen(self, call: _Call, route: Route, timeout: float) -> _Opened:
         t0 = time.perf_counter()
-        stream = await route.aclient.chat.completions.create(**call.body_for(route), stream=True, timeout=timeout)
+        stream = await route.aopen_stream(call.body_for(route), timeout)
         pending: list[ChatCompletionChunk] = []
         try:
             async for chunk in stream:

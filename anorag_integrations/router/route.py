@@ -1,4 +1,10 @@
-"""One endpoint: its SDK clients, timeouts, breaker, last probe result and live statistics."""
+"""One endpoint: its SDK clients, timeouts, breaker, last probe result and live statistics.
+
+``Route`` speaks the OpenAI-compatible API (vLLM, llama.cpp, OpenAI, Ollama's ``/v1``). Its four
+transport methods (``create``, ``acreate``, ``open_stream``, ``aopen_stream``) and ``_probe_models``
+are the seam another API plugs into (``OllamaRoute`` in ``ollama.py``): everything above them,
+failover, breakers and statistics, stays one piece of code.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +13,55 @@ import contextlib
 import threading
 import time
 import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from .errors import classify
+from .errors import RouteError, classify
 from .health import CircuitBreaker
 from .stats import RouteStats
 
 if TYPE_CHECKING:
-    from openai.pagination import SyncPage
-    from openai.types import Model
-
     from ..config import Config, RouteConfig
+
+_C = TypeVar("_C")
+
+
+class ChunkStream(Protocol):
+    """A started stream: iterate for chunks, ``close()`` to drop the connection."""
+
+    def __iter__(self) -> Iterator[ChatCompletionChunk]: ...
+    def close(self) -> None: ...
+
+
+class AsyncChunkStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]: ...
+    async def close(self) -> None: ...
+
+
+class PerLoop(Generic[_C]):
+    """One async client per event loop: connection pools cannot cross loops."""
+
+    def __init__(self, factory: Callable[[], _C]) -> None:
+        self._factory = factory
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _C] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self) -> _C:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            with self._lock:
+                client = self._clients.setdefault(loop, self._factory())
+        return client
+
+    def pop(self) -> _C | None:
+        """The running loop's client, forgotten (to close it)."""
+        return self._clients.pop(asyncio.get_running_loop(), None)
 
 
 @dataclass(slots=True)
@@ -48,13 +88,7 @@ class Route:
         self.configured_max_model_len = cfg.max_model_len
         self.probe_timeout = config.health.probe_timeout
         self._api_key = cfg.api_key
-        self.client = openai.OpenAI(
-            base_url=self.base_url, api_key=self._api_key.get_secret_value(), max_retries=0, timeout=self.timeout
-        )
-        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._aclients_lock = threading.Lock()
+        self._connect(cfg)
         self.breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown)
         self.stats = RouteStats()
         self.probe_result = ProbeResult()
@@ -64,23 +98,38 @@ class Route:
     def __repr__(self) -> str:
         return f"Route(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
 
+    missing_model_hint = "set the route's model to a served name, or start the server with --served-model-name"
+
+    def _connect(self, cfg: RouteConfig) -> None:
+        """Build the SDK clients (subclasses for other APIs build theirs)."""
+        key = self._api_key.get_secret_value()
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
+        self._aclients = PerLoop(
+            lambda: openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
+        )
+
     @property
     def aclient(self) -> openai.AsyncOpenAI:
-        """The async client of the running event loop (connection pools cannot cross loops)."""
-        loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
-            with self._aclients_lock:
-                client = self._aclients.get(loop)
-                if client is None:
-                    client = openai.AsyncOpenAI(
-                        base_url=self.base_url,
-                        api_key=self._api_key.get_secret_value(),
-                        max_retries=0,
-                        timeout=self.timeout,
-                    )
-                    self._aclients[loop] = client
-        return client
+        """The async client of the running event loop."""
+        return self._aclients.get()
+
+    # --- transport: one request, no retries (the router owns those) ---------------------------------
+
+    def create(self, body: dict[str, Any], timeout: float) -> ChatCompletion:
+        response: ChatCompletion = self.client.chat.completions.create(**body, timeout=timeout)
+        return response
+
+    async def acreate(self, body: dict[str, Any], timeout: float) -> ChatCompletion:
+        response: ChatCompletion = await self.aclient.chat.completions.create(**body, timeout=timeout)
+        return response
+
+    def open_stream(self, body: dict[str, Any], timeout: float) -> ChunkStream:
+        stream: ChunkStream = self.client.chat.completions.create(**body, stream=True, timeout=timeout)
+        return stream
+
+    async def aopen_stream(self, body: dict[str, Any], timeout: float) -> AsyncChunkStream:
+        stream: AsyncChunkStream = await self.aclient.chat.completions.create(**body, stream=True, timeout=timeout)
+        return stream
 
     @property
     def max_model_len(self) -> int | None:
@@ -101,31 +150,38 @@ class Route:
     # --- active probing -------------------------------------------------------------------------
 
     def probe(self) -> ProbeResult:
-        """``GET /health`` (``/v1/models`` when 404), then read served models; update the breaker."""
+        """Ask the server whether it is up and what it serves; update the breaker."""
         started = time.perf_counter()
-        options: Any = {"timeout": self.probe_timeout}
         try:
-            with contextlib.suppress(openai.NotFoundError):  # no /health: /v1/models answers for it
-                self.client.get(f"{self.server_root}/health", cast_to=object, options=options)
-            page = self.client.models.list(timeout=self.probe_timeout)
-        except openai.APIError as exc:
-            return self._probed(started, None, exc)
-        return self._probed(started, page, None)
+            models = self._probe_models()
+        except (openai.APIError, RouteError) as exc:
+            return self._probed(started, [], exc)
+        return self._probed(started, models, None)
 
     async def aprobe(self) -> ProbeResult:
         """Async twin of :meth:`probe`."""
         started = time.perf_counter()
+        try:
+            models = await self._aprobe_models()
+        except (openai.APIError, RouteError) as exc:
+            return self._probed(started, [], exc)
+        return self._probed(started, models, None)
+
+    def _probe_models(self) -> list[tuple[str, int | None]]:
+        """``GET /health`` (``/v1/models`` answers for it when 404), then the served models."""
+        options: Any = {"timeout": self.probe_timeout}
+        with contextlib.suppress(openai.NotFoundError):
+            self.client.get(f"{self.server_root}/health", cast_to=object, options=options)
+        return [_model_entry(m) for m in self.client.models.list(timeout=self.probe_timeout).data]
+
+    async def _aprobe_models(self) -> list[tuple[str, int | None]]:
         options: Any = {"timeout": self.probe_timeout}
         client = self.aclient
-        try:
-            with contextlib.suppress(openai.NotFoundError):
-                await client.get(f"{self.server_root}/health", cast_to=object, options=options)
-            page = await client.models.list(timeout=self.probe_timeout)
-        except openai.APIError as exc:
-            return self._probed(started, None, exc)
-        return self._probed(started, page, None)
+        with contextlib.suppress(openai.NotFoundError):
+            await client.get(f"{self.server_root}/health", cast_to=object, options=options)
+        return [_model_entry(m) for m in (await client.models.list(timeout=self.probe_timeout)).data]
 
-    def _probed(self, started: float, page: SyncPage[Model] | Any, exc: BaseException | None) -> ProbeResult:
+    def _probed(self, started: float, models: list[tuple[str, int | None]], exc: BaseException | None) -> ProbeResult:
         result = ProbeResult(latency_ms=round((time.perf_counter() - started) * 1000, 2), checked_at=time.time())
         if exc is not None:
             result.healthy = False
@@ -134,24 +190,22 @@ class Route:
             )
             self.breaker.force_open()
         else:
-            data = list(getattr(page, "data", []) or [])
-            result.models = [m.id for m in data]
-            for m in data:
-                if m.id == self.model:
-                    extra = m.model_extra or {}
-                    length = extra.get("max_model_len") or (extra.get("meta") or {}).get("n_ctx")
-                    result.max_model_len = int(length) if isinstance(length, int | float) else None
-            result.healthy = not result.models or self.model in result.models
+            result.models = [name for name, _ in models]
+            result.max_model_len = next((length for name, length in models if name == self.model), None)
+            result.healthy = not result.models or self.serves(result.models)
             if result.healthy:
                 self.breaker.probe_succeeded()
             else:
                 result.error = (
                     f"route {self.name!r} ({self.base_url}): server serves {result.models}, not {self.model!r} "
-                    "(hint: set the route's model to a served name, or start the server with --served-model-name)"
+                    f"(hint: {self.missing_model_hint})"
                 )
                 self.breaker.force_open()
         self.probe_result = result
         return result
+
+    def serves(self, models: list[str]) -> bool:
+        return self.model in models
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -160,7 +214,13 @@ class Route:
 
     async def aclose(self) -> None:
         """Close this loop's async client; clients of other (finished) loops are left to the GC."""
-        loop = asyncio.get_running_loop()
-        client = self._aclients.pop(loop, None)
+        client = self._aclients.pop()
         if client is not None:
             await client.close()
+
+
+def _model_entry(model: Any) -> tuple[str, int | None]:
+    """A served model's name and context window (vLLM: ``max_model_len``; llama.cpp: ``meta.n_ctx``)."""
+    extra = model.model_extra or {}
+    length = extra.get("max_model_len") or (extra.get("meta") or {}).get("n_ctx")
+    return str(model.id), int(length) if isinstance(length, int | float) else None
