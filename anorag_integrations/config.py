@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -34,7 +34,11 @@ ENV_ONLY_ROUTE = "default"
 """Name of the single route built from ``VLLM_BASE_URL`` when there is no config file."""
 OTHER_PROVIDER_SECTIONS = frozenset({"ollama", "multi_ollama", "openai"})
 """Sibling sections under ``llm:`` that belong to other providers; the router leaves them alone."""
-ROUTER_KEYS = frozenset({"routes", "default_route", "fallback_route", "lb_policy", "params", "health"})
+ROUTER_KEYS = frozenset(
+    {"routes", "default_route", "fallback_route", "lb_policy", "params", "health", "fallback_to_ollama"}
+)
+OLLAMA_FALLBACK_ROUTE = "ollama"
+"""Name of the route ``fallback_to_ollama: true`` builds from the ``llm.ollama`` section."""
 
 
 class _Section(BaseModel):
@@ -42,14 +46,23 @@ class _Section(BaseModel):
 
 
 class RouteConfig(_Section):
-    """One OpenAI-compatible endpoint serving one model."""
+    """One endpoint serving one model: OpenAI-compatible (vLLM, llama.cpp, OpenAI) or Ollama's native API."""
 
+    api: Literal["openai", "ollama"] = "openai"
     base_url: str
     model: str = Field(min_length=1)
     timeout: float | None = Field(default=None, gt=0, description="per-attempt seconds; default params.timeout")
     api_key: SecretStr = SecretStr("EMPTY")
     weight: float = Field(default=1.0, gt=0)
     max_model_len: int | None = Field(default=None, gt=0, description="context window when the server does not say")
+    options: dict[str, Any] = Field(default_factory=dict, description="api: ollama — default options (num_ctx, ...)")
+    keep_alive: str | float | None = Field(default=None, description="api: ollama — how long the model stays loaded")
+
+    @model_validator(mode="after")
+    def _ollama_only(self) -> RouteConfig:
+        if self.api != "ollama" and (self.options or self.keep_alive is not None):
+            raise ValueError("options and keep_alive apply to api: ollama routes only (vLLM extras go in extra_body)")
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -127,22 +140,30 @@ class Config(_Section):
 def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> Config:
     """Read ``path``, else ``$ANORAG_CONFIG``, else ``./config.yaml``; apply env overrides; validate."""
     env = os.environ if env is None else env
+    data, source = read_document(path, env=env)
+    return config_from_dict(data, source=source, env=env)
+
+
+def read_document(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> tuple[Any, str]:
+    """The parsed config file and its name; with no file, a one-route document from ``VLLM_BASE_URL``."""
+    env = os.environ if env is None else env
     explicit = path is not None or bool(env.get(ENV_CONFIG_PATH))
     file = Path(path if path is not None else env.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH)
     if not file.is_file():
         if not explicit and env.get("VLLM_BASE_URL"):
-            return config_from_dict({"llm": {"routes": {ENV_ONLY_ROUTE: {}}}}, source="environment", env=env)
+            return {"llm": {"routes": {ENV_ONLY_ROUTE: {}}}}, "environment"
         how = "" if explicit else f"; pass a path, set ${ENV_CONFIG_PATH}, or set VLLM_BASE_URL and VLLM_MODEL"
         raise ConfigError(str(file), [("", f"config file not found{how}")])
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        return yaml.safe_load(file.read_text(encoding="utf-8")), str(file)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         raise ConfigError(str(file), [("", f"{where}not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
     except OSError as exc:
         raise ConfigError(str(file), [("", f"cannot read: {exc.strerror or exc}")]) from None
-    return config_from_dict(data, source=str(file), env=env)
 
 
 def config_from_dict(data: object, *, source: str = "<dict>", env: Mapping[str, str] | None = None) -> Config:
@@ -150,6 +171,8 @@ def config_from_dict(data: object, *, source: str = "<dict>", env: Mapping[str, 
     env = os.environ if env is None else env
     section, prefix = _router_section(data, source)
     section = dict(section)
+    if section.pop("fallback_to_ollama", False):
+        _add_ollama_fallback(section, data, prefix, source)
     from_env = _apply_env(section, prefix, env)
     try:
         return Config.model_validate({**section, "source": source})
@@ -190,6 +213,20 @@ def _router_section(data: object, source: str) -> tuple[dict[str, Any], str]:
     if problems:
         raise ConfigError(source, problems)
     return {k: v for k, v in llm.items() if k not in OTHER_PROVIDER_SECTIONS}, "llm"
+
+
+def _add_ollama_fallback(section: dict[str, Any], data: Any, prefix: str, source: str) -> None:
+    """``fallback_to_ollama: true``: the ``llm.ollama`` host becomes the route tried when no vLLM route is."""
+    ollama = data["llm"].get("ollama")
+    if not isinstance(ollama, dict) or not ollama.get("model"):
+        raise ConfigError(
+            source, [(f"{prefix}.fallback_to_ollama", "needs an llm.ollama section with at least model:")]
+        )
+    route = {"api": "ollama", "base_url": ollama.get("base_url", "http://localhost:11434"), "model": ollama["model"]}
+    route.update({k: ollama[k] for k in ("options", "keep_alive", "timeout") if k in ollama})
+    routes = section.get("routes")
+    section["routes"] = {**(routes if isinstance(routes, dict) else {}), OLLAMA_FALLBACK_ROUTE: route}
+    section.setdefault("fallback_route", OLLAMA_FALLBACK_ROUTE)
 
 
 def _apply_env(section: dict[str, Any], prefix: str, env: Mapping[str, str]) -> dict[tuple[str, ...], str]:

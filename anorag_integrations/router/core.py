@@ -212,10 +212,11 @@ class Router:
 
     def __init__(self, config: Config, *, start_prober: bool = True) -> None:
         self.config = config
-        self.routes: dict[str, Route] = {name: Route(name, rc, config) for name, rc in config.routes.items()}
+        self.routes: dict[str, Route] = {name: _make_route(name, rc, config) for name, rc in config.routes.items()}
         fallback = config.fallback_route
         self._fallback = self.routes[fallback] if fallback else None
         self._primary = [r for r in self.routes.values() if r is not self._fallback]
+        self._on_fallback = False
         self.policy = make_policy(config.lb_policy)
         self.prober = Prober(self.routes.values(), config.health.probe_interval)
         if start_prober and config.health.probe_interval > 0:
@@ -404,6 +405,14 @@ class Router:
         self, call: _Call, route: Route, t0: float, *, usage_tokens: int | None, ttft_s: float | None = None
     ) -> None:
         latency = time.perf_counter() - t0
+        if (route is self._fallback) != self._on_fallback:  # log the switch once, not every request
+            self._on_fallback = route is self._fallback
+            if self._on_fallback:
+                log.warning(
+                    "no primary route available: serving from fallback route %r (%s)", route.name, route.base_url
+                )
+            else:
+                log.warning("primary routes are back: %r served a request", route.name)
         route.stats.succeeded(latency, ttft_s=ttft_s, output_tokens=usage_tokens)
         route.breaker.record_success()
         call.info.route, call.info.latency_s, call.info.ttft_s = route.name, latency, ttft_s
@@ -546,6 +555,14 @@ class Router:
             delivered_text="".join(tally.text),
             cause=error,
         )
+
+
+def _make_route(name: str, cfg: Any, config: Config) -> Route:
+    if cfg.api == "ollama":
+        from .ollama import OllamaRoute
+
+        return OllamaRoute(name, cfg, config)
+    return Route(name, cfg, config)
 
 
 class _Tally:

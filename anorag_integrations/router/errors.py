@@ -215,34 +215,11 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
             **where,
         )
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
         message, kind, _ = _error_fields(exc.body)
-        message = message or exc.message
         retry_after = parse_retry_after(exc.response.headers)
-        if status in _TRANSIENT_STATUSES or status >= 500:
-            hint = "the server asks to slow down" if status == 429 else "server-side error; retried elsewhere"
-            return TransientRouteError(message, status=status, hint=hint, retry_after=retry_after, **where)
-        if status in (401, 403):
-            return AuthenticationError(
-                message,
-                status=status,
-                hint="check this route's api_key (or VLLM_API_KEY); it must match the server's --api-key",
-                **where,
-            )
-        if status == 404:
-            return ModelNotFoundError(
-                message,
-                status=status,
-                hint=f"the server does not serve model {model!r}: compare the route's `model` with the "
-                "server's --served-model-name (GET /v1/models lists them)",
-                **where,
-            )
-        if status == 422:
-            return UnprocessableEntityError(message, status=status, hint="check the request parameters", **where)
-        lowered = f"{kind or ''} {message}".lower()
-        if status == 400 and any(marker in lowered for marker in _OVERFLOW_MARKERS):
-            return ContextOverflowError(message, status=status, hint="shorten the prompt or lower max_tokens", **where)
-        return BadRequestError(message, status=status, hint="check the request parameters", **where)
+        return status_error(
+            exc.status_code, message or exc.message, kind=kind, retry_after=retry_after, model=model, **where
+        )
     if isinstance(exc, openai.APIError):
         # An error event inside an HTTP 200 stream: vLLM puts the status in body.code.
         message, kind, code = _error_fields(exc.body)
@@ -253,6 +230,39 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
             return cls(f"error event in stream: {message}", status=code, **where)
         return TransientRouteError(f"error event in stream: {message}", status=code, hint="server-side error", **where)
     return TransientRouteError(f"{type(exc).__name__}: {exc}", **where)
+
+
+def status_error(
+    status: int,
+    message: str,
+    *,
+    route: str,
+    url: str,
+    model: str,
+    kind: str | None = None,
+    retry_after: float | None = None,
+    not_found_hint: str | None = None,
+) -> RouteError:
+    """The typed error for an HTTP error status, whichever API answered it."""
+    where: dict[str, Any] = {"route": route, "url": url, "status": status}
+    if status in _TRANSIENT_STATUSES or status >= 500:
+        hint = "the server asks to slow down" if status == 429 else "server-side error; retried elsewhere"
+        return TransientRouteError(message, hint=hint, retry_after=retry_after, **where)
+    if status in (401, 403):
+        hint = "check this route's api_key (or VLLM_API_KEY); it must match the server's --api-key"
+        return AuthenticationError(message, hint=hint, **where)
+    if status == 404:
+        hint = not_found_hint or (
+            f"the server does not serve model {model!r}: compare the route's `model` with the "
+            "server's --served-model-name (GET /v1/models lists them)"
+        )
+        return ModelNotFoundError(message, hint=hint, **where)
+    if status == 422:
+        return UnprocessableEntityError(message, hint="check the request parameters", **where)
+    lowered = f"{kind or ''} {message}".lower()
+    if status == 400 and any(marker in lowered for marker in _OVERFLOW_MARKERS):
+        return ContextOverflowError(message, hint="shorten the prompt or lower max_tokens", **where)
+    return BadRequestError(message, hint="check the request parameters", **where)
 
 
 def trips_breaker(error: RouteError) -> bool:

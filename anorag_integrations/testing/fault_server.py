@@ -148,11 +148,7 @@ class FaultServer:
         asyncio.set_event_loop(loop)
         self._release = asyncio.Event()
         app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/version", self._version)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/chat/completions", self._chat)
+        self._add_routes(app)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         loop.run_until_complete(self._runner.setup())
         loop.run_until_complete(self._listen())
@@ -163,6 +159,14 @@ class FaultServer:
             task.cancel()
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
+
+    def _add_routes(self, app: web.Application) -> None:
+        """The endpoints this server speaks (vLLM's); a server for another API overrides this."""
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
 
     async def _listen(self) -> None:
         assert self._runner is not None

@@ -1,0 +1,276 @@
+"""OllamaRoute: a route that speaks Ollama's native API through the official ``ollama`` client.
+
+Requests arrive in the router's OpenAI shape and answers leave in it (``ChatCompletion`` and
+chunks), so failover, breakers, policies and statistics treat Ollama hosts like any other route.
+Native, not Ollama's ``/v1``: only the native API takes ``options`` such as ``num_ctx`` (Ollama's
+small default context silently truncates long RAG prompts) and ``keep_alive``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from .errors import RouteError, TransientRouteError, status_error
+from .route import PerLoop, Route
+
+if TYPE_CHECKING:
+    from ..config import RouteConfig
+
+OPTION_NAMES = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_tokens": "num_predict",
+    "max_completion_tokens": "num_predict",
+    "seed": "seed",
+    "stop": "stop",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repeat_penalty",
+    "num_ctx": "num_ctx",
+}
+"""OpenAI / vLLM request parameters and the Ollama option each becomes."""
+
+
+class OllamaRoute(Route):
+    """An Ollama host (``base_url`` like ``http://gpu3:11434``) serving ``model``."""
+
+    def _connect(self, cfg: RouteConfig) -> None:
+        try:
+            import ollama
+        except ImportError:
+            raise ImportError(
+                "routes with api: ollama need the ollama client: pip install 'anorag-integrations[ollama]'"
+            ) from None
+        self._ollama = ollama
+        self.options = dict(cfg.options)
+        self.keep_alive = cfg.keep_alive
+        self._native = ollama.Client(host=self.base_url, timeout=self.timeout)
+        self._anative = PerLoop(lambda: ollama.AsyncClient(host=self.base_url, timeout=self.timeout))
+        self.missing_model_hint = "run `ollama pull MODEL` on that host (`ollama list` shows what it has)"
+
+    @property
+    def server_root(self) -> str:
+        return self.base_url
+
+    # --- transport ---------------------------------------------------------------------------------
+
+    def create(self, body: dict[str, Any], timeout: float) -> ChatCompletion:
+        try:
+            return self._completion(self._native.chat(**self._request(body, stream=False)))
+        except Exception as exc:
+            raise self._error(exc) from exc
+
+    async def acreate(self, body: dict[str, Any], timeout: float) -> ChatCompletion:
+        try:
+            return self._completion(await self._anative.get().chat(**self._request(body, stream=False)))
+        except Exception as exc:
+            raise self._error(exc) from exc
+
+    def open_stream(self, body: dict[str, Any], timeout: float) -> _Stream:
+        parts = self._native.chat(**self._request(body, stream=True))
+        return _Stream(self, parts, _wants_usage(body))
+
+    async def aopen_stream(self, body: dict[str, Any], timeout: float) -> _AsyncStream:
+        try:
+            parts = await self._anative.get().chat(**self._request(body, stream=True))
+        except Exception as exc:
+            raise self._error(exc) from exc
+        return _AsyncStream(self, parts, _wants_usage(body))
+
+    def _probe_models(self) -> list[tuple[str, int | None]]:
+        try:
+            return [(str(m.model), None) for m in self._native.list().models]
+        except Exception as exc:
+            raise self._error(exc) from exc
+
+    async def _aprobe_models(self) -> list[tuple[str, int | None]]:
+        try:
+            return [(str(m.model), None) for m in (await self._anative.get().list()).models]
+        except Exception as exc:
+            raise self._error(exc) from exc
+
+    def close(self) -> None:
+        self._native._client.close()
+
+    async def aclose(self) -> None:
+        client = self._anative.pop()
+        if client is not None:
+            await client._client.aclose()
+
+    def serves(self, models: list[str]) -> bool:
+        return self.model in models or f"{self.model}:latest" in models
+
+    # --- conversions ---------------------------------------------------------------------------------
+
+    def _request(self, body: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
+        """The router's OpenAI-shaped body as ``ollama.Client.chat`` keywords."""
+        extra = dict(body.get("extra_body") or {})
+        options = {**self.options, **extra.pop("options", {})}
+        for name, option in OPTION_NAMES.items():
+            value = body.get(name, extra.get(name))
+            if value is not None:
+                options[option] = value
+        request: dict[str, Any] = {"model": body["model"], "messages": _messages(body["messages"]), "stream": stream}
+        if options:
+            request["options"] = options
+        if (keep_alive := extra.get("keep_alive", self.keep_alive)) is not None:
+            request["keep_alive"] = keep_alive
+        fmt = _format(body.get("response_format"), extra.get("structured_outputs"))
+        if fmt is not None:
+            request["format"] = fmt
+        if body.get("tools"):
+            request["tools"] = body["tools"]
+        if "think" in extra:
+            request["think"] = extra["think"]
+        return request
+
+    def _completion(self, response: Any) -> ChatCompletion:
+        message = response.message
+        calls = _tool_calls(message)
+        data = {
+            "id": f"ollama-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": response.model or self.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": message.content or "", "reasoning": message.thinking,
+                            "tool_calls": calls or None},
+                "finish_reason": "tool_calls" if calls else _finish(response.done_reason),
+            }],
+            "usage": _usage(response),
+        }  # fmt: skip
+        return ChatCompletion.model_validate(data)
+
+    def _chunks(self, part: Any, cid: str, include_usage: bool) -> Iterator[ChatCompletionChunk]:
+        message = part.message
+        delta: dict[str, Any] = {"content": message.content or ""}
+        if message.thinking:
+            delta["reasoning"] = message.thinking
+        if calls := _tool_calls(message):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+        finish = ("tool_calls" if calls else _finish(part.done_reason)) if part.done else None
+        base = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": part.model or self.model,
+        }
+        yield ChatCompletionChunk.model_validate(
+            {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        )
+        if part.done and include_usage:
+            yield ChatCompletionChunk.model_validate({**base, "choices": [], "usage": _usage(part)})
+
+    def _error(self, exc: BaseException) -> RouteError:
+        """Ollama client and httpx exceptions as the router's typed errors."""
+        where: dict[str, Any] = {"route": self.name, "url": self.base_url}
+        if isinstance(exc, RouteError):
+            return exc
+        if isinstance(exc, self._ollama.ResponseError):
+            if exc.status_code < 0:  # an {"error": ...} line inside a 200 stream
+                return TransientRouteError(f"error in stream: {exc.error}", hint="server-side error", **where)
+            return status_error(
+                exc.status_code, exc.error, model=self.model, not_found_hint=self.missing_model_hint, **where
+            )
+        name = type(exc).__name__
+        if isinstance(exc, ConnectionError) or name == "ConnectError":  # the client wraps it, except in streams
+            return TransientRouteError("cannot connect", hint=f"is `ollama serve` running at {self.base_url}?", **where)
+        if "Timeout" in name:
+            return TransientRouteError(f"timed out after {self.timeout}s", hint="raise this route's `timeout`", **where)
+        return TransientRouteError(f"connection dropped: {name}: {exc}", hint="check the Ollama server's log", **where)
+
+
+class _Stream:
+    def __init__(self, route: OllamaRoute, parts: Any, include_usage: bool) -> None:
+        self._route, self._parts, self._usage = route, parts, include_usage
+        self._id = f"ollama-{uuid.uuid4().hex}"
+
+    def __iter__(self) -> Iterator[ChatCompletionChunk]:
+        try:
+            for part in self._parts:
+                yield from self._route._chunks(part, self._id, self._usage)
+        except Exception as exc:
+            raise self._route._error(exc) from exc
+
+    def close(self) -> None:
+        self._parts.close()
+
+
+class _AsyncStream:
+    def __init__(self, route: OllamaRoute, parts: Any, include_usage: bool) -> None:
+        self._route, self._parts, self._usage = route, parts, include_usage
+        self._id = f"ollama-{uuid.uuid4().hex}"
+
+    async def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+        try:
+            async for part in self._parts:
+                for chunk in self._route._chunks(part, self._id, self._usage):
+                    yield chunk
+        except Exception as exc:
+            raise self._route._error(exc) from exc
+
+    async def close(self) -> None:
+        await self._parts.aclose()
+
+
+def _wants_usage(body: Mapping[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI chat messages as Ollama's: text content, tool calls with object arguments."""
+    out = []
+    for message in messages:
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+        item: dict[str, Any] = {"role": message["role"], "content": content}
+        if message.get("tool_calls"):
+            item["tool_calls"] = [
+                {
+                    "function": {
+                        "name": c["function"]["name"],
+                        "arguments": json.loads(c["function"]["arguments"] or "{}"),
+                    }
+                }
+                for c in message["tool_calls"]
+            ]
+        out.append(item)
+    return out
+
+
+def _format(response_format: Any, structured: Any) -> Any:
+    if isinstance(structured, Mapping) and "json" in structured:
+        return structured["json"]
+    if isinstance(response_format, Mapping):
+        if response_format.get("type") == "json_object":
+            return "json"
+        if response_format.get("type") == "json_schema":
+            return (response_format.get("json_schema") or {}).get("schema")
+    return None
+
+
+def _tool_calls(message: Any) -> list[dict[str, Any]]:
+    return [
+        {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+         "function": {"name": call.function.name, "arguments": json.dumps(dict(call.function.arguments or {}))}}
+        for call in message.tool_calls or []
+    ]  # fmt: skip
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(response: Any) -> dict[str, int]:
+    prompt, completion = response.prompt_eval_count or 0, response.eval_count or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
