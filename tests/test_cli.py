@@ -236,3 +236,34 @@ def test_stop_never_kills_a_process_it_did_not_start(tmp_path: Path, monkeypatch
     assert manage.status(None)["cpu-1"]["running"] is False
     assert manage.stop("cpu-1") == [(stale, "was not running")]  # and we are still alive to assert it
     assert manage.records() == []
+
+
+@pytest.mark.live
+def test_healthcheck_and_bench_on_real_servers(
+    tmp_path: Path, llama_servers: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    routes = {f"llama{i}": {"base_url": s.base_url, "model": s.alias} for i, s in enumerate(llama_servers)}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"llm": {"routes": routes}}))
+    assert main(["--config", str(path), "healthcheck"]) == 0
+    out = capsys.readouterr().out
+    assert "2/2 routes healthy" in out and "served:  gemma3_270m (max_model_len" in out
+    report_path = tmp_path / "bench.json"
+    assert main(["--config", str(path), "bench", "--requests", "4", "--concurrency", "2", "--max-tokens", "4",
+                 "--stream", "--out", str(report_path)]) == 0  # fmt: skip
+    report = json.loads(report_path.read_text())
+    assert report["summary"]["successful_requests"] == 4
+    assert report["ttft_ms"]["median"] > 0 and report["output_tokens_per_s"]["aggregate"] > 0
+
+
+@pytest.mark.live
+def test_demo_runs_end_to_end(tmp_path: Path, llama_servers: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ports = [free_port(), free_port()]
+    routes = {f"local_{i}": {"base_url": f"http://127.0.0.1:{p}/v1", "model": "gemma3_270m"} for i, p in enumerate(ports)}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"llm": {"routes": routes, "params": {"max_tokens": 8, "temperature": 0}}}))
+    assert main(["--config", str(path), "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "== sync chat ==" in out and "== streamed ==" in out and "(served by local_" in out
+    assert "6 requests, 0 failed, served by ['local_1'" in out
+    assert "local_0  NO" in out  # the killed server shows in the health table
