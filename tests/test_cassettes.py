@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import vcr
 
 from anorag_integrations import Router
@@ -34,3 +35,9 @@ def test_committed_cassettes_hold_no_secret_headers() -> None:
         text = path.read_text().lower()
         assert not any(f"\n      {header}:" in text for header in SECRET_HEADERS), path
         assert "bearer " not in text, path
+
+
+def test_the_suite_runs_with_the_network_closed(request: pytest.FixtureRequest, record_mode: str) -> None:
+    """pytest-socket admits loopback only, so a test that reached the internet would fail, not pass."""
+    assert request.config.getoption("allow_hosts") == "127.0.0.1,::1"
+    assert record_mode == "none"  # pytest-recording's mode for this run: replay only, never record

@@ -259,7 +259,9 @@ def test_healthcheck_and_bench_on_real_servers(
 @pytest.mark.live
 def test_demo_runs_end_to_end(tmp_path: Path, llama_servers: Any, capsys: pytest.CaptureFixture[str]) -> None:
     ports = [free_port(), free_port()]
-    routes = {f"local_{i}": {"base_url": f"http://127.0.0.1:{p}/v1", "model": "gemma3_270m"} for i, p in enumerate(ports)}
+    routes = {
+        f"local_{i}": {"base_url": f"http://127.0.0.1:{p}/v1", "model": "gemma3_270m"} for i, p in enumerate(ports)
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"llm": {"routes": routes, "params": {"max_tokens": 8, "temperature": 0}}}))
     assert main(["--config", str(path), "demo"]) == 0
