@@ -28,7 +28,8 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import Field, PrivateAttr, SecretStr
 
-from .router import CallInfo, Router, call_info
+from ._adapters import call_metadata, reasoning_text, router_params
+from .router import Router, call_info
 
 
 class VLLMRouted(CustomLLM):
@@ -142,16 +143,7 @@ class VLLMRouted(CustomLLM):
                 yield response
 
     def _params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        params = {
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "top_p": self.top_p,
-            "timeout": self.timeout,
-            "max_retries": self.max_retries,
-            "route": self.route,
-            "model": self.model,
-        }
-        return {**{k: v for k, v in params.items() if v is not None}, **self.additional_kwargs, **kwargs}
+        return {**router_params(self, model=self.model), **self.additional_kwargs, **kwargs}
 
 
 def _prompt(prompt: str) -> list[ChatMessage]:
@@ -172,27 +164,10 @@ def _to_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _reasoning(obj: Any) -> str | None:
-    extra = getattr(obj, "model_extra", None) or {}
-    value = extra.get("reasoning") or extra.get("reasoning_content")
-    return value if isinstance(value, str) and value else None
-
-
-def _route_kwargs(info: CallInfo | None) -> dict[str, Any]:
-    if info is None:
-        return {}
-    return {
-        "route": info.route,
-        "failed_routes": [a.route for a in info.attempts],
-        "latency_s": info.latency_s,
-        "ttft_s": info.ttft_s,
-    }
-
-
 def _chat_response(response: ChatCompletion) -> ChatResponse:
     choice = response.choices[0]
     extra: dict[str, Any] = {}
-    if reasoning := _reasoning(choice.message):
+    if reasoning := reasoning_text(choice.message):
         extra["reasoning_content"] = reasoning
     if choice.message.tool_calls:
         extra["tool_calls"] = [call.model_dump() for call in choice.message.tool_calls]
@@ -202,7 +177,7 @@ def _chat_response(response: ChatCompletion) -> ChatResponse:
         "usage": usage,
         "finish_reason": choice.finish_reason,
         "model": response.model,
-        **_route_kwargs(call_info(response)),
+        **call_metadata(call_info(response)),
     }
     return ChatResponse(message=message, raw=response.model_dump(), additional_kwargs=kwargs)
 
@@ -223,13 +198,13 @@ class _StreamState:
             choice = chunk.choices[0]
             delta = choice.delta.content or ""
             finish = choice.finish_reason
-            self.reasoning += _reasoning(choice.delta) or ""
+            self.reasoning += reasoning_text(choice.delta) or ""
         elif self.usage is None:
             return None
         self.text += delta
         extra = {"reasoning_content": self.reasoning} if self.reasoning else {}
         message = ChatMessage(role=MessageRole.ASSISTANT, content=self.text, additional_kwargs=extra)
-        kwargs = {"usage": self.usage, "finish_reason": finish, **_route_kwargs(call_info(chunk))}
+        kwargs = {"usage": self.usage, "finish_reason": finish, **call_metadata(call_info(chunk))}
         return ChatResponse(message=message, delta=delta, raw=chunk.model_dump(), additional_kwargs=kwargs)
 
 

@@ -14,18 +14,12 @@ from langchain_core.utils.function_calling import convert_to_json_schema
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from .._adapters import call_metadata, reasoning_text
 from ..router import CallInfo
 
 
 def to_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return convert_to_openai_messages(list(messages))
-
-
-def reasoning_text(obj: Any) -> str | None:
-    """vLLM's reasoning text: ``reasoning`` (current) or ``reasoning_content`` (older servers)."""
-    extra = getattr(obj, "model_extra", None) or {}
-    value = extra.get("reasoning") or extra.get("reasoning_content")
-    return value if isinstance(value, str) and value else None
 
 
 def usage_metadata(usage: CompletionUsage | None) -> UsageMetadata | None:
@@ -41,18 +35,6 @@ def usage_metadata(usage: CompletionUsage | None) -> UsageMetadata | None:
     if reasoning is not None:
         metadata["output_token_details"] = OutputTokenDetails(reasoning=reasoning)
     return metadata
-
-
-def route_metadata(info: CallInfo | None) -> dict[str, Any]:
-    if info is None:
-        return {}
-    return {
-        "route": info.route,
-        "attempts": len(info.attempts) + 1,
-        "failed_routes": [a.route for a in info.attempts],
-        "latency_s": info.latency_s,
-        "ttft_s": info.ttft_s,
-    }
 
 
 def failover_data(info: CallInfo) -> dict[str, Any]:
@@ -82,7 +64,7 @@ def to_chat_result(response: ChatCompletion, info: CallInfo | None) -> ChatResul
         "finish_reason": choice.finish_reason,
         "stop_reason": (choice.model_extra or {}).get("stop_reason"),
         "id": response.id,
-        **route_metadata(info),
+        **call_metadata(info),
     }
     ai = AIMessage(
         content=message.content or "",
@@ -98,7 +80,7 @@ def to_chat_result(response: ChatCompletion, info: CallInfo | None) -> ChatResul
 
 def route_chunk(info: CallInfo | None) -> ChatGenerationChunk:
     """The empty last chunk that carries the router's facts, known only when the stream ended."""
-    return ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=route_metadata(info)))
+    return ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=call_metadata(info)))
 
 
 def to_generation_chunk(chunk: ChatCompletionChunk) -> ChatGenerationChunk | None:

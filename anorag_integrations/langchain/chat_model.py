@@ -28,6 +28,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
+from .._adapters import router_params
 from ..router import CallInfo, Router, call_info
 from ._callbacks import areport, report
 from ._convert import (
@@ -266,17 +267,7 @@ class ChatVLLMRouted(BaseChatModel):
     # --- internal --------------------------------------------------------------------------------
     def _request_params(self, stop: list[str] | None = None, *, stream: bool = False, **kwargs: Any) -> dict[str, Any]:
         """The router keywords of one call: instance defaults overridden by call arguments."""
-        params: dict[str, Any] = {
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "top_p": self.top_p,
-            "timeout": self.timeout,
-            "max_retries": self.max_retries,
-            "route": self.route,
-            "model": self.model_name,
-            **self.model_kwargs,
-        }
-        params = {k: v for k, v in params.items() if v is not None}
+        params = {**router_params(self, model=self.model_name), **self.model_kwargs}
         extra_body = {**(self.extra_body or {}), **(kwargs.pop("extra_body", None) or {})}
         params.update(kwargs)
         if extra_body:

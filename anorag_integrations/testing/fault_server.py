@@ -195,6 +195,14 @@ class FaultServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def _received(self, request: web.Request, body: dict[str, Any]) -> _FaultState:
+        """Count and keep a chat request; the fault that applies to it."""
+        self.hits += 1
+        self.last_authorization = request.headers.get("Authorization")
+        self.requests.append(body)
+        del self.requests[: -self._keep]
+        return self._take_fault()
+
     def _take_fault(self) -> _FaultState:
         with self._lock:
             state = self._state
@@ -237,11 +245,7 @@ class FaultServer:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.hits += 1
-        self.last_authorization = request.headers.get("Authorization")
-        self.requests.append(body)
-        del self.requests[: -self._keep]
-        state = self._take_fault()
+        state = self._received(request, body)
         opts = state.options
         self.running += 1
         try:

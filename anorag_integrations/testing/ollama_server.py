@@ -44,10 +44,7 @@ class OllamaFaultServer(FaultServer):
 
     async def _api_chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.hits += 1
-        self.requests.append(body)
-        del self.requests[: -self._keep]
-        state = self._take_fault()
+        state = self._received(request, body)
         opts = state.options
         if state.fault is Fault.STATUS:
             return web.json_response({"error": opts.get("message", "injected failure")}, status=opts.get("status", 500))
