@@ -32,8 +32,8 @@ def routes() -> Iterator[list[Route]]:
     router.close()
 
 
-def picks(policy: object, candidates: list[Route], n: int) -> list[str]:
-    return [policy.pick(candidates).name for _ in range(n)]  # type: ignore[attr-defined]
+def picks(policy: object, candidates: list[Route], n: int, usable: object = lambda route: True) -> list[str]:
+    return [policy.pick(candidates, usable).name for _ in range(n)]  # type: ignore[attr-defined]
 
 
 def test_round_robin_rotates_and_respects_weight(routes: list[Route]) -> None:
@@ -45,10 +45,10 @@ def test_round_robin_rotates_and_respects_weight(routes: list[Route]) -> None:
 
 
 def test_round_robin_keeps_rotating_when_a_route_drops_out(routes: list[Route]) -> None:
-    policy = RoundRobin()
-    first = picks(policy, routes[:2], 3)
-    later = picks(policy, routes[1:2], 2)  # 'a' unavailable for a while
-    back = picks(policy, routes[:2], 4)
+    policy, pair = RoundRobin(), routes[:2]
+    first = picks(policy, pair, 3)
+    later = picks(policy, pair, 2, usable=lambda route: route.name != "a")  # 'a' unavailable for a while
+    back = picks(policy, pair, 4)
     assert first == ["a", "b", "a"] and later == ["b", "b"]
     assert Counter(back) == {"a": 2, "b": 2}
 
@@ -66,7 +66,7 @@ def test_least_latency_tries_unmeasured_routes_first(routes: list[Route]) -> Non
     a, b, c = routes
     a.stats.succeeded(0.1)
     b.stats.succeeded(0.2)
-    assert LeastLatency().pick([a, b, c]).name == "c"
+    assert LeastLatency().pick([a, b, c], lambda route: True).name == "c"
 
 
 def test_least_latency_follows_a_route_that_got_faster(routes: list[Route]) -> None:
@@ -75,7 +75,7 @@ def test_least_latency_follows_a_route_that_got_faster(routes: list[Route]) -> N
     b.stats.succeeded(0.5)
     for _ in range(20):
         a.stats.succeeded(0.1)  # a recovered: its moving average falls below b's
-    assert LeastLatency().pick([a, b]).name == "a"
+    assert LeastLatency().pick([a, b], lambda route: True).name == "a"
 
 
 def test_least_outstanding_picks_idle_route_and_spreads_ties(routes: list[Route]) -> None:
@@ -83,7 +83,7 @@ def test_least_outstanding_picks_idle_route_and_spreads_ties(routes: list[Route]
     for _ in range(3):
         a.stats.started()
     b.stats.started()
-    assert LeastOutstanding().pick([a, b]).name == "b"
+    assert LeastOutstanding().pick([a, b], lambda route: True).name == "b"
     # c has weight 2: 2 in flight on c counts as 1, a tie with b; ties rotate.
     c.stats.started()
     c.stats.started()
@@ -102,15 +102,41 @@ def test_a_new_policy_is_a_registered_class() -> None:
     class AlwaysLast:
         name = "always_last"
 
-        def pick(self, candidates: list[Route]) -> Route:
-            return candidates[-1]
+        def pick(self, routes: list[Route], usable: object) -> Route:
+            return routes[-1]
 
     try:
         config = make_config({n: f"http://127.0.0.1:1/{n}/v1" for n in ("a", "b")}, lb_policy="always_last")
         router = Router(config, start_prober=False)
-        assert router.policy.pick(list(router.routes.values())).name == "b"
+        assert router.policy.pick(list(router.routes.values()), lambda route: True).name == "b"
         router.close()
     finally:
         del POLICIES["always_last"]
     with pytest.raises(ValueError, match="unknown lb_policy 'always_last'"):
         make_policy("always_last")
+
+
+def _fleet(n: int) -> list[Route]:
+    config = make_config({f"r{i}": f"http://127.0.0.1:1/{i}/v1" for i in range(n)})
+    return list(Router(config, start_prober=False).routes.values())
+
+
+@pytest.mark.parametrize("policy", [RoundRobin, LeastLatency, LeastOutstanding])
+def test_large_fleets_only_pick_usable_routes(policy: type) -> None:
+    fleet = _fleet(200)
+    allowed = {route.name for route in fleet[::7]}
+    chosen = Counter(picks(policy(), fleet, 600, usable=lambda route: route.name in allowed))
+    assert set(chosen) <= allowed and len(chosen) > len(allowed) // 2  # spread, never outside
+    assert policy().pick(fleet, lambda route: False) is None
+
+
+def test_large_fleet_least_outstanding_avoids_loaded_routes() -> None:
+    fleet = _fleet(100)
+    for route in fleet[:90]:
+        for _ in range(5):
+            route.stats.started()
+    chosen = picks(LeastOutstanding(), fleet, 400)
+    idle = {route.name for route in fleet[90:]}
+    # two random choices: a loaded route wins only when both draws are loaded (0.9^2 = 81%), and
+    # then it is the less loaded of the two; an idle route is chosen whenever one is drawn
+    assert sum(name in idle for name in chosen) > 40

@@ -98,9 +98,10 @@ def test_multi_ollama_balances_and_fails_over(tmp_path: Path, ollamas: list[Olla
     assert [provider.chat("hi") for _ in range(4)] == ["ollama two"] * 4
     ollamas[1].set_fault(Fault.CUT, after_chunks=0)
     ollamas[0].set_fault(None)
-    # Two streams: round robin sends one of them to host 1 first, whose cut stream fails over.
+    assert provider.is_available()  # host 0's breaker may have opened; a good probe lets a trial through
+    # Two streams: round robin sends at least one of them to host 1 first, whose cut stream fails over.
     assert ["".join(provider.stream("hi")) for _ in range(2)] == ["ollama one"] * 2
-    assert provider.stats()["ollama_1"]["failures"] == 1
+    assert provider.stats()["ollama_1"]["failures"] >= 1
 
 
 def test_fallback_to_ollama_when_no_vllm_route_is_left(

@@ -359,12 +359,15 @@ class Router:
         if call.pinned is not None:
             return None if call.pinned.name in tried else call.pinned
         now = time.monotonic()
-        candidates = [r for r in self._primary if r.name not in tried and r.available(now)]
-        while candidates:
-            route = self.policy.pick(candidates)
+        lost: set[str] = set()  # half-open trials a concurrent request took first
+
+        def usable(route: Route) -> bool:
+            return route.name not in tried and route.name not in lost and route.available(now)
+
+        while (route := self.policy.pick(self._primary, usable)) is not None:
             if route.breaker.acquire():
                 return route
-            candidates.remove(route)  # lost a half-open trial to a concurrent request
+            lost.add(route.name)
         fb = self._fallback
         if fb is not None and fb.name not in tried and fb.available(now) and fb.breaker.acquire():
             return fb

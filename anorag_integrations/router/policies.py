@@ -1,14 +1,16 @@
-"""Load-balancing policies: each is one small object with one method, ``pick(candidates)``.
+"""Load-balancing policies: each is one small object with one method, ``pick(routes, usable)``.
 
-The router passes the routes that may take a request now (breaker closed or half-open, not under a
-``Retry-After``, not yet tried for this request) and sends to the one picked; on a transient failure
-it calls ``pick`` again without the failed route. A new policy is a new class registered with
-``@register``; the router never changes for it.
+The router passes every primary route and a predicate telling which may take this request now
+(breaker closed or half-open, not under a ``Retry-After``, not yet tried); the policy returns one
+for which it holds, or None. Small fleets are scanned exactly; above ``EXACT_LIMIT`` routes the
+load-aware policies use the power of two random choices (Envoy's and NGINX's answer at scale), so a
+pick stays O(1) with a thousand routes. A new policy is a new class registered with ``@register``.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
@@ -16,15 +18,21 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 if TYPE_CHECKING:
     from .route import Route
 
+Usable = Callable[["Route"], bool]
+
 EXPLORE_EVERY = 20
-"""``least_latency`` sends every N-th pick to the route sampled longest ago (5% exploration)."""
+"""``least_latency`` sends every N-th pick to a route other than the fastest (5% exploration)."""
+EXACT_LIMIT = 16
+"""Up to this many routes a policy scans them all; above it, it samples."""
+SAMPLE_TRIES = 8
+"""Random draws a sampling policy makes to find usable routes before falling back to a scan."""
 
 
 class Policy(Protocol):
     name: ClassVar[str]
 
-    def pick(self, candidates: Sequence[Route]) -> Route:
-        """Choose one of ``candidates`` (never empty)."""
+    def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
+        """One of ``routes`` for which ``usable`` holds, or None when there is none."""
         ...
 
 
@@ -45,12 +53,29 @@ def make_policy(name: str) -> Policy:
         raise ValueError(f"unknown lb_policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
 
 
+def _usable(routes: Sequence[Route], usable: Usable) -> list[Route]:
+    return [route for route in routes if usable(route)]
+
+
+def _sample_two(routes: Sequence[Route], usable: Usable) -> list[Route] | None:
+    """Two distinct usable routes drawn at random, or None when the draws kept missing."""
+    found: list[Route] = []
+    for _ in range(SAMPLE_TRIES):
+        route = routes[random.randrange(len(routes))]
+        if route not in found and usable(route):
+            found.append(route)
+            if len(found) == 2:
+                return found
+    return None
+
+
 @register
 class RoundRobin:
-    """Smooth weighted round robin (nginx's): with equal weights, plain rotation.
+    """Rotation; with unequal weights, smooth weighted round robin (nginx's).
 
-    Each pick adds every candidate's weight to its running score, takes the highest, and lowers the
-    winner by the total, so weights 3:1 give A A B A, never bursts, and skipped routes lose nothing.
+    Smooth WRR adds every candidate's weight to its running score, takes the highest and lowers the
+    winner by the total, so weights 3:1 give A A B A, never bursts. With equal weights a cursor
+    walks the routes and skips unusable ones: O(1) per pick however many routes there are.
     """
 
     name: ClassVar[str] = "round_robin"
@@ -58,23 +83,41 @@ class RoundRobin:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: dict[str, float] = {}
+        self._cursor = itertools.count()
+        self._equal: tuple[int, int, bool] | None = None
 
-    def pick(self, candidates: Sequence[Route]) -> Route:
-        if len(candidates) == 1:
-            return candidates[0]
+    def _equal_weights(self, routes: Sequence[Route]) -> bool:
+        """Whether all weights are equal; computed once per route list (a router's is fixed)."""
+        key = (id(routes), len(routes))
+        if self._equal is None or self._equal[:2] != key:
+            self._equal = (*key, len({route.weight for route in routes}) <= 1)
+        return self._equal[2]
+
+    def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
+        if self._equal_weights(routes):
+            n, start = len(routes), next(self._cursor)
+            for i in range(n):
+                route = routes[(start + i) % n]
+                if usable(route):
+                    return route
+            return None
+        return self._smooth(_usable(routes, usable))
+
+    def _smooth(self, candidates: list[Route]) -> Route | None:
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
         with self._lock:
-            current = self._current
             total = 0.0
             best: Route | None = None
             best_score = 0.0
             for route in candidates:
-                score = current.get(route.name, 0.0) + route.weight
-                current[route.name] = score
+                score = self._current.get(route.name, 0.0) + route.weight
+                self._current[route.name] = score
                 total += route.weight
                 if best is None or score > best_score:
                     best, best_score = route, score
             assert best is not None
-            current[best.name] = best_score - total
+            self._current[best.name] = best_score - total
             return best
 
 
@@ -82,8 +125,9 @@ class RoundRobin:
 class LeastLatency:
     """Lowest moving-average latency (time to first token for streams), with exploration.
 
-    Routes never measured are tried first; every ``EXPLORE_EVERY``-th pick goes to the candidate
-    measured longest ago, so a route that was slow once, or has just recovered, gets re-measured.
+    Routes never measured go first; every ``EXPLORE_EVERY``-th pick goes to the route picked least
+    recently (a random one in large fleets), so a route that was slow once, or has just recovered,
+    gets re-measured.
     """
 
     name: ClassVar[str] = "least_latency"
@@ -93,12 +137,20 @@ class LeastLatency:
         self._picks = itertools.count(1)
         self._last_pick: dict[str, int] = {}
 
-    def pick(self, candidates: Sequence[Route]) -> Route:
+    def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
         n = next(self._picks)
-        if self.explore_every and n % self.explore_every == 0 and len(candidates) > 1:
-            chosen = min(candidates, key=lambda r: self._last_pick.get(r.name, 0))
+        explore = bool(self.explore_every) and n % self.explore_every == 0
+        chosen: Route | None
+        if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
+            chosen = pair[0] if explore else min(pair, key=_latency_key)
         else:
-            chosen = min(candidates, key=_latency_key)
+            candidates = _usable(routes, usable)
+            if not candidates:
+                return None
+            if explore and len(candidates) > 1:
+                chosen = min(candidates, key=lambda r: self._last_pick.get(r.name, 0))
+            else:
+                chosen = min(candidates, key=_latency_key)
         self._last_pick[chosen.name] = n
         return chosen
 
@@ -117,8 +169,17 @@ class LeastOutstanding:
     def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def pick(self, candidates: Sequence[Route]) -> Route:
-        loads = [route.stats.in_flight / route.weight for route in candidates]  # one read: they move
-        best_load = min(loads)
-        tied = [route for route, load in zip(candidates, loads, strict=True) if load == best_load]
+    def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
+        if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
+            return min(pair, key=_load)
+        candidates = _usable(routes, usable)
+        if not candidates:
+            return None
+        loads = [_load(route) for route in candidates]  # one read each: they move under us
+        best = min(loads)
+        tied = [route for route, load in zip(candidates, loads, strict=True) if load == best]
         return tied[next(self._turn) % len(tied)]
+
+
+def _load(route: Route) -> float:
+    return route.stats.in_flight / route.weight

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 import weakref
@@ -101,12 +102,17 @@ class Route:
     missing_model_hint = "set the route's model to a served name, or start the server with --served-model-name"
 
     def _connect(self, cfg: RouteConfig) -> None:
-        """Build the SDK clients (subclasses for other APIs build theirs)."""
+        """Prepare the SDK clients, built on first use (a client costs milliseconds; fleets can be large)."""
         key = self._api_key.get_secret_value()
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
         self._aclients = PerLoop(
             lambda: openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
         )
+
+    @functools.cached_property
+    def client(self) -> openai.OpenAI:
+        """The sync client, kept for the route's life so its connections are pooled."""
+        key = self._api_key.get_secret_value()
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
 
     @property
     def aclient(self) -> openai.AsyncOpenAI:
@@ -210,7 +216,8 @@ class Route:
     # --- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self.client.close()
+        if "client" in self.__dict__:  # built only if it was used
+            self.client.close()
 
     async def aclose(self) -> None:
         """Close this loop's async client; clients of other (finished) loops are left to the GC."""
