@@ -113,9 +113,10 @@ def main() -> None:
     print(f"{'client':26} {'req/s':>8} {'req/CPU-s':>10} {'vs ChatOpenAI':>14} {'failed':>7}")
     for name, row in results.items():
         row["ratio_vs_chat_openai"] = row["per_cpu_s"] / peer
-        print(f"{name:26} {row['rps']:8.0f} {row['per_cpu_s']:10.0f} {row['ratio_vs_chat_openai']:13.2f}x {row['failures']:7.0f}")
+        ratio = row["ratio_vs_chat_openai"]
+        print(f"{name:26} {row['rps']:8.0f} {row['per_cpu_s']:10.0f} {ratio:13.2f}x {row['failures']:7.0f}")
     meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores; client and server share them (server in its own process)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores shared by client and server (own process)",
         "python": platform.python_version(),
         "versions": {p: version(p) for p in ("openai", "langchain-core", "langchain-openai", "anorag-integrations")},
         "requests": args.requests,

@@ -53,13 +53,36 @@ def test_round_robin_keeps_rotating_when_a_route_drops_out(routes: list[Route]) 
     assert Counter(back) == {"a": 2, "b": 2}
 
 
-def test_least_latency_prefers_fast_and_explores_slow(routes: list[Route]) -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_least_latency_prefers_fast_and_re_measures_the_slow_one_on_a_timer(routes: list[Route]) -> None:
     a, b, _ = routes
     a.stats.succeeded(0.8)
     b.stats.succeeded(0.1)
-    seq = picks(LeastLatency(explore_every=10), [a, b], 40)
-    assert seq.count("a") == 4, seq  # only the exploration picks
-    assert seq.count("b") == 36
+    clock = Clock()
+    policy = LeastLatency(explore_after_s=1.0, clock=clock)
+    seq = []
+    for _ in range(40):  # 40 picks over 4 seconds
+        seq += picks(policy, [a, b], 1)
+        clock.now += 0.1
+    assert seq.count("a") == 3, seq  # about once per second, not a share of the traffic
+    assert seq.count("b") == 37
+    assert seq[:10] == ["b"] * 10  # the timer starts when the policy first sees a route
+
+
+def test_least_latency_sends_one_request_to_an_unmeasured_route_then_waits(routes: list[Route]) -> None:
+    a, b, _ = routes
+    a.stats.succeeded(0.1)
+    policy = LeastLatency()
+    assert picks(policy, [a, b], 1) == ["b"]
+    b.stats.started()  # its first answer is pending
+    assert picks(policy, [a, b], 5) == ["a"] * 5
 
 
 def test_least_latency_tries_unmeasured_routes_first(routes: list[Route]) -> None:

@@ -10,8 +10,10 @@ pick stays O(1) with a thousand routes. A new policy is a new class registered w
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
@@ -20,8 +22,8 @@ if TYPE_CHECKING:
 
 Usable = Callable[["Route"], bool]
 
-EXPLORE_EVERY = 20
-"""``least_latency`` sends every N-th pick to a route other than the fastest (5% exploration)."""
+EXPLORE_AFTER_S = 1.0
+"""``least_latency`` re-measures a route it has not picked for this many seconds."""
 EXACT_LIMIT = 16
 """Up to this many routes a policy scans them all; above it, it samples."""
 SAMPLE_TRIES = 8
@@ -123,41 +125,46 @@ class RoundRobin:
 
 @register
 class LeastLatency:
-    """Lowest moving-average latency (time to first token for streams), with exploration.
+    """Lowest moving-average latency (time to first token for streams), with timed exploration.
 
-    Routes never measured go first; every ``EXPLORE_EVERY``-th pick goes to the route picked least
-    recently (a random one in large fleets), so a route that was slow once, or has just recovered,
-    gets re-measured.
+    A route never measured gets one request, then waits for its answer (a burst to an unknown route
+    is how a slow one gets flooded). A route not picked for ``explore_after_s`` seconds gets the next
+    request, so a route that was slow once, or has just recovered, is re-measured without sending it
+    a fixed share of the traffic.
     """
 
     name: ClassVar[str] = "least_latency"
 
-    def __init__(self, explore_every: int = EXPLORE_EVERY) -> None:
-        self.explore_every = explore_every
-        self._picks = itertools.count(1)
-        self._last_pick: dict[str, int] = {}
+    def __init__(self, explore_after_s: float = EXPLORE_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.explore_after_s = explore_after_s
+        self._clock = clock
+        self._last_pick: dict[str, float] = {}
 
     def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
-        n = next(self._picks)
-        explore = bool(self.explore_every) and n % self.explore_every == 0
-        chosen: Route | None
+        now = self._clock()
         if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
-            chosen = pair[0] if explore else min(pair, key=_latency_key)
+            candidates = pair
         else:
             candidates = _usable(routes, usable)
             if not candidates:
                 return None
-            if explore and len(candidates) > 1:
-                chosen = min(candidates, key=lambda r: self._last_pick.get(r.name, 0))
-            else:
-                chosen = min(candidates, key=_latency_key)
-        self._last_pick[chosen.name] = n
+        for route in candidates:
+            self._last_pick.setdefault(route.name, now)  # first seen now: the timer starts here
+        stale = min(candidates, key=lambda r: self._last_pick[r.name])
+        if now - self._last_pick[stale.name] >= self.explore_after_s:
+            chosen = stale  # not picked for a while: re-measure it
+        else:
+            chosen = min(candidates, key=_latency_key)
+        self._last_pick[chosen.name] = now
         return chosen
 
 
 def _latency_key(route: Route) -> float:
+    """Measured routes by their average; an unmeasured one first, unless its first answer is pending."""
     ewma = route.stats.ewma_latency_s
-    return -1.0 if ewma is None else ewma
+    if ewma is not None:
+        return ewma
+    return math.inf if route.stats.in_flight else -1.0
 
 
 @register
