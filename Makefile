@@ -15,7 +15,7 @@ export LLAMA_CPP_BUILD_JOBS ?= 2
 # A CPU build of torch for the embedding model (these machines carry a local 2.13.0 CPU wheel).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint install clean record
+.PHONY: demo test lint install clean record bench
 
 demo: $(STAMP)
 	$(BIN)/anorag-llm demo
@@ -29,6 +29,12 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict anorag_integrations
 
 install: $(STAMP)
+
+# Every benchmark, then benchmarks/README.md regenerated from their JSON.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	cd benchmarks && ../$(BIN)/python overhead.py && ../$(BIN)/python selection.py && \
+	  ../$(BIN)/python balancing.py && ../$(BIN)/python report.py
 
 # Re-record cassettes/ from two real llama.cpp servers on the ports the cassette tests use.
 record: $(STAMP)

@@ -13,7 +13,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("ANORAG_BENCH_RESULTS") or Path(__file__).parent / "results")
+"""Where results go; the CI smoke run points this at a temporary folder."""
 MODEL = "fake-model"
 
 
