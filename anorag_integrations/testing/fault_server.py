@@ -260,8 +260,7 @@ class FaultServer:
             if body.get("model") != self.model:
                 return _error(404, f"The model `{body.get('model')}` does not exist.", err_type="NotFoundError")
             if state.fault is Fault.CUT and not body.get("stream"):
-                assert request.transport is not None
-                request.transport.close()
+                drop_connection(request)
                 return web.Response(status=500)  # never sent: the connection is gone
             if body.get("tools") and body.get("tool_choice", "auto") == "auto" and not self.auto_tool_choice:
                 message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
@@ -359,8 +358,7 @@ class FaultServer:
         after = int(opts.get("after_chunks", len(words) // 2))
         for i, word in enumerate(words):
             if i == after and state.fault is Fault.CUT:
-                assert request.transport is not None
-                request.transport.close()
+                drop_connection(request)
                 return response
             if i == after and state.fault is Fault.ERROR_EVENT:
                 error = {
@@ -380,6 +378,12 @@ class FaultServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def drop_connection(request: web.Request) -> None:
+    """Close the client's connection mid-response, as a crashing server or a proxy would."""
+    assert request.transport is not None
+    request.transport.close()
 
 
 def _usage(body: Mapping[str, Any], completion_tokens: int) -> dict[str, int]:

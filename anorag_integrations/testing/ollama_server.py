@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .fault_server import Fault, FaultServer
+from .fault_server import Fault, FaultServer, drop_connection
 
 
 class OllamaFaultServer(FaultServer):
@@ -62,8 +62,7 @@ class OllamaFaultServer(FaultServer):
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if body.get("stream", True) is False:
             if state.fault is Fault.CUT:
-                assert request.transport is not None
-                request.transport.close()
+                drop_connection(request)
                 return web.Response(status=500)
             message = {"role": "assistant", "content": "".join(words)}
             if self.reasoning:
@@ -75,8 +74,7 @@ class OllamaFaultServer(FaultServer):
         after = int(opts.get("after_chunks", len(words) // 2))
         for i, word in enumerate(words):
             if i == after and state.fault is Fault.CUT:
-                assert request.transport is not None
-                request.transport.close()
+                drop_connection(request)
                 return response
             part = {
                 "model": self.model,
