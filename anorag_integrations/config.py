@@ -144,13 +144,19 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     return config_from_dict(data, source=source, env=env)
 
 
+def config_file(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> Path:
+    """The file a config is read from: ``path``, else ``$ANORAG_CONFIG``, else ``./config.yaml``."""
+    env = os.environ if env is None else env
+    return Path(path if path is not None else env.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH)
+
+
 def read_document(
     path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
 ) -> tuple[Any, str]:
     """The parsed config file and its name; with no file, a one-route document from ``VLLM_BASE_URL``."""
     env = os.environ if env is None else env
     explicit = path is not None or bool(env.get(ENV_CONFIG_PATH))
-    file = Path(path if path is not None else env.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH)
+    file = config_file(path, env=env)
     if not file.is_file():
         if not explicit and env.get("VLLM_BASE_URL"):
             return {"llm": {"routes": {ENV_ONLY_ROUTE: {}}}}, "environment"

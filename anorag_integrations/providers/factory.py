@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
@@ -50,7 +50,10 @@ def configured_provider(config: str | None) -> str:
     return str(provider or "vllm_openai")
 
 
-def _section(name: str, cls: type[_Settings], config: str | None) -> _Settings:
+_S = TypeVar("_S", bound=_Settings)
+
+
+def _section(name: str, cls: type[_S], config: str | None) -> _S:
     """Validate ``llm.<name>`` of the config file; errors name the file and key path."""
     data, source = read_document(config)
     llm = data.get("llm") if isinstance(data, dict) else None
@@ -94,7 +97,6 @@ class OpenAIProvider(LLMProvider):
 
     def __init__(self, *, config: str | None = None, **defaults: Any) -> None:
         settings = _section("openai", OpenAISettings, config)
-        assert isinstance(settings, OpenAISettings)
         key = settings.api_key.get_secret_value() if settings.api_key else os.environ.get("OPENAI_API_KEY")
         if not key:
             raise ConfigError("llm.openai", [("api_key", "missing: set llm.openai.api_key or OPENAI_API_KEY")])
@@ -110,7 +112,6 @@ class OllamaProvider(LLMProvider):
 
     def __init__(self, *, config: str | None = None, **defaults: Any) -> None:
         settings = _section("ollama", OllamaSettings, config)
-        assert isinstance(settings, OllamaSettings)
         document = {"llm": {"routes": {"ollama": _ollama_route(settings.base_url, settings)}}}
         super().__init__(Router(config_from_dict(document, source="llm.ollama", env={})), **defaults)
 
@@ -122,7 +123,6 @@ class MultiOllamaProvider(LLMProvider):
 
     def __init__(self, *, config: str | None = None, **defaults: Any) -> None:
         settings = _section("multi_ollama", MultiOllamaSettings, config)
-        assert isinstance(settings, MultiOllamaSettings)
         routes = {f"ollama_{i}": _ollama_route(url, settings) for i, url in enumerate(settings.hosts)}
         document = {"llm": {"routes": routes, "lb_policy": settings.lb_policy}}
         super().__init__(Router(config_from_dict(document, source="llm.multi_ollama", env={})), **defaults)

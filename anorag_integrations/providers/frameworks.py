@@ -14,9 +14,7 @@ from .factory import OllamaSettings, _section, configured_provider
 
 
 def _ollama(config: str | None) -> OllamaSettings:
-    settings = _section("ollama", OllamaSettings, config)
-    assert isinstance(settings, OllamaSettings)
-    return settings
+    return _section("ollama", OllamaSettings, config)
 
 
 def _missing(package: str) -> ImportError:

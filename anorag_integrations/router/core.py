@@ -60,7 +60,6 @@ BACKOFF_MAX_S = 8.0
 
 SDK_PARAMS = frozenset(inspect.signature(Completions.create).parameters) - {"self", "messages", "model", "stream"}
 """Keyword arguments the openai SDK accepts; any other goes into ``extra_body`` (vLLM's extras)."""
-ROUTER_PARAMS = frozenset({"route", "timeout", "max_retries", "deadline"})
 
 log = logging.getLogger("anorag_integrations.router")
 _T = TypeVar("_T")
@@ -111,16 +110,6 @@ def _has_payload(chunk: ChatCompletionChunk) -> bool:
 
 _SHARED: dict[tuple[object, ...], Router] = {}
 _SHARED_LOCK = threading.Lock()
-
-
-def _resolved_config_path(path: str | PathLike[str] | None) -> str:
-    """The file ``load_config`` would read (absolute), or "" when the environment alone defines it."""
-    import os
-
-    from ..config import DEFAULT_CONFIG_PATH, ENV_CONFIG_PATH
-
-    chosen = path if path is not None else os.environ.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH
-    return os.path.abspath(chosen) if path is not None or os.path.exists(chosen) else ""
 
 
 class _Call:
@@ -244,12 +233,13 @@ class Router:
         one health state: a route that fails under one is avoided by the other. ``api_key``, when
         given, replaces the key of every route.
         """
-        from ..config import config_from_dict, load_config
+        from ..config import config_file, config_from_dict, load_config
 
         if base_url is not None:
             key: tuple[object, ...] = ("url", base_url, model, api_key)
         else:
-            key = ("file", _resolved_config_path(config_path), api_key)
+            file = config_file(config_path)
+            key = ("file", str(file.resolve()) if file.is_file() else "", api_key)  # "": the environment alone
         with _SHARED_LOCK:
             router = _SHARED.get(key)
             if router is None:

@@ -224,10 +224,8 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
         # An error event inside an HTTP 200 stream: vLLM puts the status in body.code.
         message, kind, code = _error_fields(exc.body)
         message = message or str(exc)
-        if code is not None and 400 <= code < 500 and code not in _TRANSIENT_STATUSES:
-            lowered = f"{kind or ''} {message}".lower()
-            cls = ContextOverflowError if any(m in lowered for m in _OVERFLOW_MARKERS) else BadRequestError
-            return cls(f"error event in stream: {message}", status=code, **where)
+        if code is not None:
+            return status_error(code, f"error event in stream: {message}", kind=kind, model=model, **where)
         return TransientRouteError(f"error event in stream: {message}", status=code, hint="server-side error", **where)
     return TransientRouteError(f"{type(exc).__name__}: {exc}", **where)
 
