@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 
 from anorag_integrations import Router
+from anorag_integrations.cli.servers import free_port
 from anorag_integrations.config import Config, config_from_dict
 from anorag_integrations.testing import FaultServer
 
@@ -108,12 +108,6 @@ def router_for(servers: dict[str, FaultServer]) -> Iterator[Callable[..., Router
     yield build
     for router in made:
         router.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

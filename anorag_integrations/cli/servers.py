@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,13 @@ DEFAULT_PORTS = (8201, 8202)
 READY_TIMEOUT_S = 180.0
 """Loading the 270M model takes a few seconds; a cold page cache on a busy machine much longer."""
 POLL_INTERVAL_S = 0.2
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (for servers started by tests and benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ServerStartError(RuntimeError):

@@ -2,10 +2,11 @@
 
 One request runs in *rounds* (``1 + max_retries``). In a round the policy picks among the routes
 available now; a transient failure moves the request to the next pick, a permanent one is raised at
-once; ``fallback_route`` is tried last. Between rounds tenacity waits (exponential with jitter, at
-least any ``Retry-After``), all bounded by the request ``deadline``. Streams fail over the same way
-until their first chunk with content has been delivered; after that a failure raises
-``StreamInterruptedError`` with exactly what was delivered.
+once; ``fallback_route`` is tried last. The first round runs without tenacity (a request served
+at once pays nothing for retrying); later rounds run under tenacity, which waits between them
+(exponential with jitter, at least any ``Retry-After``), all bounded by the request ``deadline``.
+Streams fail over the same way until their first chunk with content has been delivered; after that
+a failure raises ``StreamInterruptedError`` with exactly what was delivered.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
-    stop_after_attempt,
-    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -131,7 +130,6 @@ class _Call:
             self.max_retries = cfg.max_retries
         deadline = params.pop("deadline", None) or cfg.deadline
         self.deadline = None if deadline is None else self.started + deadline
-        self.deadline_s = deadline
         self.model: str | None = params.pop("model", None)
         for key in ("temperature", "max_tokens", "top_p"):
             default = getattr(cfg, key)
@@ -173,18 +171,48 @@ class _Call:
         return AllRoutesFailed(self.info.attempts, reason)
 
 
-class _Wait:
-    """Tenacity wait: random exponential backoff, at least the largest ``Retry-After`` of the round."""
+_BACKOFF = wait_random_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
+
+
+@dataclass(slots=True)
+class _Round:
+    """What tenacity's backoff reads of a retry state: the number of the attempt that failed."""
+
+    attempt_number: int
+
+
+class _Policy:
+    """Tenacity's stop and wait for the rounds after the first (tenacity's attempt n is round n + 1)."""
 
     def __init__(self, call: _Call) -> None:
         self.call = call
-        self.backoff = wait_random_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
 
-    def __call__(self, state: RetryCallState) -> float:
-        wait = max(self.backoff(state), self.call.retry_after)
+    def before_round(self, round_: int) -> float:
+        """Seconds to wait before ``round_`` (>= 2): backoff, at least any ``Retry-After``, within the deadline."""
+        wait = max(_BACKOFF(_Round(round_ - 1)), self.call.retry_after)  # type: ignore[arg-type]
         if self.call.deadline is not None:
             wait = min(wait, max(0.0, self.call.deadline - time.monotonic()))
         return wait
+
+    def wait(self, state: RetryCallState) -> float:
+        return self.before_round(state.attempt_number + 2)
+
+    def stop(self, state: RetryCallState) -> bool:
+        return self._over(state.attempt_number, state.upcoming_sleep)
+
+    def second_round(self) -> float | None:
+        """Seconds to wait before round 2, or None when the request may not have one."""
+        wait = self.before_round(2)
+        return None if self._over(0, wait) else wait
+
+    def _over(self, retries_done: int, upcoming_sleep: float) -> bool:
+        call = self.call
+        if retries_done >= call.max_retries:
+            return True
+        return call.deadline is not None and time.monotonic() + upcoming_sleep >= call.deadline
+
+    def retrying(self, kind: type[_T]) -> _T:
+        return kind(stop=self.stop, wait=self.wait, retry=retry_if_exception_type(AllRoutesFailed), reraise=True)  # type: ignore[call-arg]
 
 
 @dataclass(slots=True)
@@ -263,18 +291,14 @@ class Router:
     def chat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """One chat completion; ``route=`` pins a route, other keywords go to the server."""
         call = _Call(self, messages, params, stream=False)
-        for attempt in self._retrying(call, Retrying):
-            with attempt:
-                route, t0, response = self._round(call, lambda r, t: r.create(call.body_for(r), t))
+        route, t0, response = self._rounds(call, lambda r, t: r.create(call.body_for(r), t))
         self._done(call, route, t0, usage_tokens=_completion_tokens(response))
         return _attach(response, call.info)
 
     async def achat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """Async twin of :meth:`chat` on the routes' async clients."""
         call = _Call(self, messages, params, stream=False)
-        async for attempt in self._retrying(call, AsyncRetrying):
-            with attempt:
-                route, t0, response = await self._around(call, lambda r, t: r.acreate(call.body_for(r), t))
+        route, t0, response = await self._arounds(call, lambda r, t: r.acreate(call.body_for(r), t))
         self._done(call, route, t0, usage_tokens=_completion_tokens(response))
         return _attach(response, call.info)
 
@@ -338,11 +362,33 @@ class Router:
 
     # --- choosing and bookkeeping (shared by sync and async) --------------------------------------
 
-    def _retrying(self, call: _Call, kind: type[_T]) -> _T:
-        stop: Any = stop_after_attempt(call.max_retries + 1)
-        if call.deadline_s is not None:
-            stop = stop | stop_before_delay(call.deadline_s)
-        return kind(stop=stop, wait=_Wait(call), retry=retry_if_exception_type(AllRoutesFailed), reraise=True)  # type: ignore[call-arg]
+    def _rounds(self, call: _Call, send: Callable[[Route, float], _T]) -> tuple[Route, float, _T]:
+        """Every round of one request until a route answers: the first plainly, the rest under tenacity."""
+        try:
+            return self._round(call, send)
+        except AllRoutesFailed:
+            policy = _Policy(call)
+            if (wait := policy.second_round()) is None:
+                raise
+        time.sleep(wait)
+        for attempt in policy.retrying(Retrying):
+            with attempt:
+                return self._round(call, send)
+        raise AssertionError("unreachable: tenacity re-raises the last failure")
+
+    async def _arounds(self, call: _Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Route, float, _T]:
+        """Async twin of :meth:`_rounds`."""
+        try:
+            return await self._around(call, send)
+        except AllRoutesFailed:
+            policy = _Policy(call)
+            if (wait := policy.second_round()) is None:
+                raise
+        await asyncio.sleep(wait)
+        async for attempt in policy.retrying(AsyncRetrying):
+            with attempt:
+                return await self._around(call, send)
+        raise AssertionError("unreachable: tenacity re-raises the last failure")
 
     def _select(self, call: _Call, tried: set[str]) -> Route | None:
         """The next route to try in this round, or None when the round is exhausted."""
@@ -495,9 +541,7 @@ class Router:
         raise _cut(route, "before any content")
 
     def _stream(self, call: _Call) -> Iterator[ChatCompletionChunk]:
-        for attempt in self._retrying(call, Retrying):
-            with attempt:
-                route, t0, opened = self._round(call, lambda r, t: self._open(call, r, t))
+        route, t0, opened = self._rounds(call, lambda r, t: self._open(call, r, t))
         tally = _Tally()
         try:
             for chunk in itertools.chain(opened.pending, opened.stream):
@@ -514,9 +558,7 @@ class Router:
         self._done(call, route, t0, usage_tokens=tally.tokens, ttft_s=opened.ttft_s)
 
     async def _astream(self, call: _Call) -> AsyncIterator[ChatCompletionChunk]:
-        async for attempt in self._retrying(call, AsyncRetrying):
-            with attempt:
-                route, t0, opened = await self._around(call, lambda r, t: self._aopen(call, r, t))
+        route, t0, opened = await self._arounds(call, lambda r, t: self._aopen(call, r, t))
         tally = _Tally()
         try:
             for chunk in opened.pending:
