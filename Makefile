@@ -30,11 +30,18 @@ lint: $(STAMP)
 
 install: $(STAMP)
 
-# Every benchmark, then benchmarks/README.md regenerated from their JSON.
-bench: $(STAMP)
+# Every benchmark (about 30 minutes on 2 cores), then benchmarks/README.md and plots regenerated from their JSON.
+# The peers that pin openai<3 (LiteLLM, OpenAILike) get their own virtualenv, never .venv.
+PEERS := .venv-peers
+bench: $(STAMP) $(PEERS)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	cd benchmarks && ../$(BIN)/python overhead.py && ../$(BIN)/python selection.py && \
-	  ../$(BIN)/python balancing.py && ../$(BIN)/python report.py
+	cd benchmarks && for b in overhead selection balancing failover memory real_engine pure_overhead report; do \
+	  ../$(BIN)/python $$b.py || exit 1; done
+
+$(PEERS)/.installed: benchmarks/peers-requirements.txt
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
+	touch $@
 
 # Re-record cassettes/ from two real llama.cpp servers on the ports the cassette tests use.
 record: $(STAMP)
@@ -51,4 +58,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .anorag .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(PEERS) .anorag .pytest_cache .ruff_cache *.egg-info

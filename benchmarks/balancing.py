@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     with fault_server(FAST_S) as fast, fault_server(4 * FAST_S) as slow:
-        rows = [asyncio.run(run(fast, slow, p, args.requests, args.concurrency)) for p in POLICIES]
+        rows = [asyncio.run(run(fast.url, slow.url, p, args.requests, args.concurrency)) for p in POLICIES]
     baseline = next(r for r in rows if r["policy"] == "round_robin")["p95_ms"]
     for row in rows:
         row["p95_vs_round_robin"] = round(row["p95_ms"] / baseline, 2)  # type: ignore[operator]

@@ -1,11 +1,13 @@
-"""Write benchmarks/README.md from results/*.json: the tables are generated, never typed by hand.
+"""Write benchmarks/README.md and plots/*.png from results/*.json: tables are generated, never typed by hand.
 
 Run: ``.venv/bin/python benchmarks/report.py`` (after the benchmarks it reports on).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,38 +25,223 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def machine(meta: dict[str, Any]) -> str:
+    versions = {**meta.get("versions", {}), **meta.get("peer_versions", {})}
+    return f"Machine: {meta['machine']}. Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."
+
+
+def cell_name(row: dict[str, Any]) -> str:
+    kind = "stream" if row["stream"] else "plain"
+    return f"{row['servers']} srv, {kind}, c={row['concurrency']}"
+
+
+def overhead(data: dict[str, Any]) -> list[str]:
+    meta, rows, ratios = data["meta"], data["results"]["rows"], data["results"]["ratios"]
+    cells = list(dict.fromkeys(cell_name(r) for r in rows))
+    clients = list(dict.fromkeys(r["client"] for r in rows))
+    per_cpu = {(cell_name(r), r["client"]): r["per_cpu_s"] for r in rows}
+    rps = {(cell_name(r), r["client"]): r["rps"] for r in rows}
+    body = [[c, *(f"{per_cpu[c, name]:.0f}" if (c, name) in per_cpu else "-" for name in clients)] for c in cells]
+    wall = [[c, *(f"{rps[c, name]:.0f}" if (c, name) in rps else "-" for name in clients)] for c in cells]
+    targets = [
+        [
+            cell_name(r),
+            f"{r['client']} / {r['peer']}",
+            f"{r['ratio']:.2f}x",
+            f"{r['target']}x",
+            "yes" if r["met"] else "**no**",
+        ]
+        for r in ratios
+    ]
+    failed = sum(r["failures"] for r in rows)
+    return [
+        "## 1. Client overhead",
+        "",
+        f"Requests per client CPU-second (higher is better), median of {meta['rounds']} interleaved rounds per cell; "
+        f"requests per round by concurrency: {meta['requests_per_level']}; {failed} failed requests in all. "
+        "Streams read every chunk; every client asks for usage on streams (ours does by default), so all read "
+        "the same chunks. Clients without routing take the servers in turn. The streaming variant of each row: "
+        "`create(stream=True)`, `Router.astream`, `astream`, `astream_chat`, `acompletion(stream=True)`.",
+        "",
+        table(["cell", *clients], body),
+        "",
+        "Wall-clock requests per second in the same runs:",
+        "",
+        table(["cell", *clients], wall),
+        "",
+        "Targets (ratio of requests per client CPU-second, same cell, same run):",
+        "",
+        table(["cell", "client / peer", "ratio", "target", "met"], targets),
+        "",
+        machine(meta) + (f" Peers missing: {meta['peers_missing']}" if meta.get("peers_missing") else ""),
+        "",
+        "![overhead](plots/overhead.png)",
+    ]
+
+
+def pure_overhead(data: dict[str, Any]) -> list[str]:
+    rows = [[r["client"], r["us_per_call"], f"{r['vs_chat_openai']}x"] for r in data["results"]]
+    return [
+        "## 1b. Client overhead without the network (HTTP stubbed; CPU us per call, lower is better)",
+        "",
+        "Each client gets the same prebuilt response where it would call the openai SDK, so only its own work is "
+        "left: routing, statistics, conversions, callbacks. `Router.achat` here is the router's whole cost per "
+        "request; the adapters' rows include it.",
+        "",
+        table(["client", "us per call", "vs ChatOpenAI.ainvoke"], rows),
+        "",
+        machine(data["meta"]),
+    ]
+
+
+def selection(data: dict[str, Any]) -> list[str]:
+    rows = [[r["routes"], r["policy"], r["us_per_pick"]] for r in data["results"]]
+    return ["## 2. Route selection cost (target < 20 us per pick at 1,000 routes)", "",
+            table(["routes", "policy", "us per pick"], rows), "", machine(data["meta"])]  # fmt: skip
+
+
+def balancing(data: dict[str, Any]) -> list[str]:
+    meta = data["meta"]
+    fast, slow = meta["fast_s"] * 1000, meta["slow_s"] * 1000
+    title = f"## 3. Balancing quality (fast {fast:.0f} ms vs slow {slow:.0f} ms server, "
+    title += f"{meta['requests']} requests at concurrency {meta['concurrency']})"
+    rows = [
+        [r["policy"], r["mean_ms"], r["p95_ms"], f"{r['p95_vs_round_robin']}x", f"{r['slow_share']:.1%}"]
+        for r in data["results"]
+    ]
+    header = ["policy", "mean ms", "p95 ms", "p95 vs round_robin (target <= 0.6x)", "slow route share"]
+    return [title, "", table(header, rows), "", machine(meta)]
+
+
+def failover(data: dict[str, Any]) -> list[str]:
+    meta = data["meta"]
+    rows = [
+        [r["client"], r["failed"], r["p99_ms"], r["p99_no_fault_ms"], f"{r['p99_vs_no_fault']}x",
+         r["killed_route_attempts_after"], r["killed_route_last_attempt_s"], r["hung_route_attempts_after"],
+         r["hung_route_last_attempt_s"], r["duration_s"]]
+        for r in data["results"]
+    ]  # fmt: skip
+    header = ["client", "failed (target 0)", "p99 ms", "p99 ms, no fault", "p99 vs no fault",
+              "attempts on killed route after kill", "last one (s after kill)", "attempts on hung route after hang",
+              "last one (s after hang)", "run s"]  # fmt: skip
+    return [
+        f"## 4. Failover cost ({meta['requests']} requests at concurrency {meta['concurrency']} over three servers "
+        f"answering in {meta['delay_s'] * 1000:.0f} ms; one killed at 30 %, one hung at 60 %)",
+        "",
+        f"Every client: per-attempt timeout {meta['timeout_s']} s, {meta['retries']} retries; ChatOpenAI with "
+        "`max_retries=0` inside `.with_fallbacks([...])` as LangChain advises. Attempts are failed tries the "
+        "client made on the faulted server (when the last one ended).",
+        "",
+        table(header, rows),
+        "",
+        machine(meta),
+        "",
+        "![failover](plots/failover.png)",
+    ]
+
+
+def memory(data: dict[str, Any]) -> list[str]:
+    meta = data["meta"]
+    rows = [
+        [r["client"], r["rss_after_first_mb"], r["rss_after_total_mb"], r["growth_mb"], "yes" if r["met"] else "**no**"]
+        for r in data["results"]
+    ]
+    return [f"## 5. Memory (RSS after {meta['total']:,} requests minus after {meta['first']:,}; target < "
+            f"{meta['target_mb']} MB)", "", table(["client", "RSS MB after first", "RSS MB after all", "growth MB",
+            "met"], rows), "", machine(meta)]  # fmt: skip
+
+
+def real_engine(data: dict[str, Any]) -> list[str]:
+    meta, rows, ratios = data["meta"], data["results"]["rows"], data["results"]["ratios"]
+    body = [[r["servers"], r["requests_per_s"], r["output_tokens_per_s"], r["ttft_p50_ms"], r["ttft_p95_ms"],
+             r["latency_p50_ms"], json.dumps(r["served"])] for r in rows]  # fmt: skip
+    return [
+        f"## 6. Real engine ({meta['model']}, llama.cpp, {meta['parallel_slots']} slots per server; "
+        f"{meta['requests']} streamed requests at concurrency {meta['concurrency']}, {meta['max_tokens']} tokens)",
+        "",
+        table(["servers", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "served"], body),
+        "",
+        f"Two servers through the router vs one alone: throughput {ratios['throughput_two_vs_one']}x, "
+        f"TTFT p50 {ratios['ttft_p50_two_vs_one']}x. {machine(meta)}",
+    ]
+
+
+def plots(folder: Path) -> None:
+    """Bar charts of the overhead and failover results (needs matplotlib, the ``plot`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if data := load("overhead"):
+        rows = data["results"]["rows"]
+        cells = list(dict.fromkeys(cell_name(r) for r in rows))
+        clients = list(dict.fromkeys(r["client"] for r in rows))
+        fig, ax = plt.subplots(figsize=(14, 5.5))
+        width = 0.85 / len(clients)
+        for i, client in enumerate(clients):
+            values = [
+                next((r["per_cpu_s"] for r in rows if cell_name(r) == c and r["client"] == client), 0) for c in cells
+            ]
+            ax.bar([x + i * width for x in range(len(cells))], values, width, label=client)
+        ax.set_xticks([x + 0.85 / 2 for x in range(len(cells))], cells, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("requests per client CPU-second")
+        ax.set_title("Client overhead (higher is better)")
+        ax.legend(fontsize=7, ncol=4)
+        fig.tight_layout()
+        fig.savefig(folder / "overhead.png", dpi=90)
+        plt.close(fig)
+    if data := load("failover"):
+        rows = data["results"]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        names = [r["client"] for r in rows]
+        axes[0].bar(names, [r["p99_no_fault_ms"] for r in rows], 0.4, label="no fault")
+        axes[0].bar([i + 0.4 for i in range(len(rows))], [r["p99_ms"] for r in rows], 0.4, label="kill + hang")
+        axes[0].set_ylabel("p99 latency ms")
+        axes[0].legend()
+        axes[1].bar(names, [r["killed_route_attempts_after"] + r["hung_route_attempts_after"] for r in rows])
+        axes[1].set_ylabel("failed attempts on faulted servers")
+        for ax in axes:
+            ax.tick_params(axis="x", labelsize=7)
+        fig.suptitle("Failover cost (lower is better)")
+        fig.tight_layout()
+        fig.savefig(folder / "failover.png", dpi=90)
+        plt.close(fig)
+
+
+SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
+    ("overhead", overhead),
+    ("pure_overhead", pure_overhead),
+    ("selection", selection),
+    ("balancing", balancing),
+    ("failover", failover),
+    ("memory", memory),
+    ("real_engine", real_engine),
+]
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for README.md and plots/")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args()
     parts = [
         "# Benchmarks",
         "",
-        "Generated by `benchmarks/report.py` from `results/*.json`; do not edit by hand. Reproduce with",
-        "`make bench` (each script also runs alone: `.venv/bin/python benchmarks/<name>.py`).",
-        "Servers run in their own processes; client and servers share the machine's cores.",
+        "Generated by `benchmarks/report.py` from `results/*.json`; do not edit by hand. Reproduce everything with",
+        "`make bench` (it also creates `.venv-peers` for the peers that pin `openai<3`); each script also runs",
+        "alone: `.venv/bin/python benchmarks/<name>.py`. Servers run in their own processes.",
     ]
-    if data := load("overhead"):
-        meta, results = data["meta"], data["results"]
-        parts += ["", f"## Client overhead ({meta['requests']} requests at concurrency {meta['concurrency']}, "
-                  f"median of {meta['rounds']} interleaved rounds)", "",
-                  table(["client", "req/s", "req per client CPU-s", "vs ChatOpenAI.ainvoke"],
-                        [[name, f"{r['rps']:.0f}", f"{r['per_cpu_s']:.0f}", f"{r['ratio_vs_chat_openai']:.2f}x"]
-                         for name, r in results.items()]),
-                  "", f"{meta['machine']}; {json.dumps(meta['versions'])}"]  # fmt: skip
-    if data := load("selection"):
-        parts += ["", "## Route selection cost (target < 20 us per pick at 1,000 routes)", "",
-                  table(["routes", "policy", "us per pick"],
-                        [[r["routes"], r["policy"], r["us_per_pick"]] for r in data["results"]])]  # fmt: skip
-    if data := load("balancing"):
-        meta = data["meta"]
-        fast, slow = meta["fast_s"] * 1000, meta["slow_s"] * 1000
-        title = f"## Balancing quality (fast {fast:.0f} ms vs slow {slow:.0f} ms server, "
-        title += f"{meta['requests']} requests at concurrency {meta['concurrency']})"
-        rows = [
-            [r["policy"], r["mean_ms"], r["p95_ms"], f"{r['p95_vs_round_robin']}x", f"{r['slow_share']:.1%}"]
-            for r in data["results"]
-        ]
-        parts += ["", title, "", table(["policy", "mean ms", "p95 ms", "p95 vs round_robin", "slow route share"], rows)]
-    (HERE / "README.md").write_text("\n".join(parts) + "\n")
-    print("written to", HERE / "README.md")
+    for name, section in SECTIONS:
+        if data := load(name):
+            parts += ["", *section(data)]
+        else:
+            parts += ["", f"## {name}: not measured yet (`.venv/bin/python benchmarks/{name}.py`)"]
+    (args.out / "README.md").write_text("\n".join(parts) + "\n")
+    if not args.no_plots:
+        plots(args.out / "plots")
+    print("written to", args.out / "README.md")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""Measurement loops every benchmark process shares, ours and the peers' (standard library only).
+
+The peers' process (``_peers.py``) runs in its own virtualenv, so this module imports nothing
+outside the standard library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL = "fake-model"
+PROMPT = "hello"
+
+Call = Callable[[], Awaitable[Any]]
+
+
+async def throughput(call: Call, requests: int, concurrency: int) -> dict[str, float]:
+    """Run ``requests`` calls, ``concurrency`` at a time: wall req/s and req per client CPU-second."""
+    semaphore = asyncio.Semaphore(concurrency)
+    failures = 0
+
+    async def one() -> None:
+        nonlocal failures
+        async with semaphore:
+            try:
+                await call()
+            except Exception:
+                failures += 1
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one() for _ in range(requests)))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"rps": requests / wall, "per_cpu_s": requests / max(cpu, 1e-9), "failures": failures}
+
+
+def median_of(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Median rps and req/CPU-s over interleaved rounds; failures summed."""
+    return {
+        "rps": statistics.median(r["rps"] for r in runs),
+        "per_cpu_s": statistics.median(r["per_cpu_s"] for r in runs),
+        "failures": sum(r["failures"] for r in runs),
+    }
+
+
+def percentile(ordered: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of sorted values (0.0 when empty)."""
+    if not ordered:
+        return 0.0
+    rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+@dataclass
+class Scenario:
+    """A failover run: which routes fail at which fraction of the requests, and what each client saw.
+
+    ``faults`` maps a fraction of started requests to an action (kill or hang one server) and the
+    URL it takes down. Clients report every failed attempt on a route with :meth:`attempt_failed`.
+    """
+
+    faults: list[tuple[float, str, Callable[[], None]]]
+    failed_attempts: list[tuple[float, str]] = field(default_factory=list)
+    fault_times: dict[str, float] = field(default_factory=dict)
+
+    def attempt_failed(self, url: str) -> None:
+        self.failed_attempts.append((time.monotonic(), url))
+
+    async def run(self, call: Call, requests: int, concurrency: int) -> dict[str, Any]:
+        semaphore = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+        errors: list[str] = []
+        pending = sorted(self.faults)
+        started = 0
+
+        async def one() -> None:
+            nonlocal started
+            async with semaphore:
+                started += 1
+                while pending and started > pending[0][0] * requests:
+                    _, url, action = pending.pop(0)
+                    action()
+                    self.fault_times[url] = time.monotonic()
+                begin = time.perf_counter()
+                try:
+                    await call()
+                    latencies.append((time.perf_counter() - begin) * 1000)
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+        begin = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(requests)))
+        duration = time.monotonic() - begin
+        ordered = sorted(latencies)
+        routes = {}
+        for url, at in self.fault_times.items():
+            after = [t - at for t, u in self.failed_attempts if u == url and t >= at]
+            routes[url] = {
+                "failed_attempts_after_fault": len(after),
+                "last_attempt_after_fault_s": max(after, default=0),
+            }
+        return {
+            "requests": requests,
+            "failed": len(errors),
+            "errors": sorted(set(errors))[:5],
+            "duration_s": round(duration, 2),
+            "p50_ms": round(percentile(ordered, 50), 1),
+            "p99_ms": round(percentile(ordered, 99), 1),
+            "max_ms": round(ordered[-1] if ordered else 0.0, 1),
+            "faulted_routes": routes,
+        }

@@ -1,0 +1,154 @@
+"""The peers that pin ``openai<3`` (LiteLLM ``Router``, LlamaIndex ``OpenAILike``), in their own virtualenv.
+
+Started by the benchmarks as ``.venv-peers/bin/python _peers.py``; reads one JSON command per line
+on stdin and answers one JSON line on stdout, so it is measured in its own process with its own
+CPU clock and never changes the SDK the project is measured with. Commands:
+``{"op": "versions"}``, ``{"op": "overhead", "client", "urls", "requests", "concurrency", "stream"}``,
+``{"op": "failover", "client", "urls", "requests", "concurrency", "timeout", "faults"}`` where faults are
+``[fraction, url, pid, signal]`` lists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import sys
+from importlib.metadata import version
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
+
+from _measure import MODEL, PROMPT, Call, Scenario, throughput
+
+MESSAGES = [{"role": "user", "content": PROMPT}]
+USAGE = {"include_usage": True}  # every client asks for usage on streams, as ours does
+_clients: dict[str, Call] = {}
+
+
+def litellm_router(urls: list[str], timeout: float | None = None, scenario: Scenario | None = None) -> Any:
+    import litellm
+    from litellm.integrations.custom_logger import CustomLogger
+
+    litellm.suppress_debug_info = True
+    deployments = [
+        {"model_name": "bench", "litellm_params": {"model": f"openai/{MODEL}", "api_base": url, "api_key": "EMPTY"}}
+        for url in urls
+    ]
+    settings: dict[str, Any] = {}
+    if timeout is not None:  # the failover scenario: the same bounds our router gets
+        settings = {"timeout": timeout, "num_retries": 2}
+    if scenario is not None:
+
+        class Failures(CustomLogger):  # type: ignore[misc]
+            async def async_log_failure_event(
+                self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
+            ) -> None:
+                scenario.attempt_failed(str(kwargs.get("litellm_params", {}).get("api_base")))
+
+        litellm.callbacks = [Failures()]
+    return litellm.Router(model_list=deployments, **settings)
+
+
+def make_client(client: str, urls: list[str], stream: bool) -> Call:
+    """One call of ``client`` over ``urls`` (clients without routing take the servers in turn)."""
+    if client == "LiteLLM Router.acompletion":
+        router = litellm_router(urls)
+
+        async def litellm_call() -> None:
+            if stream:
+                response = await router.acompletion(model="bench", messages=MESSAGES, stream=True, stream_options=USAGE)
+            else:
+                response = await router.acompletion(model="bench", messages=MESSAGES)
+            if stream:
+                async for _ in response:
+                    pass
+
+        return litellm_call
+    if client == "OpenAILike.achat":
+        from llama_index.core.llms import ChatMessage
+        from llama_index.llms.openai_like import OpenAILike
+
+        llms = itertools.cycle(
+            [
+                OpenAILike(
+                    model=MODEL,
+                    api_base=url,
+                    api_key="EMPTY",
+                    is_chat_model=True,
+                    max_retries=0,
+                    additional_kwargs={"stream_options": USAGE} if stream else {},
+                )
+                for url in urls
+            ]
+        )
+        messages = [ChatMessage(role="user", content=PROMPT)]
+
+        async def openai_like_call() -> None:
+            llm = next(llms)
+            if stream:
+                async for _ in await llm.astream_chat(messages):
+                    pass
+            else:
+                await llm.achat(messages)
+
+        return openai_like_call
+    if client == "raw AsyncOpenAI (openai 2.x)":
+        import openai
+
+        raws = itertools.cycle([openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0) for url in urls])
+
+        async def raw_call() -> None:
+            if stream:
+                response = await next(raws).chat.completions.create(
+                    model=MODEL, messages=MESSAGES, stream=True, stream_options=USAGE
+                )
+            else:
+                response = await next(raws).chat.completions.create(model=MODEL, messages=MESSAGES)
+            if stream:
+                async for _ in response:
+                    pass
+
+        return raw_call
+    raise ValueError(f"unknown peer client {client!r}")
+
+
+async def failover(command: dict[str, Any]) -> dict[str, Any]:
+    faults = [
+        (fraction, url, lambda pid=pid, sig=sig: os.kill(pid, sig)) for fraction, url, pid, sig in command["faults"]
+    ]
+    scenario = Scenario(faults)
+    router = litellm_router(command["urls"], command["timeout"], scenario)
+
+    async def call() -> None:
+        await router.acompletion(model="bench", messages=MESSAGES)
+
+    return await scenario.run(call, command["requests"], command["concurrency"])
+
+
+async def handle(command: dict[str, Any]) -> Any:
+    if command["op"] == "versions":
+        return {name: version(name) for name in ("openai", "litellm", "llama-index-llms-openai-like")}
+    if command["op"] == "overhead":
+        key = json.dumps([command["client"], command["urls"], command["stream"]])
+        if key not in _clients:
+            _clients[key] = make_client(command["client"], command["urls"], command["stream"])
+        return await throughput(_clients[key], command["requests"], command["concurrency"])
+    if command["op"] == "failover":
+        return await failover(command)
+    raise ValueError(f"unknown op {command['op']!r}")
+
+
+def main() -> None:
+    loop = asyncio.new_event_loop()  # one loop for the whole session: the clients keep their connections
+    for line in sys.stdin:
+        try:
+            answer = {"ok": loop.run_until_complete(handle(json.loads(line)))}
+        except Exception as exc:
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    main()

