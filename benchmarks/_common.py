@@ -66,7 +66,11 @@ def fault_server(delay: float = 0.0) -> Iterator[Server]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGCONT)  # a benchmark may have hung it with SIGSTOP
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # still draining connections a hung phase left behind
+            proc.kill()
+            proc.wait(10)
 
 
 class Peers:

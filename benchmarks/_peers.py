@@ -124,7 +124,11 @@ async def failover(command: dict[str, Any]) -> dict[str, Any]:
     async def call() -> None:
         await router.acompletion(model="bench", messages=MESSAGES)
 
-    return await scenario.run(call, command["requests"], command["concurrency"])
+    result = await scenario.run(call, command["requests"], command["concurrency"])
+    if command["faults"] and not scenario.failed_attempts:  # its failure callback reported no deployment
+        result["faulted_routes"] = {url: {"failed_attempts_after_fault": None, "last_attempt_after_fault_s": None}
+                                    for _, url, _, _ in command["faults"]}  # fmt: skip
+    return result
 
 
 async def handle(command: dict[str, Any]) -> Any:

@@ -93,13 +93,16 @@ async def ours(
     return await scenario.run(make([s.url for s in servers], scenario), requests, concurrency)
 
 
-def run_client(client: str, peers: Peers, with_faults: bool, requests: int, concurrency: int) -> dict[str, Any] | None:
+async def run_client(
+    client: str, peers: Peers, with_faults: bool, requests: int, concurrency: int
+) -> dict[str, Any] | None:
+    """One run of ``client`` on three fresh servers (a killed server cannot serve the next run)."""
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(fault_server(DELAY_S)) for _ in range(3)]
         if client == "Router.achat":
-            return asyncio.run(ours(router_call, servers, with_faults, requests, concurrency))
+            return await ours(router_call, servers, with_faults, requests, concurrency)
         if client == "ChatOpenAI.with_fallbacks":
-            return asyncio.run(ours(with_fallbacks_call, servers, with_faults, requests, concurrency))
+            return await ours(with_fallbacks_call, servers, with_faults, requests, concurrency)
         planned = faults(servers) if with_faults else []
         urls = [s.url for s in servers]
         answer: dict[str, Any] | None = peers.ask(
@@ -114,37 +117,47 @@ def run_client(client: str, peers: Peers, with_faults: bool, requests: int, conc
         return answer
 
 
+def seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+async def run_all(peers: Peers, requests: int, concurrency: int) -> list[dict[str, Any]]:
+    """Every client without and with faults, in one event loop (the clients close with it)."""
+    rows = []
+    for client in CLIENTS:
+        baseline = await run_client(client, peers, False, requests, concurrency)
+        faulted = await run_client(client, peers, True, requests, concurrency)
+        if baseline is None or faulted is None:
+            continue
+        dead, hung = list(faulted["faulted_routes"].values()) or [{}, {}]
+        row = {
+            "client": client,
+            "failed": faulted["failed"],
+            "errors": faulted["errors"],
+            "p50_ms": faulted["p50_ms"],
+            "p99_ms": faulted["p99_ms"],
+            "p99_no_fault_ms": baseline["p99_ms"],
+            "p99_vs_no_fault": round(faulted["p99_ms"] / baseline["p99_ms"], 1),
+            "duration_s": faulted["duration_s"],
+            "killed_route_attempts_after": dead.get("failed_attempts_after_fault"),
+            "killed_route_last_attempt_s": seconds(dead.get("last_attempt_after_fault_s")),
+            "hung_route_attempts_after": hung.get("failed_attempts_after_fault"),
+            "hung_route_last_attempt_s": seconds(hung.get("last_attempt_after_fault_s")),
+        }
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     cores = pin_client()
-    rows = []
     with Peers() as peers:
         peer_versions = peers.ask(op="versions") or {}
-        for client in CLIENTS:
-            baseline = run_client(client, peers, False, args.requests, args.concurrency)
-            faulted = run_client(client, peers, True, args.requests, args.concurrency)
-            if baseline is None or faulted is None:
-                continue
-            dead, hung = list(faulted["faulted_routes"].values()) or [{}, {}]
-            row = {
-                "client": client,
-                "failed": faulted["failed"],
-                "errors": faulted["errors"],
-                "p50_ms": faulted["p50_ms"],
-                "p99_ms": faulted["p99_ms"],
-                "p99_no_fault_ms": baseline["p99_ms"],
-                "p99_vs_no_fault": round(faulted["p99_ms"] / baseline["p99_ms"], 1),
-                "duration_s": faulted["duration_s"],
-                "killed_route_attempts_after": dead.get("failed_attempts_after_fault"),
-                "killed_route_last_attempt_s": round(dead.get("last_attempt_after_fault_s", 0), 2),
-                "hung_route_attempts_after": hung.get("failed_attempts_after_fault"),
-                "hung_route_last_attempt_s": round(hung.get("last_attempt_after_fault_s", 0), 2),
-            }
-            rows.append(row)
-            print(row, flush=True)
+        rows = asyncio.run(run_all(peers, args.requests, args.concurrency))
     path = save(
         "failover",
         rows,

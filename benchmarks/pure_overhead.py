@@ -25,6 +25,40 @@ RESPONSE = {
     "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "one two three"}}],
     "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
 }
+WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+
+
+def chunks() -> list[Any]:
+    """The 11 chunks vLLM streams for an 8-word answer with usage: role, 8 words, finish, usage."""
+    from openai.types.chat import ChatCompletionChunk
+
+    def chunk(delta: dict[str, str], finish: str | None = None, **extra: Any) -> ChatCompletionChunk:
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else []
+        body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": choices}
+        return ChatCompletionChunk.model_validate({**body, **extra})
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    return [chunk({"role": "assistant"}), *(chunk({"content": w + " "}) for w in WORDS), chunk({}, "stop"),
+            chunk(None, usage=usage)]  # type: ignore[arg-type]  # fmt: skip
+
+
+class StubStream:
+    """An SDK stream replayed from memory."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self._items = iter(items)
+
+    def __aiter__(self) -> StubStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        pass
 
 
 def clients() -> dict[str, Call]:
@@ -60,16 +94,28 @@ def clients() -> dict[str, Call]:
         "b": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
     }
     router = Router(config_from_dict({"llm": {"routes": routes}}, env={}), start_prober=False)
+    streamed = chunks()
+
+    async def aopen_stream(body: dict[str, Any], timeout: float) -> StubStream:
+        return StubStream(streamed)
+
     for route in router.routes.values():
         route.acreate = acreate  # type: ignore[method-assign]
+        route.aopen_stream = aopen_stream  # type: ignore[method-assign]
     routed = ChatVLLMRouted(router=router)
     llm = VLLMRouted(router=router, context_window=8192)
     chat_openai = ChatOpenAI(base_url="http://127.0.0.1:9/v1", api_key="EMPTY", model="m", max_retries=0)  # type: ignore[arg-type]
     chat_openai.async_client = stub
     messages = [{"role": "user", "content": PROMPT}]
     li_messages = [ChatMessage(role="user", content=PROMPT)]
+
+    async def astream() -> None:
+        async for _ in router.astream(messages):
+            pass
+
     return {
         "Router.achat": lambda: router.achat(messages),
+        "Router.astream (11 chunks)": astream,
         "ChatVLLMRouted.ainvoke": lambda: routed.ainvoke(PROMPT),
         "ChatOpenAI.ainvoke": lambda: chat_openai.ainvoke(PROMPT),
         "VLLMRouted.achat": lambda: llm.achat(li_messages),

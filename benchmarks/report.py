@@ -21,7 +21,7 @@ def load(name: str) -> dict[str, Any] | None:
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join("n/a" if cell is None else str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -130,7 +130,8 @@ def failover(data: dict[str, Any]) -> list[str]:
         "",
         f"Every client: per-attempt timeout {meta['timeout_s']} s, {meta['retries']} retries; ChatOpenAI with "
         "`max_retries=0` inside `.with_fallbacks([...])` as LangChain advises. Attempts are failed tries the "
-        "client made on the faulted server (when the last one ended).",
+        "client made on the faulted server (when the last one ended); n/a where the client does not report them "
+        "(LiteLLM's failure callback did not name the deployment in this run).",
         "",
         table(header, rows),
         "",
@@ -200,8 +201,9 @@ def plots(folder: Path) -> None:
         axes[0].bar([i + 0.4 for i in range(len(rows))], [r["p99_ms"] for r in rows], 0.4, label="kill + hang")
         axes[0].set_ylabel("p99 latency ms")
         axes[0].legend()
-        axes[1].bar(names, [r["killed_route_attempts_after"] + r["hung_route_attempts_after"] for r in rows])
-        axes[1].set_ylabel("failed attempts on faulted servers")
+        attempts = [(r["killed_route_attempts_after"] or 0) + (r["hung_route_attempts_after"] or 0) for r in rows]
+        axes[1].bar(names, attempts)
+        axes[1].set_ylabel("failed attempts on faulted servers (0: not reported)")
         for ax in axes:
             ax.tick_params(axis="x", labelsize=7)
         fig.suptitle("Failover cost (lower is better)")

@@ -56,7 +56,7 @@ def test_real_engine_benchmark_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "real_engine.json").read_text())["results"]["rows"]
     assert [row["servers"] for row in rows] == [1, 2]
-    assert sum(rows[1]["served"].values()) == 4 and min(rows[1]["served"].values()) >= 1
+    assert sum(rows[1]["served"].values()) >= 4 and min(rows[1]["served"].values()) >= 1  # started, per route
 
 
 @pytest.mark.skipif(not PEERS_PYTHON.exists(), reason="no .venv-peers (made by `make bench`)")
