@@ -7,9 +7,10 @@ outside the standard library.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,14 @@ MODEL = "fake-model"
 PROMPT = "hello"
 
 Call = Callable[[], Awaitable[Any]]
+
+
+async def drain(chunks: AsyncIterator[Any] | Awaitable[AsyncIterator[Any]]) -> None:
+    """Read a stream to its end (awaiting it first where a client returns it from a coroutine)."""
+    if inspect.isawaitable(chunks):
+        chunks = await chunks
+    async for _ in chunks:
+        pass
 
 
 async def throughput(call: Call, requests: int, concurrency: int) -> dict[str, float]:

@@ -20,7 +20,7 @@ from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
 
-from _measure import MODEL, PROMPT, Call, Scenario, throughput
+from _measure import MODEL, PROMPT, Call, Scenario, drain, throughput
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 USAGE = {"include_usage": True}  # every client asks for usage on streams, as ours does
@@ -56,16 +56,11 @@ def make_client(client: str, urls: list[str], stream: bool) -> Call:
     if client == "LiteLLM Router.acompletion":
         router = litellm_router(urls)
 
-        async def litellm_call() -> None:
-            if stream:
-                response = await router.acompletion(model="bench", messages=MESSAGES, stream=True, stream_options=USAGE)
-            else:
-                response = await router.acompletion(model="bench", messages=MESSAGES)
-            if stream:
-                async for _ in response:
-                    pass
-
-        return litellm_call
+        if stream:
+            return lambda: drain(
+                router.acompletion(model="bench", messages=MESSAGES, stream=True, stream_options=USAGE)
+            )
+        return lambda: router.acompletion(model="bench", messages=MESSAGES)
     if client == "OpenAILike.achat":
         from llama_index.core.llms import ChatMessage
         from llama_index.llms.openai_like import OpenAILike
@@ -85,32 +80,19 @@ def make_client(client: str, urls: list[str], stream: bool) -> Call:
         )
         messages = [ChatMessage(role="user", content=PROMPT)]
 
-        async def openai_like_call() -> None:
-            llm = next(llms)
-            if stream:
-                async for _ in await llm.astream_chat(messages):
-                    pass
-            else:
-                await llm.achat(messages)
-
-        return openai_like_call
+        if stream:
+            return lambda: drain(next(llms).astream_chat(messages))
+        return lambda: next(llms).achat(messages)
     if client == "raw AsyncOpenAI (openai 2.x)":
         import openai
 
         raws = itertools.cycle([openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0) for url in urls])
 
-        async def raw_call() -> None:
-            if stream:
-                response = await next(raws).chat.completions.create(
-                    model=MODEL, messages=MESSAGES, stream=True, stream_options=USAGE
-                )
-            else:
-                response = await next(raws).chat.completions.create(model=MODEL, messages=MESSAGES)
-            if stream:
-                async for _ in response:
-                    pass
-
-        return raw_call
+        if stream:
+            return lambda: drain(
+                next(raws).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, stream_options=USAGE)
+            )
+        return lambda: next(raws).chat.completions.create(model=MODEL, messages=MESSAGES)
     raise ValueError(f"unknown peer client {client!r}")
 
 

@@ -13,7 +13,7 @@ import gc
 import os
 
 from _common import MODEL, fault_server, pin_client, save
-from _measure import PROMPT, Call, throughput
+from _measure import PROMPT, Call, drain, throughput
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 TARGET_MB = 10
@@ -33,13 +33,9 @@ def clients(url: str) -> dict[str, Call]:
     router = Router(config_from_dict({"llm": {"routes": {"only": {"base_url": url, "model": MODEL}}}}, env={}))
     routed = ChatVLLMRouted(router=router)
 
-    async def stream() -> None:
-        async for _ in router.astream(MESSAGES):
-            pass
-
     return {
         "Router.achat": lambda: router.achat(MESSAGES),
-        "Router.astream": stream,
+        "Router.astream": lambda: drain(router.astream(MESSAGES)),
         "ChatVLLMRouted.ainvoke": lambda: routed.ainvoke(PROMPT),
     }
 

@@ -13,10 +13,11 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+from collections.abc import Awaitable
 from typing import Any
 
 from _common import MODEL, Peers, fault_server, pin_client, save
-from _measure import PROMPT, Call, median_of, throughput
+from _measure import PROMPT, Call, drain, median_of, throughput
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 USAGE = {"include_usage": True}
@@ -60,29 +61,17 @@ def our_clients(urls: list[str], stream: bool) -> dict[str, Call]:
             "VLLMRouted.achat": lambda: llm.achat(li_messages),
         }
 
-    async def raw() -> None:
+    def raw() -> Awaitable[None]:
         client = next(raws)
-        stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, stream_options=USAGE)  # type: ignore[arg-type]
-        async for _ in stream:
-            pass
+        return drain(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, stream_options=USAGE))  # type: ignore[arg-type]
 
-    async def ours() -> None:
-        async for _ in router.astream(MESSAGES):
-            pass
-
-    async def langchain_routed() -> None:
-        async for _ in routed.astream(PROMPT):
-            pass
-
-    async def langchain_openai() -> None:
-        async for _ in next(chat_openai).astream(PROMPT):
-            pass
-
-    async def llama_index() -> None:
-        async for _ in await llm.astream_chat(li_messages):
-            pass
-
-    return dict(zip(OURS, (raw, ours, langchain_routed, langchain_openai, llama_index), strict=True))
+    return {
+        "raw AsyncOpenAI": raw,
+        "Router.achat": lambda: drain(router.astream(MESSAGES)),
+        "ChatVLLMRouted.ainvoke": lambda: drain(routed.astream(PROMPT)),
+        "ChatOpenAI.ainvoke": lambda: drain(next(chat_openai).astream(PROMPT)),
+        "VLLMRouted.achat": lambda: drain(llm.astream_chat(li_messages)),
+    }
 
 
 async def cells(cases: list[tuple[list[str], bool, int, int]], rounds: int, peers: Peers) -> list[Any]:

@@ -15,7 +15,7 @@ import time
 from typing import Any, ClassVar
 
 from _common import save
-from _measure import PROMPT, Call
+from _measure import PROMPT, Call, drain
 
 RESPONSE = {
     "id": "chatcmpl-1",
@@ -109,13 +109,9 @@ def clients() -> dict[str, Call]:
     messages = [{"role": "user", "content": PROMPT}]
     li_messages = [ChatMessage(role="user", content=PROMPT)]
 
-    async def astream() -> None:
-        async for _ in router.astream(messages):
-            pass
-
     return {
         "Router.achat": lambda: router.achat(messages),
-        "Router.astream (11 chunks)": astream,
+        "Router.astream (11 chunks)": lambda: drain(router.astream(messages)),
         "ChatVLLMRouted.ainvoke": lambda: routed.ainvoke(PROMPT),
         "ChatOpenAI.ainvoke": lambda: chat_openai.ainvoke(PROMPT),
         "VLLMRouted.achat": lambda: llm.achat(li_messages),
