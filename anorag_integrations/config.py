@@ -35,7 +35,18 @@ ENV_ONLY_ROUTE = "default"
 OTHER_PROVIDER_SECTIONS = frozenset({"ollama", "multi_ollama", "openai"})
 """Sibling sections under ``llm:`` that belong to other providers; the router leaves them alone."""
 ROUTER_KEYS = frozenset(
-    {"routes", "default_route", "fallback_route", "lb_policy", "params", "health", "fallback_to_ollama"}
+    {
+        "routes",
+        "default_route",
+        "fallback_route",
+        "lb_policy",
+        "params",
+        "health",
+        "fallback_to_ollama",
+        "prefix_affinity",
+        "least_queue",
+        "hedge",
+    }
 )
 OLLAMA_FALLBACK_ROUTE = "ollama"
 """Name of the route ``fallback_to_ollama: true`` builds from the ``llm.ollama`` section."""
@@ -57,6 +68,10 @@ class RouteConfig(_Section):
     max_model_len: int | None = Field(default=None, gt=0, description="context window when the server does not say")
     options: dict[str, Any] = Field(default_factory=dict, description="api: ollama — default options (num_ctx, ...)")
     keep_alive: str | float | None = Field(default=None, description="api: ollama — how long the model stays loaded")
+    continue_streams: bool = Field(
+        default=False,
+        description="a stream cut on another route may continue here (vLLM's continue_final_message)",
+    )
 
     @model_validator(mode="after")
     def _ollama_only(self) -> RouteConfig:
@@ -97,6 +112,37 @@ class HealthConfig(_Section):
     cooldown: float = Field(default=10.0, ge=0, description="seconds an open breaker waits before a trial")
 
 
+class PrefixAffinityConfig(_Section):
+    """``lb_policy: prefix_affinity``: which prefix is hashed, how much imbalance is allowed."""
+
+    prefix_chars: int = Field(default=2000, ge=1, description="leading characters of the conversation hashed")
+    load_factor: float = Field(default=1.25, ge=1, description="no route above this times the average in flight")
+
+
+class LeastQueueConfig(_Section):
+    """``lb_policy: least_queue``: how often ``/metrics`` is read and how long a reading counts."""
+
+    interval: float = Field(default=1.0, gt=0, description="seconds between scrapes of every route's /metrics")
+    stale_after: float = Field(default=5.0, gt=0, description="older readings are ignored (in-flight counts used)")
+
+
+class HedgeConfig(_Section):
+    """Hedged non-streaming requests: a second copy to another route when the first is slow."""
+
+    after_ms: float | None = Field(default=None, gt=0, description="send the copy after this many milliseconds")
+    after: Literal["p50", "p90", "p95", "p99"] | None = Field(
+        default=None, description="...or after this percentile of the first route's recent latency"
+    )
+    max_rate: float = Field(default=0.05, gt=0, le=1, description="at most this share of requests is hedged")
+    min_samples: int = Field(default=20, ge=1, description="latencies a route needs before a percentile is used")
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> HedgeConfig:
+        if (self.after_ms is None) == (self.after is None):
+            raise ValueError("set exactly one of after_ms (a number) or after (p50, p90, p95 or p99)")
+        return self
+
+
 class Config(_Section):
     """The router's whole configuration."""
 
@@ -107,6 +153,9 @@ class Config(_Section):
     lb_policy: str = "round_robin"
     params: Params = Params()
     health: HealthConfig = HealthConfig()
+    prefix_affinity: PrefixAffinityConfig = PrefixAffinityConfig()
+    least_queue: LeastQueueConfig = LeastQueueConfig()
+    hedge: HedgeConfig | None = None
     source: str = Field(default="<dict>", exclude=True, description="where this config was read from")
 
     @field_validator("lb_policy")
@@ -125,6 +174,14 @@ class Config(_Section):
         if self.fallback_route is not None and len(self.routes) == 1:
             raise ValueError("fallback_route: needs at least one other route to fall back from")
         return self
+
+    def policy_options(self) -> dict[str, Any]:
+        """Keyword arguments for the ``lb_policy`` in use (its section, when it has one)."""
+        if self.lb_policy == "prefix_affinity":
+            return self.prefix_affinity.model_dump()
+        if self.lb_policy == "least_queue":
+            return {"stale_after": self.least_queue.stale_after}
+        return {}
 
     @property
     def default_route_name(self) -> str:

@@ -125,7 +125,7 @@ def test_a_new_policy_is_a_registered_class() -> None:
     class AlwaysLast:
         name = "always_last"
 
-        def pick(self, routes: list[Route], usable: object) -> Route:
+        def pick(self, routes: list[Route], usable: object, request: object = None) -> Route:
             return routes[-1]
 
     try:

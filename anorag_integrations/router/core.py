@@ -45,8 +45,8 @@ from .errors import (
     classify,
     trips_breaker,
 )
-from .health import BreakerState, Prober
-from .policies import make_policy
+from .health import BreakerState, Poller, Prober
+from .policies import make_policy, stable_hash
 from .route import Route
 
 if TYPE_CHECKING:
@@ -144,6 +144,21 @@ class _Call:
         self.body = params
         self.info = CallInfo()
         self.retry_after = 0.0
+        self._prefix: tuple[int, int] | None = None
+
+    def prefix_key(self, chars: int) -> int:
+        """A stable hash of the conversation's first ``chars`` characters (roles and text)."""
+        if self._prefix is None or self._prefix[0] != chars:
+            parts: list[str] = []
+            size = 0
+            for message in self.body["messages"]:
+                text = f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
+                parts.append(text)
+                size += len(text)
+                if size >= chars:
+                    break
+            self._prefix = (chars, stable_hash("".join(parts)[:chars]))
+        return self._prefix[1]
 
     def body_for(self, route: Route) -> dict[str, Any]:
         return {**self.body, "model": self.model or route.model}
@@ -234,10 +249,27 @@ class Router:
         self._fallback = self.routes[fallback] if fallback else None
         self._primary = [r for r in self.routes.values() if r is not self._fallback]
         self._on_fallback = False
-        self.policy = make_policy(config.lb_policy)
+        self.policy = make_policy(config.lb_policy, **config.policy_options())
         self.prober = Prober(self.routes.values(), config.health.probe_interval)
-        if start_prober and config.health.probe_interval > 0:
-            self.prober.start()
+        self.scraper: Poller | None = None
+        """Reads every route's ``/metrics`` when the policy uses server queues (``least_queue``)."""
+        if getattr(self.policy, "scrapes_metrics", False):
+            self.scraper = Poller(
+                self.routes.values(),
+                config.least_queue.interval,
+                lambda r: r.scrape_load(),
+                lambda r: r.ascrape_load(),
+                "anorag-metrics-scraper",
+            )
+        if start_prober:
+            self._background(Poller.start)
+
+    def _background(self, start: Callable[[Poller], None]) -> None:
+        """Start the health prober (when probing is on) and the metrics scraper (when there is one)."""
+        if self.config.health.probe_interval > 0:
+            start(self.prober)
+        if self.scraper is not None:
+            start(self.scraper)
 
     @classmethod
     def from_config(cls, path: str | PathLike[str] | None = None, **kwargs: Any) -> Router:
@@ -333,17 +365,20 @@ class Router:
         }
 
     async def astart_prober(self) -> None:
-        """Probe in a task on the running loop instead of a thread (build with ``start_prober=False``)."""
-        if self.config.health.probe_interval > 0:
-            self.prober.astart()
+        """Probe (and scrape) in tasks on the running loop instead of threads (build with ``start_prober=False``)."""
+        self._background(Poller.astart)
 
     def close(self) -> None:
         self.prober.stop()
+        if self.scraper is not None:
+            self.scraper.stop()
         for route in self.routes.values():
             route.close()
 
     async def aclose(self) -> None:
         await self.prober.astop()
+        if self.scraper is not None:
+            await self.scraper.astop()
         for route in self.routes.values():
             await route.aclose()
             route.close()
@@ -400,7 +435,7 @@ class Router:
         def usable(route: Route) -> bool:
             return route.name not in tried and route.name not in lost and route.available(now)
 
-        while (route := self.policy.pick(self._primary, usable)) is not None:
+        while (route := self.policy.pick(self._primary, usable, call)) is not None:
             if route.breaker.acquire():
                 return route
             lost.add(route.name)
@@ -633,6 +668,15 @@ def _cut(route: Route, when: str) -> StreamCut:
         url=route.base_url,
         hint="the server closed the connection mid-answer; check its logs",
     )
+
+
+def _text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
 
 
 def _completion_tokens(response: ChatCompletion) -> int | None:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -113,12 +113,20 @@ class CircuitBreaker:
         self._trial_in_flight = False
 
 
-class Prober:
-    """Probes routes in the background: a daemon thread for sync use, or a task on a running loop."""
+class Poller:
+    """Runs a check on every route every ``interval_s``: in a daemon thread, or as a task on a loop."""
 
-    def __init__(self, routes: Iterable[Route], interval_s: float) -> None:
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        interval_s: float,
+        check: Callable[[Route], object],
+        acheck: Callable[[Route], Awaitable[object]],
+        name: str,
+    ) -> None:
         self.routes = list(routes)
         self.interval_s = interval_s
+        self._check, self._acheck, self._name = check, acheck, name
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
@@ -130,31 +138,31 @@ class Prober:
         )
 
     def start(self) -> None:
-        """Start the probing thread (no-op when already probing)."""
+        """Start the thread (no-op when already running)."""
         if self.running:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="anorag-health-prober", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def astart(self) -> None:
-        """Start probing as a task on the running event loop (no-op when already probing)."""
+        """Start as a task on the running event loop (no-op when already running)."""
         if self.running:
             return
         self._stop.clear()
-        self._task = asyncio.get_running_loop().create_task(self._arun(), name="anorag-health-prober")
+        self._task = asyncio.get_running_loop().create_task(self._arun(), name=self._name)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for route in self.routes:
                 if self._stop.is_set():
                     return
-                route.probe()
+                self._check(route)
             self._stop.wait(self.interval_s)
 
     async def _arun(self) -> None:
         while not self._stop.is_set():
-            await asyncio.gather(*(route.aprobe() for route in self.routes))
+            await asyncio.gather(*(self._acheck(route) for route in self.routes))
             await asyncio.sleep(self.interval_s)
 
     def stop(self) -> None:
@@ -167,9 +175,16 @@ class Prober:
             self._task = None
 
     async def astop(self) -> None:
-        """Stop probing and wait for a probing task to end."""
+        """Stop and wait for the task to end."""
         task = self._task
         self.stop()
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError, RuntimeError):
                 await task
+
+
+class Prober(Poller):
+    """The active health prober: ``Route.probe`` on every route every ``interval_s``."""
+
+    def __init__(self, routes: Iterable[Route], interval_s: float) -> None:
+        super().__init__(routes, interval_s, lambda r: r.probe(), lambda r: r.aprobe(), "anorag-health-prober")

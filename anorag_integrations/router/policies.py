@@ -1,21 +1,24 @@
-"""Load-balancing policies: each is one small object with one method, ``pick(routes, usable)``.
+"""Load-balancing policies: each is one small object with one method, ``pick(routes, usable, request)``.
 
-The router passes every primary route and a predicate telling which may take this request now
-(breaker closed or half-open, not under a ``Retry-After``, not yet tried); the policy returns one
-for which it holds, or None. Small fleets are scanned exactly; above ``EXACT_LIMIT`` routes the
-load-aware policies use the power of two random choices (Envoy's and NGINX's answer at scale), so a
-pick stays O(1) with a thousand routes. A new policy is a new class registered with ``@register``.
+The router passes every primary route, a predicate telling which may take this request now
+(breaker closed or half-open, not under a ``Retry-After``, not yet tried) and the request (for
+policies that route by content); the policy returns one for which the predicate holds, or None.
+Small fleets are scanned exactly; above ``EXACT_LIMIT`` routes the load-aware policies use the
+power of two random choices (Envoy's and NGINX's answer at scale), so a pick stays O(1) with a
+thousand routes. A new policy is a new class registered with ``@register``.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import itertools
 import math
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .route import Route
@@ -30,15 +33,23 @@ SAMPLE_TRIES = 8
 """Random draws a sampling policy makes to find usable routes before falling back to a scan."""
 
 
+class Request(Protocol):
+    """What a policy may read of the request it places."""
+
+    def prefix_key(self, chars: int) -> int:
+        """A stable 64-bit hash of the conversation's first ``chars`` characters."""
+        ...
+
+
 class Policy(Protocol):
     name: ClassVar[str]
 
-    def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
+    def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         """One of ``routes`` for which ``usable`` holds, or None when there is none."""
         ...
 
 
-POLICIES: dict[str, Callable[[], Policy]] = {}
+POLICIES: dict[str, Callable[..., Policy]] = {}
 _P = TypeVar("_P", bound="type[Policy]")
 
 
@@ -48,9 +59,10 @@ def register(cls: _P) -> _P:
     return cls
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, **options: Any) -> Policy:
+    """The policy registered as ``name``, built with its options from the config."""
     try:
-        return POLICIES[name]()
+        return POLICIES[name](**options)
     except KeyError:
         raise ValueError(f"unknown lb_policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
 
@@ -95,7 +107,7 @@ class RoundRobin:
             self._equal = (*key, len({route.weight for route in routes}) <= 1)
         return self._equal[2]
 
-    def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
+    def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         if self._equal_weights(routes):
             n, start = len(routes), next(self._cursor)
             for i in range(n):
@@ -140,7 +152,7 @@ class LeastLatency:
         self._clock = clock
         self._last_pick: dict[str, float] = {}
 
-    def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
+    def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         now = self._clock()
         if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
             candidates = pair
@@ -176,7 +188,7 @@ class LeastOutstanding:
     def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def pick(self, routes: Sequence[Route], usable: Usable) -> Route | None:
+    def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
             return min(pair, key=_load)
         candidates = _usable(routes, usable)
@@ -190,3 +202,120 @@ class LeastOutstanding:
 
 def _load(route: Route) -> float:
     return route.stats.in_flight / route.weight
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process (``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+PREFIX_CHARS = 2000
+"""Characters of the conversation ``prefix_affinity`` hashes by default (about 500 tokens)."""
+LOAD_FACTOR = 1.25
+"""``prefix_affinity``'s bound: no route takes more than this times the average in-flight load."""
+VNODES = 64
+"""Points per unit of weight each route gets on the hash ring (more: smoother key shares)."""
+
+
+@register
+class PrefixAffinity:
+    """Consistent hashing of the prompt's leading characters, with bounded load.
+
+    Requests whose first ``prefix_chars`` characters are equal go to the same route, whose engine
+    then reuses the KV cache of that prefix (vLLM's prefix caching, llama.cpp's slot cache). Each
+    route owns ``64 * weight`` points on a hash ring; a key goes to the first route clockwise that
+    is usable and has fewer than ``load_factor * (in flight + 1) * weight / total weight`` requests
+    in flight (Mirrokni et al., consistent hashing with bounded loads), so one hot prefix spills
+    over instead of queueing. A route that goes down hands its keys to its ring successors only;
+    when it comes back the same keys return to it.
+    """
+
+    name: ClassVar[str] = "prefix_affinity"
+
+    def __init__(self, prefix_chars: int = PREFIX_CHARS, load_factor: float = LOAD_FACTOR) -> None:
+        if prefix_chars < 1 or load_factor < 1:
+            raise ValueError("prefix_affinity needs prefix_chars >= 1 and load_factor >= 1")
+        self.prefix_chars = prefix_chars
+        self.load_factor = load_factor
+        self._ring: tuple[int, int, list[int], list[Route]] | None = None
+        self._spread = LeastOutstanding()
+
+    def _points(self, routes: Sequence[Route]) -> tuple[list[int], list[Route]]:
+        """The ring (sorted points, the route at each point); built once per route list."""
+        key = (id(routes), len(routes))
+        if self._ring is None or self._ring[:2] != key:
+            points = sorted(
+                (stable_hash(f"{route.name}#{i}"), n)
+                for n, route in enumerate(routes)
+                for i in range(max(1, round(VNODES * route.weight)))
+            )
+            self._ring = (*key, [p for p, _ in points], [routes[n] for _, n in points])
+        return self._ring[2], self._ring[3]
+
+    def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
+        if request is None:
+            return self._spread.pick(routes, usable)
+        points, owners = self._points(routes)
+        total_weight = sum(route.weight for route in routes)
+        budget = self.load_factor * (sum(route.stats.in_flight for route in routes) + 1) / total_weight
+        start = bisect.bisect(points, request.prefix_key(self.prefix_chars))
+        seen: set[str] = set()
+        spill: Route | None = None
+        for i in range(len(points)):
+            if len(seen) == len(routes):
+                break
+            route = owners[(start + i) % len(points)]
+            if route.name in seen:
+                continue
+            seen.add(route.name)
+            if not usable(route):
+                continue
+            if route.stats.in_flight < math.ceil(budget * route.weight):
+                return route
+            if spill is None or _load(route) < _load(spill):
+                spill = route  # every usable route is over its bound: the least loaded one
+        return spill
+
+
+STALE_AFTER_S = 5.0
+"""``least_queue`` ignores a ``/metrics`` reading older than this and uses in-flight counts."""
+
+
+@register
+class LeastQueue:
+    """Shortest server-side queue, read from each route's ``/metrics``; KV-cache use breaks ties.
+
+    Depth is the server's running + waiting requests at the last scrape plus the requests this
+    router has started there since (so a burst between scrapes spreads), per unit of weight. A route
+    without a fresh reading (no ``/metrics``, a failed or stale scrape) counts its in-flight
+    requests instead. The router scrapes every ``least_queue.interval`` seconds (see ``Router``).
+    """
+
+    name: ClassVar[str] = "least_queue"
+    scrapes_metrics: ClassVar[bool] = True
+
+    def __init__(self, stale_after: float = STALE_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stale_after = stale_after
+        self._clock = clock
+        self._turn = itertools.count()
+
+    def depth(self, route: Route, now: float) -> tuple[float, float]:
+        """(queue depth per weight, KV-cache use) as this policy sees the route now."""
+        in_flight = route.stats.in_flight
+        load = route.load
+        if load is None or now - load.scraped_at > self.stale_after:
+            return in_flight / route.weight, 0.0
+        since = max(0, in_flight - load.own_in_flight)
+        return (load.running + load.waiting + since) / route.weight, load.kv_usage
+
+    def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
+        now = self._clock()
+        if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
+            return min(pair, key=lambda route: self.depth(route, now))
+        candidates = _usable(routes, usable)
+        if not candidates:
+            return None
+        depths = [self.depth(route, now) for route in candidates]
+        best = min(depths)
+        tied = [route for route, depth in zip(candidates, depths, strict=True) if depth == best]
+        return tied[next(self._turn) % len(tied)]

@@ -28,6 +28,7 @@ from .stats import RouteStats
 
 if TYPE_CHECKING:
     from ..config import Config, RouteConfig
+    from .metrics import LoadReport
 
 _C = TypeVar("_C")
 
@@ -95,6 +96,9 @@ class Route:
         self.probe_result = ProbeResult()
         self.not_before = 0.0
         """Monotonic time before which the route is skipped (a ``Retry-After`` it sent)."""
+        self.load: LoadReport | None = None
+        """The server's queue at the last ``/metrics`` scrape (``least_queue``); None: no data."""
+        self.continue_streams = cfg.continue_streams
 
     def __repr__(self) -> str:
         return f"Route(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
@@ -209,6 +213,39 @@ class Route:
                 self.breaker.force_open()
         self.probe_result = result
         return result
+
+    # --- load scraping (least_queue) ---------------------------------------------------------------
+
+    def scrape_load(self) -> LoadReport | None:
+        """Read the server's queue from ``/metrics``; None (and ``load`` cleared) when it cannot."""
+        in_flight = self.stats.in_flight
+        try:
+            text = self.client.get(f"{self.server_root}/metrics", cast_to=str, options=self._scrape_options)
+        except (openai.APIError, RouteError):
+            text = ""
+        return self._scraped(text, in_flight)
+
+    async def ascrape_load(self) -> LoadReport | None:
+        """Async twin of :meth:`scrape_load`."""
+        in_flight = self.stats.in_flight
+        try:
+            text = await self.aclient.get(f"{self.server_root}/metrics", cast_to=str, options=self._scrape_options)
+        except (openai.APIError, RouteError):
+            text = ""
+        return self._scraped(text, in_flight)
+
+    @property
+    def _scrape_options(self) -> Any:
+        return {"timeout": self.probe_timeout}
+
+    def _scraped(self, text: str, in_flight: int) -> LoadReport | None:
+        from .metrics import parse_load
+
+        try:
+            self.load = parse_load(text, in_flight) if text else None
+        except ValueError:  # not Prometheus text (a proxy's error page, say)
+            self.load = None
+        return self.load
 
     def serves(self, models: list[str]) -> bool:
         return self.model in models

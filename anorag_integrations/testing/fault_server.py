@@ -61,6 +61,8 @@ class FaultServer:
         health_endpoint: bool = True,
         auto_tool_choice: bool = True,
         keep_requests: int = 1000,
+        max_running: int | None = None,
+        metrics: str | None = "vllm",
     ) -> None:
         self.model = model
         self.reply = reply
@@ -75,8 +77,16 @@ class FaultServer:
         self.reasoning_field = "reasoning"
         self.tool_arguments: dict[str, Any] = {}
         """Arguments of the tool call the server makes when the request offers tools."""
+        self.max_running = max_running
+        """As vLLM's --max-num-seqs: requests beyond it wait (``num_requests_waiting``); None: no limit."""
+        self.metrics = metrics
+        """Metric names ``/metrics`` uses: "vllm", "vllm_old" (gpu_cache_usage_perc), "llamacpp"; None: 404."""
+        self.kv_usage = 0.0
+        """What ``/metrics`` reports as KV-cache use (0-1)."""
         self.hits = 0
         self.running = 0
+        self.waiting = 0
+        self._slots: asyncio.Semaphore | None = None
         self.requests: list[dict[str, Any]] = []
         self.last_authorization: str | None = None
         self._keep = keep_requests
@@ -147,6 +157,8 @@ class FaultServer:
         self._loop = loop
         asyncio.set_event_loop(loop)
         self._release = asyncio.Event()
+        if self.max_running is not None:
+            self._slots = asyncio.Semaphore(self.max_running)
         app = web.Application()
         self._add_routes(app)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
@@ -224,10 +236,13 @@ class FaultServer:
         return web.json_response({"version": "0.0.0-fault-server"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        text = (
-            f'vllm:num_requests_running{{model_name="{self.model}"}} {self.running}\n'
-            f'vllm:num_requests_waiting{{model_name="{self.model}"}} 0\n'
-            f'vllm:kv_cache_usage_perc{{model_name="{self.model}"}} 0.0\n'
+        names = _METRIC_NAMES.get(self.metrics or "")
+        if names is None:
+            raise web.HTTPNotFound()
+        label = f'{{model_name="{self.model}"}}' if self.metrics != "llamacpp" else ""
+        values = (self.running, self.waiting, self.kv_usage)
+        text = "".join(
+            f"# TYPE {name} gauge\n{name}{label} {value}\n" for name, value in zip(names, values, strict=False)
         )
         return web.Response(text=text, content_type="text/plain")
 
@@ -247,6 +262,12 @@ class FaultServer:
         body = await request.json()
         state = self._received(request, body)
         opts = state.options
+        if self._slots is not None:
+            self.waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self.waiting -= 1
         self.running += 1
         try:
             if state.fault is Fault.STATUS:
@@ -270,6 +291,8 @@ class FaultServer:
             return web.json_response(self._completion(body))
         finally:
             self.running -= 1
+            if self._slots is not None:
+                self._slots.release()
 
     def _words(self, body: Mapping[str, Any]) -> tuple[list[str], str]:
         words = [w + " " for w in self.reply.split(" ")]
@@ -378,6 +401,14 @@ class FaultServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+_METRIC_NAMES = {
+    "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"),
+    "vllm_old": ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc"),
+    "llamacpp": ("llamacpp:requests_processing", "llamacpp:requests_deferred"),
+}
+"""(running, waiting, KV-cache use) as each server names them; llama.cpp has no KV gauge."""
 
 
 def drop_connection(request: web.Request) -> None:
