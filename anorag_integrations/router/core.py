@@ -12,6 +12,8 @@ a failure raises ``StreamInterruptedError`` with exactly what was delivered.
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import inspect
 import itertools
 import logging
@@ -46,6 +48,7 @@ from .errors import (
     trips_breaker,
 )
 from .health import BreakerState, Poller, Prober
+from .hedge import Hedger
 from .policies import make_policy, stable_hash
 from .route import Route
 
@@ -74,6 +77,10 @@ class CallInfo:
     rounds: int = 0
     latency_s: float | None = None
     ttft_s: float | None = None
+    hedge: str | None = None
+    """The route a hedged copy of the request went to (None: not hedged)."""
+    continued: int = 0
+    """Times a cut stream was continued on another route (``continue_streams``)."""
 
 
 _INFO_ATTR = "_anorag_call"
@@ -144,7 +151,43 @@ class _Call:
         self.body = params
         self.info = CallInfo()
         self.retry_after = 0.0
+        self.avoid: frozenset[str] = frozenset()
+        """Routes this call must not use (a hedged copy avoids the original's route)."""
+        self.active: Route | None = None
+        """The route of the attempt in progress."""
+        self.continuing = False
+        """Only routes with ``continue_streams: true`` may take this call (it continues a cut stream)."""
         self._prefix: tuple[int, int] | None = None
+
+    def _twin(self, avoid: frozenset[str]) -> _Call:
+        """The same request as a fresh call: one round, on any route but those in ``avoid``."""
+        twin = copy.copy(self)
+        twin.info, twin.retry_after, twin.active = CallInfo(), 0.0, None
+        twin.max_retries, twin.avoid = 0, avoid
+        return twin
+
+    def hedge_copy(self, avoid: Route) -> _Call:
+        """The request for a hedged copy, on any route but ``avoid``."""
+        return self._twin(self.avoid | {avoid.name})
+
+    def continuation(self, delivered: str, delivered_tokens: int, avoid: set[str]) -> _Call:
+        """The request that continues a cut stream: the delivered text as a final assistant message.
+
+        vLLM's ``continue_final_message`` (with ``add_generation_prompt: false``) makes the model go on
+        from the end of that message, so the caller's stream resumes without repeating text. Token
+        limits shrink by the content chunks already delivered (about one token each).
+        """
+        twin = self._twin(self.avoid | avoid)
+        twin.continuing = True
+        body = dict(self.body)
+        body["messages"] = [*self.body["messages"], {"role": "assistant", "content": delivered}]
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+        body["extra_body"] = {**(body.get("extra_body") or {}), **extra}
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int):
+                body[key] = max(1, body[key] - delivered_tokens)
+        twin.body = body
+        return twin
 
     def prefix_key(self, chars: int) -> int:
         """A stable hash of the conversation's first ``chars`` characters (roles and text)."""
@@ -261,6 +304,10 @@ class Router:
                 lambda r: r.ascrape_load(),
                 "anorag-metrics-scraper",
             )
+        self.hedger = Hedger(config.hedge) if config.hedge is not None else None
+        self._continuable = any(route.continue_streams for route in self.routes.values())
+        self._hedge_loop: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+        self._lock = threading.Lock()
         if start_prober:
             self._background(Poller.start)
 
@@ -323,6 +370,13 @@ class Router:
     def chat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """One chat completion; ``route=`` pins a route, other keywords go to the server."""
         call = _Call(self, messages, params, stream=False)
+        if self._hedges(call):  # the race needs cancellable requests: run it on the router's loop
+            future = asyncio.run_coroutine_threadsafe(self._ahedged(call), self._loop())
+            try:
+                return future.result()
+            except BaseException:
+                future.cancel()
+                raise
         route, t0, response = self._rounds(call, lambda r, t: r.create(call.body_for(r), t))
         self._done(call, route, t0, usage_tokens=_completion_tokens(response))
         return _attach(response, call.info)
@@ -330,6 +384,11 @@ class Router:
     async def achat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """Async twin of :meth:`chat` on the routes' async clients."""
         call = _Call(self, messages, params, stream=False)
+        if self._hedges(call):
+            return await self._ahedged(call)
+        return await self._achat(call)
+
+    async def _achat(self, call: _Call) -> ChatCompletion:
         route, t0, response = await self._arounds(call, lambda r, t: r.acreate(call.body_for(r), t))
         self._done(call, route, t0, usage_tokens=_completion_tokens(response))
         return _attach(response, call.info)
@@ -372,6 +431,7 @@ class Router:
         self.prober.stop()
         if self.scraper is not None:
             self.scraper.stop()
+        self._stop_loop()
         for route in self.routes.values():
             route.close()
 
@@ -379,6 +439,7 @@ class Router:
         await self.prober.astop()
         if self.scraper is not None:
             await self.scraper.astop()
+        self._stop_loop()
         for route in self.routes.values():
             await route.aclose()
             route.close()
@@ -433,14 +494,19 @@ class Router:
         lost: set[str] = set()  # half-open trials a concurrent request took first
 
         def usable(route: Route) -> bool:
-            return route.name not in tried and route.name not in lost and route.available(now)
+            return (
+                route.name not in tried
+                and route.name not in lost
+                and route.available(now)
+                and (route.continue_streams or not call.continuing)
+            )
 
         while (route := self.policy.pick(self._primary, usable, call)) is not None:
             if route.breaker.acquire():
                 return route
             lost.add(route.name)
         fb = self._fallback
-        if fb is not None and fb.name not in tried and fb.available(now) and fb.breaker.acquire():
+        if fb is not None and usable(fb) and fb.breaker.acquire():
             return fb
         return None
 
@@ -494,9 +560,10 @@ class Router:
     def _attempts(self, call: _Call) -> Iterator[tuple[Route, float, float]]:
         """One round: each route to try, with its attempt timeout and start time."""
         call.start_round()
-        tried: set[str] = set()
+        tried: set[str] = set(call.avoid)
         while (route := self._select(call, tried)) is not None:
             tried.add(route.name)
+            call.active = route
             timeout = call.attempt_timeout(route)
             route.stats.started()
             yield route, timeout, time.perf_counter()
@@ -544,6 +611,82 @@ class Router:
             "checked_at": probe.checked_at,
         }
 
+    # --- hedging ------------------------------------------------------------------------------------
+
+    def _hedges(self, call: _Call) -> bool:
+        """Whether this request may be hedged (hedging on, more than one route, not pinned)."""
+        return self.hedger is not None and call.pinned is None and len(self._primary) > 1
+
+    async def _ahedged(self, call: _Call) -> ChatCompletion:
+        """Race the request against a copy on another route sent after the threshold; cancel the loser."""
+        hedger = self.hedger
+        assert hedger is not None
+        hedger.earn()
+        first: asyncio.Future[ChatCompletion] = asyncio.ensure_future(self._achat(call))
+        await asyncio.sleep(0)  # the task picks its route before its first await
+        delay = hedger.delay(call.active) if call.active is not None else None
+        if delay is None:
+            return await _shielded(first)
+        done, _ = await asyncio.wait({first}, timeout=delay)
+        if done or call.active is None or not hedger.spend():
+            return await _shielded(first)
+        twin = call.hedge_copy(avoid=call.active)
+        second: asyncio.Future[ChatCompletion] = asyncio.ensure_future(self._achat(twin))
+        owner = {first: call, second: twin}
+        pending, winner = {first, second}, first  # both failing: the original's error is raised
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                settled = [t for t in done if t.exception() is None or isinstance(t.exception(), PermanentRouteError)]
+                if settled:
+                    winner = settled[0]
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)  # let the loser record itself as abandoned
+        return self._hedge_result(winner, owner[winner], call, twin)
+
+    def _hedge_result(
+        self, winner: asyncio.Future[ChatCompletion], by: _Call, call: _Call, twin: _Call
+    ) -> ChatCompletion:
+        """The winner's response (or error), its info telling both calls' attempts and the hedge route."""
+        assert self.hedger is not None
+        if twin.active is None:
+            self.hedger.refund()  # the copy found no other route to go to
+        else:
+            twin.active.stats.hedged(won=by is twin and winner.exception() is None)
+        by.info.attempts = call.info.attempts + twin.info.attempts
+        by.info.hedge = twin.active.name if twin.active is not None else None
+        return _attach(winner.result(), by.info)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The router's own event loop thread, started on first use (sync calls that hedge run there)."""
+        with self._lock:
+            if self._hedge_loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="anorag-hedge-loop", daemon=True)
+                thread.start()
+                self._hedge_loop = (loop, thread)
+            return self._hedge_loop[0]
+
+    def _stop_loop(self) -> None:
+        with self._lock:
+            started, self._hedge_loop = self._hedge_loop, None
+        if started is None:
+            return
+        loop, thread = started
+
+        async def close_clients() -> None:
+            for route in self.routes.values():
+                await route.aclose()
+
+        asyncio.run_coroutine_threadsafe(close_clients(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
     # --- streams ------------------------------------------------------------------------------------
 
     def _open(self, call: _Call, route: Route, timeout: float) -> _Opened:
@@ -578,42 +721,59 @@ class Router:
     def _stream(self, call: _Call) -> Iterator[ChatCompletionChunk]:
         route, t0, opened = self._rounds(call, lambda r, t: self._open(call, r, t))
         tally = _Tally()
-        try:
-            for chunk in itertools.chain(opened.pending, opened.stream):
-                tally.add(chunk)
-                yield _attach(chunk, call.info)
-            tally.check(route)
-        except (openai.APIError, RouteError) as exc:
-            raise self._interrupted(call, route, t0, tally, exc) from exc
-        except BaseException:
-            self._abandoned(route)
-            raise
-        finally:
-            opened.stream.close()
+        while True:
+            try:
+                for chunk in itertools.chain(opened.pending, opened.stream):
+                    tally.add(chunk)
+                    yield _attach(chunk, call.info)
+                tally.check(route)
+                break
+            except (openai.APIError, RouteError) as exc:
+                error, cause = self._interrupted(call, route, t0, tally, exc), exc
+            except BaseException:
+                self._abandoned(route)
+                raise
+            finally:
+                opened.stream.close()
+            twin, interrupted = self._continuation(call, tally, error)
+            try:
+                route, t0, opened = self._rounds(twin, functools.partial(self._open, twin))
+            except RouterError as failed:
+                raise self._not_continued(call, twin, interrupted, failed) from cause
+            self._continued(call, twin, opened)
         self._done(call, route, t0, usage_tokens=tally.tokens, ttft_s=opened.ttft_s)
 
     async def _astream(self, call: _Call) -> AsyncIterator[ChatCompletionChunk]:
         route, t0, opened = await self._arounds(call, lambda r, t: self._aopen(call, r, t))
         tally = _Tally()
-        try:
-            for chunk in opened.pending:
-                tally.add(chunk)
-                yield _attach(chunk, call.info)
-            async for chunk in opened.stream:
-                tally.add(chunk)
-                yield _attach(chunk, call.info)
-            tally.check(route)
-        except (openai.APIError, RouteError) as exc:
-            raise self._interrupted(call, route, t0, tally, exc) from exc
-        except BaseException:
-            self._abandoned(route)
-            raise
-        finally:
-            await opened.stream.close()
+        while True:
+            try:
+                for chunk in opened.pending:
+                    tally.add(chunk)
+                    yield _attach(chunk, call.info)
+                async for chunk in opened.stream:
+                    tally.add(chunk)
+                    yield _attach(chunk, call.info)
+                tally.check(route)
+                break
+            except (openai.APIError, RouteError) as exc:
+                error, cause = self._interrupted(call, route, t0, tally, exc), exc
+            except BaseException:
+                self._abandoned(route)
+                raise
+            finally:
+                await opened.stream.close()
+            twin, interrupted = self._continuation(call, tally, error)
+            try:
+                route, t0, opened = await self._arounds(twin, functools.partial(self._aopen, twin))
+            except RouterError as failed:
+                raise self._not_continued(call, twin, interrupted, failed) from cause
+            self._continued(call, twin, opened)
         self._done(call, route, t0, usage_tokens=tally.tokens, ttft_s=opened.ttft_s)
 
     def _interrupted(self, call: _Call, route: Route, t0: float, tally: _Tally, exc: BaseException) -> RouterError:
         """A stream broke after delivery began: typed permanent error, or what was delivered."""
+        tally.cut.add(route.name)
         try:
             error = self._failed(call, route, exc, t0)
         except PermanentRouteError as permanent:
@@ -626,6 +786,60 @@ class Router:
             cause=error,
         )
 
+    def _continuation(self, call: _Call, tally: _Tally, error: RouterError) -> tuple[_Call, StreamInterruptedError]:
+        """The call that continues a cut stream elsewhere; raises ``error`` when it cannot be continued."""
+        if not isinstance(error, StreamInterruptedError):
+            raise error
+        if not self._continuable:
+            raise error  # no route has continue_streams: true (the default)
+        if tally.other:
+            raise StreamInterruptedError(
+                route=error.route,
+                url=error.url,
+                delivered_chunks=error.delivered_chunks,
+                delivered_text=error.delivered_text,
+                cause=error.__cause__ or error,
+                continuation="reasoning or tool calls had been delivered; only text can be continued",
+            )
+        return call.continuation("".join(tally.text), tally.content_chunks, tally.cut), error
+
+    def _not_continued(
+        self, call: _Call, twin: _Call, error: StreamInterruptedError, failed: RouterError
+    ) -> StreamInterruptedError:
+        call.info.attempts += twin.info.attempts
+        reason = (
+            "no other route with continue_streams: true is available"
+            if isinstance(failed, AllRoutesFailed) and not twin.info.attempts
+            else str(failed)
+        )
+        return StreamInterruptedError(
+            route=error.route,
+            url=error.url,
+            delivered_chunks=error.delivered_chunks,
+            delivered_text=error.delivered_text,
+            cause=error.__cause__ or error,
+            continuation=reason,
+        )
+
+    @staticmethod
+    def _continued(call: _Call, twin: _Call, opened: _Opened) -> None:
+        """Splice a continuation into the caller's stream: no second role chunk, the first stream's id."""
+        call.info.attempts += twin.info.attempts
+        call.info.continued += 1
+        call.info.route = twin.info.route
+        opened.pending = [chunk for chunk in opened.pending if _has_payload(chunk)]
+        log.warning("stream continued on route %r after a cut", twin.info.route)
+
+
+async def _shielded(task: asyncio.Future[_T]) -> _T:
+    """Await ``task``; if the caller is cancelled, cancel it too and wait for it to clean up."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.wait({task})
+        raise
+
 
 def _make_route(name: str, cfg: Any, config: Config) -> Route:
     if cfg.api == "ollama":
@@ -636,21 +850,40 @@ def _make_route(name: str, cfg: Any, config: Config) -> Route:
 
 
 class _Tally:
-    """What a stream has delivered so far: chunk count, text of choice 0, finish and usage."""
+    """What a stream has delivered so far: chunks, text of choice 0, anything else, finish and usage.
 
-    __slots__ = ("chunks", "finished", "text", "tokens")
+    After a continuation it also gives every chunk the first stream's id, so the caller sees one stream.
+    """
+
+    __slots__ = ("chunks", "content_chunks", "cut", "finished", "other", "stream_id", "text", "tokens")
 
     def __init__(self) -> None:
         self.chunks = 0
+        self.content_chunks = 0
         self.text: list[str] = []
+        self.other = False
+        """Something besides text of choice 0 was delivered (reasoning, tool calls, other choices)."""
         self.finished = False
         self.tokens: int | None = None
+        self.stream_id: str | None = None
+        self.cut: set[str] = set()
+        """Routes whose stream of this answer was cut."""
 
     def add(self, chunk: ChatCompletionChunk) -> None:
         self.chunks += 1
+        if self.stream_id is None:
+            self.stream_id = chunk.id
+        elif self.cut:
+            chunk.id = self.stream_id
         for choice in chunk.choices:
-            if choice.index == 0 and choice.delta.content:
-                self.text.append(choice.delta.content)
+            delta = choice.delta
+            if choice.index == 0 and delta.content:
+                self.text.append(delta.content)
+                self.content_chunks += 1
+            else:
+                extra = delta.model_extra or {}
+                if delta.tool_calls or delta.content or extra.get("reasoning") or extra.get("reasoning_content"):
+                    self.other = True
             if choice.finish_reason:
                 self.finished = True
         if chunk.usage is not None:

@@ -105,16 +105,26 @@ class StreamInterruptedError(RouterError):
     """
 
     def __init__(
-        self, *, route: str, url: str, delivered_chunks: int, delivered_text: str, cause: BaseException
+        self,
+        *,
+        route: str,
+        url: str,
+        delivered_chunks: int,
+        delivered_text: str,
+        cause: BaseException,
+        continuation: str = "",
     ) -> None:
         self.route = route
         self.url = url
         self.delivered_chunks = delivered_chunks
         self.delivered_text = delivered_text
+        self.continuation = continuation
+        """Why the stream was not continued on another route (empty when it was not tried)."""
         self.__cause__ = cause
         super().__init__(
             f"stream from route {route!r} ({url}) broke after {delivered_chunks} chunks "
             f"({len(delivered_text)} characters) had been delivered: {cause}"
+            + (f"; not continued elsewhere: {continuation}" if continuation else "")
         )
 
 

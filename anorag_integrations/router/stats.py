@@ -14,6 +14,9 @@ from typing import Any
 WINDOW = 2048
 """How many recent samples each percentile series keeps."""
 
+REFRESH_EVERY = 16
+"""Successes between two recomputations of a cached latency percentile (hedging's threshold)."""
+
 EWMA_ALPHA = 0.2
 """Weight of the newest sample in the moving-average latency that ``least_latency`` uses."""
 
@@ -43,6 +46,27 @@ class RouteStats:
         self._ttft: deque[float] = deque(maxlen=window)
         self._tps: deque[float] = deque(maxlen=window)
         self.last_error: str | None = None
+        self.hedges = 0
+        self.hedges_won = 0
+        self._quantile: dict[float, tuple[int, float | None]] = {}
+
+    def latency_quantile(self, q: float, min_samples: int = 1) -> float | None:
+        """The q-th percentile (0-100) of recent latencies in seconds; None below ``min_samples``.
+
+        Re-sorted only every ``REFRESH_EVERY`` successes, so asking per request stays cheap.
+        """
+        with self._lock:
+            seen, value = self._quantile.get(q, (-REFRESH_EVERY, None))
+            if self.successes - seen >= REFRESH_EVERY or (value is None and self.successes != seen):
+                value = percentile(sorted(self._latency), q) if len(self._latency) >= min_samples else None
+                self._quantile[q] = (self.successes, value)
+            return value
+
+    def hedged(self, won: bool) -> None:
+        """A hedged copy of a request was sent here; ``won``: it answered first."""
+        with self._lock:
+            self.hedges += 1
+            self.hedges_won += won
 
     def started(self) -> None:
         with self._lock:
@@ -90,6 +114,8 @@ class RouteStats:
                 "failures": self.failures,
                 "in_flight": self.in_flight,
                 "output_tokens": self.output_tokens,
+                "hedges": self.hedges,
+                "hedges_won": self.hedges_won,
                 "last_error": self.last_error,
             }
         for name, values in (("latency", lat), ("ttft", ttft)):

@@ -283,6 +283,8 @@ class FaultServer:
             if state.fault is Fault.CUT and not body.get("stream"):
                 drop_connection(request)
                 return web.Response(status=500)  # never sent: the connection is gone
+            if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+                return _error(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
             if body.get("tools") and body.get("tool_choice", "auto") == "auto" and not self.auto_tool_choice:
                 message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
                 return _error(400, message)
@@ -294,8 +296,17 @@ class FaultServer:
             if self._slots is not None:
                 self._slots.release()
 
+    def _text(self, body: Mapping[str, Any]) -> str:
+        """The reply; with ``continue_final_message``, the rest of it after the final assistant message."""
+        messages = body.get("messages") or [{}]
+        last = messages[-1]
+        if body.get("continue_final_message") and last.get("role") == "assistant":
+            prefix = str(last.get("content") or "")
+            return self.reply[len(prefix) :] if self.reply.startswith(prefix) else self.reply
+        return self.reply
+
     def _words(self, body: Mapping[str, Any]) -> tuple[list[str], str]:
-        words = [w + " " for w in self.reply.split(" ")]
+        words = [w + " " for w in self._text(body).split(" ")]
         words[-1] = words[-1].rstrip()
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         if isinstance(limit, int) and limit < len(words):
