@@ -3,8 +3,9 @@
 RAG traffic: DOCS distinct long contexts (each over 1,000 tokens, as a system message), QUESTIONS
 questions about each, in one shuffled order (fixed seed), streamed at concurrency CONCURRENCY
 through a router over two ``llama-server`` processes (Gemma 3 270M Q4_K_M from PyPI, 1 thread and
-PARALLEL slots each, the project's default; llama.cpp keeps each slot's last prompt cached). Each policy gets freshly started servers,
-so neither inherits the other's cache. Target: prefix_affinity's mean TTFT <= 0.6 x round_robin's.
+PARALLEL slots each, the project's default; llama.cpp keeps each slot's last prompt cached). Each
+policy gets freshly started servers, so neither inherits the other's cache.
+Target: prefix_affinity's mean TTFT <= 0.6 x round_robin's.
 Needs the ``server`` extra. Run: ``.venv/bin/python benchmarks/prefix_affinity.py``.
 """
 

@@ -25,10 +25,7 @@ def test_a_stalled_request_is_answered_by_the_copy(
 ) -> None:
     router = hedge_router(router_for)
     servers["a"].set_fault(Fault.DELAY, delay=5.0, times=1)  # round robin sends the first request to a
-    if mode == "sync":
-        response = router.chat(ASK)
-    else:
-        response = asyncio.run(router.achat(ASK))
+    response = router.chat(ASK) if mode == "sync" else asyncio.run(router.achat(ASK))
     info = call_info(response)
     assert response.choices[0].message.content == "from b"
     assert info is not None and info.route == "b" and info.hedge == "b" and info.attempts == []
@@ -118,7 +115,7 @@ def test_cancelling_the_caller_cancels_both(router_for: Callable[..., Router], s
 
 def test_hedge_config_needs_exactly_one_threshold() -> None:
     routes = {"a": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}}
-    with pytest.raises(ConfigError, match="llm.hedge.*exactly one of after_ms"):
+    with pytest.raises(ConfigError, match=r"llm\.hedge.*exactly one of after_ms"):
         config_from_dict({"llm": {"routes": routes, "hedge": {"max_rate": 0.1}}}, env={})
-    with pytest.raises(ConfigError, match="llm.hedge.after"):
+    with pytest.raises(ConfigError, match=r"llm\.hedge\.after"):
         config_from_dict({"llm": {"routes": routes, "hedge": {"after": "p42"}}}, env={})

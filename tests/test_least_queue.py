@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -142,7 +143,5 @@ def test_async_scraper_task() -> None:
 
 
 def _ignore_errors(client: openai.OpenAI) -> None:
-    try:
+    with contextlib.suppress(openai.APIError):
         client.chat.completions.create(model=MODEL, messages=ASK)  # type: ignore[list-item]
-    except openai.APIError:
-        pass

@@ -25,7 +25,11 @@ CUTS = {
 @pytest.fixture
 def fleet() -> Iterator[dict[str, FaultServer]]:
     """Three servers of one model (the same reply), as a vLLM fleet would be."""
-    with FaultServer(MODEL, reply=REPLY) as a, FaultServer(MODEL, reply=REPLY) as b, FaultServer(MODEL, reply=REPLY) as c:
+    with (
+        FaultServer(MODEL, reply=REPLY) as a,
+        FaultServer(MODEL, reply=REPLY) as b,
+        FaultServer(MODEL, reply=REPLY) as c,
+    ):
         yield {"a": a, "b": b, "c": c}
 
 
@@ -105,7 +109,7 @@ def test_without_a_flagged_route_the_typed_error_says_why(
 def test_off_by_default(fleet: dict[str, FaultServer], build: Callable[..., Router]) -> None:
     router = build(continue_on=())
     fleet["a"].set_fault(Fault.CUT, after_chunks=3)
-    received, exc = partial(router, "stream")
+    _, exc = partial(router, "stream")
     assert isinstance(exc, StreamInterruptedError) and exc.continuation == ""
     assert fleet["b"].hits == 0 and fleet["c"].hits == 0
 
@@ -157,9 +161,7 @@ def test_langchain_stream_is_seamless(fleet: dict[str, FaultServer], build: Call
 
 
 @pytest.mark.parametrize("mode", ["stream_chat", "astream_chat"])
-def test_llama_index_stream_is_seamless(
-    fleet: dict[str, FaultServer], build: Callable[..., Router], mode: str
-) -> None:
+def test_llama_index_stream_is_seamless(fleet: dict[str, FaultServer], build: Callable[..., Router], mode: str) -> None:
     llm = VLLMRouted(router=build())
     fleet["a"].set_fault(Fault.CUT, after_chunks=3)
     messages = [ChatMessage(role="user", content="count")]
