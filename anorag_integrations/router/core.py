@@ -828,7 +828,7 @@ class Router:
         call.info.continued += 1
         call.info.route = twin.info.route
         opened.pending = [chunk for chunk in opened.pending if _has_payload(chunk)]
-        log.warning("stream continued on route %r after a cut", twin.info.route)
+        log.info("stream continued on route %r after a cut", twin.info.route)
 
 
 async def _shielded(task: asyncio.Future[_T]) -> _T:
