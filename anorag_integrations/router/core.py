@@ -6,7 +6,10 @@ once; ``fallback_route`` is tried last. The first round runs without tenacity (a
 at once pays nothing for retrying); later rounds run under tenacity, which waits between them
 (exponential with jitter, at least any ``Retry-After``), all bounded by the request ``deadline``.
 Streams fail over the same way until their first chunk with content has been delivered; after that
-a failure raises ``StreamInterruptedError`` with exactly what was delivered.
+a failure continues the answer on a route with ``continue_streams`` (vLLM's
+``continue_final_message``), else raises ``StreamInterruptedError`` with exactly what was delivered.
+With ``hedge`` configured, a non-streaming request still unanswered after the threshold is raced
+against a copy on another route (see ``hedge.py``).
 """
 
 from __future__ import annotations
@@ -793,33 +796,21 @@ class Router:
         if not self._continuable:
             raise error  # no route has continue_streams: true (the default)
         if tally.other:
-            raise StreamInterruptedError(
-                route=error.route,
-                url=error.url,
-                delivered_chunks=error.delivered_chunks,
-                delivered_text=error.delivered_text,
-                cause=error.__cause__ or error,
-                continuation="reasoning or tool calls had been delivered; only text can be continued",
-            )
+            raise error.not_continued("reasoning or tool calls had been delivered; only text can be continued")
         return call.continuation("".join(tally.text), tally.content_chunks, tally.cut), error
 
+    @staticmethod
     def _not_continued(
-        self, call: _Call, twin: _Call, error: StreamInterruptedError, failed: RouterError
+        call: _Call, twin: _Call, error: StreamInterruptedError, failed: RouterError
     ) -> StreamInterruptedError:
+        """``error``, saying why the continuation failed; the continuation's attempts join the call's."""
         call.info.attempts += twin.info.attempts
         reason = (
             "no other route with continue_streams: true is available"
             if isinstance(failed, AllRoutesFailed) and not twin.info.attempts
             else str(failed)
         )
-        return StreamInterruptedError(
-            route=error.route,
-            url=error.url,
-            delivered_chunks=error.delivered_chunks,
-            delivered_text=error.delivered_text,
-            cause=error.__cause__ or error,
-            continuation=reason,
-        )
+        return error.not_continued(reason)
 
     @staticmethod
     def _continued(call: _Call, twin: _Call, opened: _Opened) -> None:

@@ -127,6 +127,17 @@ class StreamInterruptedError(RouterError):
             + (f"; not continued elsewhere: {continuation}" if continuation else "")
         )
 
+    def not_continued(self, reason: str) -> StreamInterruptedError:
+        """The same error, saying why the stream was not continued on another route."""
+        return StreamInterruptedError(
+            route=self.route,
+            url=self.url,
+            delivered_chunks=self.delivered_chunks,
+            delivered_text=self.delivered_text,
+            cause=self.__cause__ or self,
+            continuation=reason,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
