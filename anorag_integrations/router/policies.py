@@ -17,7 +17,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -191,13 +191,17 @@ class LeastOutstanding:
     def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
             return min(pair, key=_load)
-        candidates = _usable(routes, usable)
-        if not candidates:
-            return None
-        loads = [_load(route) for route in candidates]  # one read each: they move under us
-        best = min(loads)
-        tied = [route for route, load in zip(candidates, loads, strict=True) if load == best]
-        return tied[next(self._turn) % len(tied)]
+        return _fewest(_usable(routes, usable), _load, self._turn)
+
+
+def _fewest(candidates: list[Route], key: Callable[[Route], Any], turn: Iterator[int]) -> Route | None:
+    """The candidate with the lowest ``key`` (read once each: loads move under us); ties take turns."""
+    if not candidates:
+        return None
+    keys = [key(route) for route in candidates]
+    best = min(keys)
+    tied = [route for route, k in zip(candidates, keys, strict=True) if k == best]
+    return tied[next(turn) % len(tied)]
 
 
 def _load(route: Route) -> float:
@@ -312,10 +316,4 @@ class LeastQueue:
         now = self._clock()
         if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
             return min(pair, key=lambda route: self.depth(route, now))
-        candidates = _usable(routes, usable)
-        if not candidates:
-            return None
-        depths = [self.depth(route, now) for route in candidates]
-        best = min(depths)
-        tied = [route for route, depth in zip(candidates, depths, strict=True) if depth == best]
-        return tied[next(self._turn) % len(tied)]
+        return _fewest(_usable(routes, usable), lambda route: self.depth(route, now), self._turn)
