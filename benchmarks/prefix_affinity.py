@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import random
 import statistics
 import time
@@ -25,7 +24,7 @@ from _common import save
 from _measure import percentile
 
 from anorag_integrations import Router, call_info
-from anorag_integrations.cli.servers import LlamaServer, free_port
+from anorag_integrations.cli.servers import LlamaServer, free_port, running
 from anorag_integrations.config import config_from_dict
 
 PARALLEL = 4
@@ -96,14 +95,8 @@ async def run(urls: list[str], model: str, policy: str, requests: list[Any], con
 
 def measure(policy: str, requests: list[Any], concurrency: int, cache_ram: int) -> dict[str, Any]:
     """One policy on two freshly started servers (empty caches)."""
-    with contextlib.ExitStack() as stack:
-        flags = ["--cache-ram", str(cache_ram)]
-        servers = [LlamaServer(free_port(), parallel=PARALLEL, extra_args=flags) for _ in range(2)]
-        for server in servers:
-            stack.callback(server.stop)
-            server.start(wait=False)
-        for server in servers:
-            server.wait_ready()
+    flags = ["--cache-ram", str(cache_ram)]
+    with running([LlamaServer(free_port(), parallel=PARALLEL, extra_args=flags) for _ in range(2)]) as servers:
         urls = [s.base_url for s in servers]
         return asyncio.run(run(urls, servers[0].alias, policy, requests, concurrency))
 

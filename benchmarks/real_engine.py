@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from _common import save
 from _measure import percentile
 
 from anorag_integrations import Router, call_info
-from anorag_integrations.cli.servers import LlamaServer, free_port
+from anorag_integrations.cli.servers import LlamaServer, free_port, running
 from anorag_integrations.config import config_from_dict
 
 PARALLEL = 2
@@ -72,13 +71,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
-    with contextlib.ExitStack() as stack:
-        servers = [LlamaServer(free_port(), parallel=PARALLEL) for _ in range(2)]
-        for server in servers:
-            stack.callback(server.stop)
-            server.start(wait=False)
-        for server in servers:
-            server.wait_ready()
+    with running([LlamaServer(free_port(), parallel=PARALLEL) for _ in range(2)]) as servers:
         urls = [s.base_url for s in servers]
         model = servers[0].alias
         asyncio.run(run(urls, model, 8, args.concurrency, args.max_tokens))  # warm both servers

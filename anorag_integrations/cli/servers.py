@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 DEFAULT_ALIAS = "gemma3_270m"
@@ -59,6 +59,20 @@ def server_command() -> str:
             "(builds llama.cpp; see README for the CMAKE_ARGS these CPUs need)"
         )
     return found
+
+
+@contextlib.contextmanager
+def running(servers: Sequence[LlamaServer]) -> Iterator[list[LlamaServer]]:
+    """Start every server at once (they load in parallel), wait until all are ready; stop all on exit."""
+    try:
+        for server in servers:
+            server.start(wait=False)
+        for server in servers:
+            server.wait_ready()
+        yield list(servers)
+    finally:
+        for server in servers:
+            server.stop()
 
 
 class LlamaServer:
