@@ -24,16 +24,61 @@ from typing import Any
 
 from aiohttp import web
 
+from . import malformed
+from .malformed import MODELS_FAULTS, Write
+
 
 class Fault(StrEnum):
+    """What chat requests get (``set_fault``); ``FaultServer.models_fault`` breaks ``GET /v1/models`` instead.
+
+    From HTML on, the malformed answers a hostile server or a broken proxy sends: HTTP 200 (unless
+    said) whose content a client must cope with or fail cleanly on (``malformed`` builds them).
+    """
+
     NONE = "none"
-    STATUS = "status"  # answer with an HTTP error status (options: status, retry_after, message)
+    # Answer with an HTTP error status (options: status, retry_after, message). The Retry-After header
+    # is sent as str(retry_after), as given: 3600, "inf", "nan", "-5", an HTTP date, any garbage (but
+    # control characters other than tab, which aiohttp refuses to send: set_fault raises ValueError).
+    STATUS = "status"
     HANG = "hang"  # accept the request and never answer (until the fault is cleared or the server stops)
     REFUSE = "refuse"  # stop listening: connections are refused
     CUT = "cut"  # close the connection mid-response (streams: after `after_chunks` content chunks)
     ERROR_EVENT = "error_event"  # HTTP 200 stream with `data: {"error": ...}` after `after_chunks` chunks
     SLOW_FIRST_TOKEN = "slow_first_token"  # wait `delay` seconds before the first chunk / the response
     DELAY = "delay"  # wait `delay` seconds before answering every request (a slow but healthy server)
+    # A captive portal's / load balancer's page: `text/html`, status `status` (default 200), for plain
+    # and stream requests alike, before the request is checked (a proxy answers, not the server).
+    HTML = "html"
+    # Plain: `application/json`, the completion's first `keep` bytes (default half), then the connection
+    # is closed (Content-Length matches, Connection: close). Stream: `after_chunks` content chunks
+    # (default half), then a `data: {...` event whose JSON is cut to `keep` bytes, then the end (no [DONE]).
+    TRUNCATED_JSON = "truncated_json"
+    # Plain: `application/json` whose body is `body` (default `{"id": garbage, not json`). Stream: the
+    # stream is whole but a `data: <body>` event comes after `after_chunks` content chunks (default half).
+    INVALID_JSON = "invalid_json"
+    # Plain: `application/json` whose body is `value` as JSON (default "ok": `"ok"`; None sends `null`).
+    # Stream: `count` (default 3) events `data: "ok"` and then `data: [DONE]`, nothing else.
+    STRING_BODY = "string_body"
+    # Plain: a well-formed completion with `"choices": []`. Stream: every chunk has `"choices": []` (so
+    # never a finish_reason), usage when asked, then `data: [DONE]`.
+    NO_CHOICES = "no_choices"
+    # Stream: `: comment`, `retry: 100`, `id: 7`, `event: ping` and `data: {}` blocks (all before the
+    # first chunk, then one before each), among the normal chunks. `complete=False`: the stream ends
+    # cleanly after `after_chunks` content chunks (default half) and noise, without finish_reason or
+    # [DONE]. Plain requests are answered normally.
+    SSE_NOISE = "sse_noise"
+    # The normal answer (plain or stream), its body sent one byte at a time, `interval` seconds apart
+    # (default 0.2), headers at once: no read times out, the whole takes long. Clearing (or changing)
+    # the fault sends the rest at once; stopping the server drops the connection at once.
+    TRICKLE = "trickle"
+
+
+class _Dropped(Exception):
+    """The connection is gone mid-response (the client left or the server stops): end the handler quietly."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("connection dropped")
+        self.response = response
 
 
 @dataclass
@@ -85,6 +130,7 @@ class FaultServer:
         """What ``/metrics`` reports as KV-cache use (0-1)."""
         self.latency = 0.0
         """Seconds every answer takes (a healthy server's service time), before any fault's delay."""
+        self._models_fault: str | None = None
         self.hits = 0
         self.running = 0
         self.waiting = 0
@@ -99,6 +145,7 @@ class FaultServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._release: asyncio.Event | None = None
+        self._stopping = False
 
     # --- control, from any thread ------------------------------------------------------------------
 
@@ -110,17 +157,34 @@ class FaultServer:
     def base_url(self) -> str:
         return f"{self.root_url}/v1"
 
+    @property
+    def models_fault(self) -> str | None:
+        """How ``GET /v1/models`` is malformed (None: it answers normally); chat requests don't change it.
+
+        All HTTP 200: "html" (a ``text/html`` page), "null" (``null``), "invalid" (not JSON), "string"
+        (``"x"``), "no_data" (``{"object": "list"}``, no ``data``).
+        """
+        return self._models_fault
+
+    @models_fault.setter
+    def models_fault(self, kind: str | None) -> None:
+        if kind is not None and kind not in MODELS_FAULTS:
+            raise ValueError(f"models_fault must be None or one of {', '.join(MODELS_FAULTS)}, not {kind!r}")
+        self._models_fault = kind
+
     def set_fault(self, fault: Fault | str | None, *, times: int | None = None, **options: Any) -> None:
         """Switch the fault for the next ``times`` chat requests (all when None); None clears it.
 
         ``every=N`` among the options applies it to every Nth chat request only (an occasional fault).
         """
         fault = Fault(fault or Fault.NONE)
+        if fault is Fault.STATUS and options.get("retry_after") is not None:
+            _header_value(options["retry_after"])  # fail here, not as a dropped connection later
         previous = self._state.fault
         with self._lock:
             self._state = _FaultState(fault, times, options)
-        if previous is Fault.HANG and fault is not Fault.HANG:
-            self._call(self._wake_hung())
+        if previous in (Fault.HANG, Fault.TRICKLE) and fault is not previous:
+            self._call(self._wake_hung())  # hung requests answer, trickling ones send the rest at once
         if fault is Fault.REFUSE and previous is not Fault.REFUSE:
             self._call(self._stop_listening())
         elif previous is Fault.REFUSE and fault is not Fault.REFUSE:
@@ -162,6 +226,7 @@ class FaultServer:
         self._loop = loop
         asyncio.set_event_loop(loop)
         self._release = asyncio.Event()
+        self._stopping = False
         if self.max_running is not None:
             self._slots = asyncio.Semaphore(self.max_running)
         app = web.Application()
@@ -208,6 +273,7 @@ class FaultServer:
         self._release = asyncio.Event()
 
     async def _shutdown(self) -> None:
+        self._stopping = True  # trickling handlers drop their connection instead of finishing
         await self._wake_hung()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -255,6 +321,8 @@ class FaultServer:
         return web.Response(text=text, content_type="text/plain")
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self._models_fault is not None:
+            return malformed.models_answer(self._models_fault)
         model = {
             "id": self.model,
             "object": "model",
@@ -286,6 +354,8 @@ class FaultServer:
                 assert self._release is not None
                 await self._release.wait()
                 return _error(503, "hang released")
+            if state.fault is Fault.HTML:
+                return malformed.html_page(int(opts.get("status", 200)))
             if state.fault is Fault.DELAY or (state.fault is Fault.SLOW_FIRST_TOKEN and not body.get("stream")):
                 await asyncio.sleep(float(opts.get("delay", 1.0)))
             if body.get("model") != self.model:
@@ -300,11 +370,56 @@ class FaultServer:
                 return _error(400, message)
             if body.get("stream"):
                 return await self._stream(request, body, state)
-            return web.json_response(self._completion(body))
+            return await self._answer(request, body, state)
+        except _Dropped as dropped:
+            return dropped.response  # aiohttp finds the connection closed and ends the request quietly
         finally:
             self.running -= 1
             if self._slots is not None:
                 self._slots.release()
+
+    async def _answer(self, request: web.Request, body: Mapping[str, Any], state: _FaultState) -> web.StreamResponse:
+        """The answer to a plain (not stream) request, as the fault makes it."""
+        opts = state.options
+        if state.fault is Fault.INVALID_JSON:
+            return malformed.json_text(str(opts.get("body", malformed.INVALID_JSON)))
+        if state.fault is Fault.STRING_BODY:
+            return malformed.json_text(json.dumps(opts.get("value", "ok")))
+        completion = self._completion(body)
+        if state.fault is Fault.NO_CHOICES:
+            completion["choices"] = []
+        data = json.dumps(completion).encode()
+        if state.fault is Fault.TRUNCATED_JSON:
+            keep = opts.get("keep")
+            return malformed.json_text(malformed.truncated(data, None if keep is None else int(keep)), close=True)
+        if state.fault is not Fault.TRICKLE:
+            return web.json_response(completion)
+        response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        await self._trickler(request, response, opts)(data)
+        await response.write_eof()
+        return response
+
+    def _trickler(self, request: web.Request, response: web.StreamResponse, opts: Mapping[str, Any]) -> Write:
+        """A writer that sends one byte every ``interval`` seconds until the fault is cleared (then the
+        rest at once) or the server stops (then it drops the connection); ``_Dropped`` when the connection is gone."""
+        interval = float(opts.get("interval", 0.2))
+        assert self._release is not None
+        released = self._release
+
+        async def write(data: bytes) -> None:
+            try:
+                rest = await malformed.trickle(response.write, data, interval, released)
+                if rest and not self._stopping:
+                    await response.write(rest)
+            except ConnectionResetError as exc:  # the client gave up
+                raise _Dropped(response) from exc
+            if rest and self._stopping:
+                drop_connection(request)
+                raise _Dropped(response)
+
+        return write
 
     def _text(self, body: Mapping[str, Any]) -> str:
         """The reply; with ``continue_final_message``, the rest of it after the final assistant message."""
@@ -361,6 +476,15 @@ class FaultServer:
         opts = state.options
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+        if state.fault is Fault.STRING_BODY:
+            await response.write(malformed.value_events(opts.get("value", "ok"), int(opts.get("count", 3))))
+            await response.write_eof()
+            return response
+        write: Write = response.write
+        if state.fault is Fault.TRICKLE:
+            write = self._trickler(request, response, opts)
+        elif state.fault is Fault.SSE_NOISE:
+            write = malformed.noisy(response.write)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
@@ -372,19 +496,19 @@ class FaultServer:
             }
             data["choices"] = (
                 [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "stop_reason": None}]
-                if choices
+                if choices and state.fault is not Fault.NO_CHOICES
                 else []
             )
             if usage is not None:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n".encode()
 
-        await response.write(chunk({"role": "assistant", "content": ""}))
+        await write(chunk({"role": "assistant", "content": ""}))
         if state.fault is Fault.SLOW_FIRST_TOKEN:
             await asyncio.sleep(float(opts.get("delay", 1.0)))
         words, finish = self._words(body)
         for piece in (self.reasoning or "").split(" ") if self.reasoning else ():
-            await response.write(chunk({self.reasoning_field: piece + " "}))
+            await write(chunk({self.reasoning_field: piece + " "}))
         if (tool := self._tool(body)) is not None:
             # As vLLM streams tool calls: name first with arguments null, then the arguments in pieces.
             head = {
@@ -393,11 +517,11 @@ class FaultServer:
                 "type": "function",
                 "function": {"name": tool, "arguments": None},
             }
-            await response.write(chunk({"tool_calls": [head]}))
+            await write(chunk({"tool_calls": [head]}))
             arguments = json.dumps(self.tool_arguments)
             half = len(arguments) // 2
             for part in (arguments[:half], arguments[half:]):
-                await response.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+                await write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
             words, finish = [], "tool_calls"
         after = int(opts.get("after_chunks", len(words) // 2))
         for i, word in enumerate(words):
@@ -413,13 +537,25 @@ class FaultServer:
                         "code": int(opts.get("status", 500)),
                     }
                 }
-                await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                await write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
                 return response
-            await response.write(chunk({"content": word}))
-        await response.write(chunk({}, finish))
+            if i == after and state.fault is Fault.TRUNCATED_JSON:
+                keep = opts.get("keep")
+                await write(malformed.truncated_event(chunk({"content": word}), None if keep is None else int(keep)))
+                response.force_close()
+                await response.write_eof()
+                return response
+            if i == after and state.fault is Fault.INVALID_JSON:
+                await write(f"data: {opts.get('body', malformed.INVALID_JSON)}\n\n".encode())
+            if i == after and state.fault is Fault.SSE_NOISE and not opts.get("complete", True):
+                await write(b"")  # noise, and no finish_reason or [DONE]
+                await response.write_eof()
+                return response
+            await write(chunk({"content": word}))
+        await write(chunk({}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await response.write(chunk({}, usage=_usage(body, len(words)), choices=False))
-        await response.write(b"data: [DONE]\n\n")
+            await write(chunk({}, usage=_usage(body, len(words)), choices=False))
+        await write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
@@ -443,7 +579,8 @@ def _usage(body: Mapping[str, Any], completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
-def _error(status: int, message: str, retry_after: float | None = None, err_type: str | None = None) -> web.Response:
+def _error(status: int, message: str, retry_after: object = None, err_type: str | None = None) -> web.Response:
+    """vLLM's error body; ``Retry-After: str(retry_after)`` unless None (any value, sent as given)."""
     kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError"}
     body = {
         "error": {
@@ -453,5 +590,13 @@ def _error(status: int, message: str, retry_after: float | None = None, err_type
             "code": status,
         }
     }
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    headers = {"Retry-After": _header_value(retry_after)} if retry_after is not None else None
     return web.json_response(body, status=status, headers=headers)
+
+
+def _header_value(value: object) -> str:
+    """``str(value)``, which aiohttp can send as a header value: no control character but tab (ValueError)."""
+    text = str(value)
+    if any((ord(c) < 0x20 and c != "\t") or c == "\x7f" for c in text):
+        raise ValueError(f"a header value cannot hold control characters (but tab): {text!r}")
+    return text
