@@ -1,11 +1,17 @@
-"""What both framework adapters take from a router call: request keywords, reasoning text, call facts."""
+"""What both framework adapters share: the router they use, request keywords, reasoning text, call facts."""
 
 from __future__ import annotations
 
+import os
+from os import PathLike
 from typing import Any
 
-from .router import CallInfo
+from pydantic import SecretStr
 
+from .router import CallInfo, Router
+
+API_KEY_ENV = "VLLM_API_KEY"
+"""The default route's key (applied by the config loader), and the key of a single ``base_url`` server."""
 ADAPTER_PARAMS = ("temperature", "max_tokens", "top_p", "timeout", "max_retries", "route")
 """Adapter fields passed to the router as they are (when set)."""
 
@@ -15,6 +21,21 @@ def router_params(adapter: object, *, model: str | None) -> dict[str, Any]:
     params = {name: getattr(adapter, name) for name in ADAPTER_PARAMS}
     params["model"] = model
     return {key: value for key, value in params.items() if value is not None}
+
+
+def shared_router(
+    config_path: str | PathLike[str] | None, *, base_url: str | None, model: str | None, api_key: SecretStr | None
+) -> Router:
+    """The process-wide router of an adapter; ``api_key``, passed explicitly, replaces every route's key.
+
+    ``$VLLM_API_KEY`` is not passed on as an every-route key: the config loader gives it to the default
+    route only, and adapters built from one config share one router. With ``base_url`` the single
+    server is the default route, so the variable is its key.
+    """
+    key = api_key.get_secret_value() if api_key is not None else None
+    if base_url is not None and key is None:
+        key = os.environ.get(API_KEY_ENV) or None
+    return Router.shared(config_path, base_url=base_url, model=model, api_key=key)
 
 
 def reasoning_text(obj: Any) -> str | None:

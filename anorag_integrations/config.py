@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from .router.errors import ConfigError
 from .router.policies import POLICIES
+from .router.secrets import clip, is_secret_key, preview, redact_repr_args
 
 DEFAULT_CONFIG_PATH = "config.yaml"
 ENV_CONFIG_PATH = "ANORAG_CONFIG"
@@ -50,6 +51,8 @@ ROUTER_KEYS = frozenset(
 )
 OLLAMA_FALLBACK_ROUTE = "ollama"
 """Name of the route ``fallback_to_ollama: true`` builds from the ``llm.ollama`` section."""
+MAX_ALIAS_EXPANSION = 100_000
+"""Nodes YAML aliases may add to a config file; a "billion laughs" file of 500 bytes adds billions."""
 
 
 class _Section(BaseModel):
@@ -73,6 +76,10 @@ class RouteConfig(_Section):
         description="a stream cut on another route may continue here (vLLM's continue_final_message)",
     )
 
+    def __repr_args__(self) -> Any:
+        """Fields for repr: credentials in ``base_url`` are masked (the key is a ``SecretStr`` already)."""
+        return redact_repr_args(super().__repr_args__())
+
     @model_validator(mode="after")
     def _ollama_only(self) -> RouteConfig:
         if self.api != "ollama" and (self.options or self.keep_alive is not None):
@@ -84,11 +91,11 @@ class RouteConfig(_Section):
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {value!r} (expected e.g. http://127.0.0.1:8000/v1)")
+            raise ValueError(f"not an http(s) URL: {preview(value)} (expected e.g. http://127.0.0.1:8000/v1)")
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
-            raise ValueError(f"bad port in URL {value!r}") from None
+            raise ValueError(f"bad port in URL {preview(value)}") from None
         return value.strip().rstrip("/")
 
 
@@ -101,6 +108,9 @@ class Params(_Section):
     timeout: float = Field(default=60.0, gt=0, description="seconds per attempt (for streams: between chunks)")
     max_retries: int = Field(default=2, ge=0, description="extra full rounds over the routes after the first")
     deadline: float | None = Field(default=None, gt=0, description="total seconds for one request, all attempts")
+    max_retry_after: float = Field(
+        default=60.0, ge=0, allow_inf_nan=False, description="longest Retry-After honoured (the openai SDK's cap)"
+    )
 
 
 class HealthConfig(_Section):
@@ -162,7 +172,7 @@ class Config(_Section):
     @classmethod
     def _known_policy(cls, value: str) -> str:
         if value not in POLICIES:
-            raise ValueError(f"unknown lb_policy {value!r}; choose one of {', '.join(sorted(POLICIES))}")
+            raise ValueError(f"unknown lb_policy {preview(value)}; choose one of {', '.join(sorted(POLICIES))}")
         return value
 
     @model_validator(mode="after")
@@ -170,7 +180,7 @@ class Config(_Section):
         for key in ("default_route", "fallback_route"):
             name = getattr(self, key)
             if name is not None and name not in self.routes:
-                raise ValueError(f"{key}: {name!r} is not among the routes ({', '.join(self.routes)})")
+                raise ValueError(f"{key}: {preview(name)} is not among the routes ({clip(', '.join(self.routes))})")
         if self.fallback_route is not None and len(self.routes) == 1:
             raise ValueError("fallback_route: needs at least one other route to fall back from")
         return self
@@ -220,13 +230,62 @@ def read_document(
         how = "" if explicit else f"; pass a path, set ${ENV_CONFIG_PATH}, or set VLLM_BASE_URL and VLLM_MODEL"
         raise ConfigError(str(file), [("", f"config file not found{how}")])
     try:
-        return yaml.safe_load(file.read_text(encoding="utf-8")), str(file)
+        return _load_yaml(file.read_text(encoding="utf-8")), str(file)
+    except _AliasBomb:
+        raise ConfigError(
+            str(file),
+            [("", f"YAML aliases expand past {MAX_ALIAS_EXPANSION:,} extra values (or contain themselves)")],
+        ) from None
+    except RecursionError:
+        raise ConfigError(str(file), [("", "not valid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         raise ConfigError(str(file), [("", f"{where}not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
     except OSError as exc:
         raise ConfigError(str(file), [("", f"cannot read: {exc.strerror or exc}")]) from None
+
+
+class _AliasBomb(yaml.YAMLError):
+    """The document's aliases expand past ``MAX_ALIAS_EXPANSION`` nodes (or refer to themselves)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand too far (PyYAML has no such limit)."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node: yaml.Node | None = super().compose_document()
+        if node is not None:
+            sizes: dict[int, int] = {}
+            if _expanded_size(node, sizes) > len(sizes) + MAX_ALIAS_EXPANSION:
+                raise _AliasBomb()
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes under ``node`` with every alias written out; each distinct node is measured once."""
+    known = sizes.get(id(node))
+    if known is not None:
+        if known < 0:  # met again while being measured: the node contains itself
+            raise _AliasBomb()
+        return known
+    sizes[id(node)] = -1
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(item, sizes) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(key, sizes) + _expanded_size(value, sizes) for key, value in node.value)
+    sizes[id(node)] = total
+    return total
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with alias expansion bounded by ``MAX_ALIAS_EXPANSION``."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def config_from_dict(data: object, *, source: str = "<dict>", env: Mapping[str, str] | None = None) -> Config:
@@ -254,7 +313,10 @@ def _router_section(data: object, source: str) -> tuple[dict[str, Any], str]:
         got = "missing" if llm is None else f"expected a mapping, got {type(llm).__name__}"
         raise ConfigError(source, [("llm", got)])
     problems = [
-        (f"llm.{key}", f"unknown key; expected one of {', '.join(sorted(ROUTER_KEYS | {'provider', 'vllm_openai'}))}")
+        (
+            f"llm.{clip(str(key))}",
+            f"unknown key; expected one of {', '.join(sorted(ROUTER_KEYS | {'provider', 'vllm_openai'}))}",
+        )
         for key in llm
         if key not in ROUTER_KEYS | OTHER_PROVIDER_SECTIONS | {"provider", "vllm_openai"}
     ]
@@ -263,7 +325,7 @@ def _router_section(data: object, source: str) -> tuple[dict[str, Any], str]:
         if not isinstance(nested, dict):
             problems.append(("llm.vllm_openai", f"expected a mapping, got {type(nested).__name__}"))
         problems += [
-            (f"llm.{key}", "with the llm.vllm_openai layout this key belongs under llm.vllm_openai")
+            (f"llm.{clip(str(key))}", "with the llm.vllm_openai layout this key belongs under llm.vllm_openai")
             for key in llm
             if key in ROUTER_KEYS
         ]
@@ -324,9 +386,9 @@ def _describe(err: Any, prefix: str, from_env: dict[tuple[str, ...], str]) -> tu
         message = "unknown key"
     elif kind == "too_short" and loc == ("routes",):
         message = "no routes defined; add at least one under routes:"
-    elif "api_key" not in loc and not kind.startswith("value_error") and "input" in err:
-        message = f"{message} (got {err['input']!r})"
-    key = ".".join((prefix, *loc)) if loc else prefix
+    elif not any(is_secret_key(part) for part in loc) and not kind.startswith("value_error") and "input" in err:
+        message = f"{message} (got {preview(err['input'])})"
+    key = ".".join((prefix, *map(clip, loc))) if loc else prefix
     if loc[:3] in from_env:
         key += f" (from ${from_env[loc[:3]]})"
     # A model-level check (default_route, fallback_route) names its own key in the message.

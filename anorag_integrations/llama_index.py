@@ -26,10 +26,14 @@ from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr, field_serializer
 
-from ._adapters import call_metadata, reasoning_text, router_params
+from ._adapters import call_metadata, reasoning_text, router_params, shared_router
 from .router import Router, call_info
+from .router.secrets import redact_repr_args
+
+MASKED_KEY = "**********"
+"""What ``to_dict``/``to_json`` store for ``api_key``: the key itself is never serialised."""
 
 
 class VLLMRouted(CustomLLM):
@@ -39,7 +43,9 @@ class VLLMRouted(CustomLLM):
     route: str | None = Field(default=None, description="pin every request to this route")
     model: str | None = Field(default=None, description="model to request; default: each route's own")
     base_url: str | None = Field(default=None, description="a single server instead of a config file")
-    api_key: SecretStr | None = Field(default=None, description="replaces every route's key")
+    api_key: SecretStr | None = Field(
+        default=None, description="replaces every route's key ($VLLM_API_KEY is the default route's, from config)"
+    )
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
@@ -51,14 +57,30 @@ class VLLMRouted(CustomLLM):
 
     def __init__(self, router: Router | None = None, **data: Any) -> None:
         super().__init__(**data)
-        key = self.api_key.get_secret_value() if self.api_key else None
-        self._router = router or Router.shared(self.config_path, base_url=self.base_url, model=self.model, api_key=key)
+        self._router = router or shared_router(
+            self.config_path, base_url=self.base_url, model=self.model, api_key=self.api_key
+        )
         if self.route is not None and self.route not in self._router.routes:
             raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(self._router.routes)})")
 
     @classmethod
     def class_name(cls) -> str:
         return "VLLMRouted"
+
+    @field_serializer("api_key")
+    def _mask_key(self, key: SecretStr | None) -> str | None:
+        """``to_dict``/``to_json`` (and LlamaIndex's callback payloads) show that a key is set, never which."""
+        return None if key is None else MASKED_KEY
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> VLLMRouted:
+        """Rebuild from ``to_dict``; the masked key is dropped, so pass the real one: ``from_dict(d, api_key=...)``."""
+        data = {k: v for k, v in data.items() if not (k == "api_key" and v == MASKED_KEY)}
+        return super().from_dict(data, **kwargs)
+
+    def __repr_args__(self) -> Any:
+        """Fields for repr: credentials in ``base_url`` are masked."""
+        return redact_repr_args(super().__repr_args__())
 
     @property
     def router(self) -> Router:

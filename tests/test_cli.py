@@ -81,6 +81,39 @@ def test_bad_config_is_one_clear_message_not_a_traceback(tmp_path: Path) -> None
         main(["--debug", "--config", str(path), "healthcheck"])
 
 
+def test_global_options_after_the_command(
+    tmp_path: Path, servers: dict[str, FaultServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, servers)
+    assert main(["healthcheck", "--config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["healthy"] == 3
+    # given on both sides, the one after the command wins; given before only, it is not reset
+    assert main(["--config", str(tmp_path / "missing.yaml"), "healthcheck", "--config", str(path)]) == 0
+    assert main(["--config", str(path), "healthcheck", "--json"]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("llm:\n  routes:\n    a: {base_url: 'gpu1:8000', model: x}\n")
+    with pytest.raises(ConfigError):  # --debug after the command still means: the traceback
+        main(["healthcheck", "--config", str(bad), "--debug"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["servers", "status", "--config", "c.yaml", "--debug", "--json"],
+        ["servers", "--config", "c.yaml", "--debug", "status", "--json"],
+        ["--config", "c.yaml", "--debug", "servers", "status", "--json"],
+        ["--debug", "servers", "status", "--config", "c.yaml", "--json"],
+    ],
+    ids=["after_action", "after_command", "before", "split"],
+)
+def test_global_options_anywhere_in_a_subcommand(argv: list[str]) -> None:
+    from anorag_integrations.cli import _parser
+
+    args = _parser().parse_args(argv)
+    assert (args.command, args.action, args.config) == ("servers", "status", "c.yaml")
+    assert args.debug is True and args.json is True
+
+
 # --- bench -------------------------------------------------------------------------------------------
 
 SEED_SECTIONS = {

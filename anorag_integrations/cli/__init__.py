@@ -27,20 +27,31 @@ PRESET_FLAGS: dict[str, type] = {
 """Command-line overrides of a vLLM preset's fields."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anorag-llm", description="Route LLM calls over a fleet of vLLM servers.")
+def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options every command takes (``--config``, ``--debug``) to ``parser``."""
     parser.add_argument("--config", help="config file (default: $ANORAG_CONFIG or ./config.yaml)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _global_options(
+        argparse.ArgumentParser(prog="anorag-llm", description="Route LLM calls over a fleet of vLLM servers.")
+    )
+    # The same options after a (sub)command: without a default there, so one given before it survives.
+    common = [_global_options(argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS))]
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("demo", help="start two local llama.cpp servers, route requests over them, show tables")
+    sub.add_parser(
+        "demo", parents=common, help="start two local llama.cpp servers, route requests over them, show tables"
+    )
 
-    health = sub.add_parser("healthcheck", help="probe every route; exit 0 only when all are healthy")
+    health = sub.add_parser("healthcheck", parents=common, help="probe every route; exit 0 only when all are healthy")
     health.add_argument("--json", action="store_true", help="print JSON instead of text")
     health.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C")
     health.add_argument("--count", type=int, help="with --watch: stop after COUNT checks")
 
-    bench = sub.add_parser("bench", help="load test through the router (all routes) or one --base-url")
+    bench = sub.add_parser("bench", parents=common, help="load test through the router (all routes) or one --base-url")
     bench.add_argument("--base-url", help="one server instead of the config's routes (env VLLM_BASE)")
     bench.add_argument("--model", help="model name (env VLLM_MODEL); required with --base-url")
     bench.add_argument("--concurrency", type=int, help="parallel requests (env CONC, default 8)")
@@ -52,9 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write the JSON report here")
     bench.add_argument("--plot", help="with --sweep: write throughput and p95 against concurrency here (PNG)")
 
-    servers = sub.add_parser("servers", help="start, stop, inspect local inference servers")
+    servers = sub.add_parser("servers", parents=common, help="start, stop, inspect local inference servers")
     actions = servers.add_subparsers(dest="action", required=True)
-    start = actions.add_parser("start", help=f"start a preset in the background: {', '.join(PRESET_NAMES)}")
+    start = actions.add_parser(
+        "start", parents=common, help=f"start a preset in the background: {', '.join(PRESET_NAMES)}"
+    )
     start.add_argument("preset", choices=PRESET_NAMES)
     start.add_argument("--ports", help=f"cpu: comma-separated ports (default {','.join(map(str, DEFAULT_PORTS))})")
     start.add_argument("--alias", default=DEFAULT_ALIAS, help="cpu: served model name")
@@ -62,11 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     for flag, kind in PRESET_FLAGS.items():
         start.add_argument(flag, type=kind, help="vLLM presets: override the preset's value")
     for action in ("stop", "status"):
-        cmd = actions.add_parser(action, help=f"{action} servers started from here (all when no NAME)")
+        cmd = actions.add_parser(action, parents=common, help=f"{action} servers started from here (all when no NAME)")
         cmd.add_argument("target", nargs="?", metavar="NAME|PRESET")
         if action == "status":
             cmd.add_argument("--json", action="store_true")
-    logs = actions.add_parser("logs", help="show the end of a server's log")
+    logs = actions.add_parser("logs", parents=common, help="show the end of a server's log")
     logs.add_argument("target", metavar="NAME|PRESET")
     logs.add_argument("-n", "--lines", type=int, default=40)
     return parser

@@ -13,6 +13,7 @@ from typing import Any, Literal, Self
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.load.serializable import SerializedConstructor, SerializedNotImplemented
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers import (
     JsonOutputKeyToolsParser,
@@ -28,8 +29,9 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
-from .._adapters import router_params
+from .._adapters import API_KEY_ENV, router_params, shared_router
 from ..router import CallInfo, Router, call_info
+from ..router.secrets import redact_repr_args
 from ._callbacks import areport, report
 from ._convert import (
     ls_format,
@@ -57,7 +59,8 @@ class ChatVLLMRouted(BaseChatModel):
     model_name: str | None = Field(default=None, alias="model")
     """Model to request; default: each route's configured model."""
     base_url: str | None = None
-    api_key: SecretStr | None = Field(default_factory=secret_from_env("VLLM_API_KEY", default=None))
+    api_key: SecretStr | None = Field(default_factory=secret_from_env(API_KEY_ENV, default=None))
+    """Passed explicitly: every route's key. Read from ``$VLLM_API_KEY``: the default route's (config loader)."""
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
@@ -74,8 +77,8 @@ class ChatVLLMRouted(BaseChatModel):
     @model_validator(mode="after")
     def _connect(self) -> Self:
         if self.router is None:
-            key = self.api_key.get_secret_value() if self.api_key else None
-            self.router = Router.shared(self.config_path, base_url=self.base_url, model=self.model_name, api_key=key)
+            key = self.api_key if "api_key" in self.model_fields_set else None  # else $VLLM_API_KEY's default
+            self.router = shared_router(self.config_path, base_url=self.base_url, model=self.model_name, api_key=key)
         if self.route is not None and self.route not in self.router.routes:
             raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(self.router.routes)})")
         return self
@@ -90,7 +93,22 @@ class ChatVLLMRouted(BaseChatModel):
 
     @property
     def lc_secrets(self) -> dict[str, str]:
-        return {"api_key": "VLLM_API_KEY"}
+        return {"api_key": API_KEY_ENV}
+
+    def to_json(self) -> SerializedConstructor | SerializedNotImplemented:
+        """LangChain's form, without a key read from ``$VLLM_API_KEY``: loading reads it there again.
+
+        An explicit key is stored as a ``$VLLM_API_KEY`` reference (``lc_secrets``); stored for a key
+        from the environment too, it would come back as an explicit, every-route key.
+        """
+        data = super().to_json()
+        if data["type"] == "constructor" and "api_key" not in self.model_fields_set:
+            data["kwargs"].pop("api_key", None)
+        return data
+
+    def __repr_args__(self) -> Any:
+        """Fields for repr: credentials in ``base_url`` are masked."""
+        return redact_repr_args(super().__repr_args__())
 
     # --- BaseChatModel overrides ---------------------------------------------------------------
     @property

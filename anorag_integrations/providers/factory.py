@@ -7,6 +7,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from .._adapters import shared_router
 from ..config import config_from_dict, read_document
 from ..router import ConfigError, Router
 from .base import LLMProvider
@@ -83,10 +84,7 @@ class VLLMOpenAIProvider(LLMProvider):
     def __init__(
         self, base_url: str | None = None, model: str | None = None, *, config: str | None = None, **defaults: Any
     ) -> None:
-        if base_url is not None:
-            router = Router.shared(base_url=base_url, model=model, api_key=os.environ.get("VLLM_API_KEY"))
-        else:
-            router = Router.shared(config)
+        router = shared_router(config, base_url=base_url, model=model, api_key=None)  # the adapters' router
         super().__init__(router, **defaults)
 
 
