@@ -21,30 +21,37 @@ class Clock:
         return self.now
 
 
+def _fail(breaker: CircuitBreaker) -> None:
+    """One request admitted now fails."""
+    ticket = breaker.acquire()
+    assert ticket is not None
+    breaker.record_failure(ticket)
+
+
 def test_breaker_opens_after_threshold_then_half_opens_for_one_trial() -> None:
     clock = Clock()
     breaker = CircuitBreaker(failure_threshold=3, cooldown_s=10, clock=clock)
-    breaker.record_failure()
-    breaker.record_failure()
+    _fail(breaker)
+    _fail(breaker)
     assert breaker.state is BreakerState.CLOSED and breaker.acquire()
-    breaker.record_failure()
+    _fail(breaker)
     assert breaker.state is BreakerState.OPEN
     assert not breaker.available() and not breaker.acquire()
     clock.now += 10
     assert breaker.state is BreakerState.HALF_OPEN
-    assert breaker.acquire()  # the one trial
+    trial = breaker.acquire()  # the one trial
+    assert trial is not None and trial.trial
     assert not breaker.acquire() and not breaker.available()  # everyone else waits for it
-    breaker.record_success()
+    breaker.record_success(trial)
     assert breaker.state is BreakerState.CLOSED and breaker.acquire()
 
 
 def test_failed_trial_reopens_for_a_full_cooldown() -> None:
     clock = Clock()
     breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
-    breaker.record_failure()
+    _fail(breaker)
     clock.now += 5
-    assert breaker.acquire()
-    breaker.record_failure()
+    _fail(breaker)
     assert breaker.state is BreakerState.OPEN
     clock.now += 4.9
     assert breaker.state is BreakerState.OPEN
@@ -54,33 +61,56 @@ def test_failed_trial_reopens_for_a_full_cooldown() -> None:
 
 def test_good_probe_ends_the_cooldown_but_does_not_close() -> None:
     breaker = CircuitBreaker(failure_threshold=1, cooldown_s=60, clock=Clock())
-    breaker.record_failure()
+    _fail(breaker)
     breaker.probe_succeeded()
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.acquire() and not breaker.acquire()
     closed = CircuitBreaker(failure_threshold=2, cooldown_s=60, clock=Clock())
-    closed.record_failure()
+    _fail(closed)
     closed.probe_succeeded()  # does not wipe the count of real failures
-    closed.record_failure()
+    _fail(closed)
     assert closed.state is BreakerState.OPEN
 
 
 def test_success_resets_the_consecutive_count() -> None:
     breaker = CircuitBreaker(failure_threshold=2, cooldown_s=5, clock=Clock())
     for _ in range(5):
-        breaker.record_failure()
-        breaker.record_success()
+        _fail(breaker)
+        ticket = breaker.acquire()
+        assert ticket is not None
+        breaker.record_success(ticket)
     assert breaker.state is BreakerState.CLOSED
 
 
 def test_released_trial_lets_the_next_request_try() -> None:
     clock = Clock()
     breaker = CircuitBreaker(failure_threshold=1, cooldown_s=1, clock=clock)
-    breaker.record_failure()
+    _fail(breaker)
     clock.now += 1
+    trial = breaker.acquire()
+    assert trial is not None
+    breaker.release(trial)  # e.g. the trial got a 400: says nothing about the route
     assert breaker.acquire()
-    breaker.release()  # e.g. the trial got a 400: says nothing about the route
-    assert breaker.acquire()
+
+
+def test_outcomes_of_requests_admitted_before_the_breaker_opened_decide_nothing() -> None:
+    """Half-open admits exactly one trial: an older request ending cannot close the breaker or free a second trial."""
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=1, clock=clock)
+    old_ok, old_bad = breaker.acquire(), breaker.acquire()
+    assert old_ok is not None and old_bad is not None
+    _fail(breaker)
+    clock.now += 1
+    trial = breaker.acquire()
+    assert trial is not None and trial.trial
+    breaker.record_success(old_ok)  # admitted while closed, before the opening
+    assert breaker.state is BreakerState.HALF_OPEN and not breaker.acquire()
+    breaker.record_failure(old_bad)
+    assert breaker.state is BreakerState.HALF_OPEN and breaker.trial_in_flight and not breaker.acquire()
+    breaker.release(old_bad)
+    assert breaker.trial_in_flight and not breaker.acquire()
+    breaker.record_success(trial)
+    assert breaker.state is BreakerState.CLOSED and not breaker.trial_in_flight
 
 
 def test_stats_percentiles_and_bounded_window() -> None:

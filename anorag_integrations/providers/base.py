@@ -60,4 +60,6 @@ class LLMProvider:
         return self.router.stats()
 
     def close(self) -> None:
-        self.router.close()
+        """Close the router, unless it is the process-wide one other users share (then only let it go)."""
+        if not self.router.is_shared:
+            self.router.close()

@@ -8,7 +8,8 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     │   ├── TransientRouteError     timeouts, refused/reset connections, 408/409/429/5xx, cut streams;
     │   │                           the router fails over on these, callers usually see them only
     │   │                           inside AllRoutesFailed.attempts
-    │   │   └── StreamCut          a stream ended without a finish reason (connection closed early)
+    │   │   ├── StreamCut          a stream ended without a finish reason (connection closed early)
+    │   │   └── MalformedResponse  HTTP 200 the router cannot use (HTML, bad JSON, no choices, ...)
     │   └── PermanentRouteError     raised at once, never retried on another route
     │       ├── BadRequestError            400 (and other 4xx without a class below)
     │       │   └── ContextOverflowError   400: prompt + max_tokens exceed the context window
@@ -16,7 +17,8 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     │       ├── ModelNotFoundError         404: the route does not serve that model
     │       └── UnprocessableEntityError   422: the body failed the server's validation
     ├── StreamInterruptedError      a stream broke after text was delivered; says how much
-    └── AllRoutesFailed             every route (and retry round) failed; .attempts lists them
+    ├── AllRoutesFailed             every route (and retry round) failed; .attempts lists them
+    └── RouterClosed                the router was closed before or while the call ran
 """
 
 from __future__ import annotations
@@ -182,29 +184,45 @@ def _error_fields(body: object) -> tuple[str | None, str | None, int | None]:
 
 
 def parse_retry_after(headers: object) -> float | None:
-    """Seconds from ``retry-after-ms`` / ``retry-after`` (seconds or HTTP date), if present."""
+    """Seconds from ``retry-after-ms`` / ``retry-after`` (seconds or HTTP date), if present and sane.
+
+    Negative values count as 0; ``inf`` and values past a day count as a day (the router caps them
+    further with ``params.max_retry_after``); ``nan`` and garbage are ignored.
+    """
     import email.utils
+    import math
     import time
 
     get = getattr(headers, "get", None)
     if get is None:
         return None
+
+    def bounded(seconds: float) -> float | None:
+        if math.isnan(seconds):
+            return None
+        return min(max(0.0, seconds), RETRY_AFTER_CEILING_S)
+
     raw_ms = get("retry-after-ms")
     if raw_ms:
         try:
-            return max(0.0, float(raw_ms) / 1000)
+            return bounded(float(raw_ms) / 1000)
         except ValueError:
             pass
     raw = get("retry-after")
     if not raw:
         return None
     try:
-        return max(0.0, float(raw))
+        return bounded(float(raw))
     except ValueError:
-        parsed = email.utils.parsedate_tz(raw)
-        if parsed is None:
+        try:
+            parsed = email.utils.parsedate_tz(raw)
+            return None if parsed is None else bounded(email.utils.mktime_tz(parsed) - time.time())
+        except (ValueError, OverflowError, TypeError):
             return None
-        return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+
+
+RETRY_AFTER_CEILING_S = 86400.0
+"""No ``Retry-After`` is taken as longer than a day, whatever the server says."""
 
 
 def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: float | None) -> RouteError:
@@ -248,7 +266,20 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
         if code is not None:
             return status_error(code, f"error event in stream: {message}", kind=kind, model=model, **where)
         return TransientRouteError(f"error event in stream: {message}", status=code, hint="server-side error", **where)
-    return TransientRouteError(f"{type(exc).__name__}: {exc}", **where)
+    if isinstance(exc, ValueError | TypeError | AttributeError | KeyError | IndexError):
+        return MalformedResponse(
+            f"unusable response: {type(exc).__name__}: {_short(exc)}",
+            hint="the server (or a proxy in front of it) answered something that is not an OpenAI-shaped "
+            "completion; check what is listening at this URL",
+            **where,
+        )
+    return TransientRouteError(f"{type(exc).__name__}: {_short(exc)}", **where)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text, capped: a parser's error can quote a whole response body."""
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def status_error(
@@ -291,3 +322,14 @@ def trips_breaker(error: RouteError) -> bool:
 
 class StreamCut(TransientRouteError):
     """The stream ended without a finish reason: the connection was closed early."""
+
+
+class MalformedResponse(TransientRouteError):
+    """HTTP 200 with a body the router cannot use: an HTML page, bad JSON, no choices, ..."""
+
+
+class RouterClosed(RouterError):
+    """The router was closed: calls made after ``close()``, or cut short by it, raise this."""
+
+    def __init__(self, message: str = "the router is closed; build a new one (Router.from_config)") -> None:
+        super().__init__(message)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .route import Route
 
+log = logging.getLogger("anorag_integrations.router")
+
 
 class BreakerState(StrEnum):
     CLOSED = "closed"
@@ -32,8 +35,26 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half_open"
 
 
+class Ticket:
+    """Permission to send one request, from :meth:`CircuitBreaker.acquire`; hand it back exactly once.
+
+    ``epoch`` is the breaker's generation when it was issued: an outcome from a request admitted
+    before the breaker last opened is stale and cannot close it or hold its trial slot.
+    """
+
+    __slots__ = ("epoch", "trial")
+
+    def __init__(self, epoch: int, trial: bool) -> None:
+        self.epoch = epoch
+        self.trial = trial
+
+
 class CircuitBreaker:
-    """Counts consecutive failures of one route and stops traffic to it while it is open."""
+    """Counts consecutive failures of one route and stops traffic to it while it is open.
+
+    Half-open admits exactly one trial (the ticket with ``trial=True``); only that trial's outcome
+    closes or re-opens the breaker, and its slot is freed by every outcome (success, failure, release).
+    """
 
     def __init__(
         self, failure_threshold: int = 3, cooldown_s: float = 10.0, clock: Callable[[], float] = time.monotonic
@@ -45,12 +66,19 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
+        self._epoch = 0
         self._trial_in_flight = False
 
     @property
     def state(self) -> BreakerState:
         with self._lock:
             return self._peek()
+
+    @property
+    def trial_in_flight(self) -> bool:
+        """Whether a half-open trial request holds the slot now."""
+        with self._lock:
+            return self._trial_in_flight
 
     def _peek(self) -> BreakerState:
         if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s:
@@ -63,34 +91,48 @@ class CircuitBreaker:
             state = self._peek()
             return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self._trial_in_flight)
 
-    def acquire(self) -> bool:
-        """Claim permission to send one request; in half-open only the first caller gets it."""
+    def acquire(self) -> Ticket | None:
+        """Claim permission to send one request; in half-open only one caller at a time gets it."""
         with self._lock:
             state = self._peek()
             if state is BreakerState.CLOSED:
-                return True
+                return Ticket(self._epoch, False)
             if state is BreakerState.HALF_OPEN and not self._trial_in_flight:
                 self._state = BreakerState.HALF_OPEN
                 self._trial_in_flight = True
+                return Ticket(self._epoch, True)
+            return None
+
+    def record_success(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket.epoch != self._epoch:
+                return  # admitted before the breaker opened: says nothing about the server now
+            if ticket.trial or self._state is BreakerState.CLOSED:
+                self._state = BreakerState.CLOSED
+                self._failures = 0
+                self._trial_in_flight = False
+
+    def record_failure(self, ticket: Ticket) -> bool:
+        """Count a transient failure; True when this one opened the breaker."""
+        with self._lock:
+            if ticket.epoch != self._epoch:
+                return False
+            if ticket.trial:
+                self._open()
+                return True
+            if self._state is not BreakerState.CLOSED:
+                return False
+            self._failures += 1
+            if self._failures >= self.failure_threshold:
+                self._open()
                 return True
             return False
 
-    def record_success(self) -> None:
+    def release(self, ticket: Ticket) -> None:
+        """Give back a ticket whose request ended neither way (cancelled, a permanent 400)."""
         with self._lock:
-            self._state = BreakerState.CLOSED
-            self._failures = 0
-            self._trial_in_flight = False
-
-    def record_failure(self) -> None:
-        with self._lock:
-            self._failures += 1
-            if self._state is BreakerState.HALF_OPEN or self._failures >= self.failure_threshold:
-                self._open()
-
-    def release(self) -> None:
-        """Give back a half-open trial that ended neither way (e.g. a permanent 400)."""
-        with self._lock:
-            self._trial_in_flight = False
+            if ticket.trial and ticket.epoch == self._epoch:
+                self._trial_in_flight = False
 
     def probe_succeeded(self) -> None:
         """An active probe found the server up: end the cool-down so one trial request goes through.
@@ -110,7 +152,9 @@ class CircuitBreaker:
     def _open(self) -> None:
         self._state = BreakerState.OPEN
         self._opened_at = self._clock()
+        self._epoch += 1
         self._trial_in_flight = False
+        self._failures = 0
 
 
 class Poller:
@@ -157,13 +201,23 @@ class Poller:
             for route in self.routes:
                 if self._stop.is_set():
                     return
-                self._check(route)
+                try:
+                    self._check(route)
+                except Exception:  # one route's surprise must not stop the checks of every route
+                    log.exception("%s: checking route %r failed", self._name, route.name)
             self._stop.wait(self.interval_s)
 
     async def _arun(self) -> None:
         while not self._stop.is_set():
-            await asyncio.gather(*(self._acheck(route) for route in self.routes))
+            results = await asyncio.gather(*(self._acheck(route) for route in self.routes), return_exceptions=True)
+            for route, result in zip(self.routes, results, strict=True):
+                if isinstance(result, Exception):
+                    log.error("%s: checking route %r failed: %r", self._name, route.name, result)
             await asyncio.sleep(self.interval_s)
+
+    def halt(self) -> None:
+        """Ask the thread to stop, without waiting for it (safe from a finaliser)."""
+        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()

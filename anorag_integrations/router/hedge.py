@@ -9,8 +9,15 @@ requests are hedged however slow the fleet gets (Dean and Barroso, "The Tail at 
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+
+from openai.types.chat import ChatCompletion
+
+from .call import Call, attach
+from .errors import PermanentRouteError
 
 if TYPE_CHECKING:
     from ..config import HedgeConfig
@@ -55,3 +62,51 @@ class Hedger:
         """A hedge that found no other route to go to gives its token back."""
         with self._lock:
             self._tokens = min(BURST, self._tokens + 1.0)
+
+
+async def race(call: Call, hedger: Hedger, achat: Callable[[Call], Awaitable[ChatCompletion]]) -> ChatCompletion:
+    """Race ``call`` against a copy on another route sent after the threshold; cancel the loser.
+
+    Both copies are cancelled whenever the race ends, the caller's cancellation included. When both
+    fail, the original's error is raised.
+    """
+    hedger.earn()
+    first: asyncio.Task[ChatCompletion] = asyncio.ensure_future(achat(call))
+    tasks: dict[asyncio.Task[ChatCompletion], Call] = {first: call}
+    twin: Call | None = None
+    winner = first
+    try:
+        await asyncio.sleep(0)  # the task picks its route before its first await
+        delay = hedger.delay(call.active) if call.active is not None else None
+        if delay is not None:
+            done, _ = await asyncio.wait({first}, timeout=delay)
+            if not done and call.active is not None and hedger.spend():
+                twin = call.hedge_copy(avoid=call.active)
+                tasks[asyncio.ensure_future(achat(twin))] = twin
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            settled = [t for t in done if t.exception() is None or isinstance(t.exception(), PermanentRouteError)]
+            if settled:
+                winner = settled[0]
+                break
+    finally:
+        unfinished = [task for task in tasks if not task.done()]
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished)  # let the losers release their routes
+    if twin is None:
+        return winner.result()
+    return _result(hedger, winner, tasks[winner], call, twin)
+
+
+def _result(hedger: Hedger, winner: asyncio.Task[ChatCompletion], by: Call, call: Call, twin: Call) -> ChatCompletion:
+    """The winner's response (or error), its info telling both calls' attempts and the hedge route."""
+    if twin.active is None:
+        hedger.refund()  # the copy found no other route to go to
+    else:
+        twin.active.stats.hedged(won=by is twin and winner.exception() is None)
+    by.info.attempts = call.info.attempts + twin.info.attempts
+    by.info.hedge = twin.active.name if twin.active is not None else None
+    return attach(winner.result(), by.info)

@@ -14,8 +14,10 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from .bounds import watched_transport
 from .errors import RouteError, TransientRouteError, status_error
 from .route import PerLoop, Route
 
@@ -52,13 +54,19 @@ class OllamaRoute(Route):
         self._ollama = ollama
         self.options = dict(cfg.options)
         self.keep_alive = cfg.keep_alive
-        self._native = ollama.Client(host=self.base_url, timeout=self.timeout)
-        self._anative = PerLoop(lambda: ollama.AsyncClient(host=self.base_url, timeout=self.timeout))
+        # the watched transport lets the router cut a trickling answer at the attempt's bound (see bounds.py)
+        self._native = ollama.Client(
+            host=self._url, timeout=self.timeout, auth=self._auth, transport=watched_transport(httpx)
+        )
+        self._anative = PerLoop(
+            lambda: ollama.AsyncClient(host=self._url, timeout=self.timeout, auth=self._auth),
+            lambda client: client._client.aclose(),
+        )
         self.missing_model_hint = "run `ollama pull MODEL` on that host (`ollama list` shows what it has)"
 
     @property
     def server_root(self) -> str:
-        return self.base_url
+        return self._url
 
     # --- transport ---------------------------------------------------------------------------------
 
@@ -101,9 +109,7 @@ class OllamaRoute(Route):
         self._native._client.close()
 
     async def aclose(self) -> None:
-        client = self._anative.pop()
-        if client is not None:
-            await client._client.aclose()
+        await self._anative.aclose()
 
     def serves(self, models: list[str]) -> bool:
         return self.model in models or f"{self.model}:latest" in models

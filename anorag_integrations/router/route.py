@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sys
 import threading
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -22,8 +22,10 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from .errors import RouteError, classify
+from .bounds import watched_transport
+from .errors import classify
 from .health import CircuitBreaker
+from .secrets import redact_url, split_credentials
 from .stats import RouteStats
 
 if TYPE_CHECKING:
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
     from .metrics import LoadReport
 
 _C = TypeVar("_C")
+
+SDK_HTTPX = sys.modules[openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0]]
+"""The httpx package the openai SDK is built on (httpx2 in openai 3; httpx before)."""
 
 KEEPALIVE_S = 2.0
 """How long an idle pooled connection is reused. vLLM (uvicorn) and llama.cpp close idle connections
@@ -57,24 +62,55 @@ class AsyncChunkStream(Protocol):
 
 
 class PerLoop(Generic[_C]):
-    """One async client per event loop: connection pools cannot cross loops."""
+    """One async client per event loop (connection pools cannot cross loops), closed with its loop.
 
-    def __init__(self, factory: Callable[[], _C]) -> None:
-        self._factory = factory
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _C] = weakref.WeakKeyDictionary()
+    Each client is tied to a small async generator the loop knows of: ``asyncio.run`` (and any loop
+    shut down with ``shutdown_asyncgens``) finalises it, which closes the client and forgets it, so an
+    ``asyncio.run`` per call leaks no loop, client or connection.
+    """
+
+    def __init__(self, factory: Callable[[], _C], close: Callable[[_C], Awaitable[object]]) -> None:
+        self._factory, self._close = factory, close
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[_C, AsyncGenerator[None, None]]] = {}
         self._lock = threading.Lock()
 
     def get(self) -> _C:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
+        entry = self._clients.get(loop)
+        if entry is None:
             with self._lock:
-                client = self._clients.setdefault(loop, self._factory())
-        return client
+                entry = self._clients.get(loop)
+                if entry is None:
+                    self._sweep()
+                    client = self._factory()
+                    keeper = self._keeper(loop, client)
+                    with contextlib.suppress(StopIteration):
+                        keeper.asend(None).send(None)  # runs to its first yield: the loop now tracks it
+                    entry = self._clients[loop] = (client, keeper)
+        return entry[0]
 
-    def pop(self) -> _C | None:
-        """The running loop's client, forgotten (to close it)."""
-        return self._clients.pop(asyncio.get_running_loop(), None)
+    async def _keeper(self, loop: asyncio.AbstractEventLoop, client: _C) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._clients.pop(loop, None)
+            await self._close(client)
+
+    def _sweep(self) -> None:
+        """Forget clients of loops closed without shutting down their async generators."""
+        for loop in [loop for loop in self._clients if loop.is_closed()]:
+            del self._clients[loop]
+
+    async def aclose(self) -> None:
+        """Close the running loop's client now."""
+        with self._lock:
+            entry = self._clients.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()
+
+    def __len__(self) -> int:
+        return len(self._clients)
 
 
 @dataclass(slots=True)
@@ -94,7 +130,11 @@ class Route:
 
     def __init__(self, name: str, cfg: RouteConfig, config: Config) -> None:
         self.name = name
-        self.base_url = cfg.base_url
+        self.base_url = redact_url(cfg.base_url)
+        """Shown in errors, logs, ``stats()``, ``health()`` and reprs: credentials masked as ``***@``."""
+        self._url, credentials = split_credentials(cfg.base_url)
+        """What the clients request: ``base_url`` without userinfo, whose credentials go as basic auth."""
+        self._auth = credentials  # (user, password): basic auth in httpx, httpx2 and Ollama's client alike
         self.model = cfg.model
         self.weight = cfg.weight
         self.timeout = cfg.timeout or config.params.timeout
@@ -121,12 +161,13 @@ class Route:
         key = self._api_key.get_secret_value()
         self._aclients = PerLoop(
             lambda: openai.AsyncOpenAI(
-                base_url=self.base_url,
+                base_url=self._url,
                 api_key=key,
                 max_retries=0,
                 timeout=self.timeout,
-                http_client=openai.DefaultAsyncHttpxClient(limits=LIMITS),
-            )
+                http_client=openai.DefaultAsyncHttpxClient(limits=LIMITS, auth=self._auth),
+            ),
+            lambda client: client.close(),
         )
 
     @functools.cached_property
@@ -134,11 +175,13 @@ class Route:
         """The sync client, kept for the route's life so its connections are pooled."""
         key = self._api_key.get_secret_value()
         return openai.OpenAI(
-            base_url=self.base_url,
+            base_url=self._url,
             api_key=key,
             max_retries=0,
             timeout=self.timeout,
-            http_client=openai.DefaultHttpxClient(limits=LIMITS),
+            http_client=openai.DefaultHttpxClient(
+                transport=watched_transport(SDK_HTTPX, limits=LIMITS), auth=self._auth
+            ),
         )
 
     @property
@@ -149,12 +192,10 @@ class Route:
     # --- transport: one request, no retries (the router owns those) ---------------------------------
 
     def create(self, body: dict[str, Any], timeout: float) -> ChatCompletion:
-        response: ChatCompletion = self.client.chat.completions.create(**body, timeout=timeout)
-        return response
+        return checked(self.client.chat.completions.create(**body, timeout=timeout))
 
     async def acreate(self, body: dict[str, Any], timeout: float) -> ChatCompletion:
-        response: ChatCompletion = await self.aclient.chat.completions.create(**body, timeout=timeout)
-        return response
+        return checked(await self.aclient.chat.completions.create(**body, timeout=timeout))
 
     def open_stream(self, body: dict[str, Any], timeout: float) -> ChunkStream:
         stream: ChunkStream = self.client.chat.completions.create(**body, stream=True, timeout=timeout)
@@ -176,7 +217,7 @@ class Route:
     @property
     def server_root(self) -> str:
         """The server's root URL (``/health`` and ``/metrics`` live there, not under ``/v1``)."""
-        parts = urlsplit(self.base_url)
+        parts = urlsplit(self._url)
         path = parts.path[: -len("/v1")] if parts.path.endswith("/v1") else parts.path
         return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
@@ -187,7 +228,7 @@ class Route:
         started = time.perf_counter()
         try:
             models = self._probe_models()
-        except (openai.APIError, RouteError) as exc:
+        except Exception as exc:  # whatever the server sent, the route is unhealthy, not the prober dead
             return self._probed(started, [], exc)
         return self._probed(started, models, None)
 
@@ -196,7 +237,7 @@ class Route:
         started = time.perf_counter()
         try:
             models = await self._aprobe_models()
-        except (openai.APIError, RouteError) as exc:
+        except Exception as exc:
             return self._probed(started, [], exc)
         return self._probed(started, models, None)
 
@@ -244,7 +285,7 @@ class Route:
         in_flight = self.stats.in_flight
         try:
             text = self.client.get(f"{self.server_root}/metrics", cast_to=str, options=self._scrape_options)
-        except (openai.APIError, RouteError):
+        except Exception:  # no usable /metrics: the policy falls back to in-flight counts
             text = ""
         return self._scraped(text, in_flight)
 
@@ -253,7 +294,7 @@ class Route:
         in_flight = self.stats.in_flight
         try:
             text = await self.aclient.get(f"{self.server_root}/metrics", cast_to=str, options=self._scrape_options)
-        except (openai.APIError, RouteError):
+        except Exception:
             text = ""
         return self._scraped(text, in_flight)
 
@@ -265,8 +306,8 @@ class Route:
         from .metrics import parse_load
 
         try:
-            self.load = parse_load(text, in_flight) if text else None
-        except ValueError:  # not Prometheus text (a proxy's error page, say)
+            self.load = parse_load(text, in_flight) if isinstance(text, str) and text else None
+        except Exception:  # not Prometheus text (a proxy's error page, say)
             self.load = None
         return self.load
 
@@ -280,10 +321,20 @@ class Route:
             self.client.close()
 
     async def aclose(self) -> None:
-        """Close this loop's async client; clients of other (finished) loops are left to the GC."""
-        client = self._aclients.pop()
-        if client is not None:
-            await client.close()
+        """Close this loop's async client (those of other loops close with their loops)."""
+        await self._aclients.aclose()
+
+
+def checked(response: object) -> ChatCompletion:
+    """``response`` if it is a completion the adapters can read; else raise (a route failure)."""
+    if not isinstance(response, ChatCompletion):
+        raise ValueError(f"expected a chat completion, got {type(response).__name__}: {str(response)[:200]!r}")
+    if not isinstance(response.choices, list) or not response.choices:
+        raise ValueError("the completion has no choices")
+    for choice in response.choices:
+        if choice.message is None or not isinstance(choice.index, int):
+            raise ValueError(f"malformed choice: {str(choice)[:200]!r}")
+    return response
 
 
 def _model_entry(model: Any) -> tuple[str, int | None]:

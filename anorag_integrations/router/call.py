@@ -1,0 +1,274 @@
+"""One request across its attempts: its body, bounds (timeout, deadline, retries) and what happened.
+
+``Call`` is built once per public call (``chat``, ``stream``, ...) from the caller's keywords and the
+config's defaults; hedged copies and stream continuations are derived from it. ``CallInfo`` is what
+the caller can read afterwards with :func:`call_info`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import inspect
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from openai.resources.chat.completions import Completions
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from .errors import AllRoutesFailed, Attempt
+from .policies import stable_hash
+
+if TYPE_CHECKING:
+    from .core import Router
+    from .lease import Lease
+    from .route import Route
+
+SDK_PARAMS = frozenset(inspect.signature(Completions.create).parameters) - {"self", "messages", "model", "stream"}
+"""Keyword arguments the openai SDK accepts; any other goes into ``extra_body`` (vLLM's extras)."""
+
+_T = TypeVar("_T")
+Messages = Iterable[Mapping[str, Any]]
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """How the router served one request: read it with :func:`call_info` on a response or chunk."""
+
+    route: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    rounds: int = 0
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    hedge: str | None = None
+    """The route a hedged copy of the request went to (None: not hedged)."""
+    continued: int = 0
+    """Times a cut stream was continued on another route (``continue_streams``)."""
+
+
+_INFO_ATTR = "_anorag_call"
+
+
+def call_info(obj: ChatCompletion | ChatCompletionChunk) -> CallInfo | None:
+    """The :class:`CallInfo` the router attached to a response or a stream chunk, if any."""
+    return getattr(obj, _INFO_ATTR, None)
+
+
+def attach(obj: _T, info: CallInfo) -> _T:
+    object.__setattr__(obj, _INFO_ATTR, info)  # a plain attribute: model_dump() stays the SDK's
+    return obj
+
+
+def seconds(name: str, value: object) -> float | None:
+    """A caller's ``timeout`` / ``deadline``: None, or a positive finite number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds (or None for the default), got {value!r}")
+    return float(value)
+
+
+class Call:
+    """The state of one request across its attempts."""
+
+    def __init__(self, router: Router, messages: Messages, params: dict[str, Any], *, stream: bool) -> None:
+        cfg = router.config.params
+        self.router = router
+        self.started = time.monotonic()
+        self.pinned: Route | None = None
+        name = params.pop("route", None)
+        if name is not None:
+            try:
+                self.pinned = router.routes[name]
+            except KeyError:
+                raise ValueError(f"unknown route {name!r}; routes: {', '.join(router.routes)}") from None
+        self.timeout = seconds("timeout", params.pop("timeout", None))
+        self.max_retries: int = params.pop("max_retries", None)
+        if self.max_retries is None:
+            self.max_retries = cfg.max_retries
+        elif isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be a whole number >= 0, got {self.max_retries!r}")
+        deadline = seconds("deadline", params.pop("deadline", None)) or cfg.deadline
+        self.deadline = None if deadline is None else self.started + deadline
+        self.model: str | None = params.pop("model", None)
+        for key in ("temperature", "max_tokens", "top_p"):
+            default = getattr(cfg, key)
+            if default is not None and key not in params:
+                params[key] = default
+        extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
+        if extra:
+            params["extra_body"] = {**extra, **(params.get("extra_body") or {})}
+        if stream:
+            params.setdefault("stream_options", {"include_usage": True})
+        params["messages"] = list(messages)
+        self.body = params
+        self.info = CallInfo()
+        self.retry_after = 0.0
+        """The longest ``Retry-After`` of the current round (seconds, already capped)."""
+        self.round_attempts = 0
+        self.avoid: frozenset[str] = frozenset()
+        """Routes this call must not use (a hedged copy avoids the original's route)."""
+        self.active: Route | None = None
+        """The route of the attempt in progress."""
+        self.continuing = False
+        """Only routes with ``continue_streams: true`` may take this call (it continues a cut stream)."""
+        self._prefix: tuple[int, int] | None = None
+        self.ctl = Control()
+
+    def _twin(self, avoid: frozenset[str]) -> Call:
+        """The same request as a fresh call: one round, on any route but those in ``avoid``."""
+        twin = copy.copy(self)
+        twin.info, twin.retry_after, twin.active = CallInfo(), 0.0, None
+        twin.max_retries, twin.avoid, twin.round_attempts = 0, avoid, 0
+        return twin
+
+    def hedge_copy(self, avoid: Route) -> Call:
+        """The request for a hedged copy, on any route but ``avoid`` (it runs in a task of its own)."""
+        twin = self._twin(self.avoid | {avoid.name})
+        twin.ctl = Control()
+        return twin
+
+    def continuation(self, delivered: str, delivered_tokens: int, avoid: set[str]) -> Call:
+        """The request that continues a cut stream: the delivered text as a final assistant message.
+
+        vLLM's ``continue_final_message`` (with ``add_generation_prompt: false``) makes the model go on
+        from the end of that message, so the caller's stream resumes without repeating text. Token
+        limits shrink by the content chunks already delivered (about one token each).
+        """
+        twin = self._twin(self.avoid | avoid)
+        twin.continuing = True
+        body = dict(self.body)
+        body["messages"] = [*self.body["messages"], {"role": "assistant", "content": delivered}]
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+        body["extra_body"] = {**(body.get("extra_body") or {}), **extra}
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int):
+                body[key] = max(1, body[key] - delivered_tokens)
+        twin.body = body
+        return twin
+
+    def prefix_key(self, chars: int) -> int:
+        """A stable hash of the conversation's first ``chars`` characters (roles and text)."""
+        if self._prefix is None or self._prefix[0] != chars:
+            parts: list[str] = []
+            size = 0
+            for message in self.body["messages"]:
+                text = f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
+                parts.append(text)
+                size += len(text)
+                if size >= chars:
+                    break
+            self._prefix = (chars, stable_hash("".join(parts)[:chars]))
+        return self._prefix[1]
+
+    def body_for(self, route: Route) -> dict[str, Any]:
+        return {**self.body, "model": self.model or route.model}
+
+    def start_round(self) -> None:
+        self.info.rounds += 1
+        self.retry_after = 0.0
+        self.round_attempts = 0
+
+    def left(self) -> float | None:
+        """Seconds until the deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def attempt_timeout(self, route: Route) -> float:
+        """The bound of the next attempt on ``route``: its timeout, within the deadline."""
+        timeout = self.timeout or route.timeout
+        left = self.left()
+        if left is None:
+            return timeout
+        if left <= 0:
+            raise self.exhausted("deadline exceeded")
+        return min(timeout, left)
+
+    def exhausted(self, reason: str | None = None) -> AllRoutesFailed:
+        if reason is None:
+            reason = self._why_none()
+        return AllRoutesFailed(self.info.attempts, reason)
+
+    def _why_none(self) -> str:
+        if self.round_attempts:
+            return "every available route failed"
+        now = time.monotonic()
+        throttled = [r.not_before for r in self.router.routes.values() if r.not_before > now]
+        if throttled:
+            return f"every available route is throttled by Retry-After until {wall_clock(min(throttled))}"
+        return (
+            "every available route failed" if self.info.attempts else "no route available (all circuit breakers open)"
+        )
+
+    def enter(self) -> None:
+        """The call starts running: Router.close() can now end it."""
+        self.ctl.enter(self.router)
+
+    def exit(self) -> None:
+        self.router._live.discard(self.ctl)
+
+
+class Control:
+    """What Router.close() needs to end a running call promptly; a stream's continuation shares its caller's.
+
+    Sync: the watch of the attempt in progress is fired (its socket cut). Async: the task is cancelled,
+    but only while it is inside one of the router's own awaits (never in the caller's code between
+    two chunks); the cancellation then surfaces as ``RouterClosed``.
+    """
+
+    __slots__ = ("aborted", "awaiting", "lease", "loop", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.lease: Lease | None = None
+        """The attempt in progress."""
+        self.awaiting = False
+        self.aborted = False
+        """Router.close() cut this call short: its cancellation or broken socket means RouterClosed."""
+
+    def enter(self, router: Router) -> None:
+        try:
+            self.task = asyncio.current_task()
+        except RuntimeError:
+            self.task = None
+        if self.task is not None:
+            self.loop = self.task.get_loop()
+        router._live.add(self)
+
+    def abort(self) -> None:
+        self.aborted = True
+        lease = self.lease
+        if lease is not None and lease.watch is not None:
+            lease.watch.fire("router closed")
+        if self.task is not None and self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                self.loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
+        if self.awaiting and self.task is not None and not self.task.done():
+            self.task.cancel("router closed")
+
+    def uncancelled(self) -> bool:
+        """A cancellation is Router.close()'s doing: take it back from the task (True), or not ours (False)."""
+        if self.aborted and self.task is not None:
+            self.task.uncancel()
+            return True
+        return False
+
+
+def wall_clock(monotonic_at: float) -> str:
+    """A monotonic instant as local wall-clock time (for messages)."""
+    return time.strftime("%H:%M:%S", time.localtime(time.time() + monotonic_at - time.monotonic()))
+
+
+def _text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""

@@ -1,0 +1,208 @@
+"""One attempt of one call on one route, from claim to release: the only owner of its bookkeeping.
+
+A :class:`Lease` takes the route's breaker ticket (the half-open trial slot included) and its
+in-flight count, bounds the attempt in time (``asyncio.timeout`` for async, a :class:`Watch` for
+sync), classifies *every* way the attempt can end and gives everything back exactly once::
+
+    succeeded()      statistics, breaker success, CallInfo
+    failed(exc)      the caller's own cancellation  -> abandoned, re-raised as it came
+                     Router.close() cut it short    -> abandoned, RouterClosed
+                     anything else                  -> a route failure (typed, counted, breaker);
+                                                       permanent ones raised, transient ones returned
+    abandoned()      nothing counted against the route; the trial slot is freed
+
+Sync, async, streams, hedged copies and stream continuations all go through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from .bounds import WATCHDOG, Watch
+from .call import Call
+from .errors import (
+    Attempt,
+    PermanentRouteError,
+    RouteError,
+    RouterClosed,
+    TransientRouteError,
+    classify,
+    trips_breaker,
+)
+from .health import Ticket
+
+if TYPE_CHECKING:
+    from .route import Route
+
+log = logging.getLogger("anorag_integrations.router")
+_T = TypeVar("_T")
+
+_CALLERS_OWN = (GeneratorExit, KeyboardInterrupt, SystemExit, asyncio.CancelledError)
+"""How a caller ends a call on purpose (besides cancelling its task): never the route's fault."""
+
+
+class Lease:
+    """Route ``route`` claimed for one attempt of ``call`` (see the module docstring)."""
+
+    __slots__ = ("call", "ended", "route", "t0", "ticket", "timeout", "watch")
+
+    def __init__(self, call: Call, route: Route, ticket: Ticket) -> None:
+        self.call, self.route, self.ticket = call, route, ticket
+        self.ended = False
+        self.watch: Watch | None = None
+        try:
+            self.timeout = call.attempt_timeout(route)
+        except BaseException:
+            route.breaker.release(ticket)  # the deadline ran out between the pick and the send
+            raise
+        route.stats.started()
+        self.t0 = time.perf_counter()
+        call.active, call.ctl.lease = route, self
+        call.round_attempts += 1
+
+    # --- sending ----------------------------------------------------------------------------------
+
+    def bound(self) -> float:
+        """Monotonic time by which the next piece (answer, first chunk, next chunk) must arrive."""
+        at = time.monotonic() + self.timeout
+        return at if self.call.deadline is None else min(at, self.call.deadline)
+
+    def send(self, send: Callable[[Route, float], _T]) -> _T:
+        """Run a sync attempt under its time bound (the socket is cut when it passes)."""
+        watch = self.watch = Watch(self.bound())
+        if self.call.ctl.aborted:
+            watch.fire("router closed")
+        WATCHDOG.arm(watch)
+        with watch:
+            return send(self.route, self.timeout)
+
+    def rearm(self) -> None:
+        """A sync stream reads its next chunk: a fresh bound (within the deadline)."""
+        if self.watch is not None:
+            self.watch.at = self.bound()
+
+    def pause(self) -> None:
+        """The caller holds a chunk: only the deadline runs (its own pace is not the route's fault)."""
+        if self.watch is not None:
+            self.watch.at = self.call.deadline if self.call.deadline is not None else float("inf")
+
+    async def asend(self, send: Callable[[Route, float], Awaitable[_T]]) -> _T:
+        """Run an async attempt (or read an async stream's next chunk) under its time bound."""
+        ctl = self.call.ctl
+        ctl.awaiting = True
+        try:
+            async with asyncio.timeout(self.bound() - time.monotonic()):
+                return await send(self.route, self.timeout)
+        finally:
+            ctl.awaiting = False
+
+    # --- outcomes ---------------------------------------------------------------------------------
+
+    def opened(self) -> None:
+        """A stream's first content arrived: the caller learns which route serves it."""
+        self.call.info.route = self.route.name
+
+    def succeeded(self, *, output_tokens: int | None, ttft_s: float | None = None) -> None:
+        if self._end():
+            return
+        route, info = self.route, self.call.info
+        latency = time.perf_counter() - self.t0
+        route.stats.succeeded(latency, ttft_s=ttft_s, output_tokens=output_tokens)
+        route.breaker.record_success(self.ticket)
+        self.call.router._served(route)
+        info.route, info.latency_s, info.ttft_s = route.name, latency, ttft_s
+
+    def abandoned(self) -> None:
+        """The attempt ended neither way (cancelled, cut by close, lost a hedge race)."""
+        if self._end():
+            return
+        self.route.stats.abandoned()
+        self.route.breaker.release(self.ticket)
+
+    def failed(self, exc: BaseException) -> RouteError:
+        """Classify how the attempt ended with ``exc``; return a transient error to fail over on.
+
+        Raises instead when the request must end: the caller's own cancellation (as it came),
+        ``RouterClosed``, or a permanent error (400, 401, 404, ...).
+        """
+        call = self.call
+        if isinstance(exc, asyncio.CancelledError) and call.ctl.uncancelled():
+            self.abandoned()
+            raise RouterClosed("the router was closed while this call was in flight") from exc
+        if isinstance(exc, _CALLERS_OWN):
+            self.abandoned()
+            raise exc
+        if call.ctl.aborted or call.router.closed:
+            self.abandoned()
+            raise RouterClosed("the router was closed while this call was in flight") from exc
+        if self.ended:  # already settled (e.g. a stream's consumer raised after the end): nothing to count
+            return classify(exc, route=self.route.name, url=self.route.base_url, model="", timeout=None)
+        error = self._classify(exc)
+        if self._deadline_passed(exc, error):  # the request ran out of time: not this route's fault
+            self.abandoned()
+            call.info.attempts.append(Attempt(self.route.name, error, time.perf_counter() - self.t0, call.info.rounds))
+            raise call.exhausted("deadline exceeded") from exc
+        self._end()
+        self._count(error)
+        call.info.attempts.append(Attempt(self.route.name, error, time.perf_counter() - self.t0, call.info.rounds))
+        if isinstance(error, PermanentRouteError):
+            raise error from exc
+        log.info("failing over: %s", error)
+        return error
+
+    def _timed_out(self, exc: BaseException) -> bool:
+        """Whether the attempt's own time bound ended it (asyncio.timeout, or the watch cut the socket)."""
+        return not isinstance(exc, RouteError) and (
+            isinstance(exc, TimeoutError) or (self.watch is not None and self.watch.fired)
+        )
+
+    def _deadline_passed(self, exc: BaseException, error: RouteError) -> bool:
+        """The request's deadline, not the route, ended the attempt (it failed transiently as time ran out)."""
+        deadline = self.call.deadline
+        if deadline is None or time.monotonic() < deadline - 0.005:
+            return False
+        return self._timed_out(exc) or isinstance(error, TransientRouteError)
+
+    def _classify(self, exc: BaseException) -> RouteError:
+        route, call = self.route, self.call
+        if self._timed_out(exc):
+            past_deadline = call.deadline is not None and time.monotonic() >= call.deadline - 0.005
+            what = "the request deadline passed" if past_deadline else f"after {self.timeout:g}s"
+            return TransientRouteError(
+                f"timed out {what} (no complete answer)",
+                route=route.name,
+                url=route.base_url,
+                hint="the server may be overloaded, hung or trickling its answer; raise this route's `timeout` "
+                "(or params.timeout, or the call's deadline) if long generations are expected",
+            )
+        return classify(
+            exc, route=route.name, url=route.base_url, model=call.model or route.model, timeout=self.timeout
+        )
+
+    def _count(self, error: RouteError) -> None:
+        route, call = self.route, self.call
+        route.stats.failed(f"{type(error).__name__}: {error.message}")
+        if trips_breaker(error):
+            if route.breaker.record_failure(self.ticket):
+                log.warning("route %r: circuit breaker opened after: %s", route.name, error)
+        else:
+            route.breaker.release(self.ticket)
+        if error.retry_after is not None:
+            wait = min(error.retry_after, call.router.config.params.max_retry_after)
+            route.not_before = max(route.not_before, time.monotonic() + wait)
+            call.retry_after = max(call.retry_after, wait)
+
+    def _end(self) -> bool:
+        """Mark the lease ended; True when it already was (every outcome is taken once)."""
+        if self.ended:
+            return True
+        self.ended = True
+        if self.watch is not None:
+            self.watch.end()
+        if self.call.ctl.lease is self:
+            self.call.ctl.lease = None
+        return False

@@ -1,0 +1,194 @@
+"""Soak: many requests at high concurrency over three routes, one flapping through the whole fault corpus.
+
+Routes ``a`` and ``b`` stay healthy; ``c`` changes fault every few tens of milliseconds (HTTP errors,
+hangs, refused connections, cuts, error events, every malformed answer, trickles, a broken
+``/v1/models``). Async calls (``achat``/``astream``) and sync threads (``chat``/``stream``) run at
+once. Pass means: no request lost, every in-flight count back to zero, open files and threads back
+to where they were after warm-up, and memory growth small. Servers run in this process (it checks
+correctness, not speed). Run: ``.venv/bin/python benchmarks/soak.py`` (10,000 requests at 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import itertools
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from _common import save
+from memory import rss_mb
+
+from anorag_integrations import Router, RouterError
+from anorag_integrations.config import config_from_dict
+from anorag_integrations.testing import Fault, FaultServer
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+CORPUS: list[tuple[Fault | None, dict[str, Any]]] = [
+    (Fault.STATUS, {"status": 503}),
+    (Fault.STATUS, {"status": 429, "retry_after": "inf"}),
+    (Fault.HANG, {}),
+    (Fault.REFUSE, {}),
+    (Fault.CUT, {"after_chunks": 2}),
+    (Fault.ERROR_EVENT, {"after_chunks": 2}),
+    (Fault.HTML, {}),
+    (Fault.TRUNCATED_JSON, {}),
+    (Fault.INVALID_JSON, {}),
+    (Fault.STRING_BODY, {}),
+    (Fault.NO_CHOICES, {}),
+    (Fault.SSE_NOISE, {}),
+    (Fault.TRICKLE, {"interval": 0.01}),
+    (Fault.SLOW_FIRST_TOKEN, {"delay": 0.3}),
+    (None, {}),
+]
+MODELS_FAULTS = ["html", "null", "invalid", None]
+SYNC_THREADS = 8
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def build(servers: dict[str, FaultServer]) -> Router:
+    routes = {
+        name: {"base_url": server.base_url, "model": "m", "timeout": 1.0, "continue_streams": True}
+        for name, server in servers.items()
+    }
+    llm = {
+        "routes": routes,
+        "health": {"failure_threshold": 2, "cooldown": 0.2, "probe_interval": 0.1},
+        "params": {"max_retries": 3, "max_retry_after": 0.5},
+    }
+    return Router(config_from_dict({"llm": llm}, env={}))
+
+
+def flap(server: FaultServer, stop: threading.Event, period: float) -> int:
+    """Cycle ``server`` through the corpus until ``stop``; how many faults it went through."""
+    changes = 0
+    for (fault, options), models in zip(itertools.cycle(CORPUS), itertools.cycle(MODELS_FAULTS), strict=False):
+        if stop.wait(period):
+            break
+        server.set_fault(fault, **options)
+        server.models_fault = models
+        changes += 1
+    server.set_fault(None)
+    server.models_fault = None
+    return changes
+
+
+def run(router: Router, total: int, concurrency: int) -> Counter[str]:
+    """``total`` requests, async at ``concurrency`` plus sync threads; outcome counts."""
+    outcomes: Counter[str] = Counter()
+    numbers = itertools.count()
+    lock = threading.Lock()
+
+    def take() -> int | None:
+        with lock:
+            n = next(numbers)
+        return n if n < total else None
+
+    def record(outcome: str) -> None:
+        with lock:
+            outcomes[outcome] += 1
+
+    def sync_worker() -> None:
+        while (n := take()) is not None:
+            try:
+                if n % 2:
+                    text = router.chat(MESSAGES).choices[0].message.content or ""
+                else:
+                    text = "".join(c.choices[0].delta.content or "" for c in router.stream(MESSAGES) if c.choices)
+                record("ok" if text.startswith("from") else f"garbled:{text[:20]}")
+            except RouterError as exc:
+                record(f"lost:{type(exc).__name__}")
+
+    async def async_worker() -> None:
+        while (n := take()) is not None:
+            try:
+                if n % 2:
+                    text = (await router.achat(MESSAGES)).choices[0].message.content or ""
+                else:
+                    parts = [c.choices[0].delta.content or "" async for c in router.astream(MESSAGES) if c.choices]
+                    text = "".join(parts)
+                record("ok" if text.startswith("from") else f"garbled:{text[:20]}")
+            except RouterError as exc:
+                record(f"lost:{type(exc).__name__}")
+
+    async def main() -> None:
+        await asyncio.gather(*(async_worker() for _ in range(concurrency)))
+
+    threads = [threading.Thread(target=sync_worker) for _ in range(SYNC_THREADS)]
+    for thread in threads:
+        thread.start()
+    asyncio.run(main())
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--period", type=float, default=0.03, help="seconds between two faults of route c")
+    args = parser.parse_args()
+    baseline = {"fds": open_fds(), "threads": threading.active_count()}
+    with (
+        FaultServer("m", reply="from a") as a,
+        FaultServer("m", reply="from b") as b,
+        FaultServer("m", reply="from c") as c,
+    ):
+        router = build({"a": a, "b": b, "c": c})
+        run(router, args.warmup, min(args.concurrency, 32))
+        gc.collect()
+        rss_before = rss_mb()
+        stop = threading.Event()
+        changes: list[int] = []
+        flapper = threading.Thread(target=lambda: changes.append(flap(c, stop, args.period)))
+        flapper.start()
+        started = time.perf_counter()
+        outcomes = run(router, args.requests, args.concurrency)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        flapper.join()
+        in_flight = {name: route.stats.in_flight for name, route in router.routes.items()}
+        served = {name: route.stats.successes for name, route in router.routes.items()}
+        failures = {name: route.stats.failures for name, route in router.routes.items()}
+        gc.collect()
+        rss_after = rss_mb()
+        router.close()
+    gc.collect()
+    after = {"fds": open_fds(), "threads": threading.active_count()}
+    lost = sum(count for outcome, count in outcomes.items() if outcome != "ok")
+    result = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "sync_threads": SYNC_THREADS,
+        "seconds": round(elapsed, 1),
+        "outcomes": dict(outcomes),
+        "lost": lost,
+        "fault_changes_on_c": changes[0] if changes else 0,
+        "served": served,
+        "failed_attempts": failures,
+        "in_flight_at_end": in_flight,
+        "rss_growth_mb": round(rss_after - rss_before, 1),
+        "before_start": baseline,
+        "after_close": after,
+    }
+    # Closing the router and its servers releases their threads and sockets: anything left is a leak.
+    # (The process-wide watchdog thread, started on the first sync call, is the one thread allowed to stay.)
+    leaked = after["fds"] > baseline["fds"] or after["threads"] > baseline["threads"] + 1
+    result["passed"] = lost == 0 and not any(in_flight.values()) and not leaked
+    print(result, flush=True)
+    print("written to", save("soak", result, requests=args.requests, concurrency=args.concurrency))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
