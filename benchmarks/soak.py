@@ -43,6 +43,7 @@ CORPUS: list[tuple[Fault | None, dict[str, Any]]] = [
     (Fault.NO_CHOICES, {}),
     (Fault.SSE_NOISE, {}),
     (Fault.TRICKLE, {"interval": 0.01}),
+    (Fault.STALL, {"after_chunks": 1}),
     (Fault.SLOW_FIRST_TOKEN, {"delay": 0.3}),
     (None, {}),
 ]

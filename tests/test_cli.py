@@ -62,6 +62,18 @@ def test_healthcheck_json_and_failing_exit_status(
     assert "[DOWN] b" in out and "error:   route 'b'" in out and "2/3 routes healthy" in out
 
 
+@pytest.mark.parametrize("body", ["html", "null", "invalid"])
+def test_healthcheck_shows_the_table_when_a_route_answers_malformed_models(
+    tmp_path: Path, servers: dict[str, FaultServer], body: str
+) -> None:
+    servers["b"].models_fault = body
+    result = run_cli("--config", str(write_config(tmp_path, servers)), "healthcheck")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "[DOWN] b" in result.stdout and "[OK] a" in result.stdout and "[OK] c" in result.stdout
+    assert "2/3 routes healthy" in result.stdout
+
+
 def test_healthcheck_watch_repeats(
     tmp_path: Path, servers: dict[str, FaultServer], capsys: pytest.CaptureFixture[str]
 ) -> None:

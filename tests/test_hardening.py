@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from anorag_integrations import (
     AllRoutesFailed,
+    InvalidRequestError,
     MalformedResponse,
     Router,
     RouterClosed,
@@ -401,3 +403,91 @@ def test_call_info_of_a_failover_names_both_routes(
     servers["a"].set_fault(Fault.HTML, times=1)
     info = call_info(router.chat(USER))
     assert info is not None and info.route == "b" and info.attempts[0].route == "a"
+
+
+# --- found by the hostile review ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["chat", "stream"])
+@pytest.mark.parametrize("fault", [Fault.HANG, Fault.SLOW_FIRST_TOKEN])
+def test_close_ends_a_sync_call_still_waiting_for_headers(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer], mode: str, fault: Fault
+) -> None:
+    """vLLM sends no headers for a plain completion until it is generated: close() must not wait for them."""
+    router = router_for("a", route_overrides={"a": {"timeout": 30}})
+    servers["a"].set_fault(fault, delay=30)
+    outcome: list[BaseException | None] = []
+    worker = threading.Thread(target=lambda: outcome.append(_raised(lambda: run(router, mode))))
+    worker.start()
+    assert wait_for(lambda: servers["a"].hits == 1)
+    router.close()
+    worker.join(timeout=5)
+    assert not worker.is_alive(), "close() left the call waiting for the server"
+    assert isinstance(outcome[0], RouterClosed)
+    servers["a"].set_fault(None)
+    idle(router)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_message_that_cannot_be_sent_is_the_callers_error_not_the_routes(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer], mode: str
+) -> None:
+    router = router_for("a", "b", health={"failure_threshold": 1})
+    unsendable = [{"role": "user", "content": object()}]
+
+    async def drain() -> None:
+        async for _ in router.astream(unsendable):
+            pass
+
+    send: dict[str, Callable[[], object]] = {
+        "chat": lambda: router.chat(unsendable),
+        "achat": lambda: asyncio.run(router.achat(unsendable)),
+        "stream": lambda: list(router.stream(unsendable)),
+        "astream": lambda: asyncio.run(drain()),
+    }
+    with pytest.raises(InvalidRequestError, match="cannot be sent"):
+        send[mode]()
+    assert all(route.breaker.state is BreakerState.CLOSED for route in router.routes.values())
+    assert all(route.stats.failures == 0 for route in router.routes.values())
+    assert servers["a"].hits + servers["b"].hits == 0
+    assert run(router, "chat")[0] in ("from a", "from b")  # everyone else is still served
+    idle(router)
+
+
+def test_a_sync_stream_keeps_its_chunk_bound_after_the_caller_held_a_chunk(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer]
+) -> None:
+    router = router_for("a", route_overrides={"a": {"timeout": 0.5}})
+    servers["a"].set_fault(Fault.STALL, after_chunks=1)  # one word, then silence on an open connection
+    stream = router.stream(USER)
+    first = list(itertools.islice(stream, 2))  # role chunk, first word (islice reads no further)
+    assert first
+    time.sleep(1.0)  # the caller holds the chunk longer than the route's timeout: not the route's fault
+    started = time.monotonic()
+    with pytest.raises(StreamInterruptedError, match="timed out"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - started < 0.5 + 1.0  # the next chunk still had 0.5 s, not forever
+    servers["a"].set_fault(None)
+    idle(router)
+
+
+def test_a_hedged_close_leaves_no_unretrieved_task_errors(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    router = router_for("a", "b", hedge={"after_ms": 10})
+    for server in servers.values():
+        server.set_fault(Fault.HANG)
+    workers = [threading.Thread(target=lambda: _raised(lambda: router.chat(USER))) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    assert wait_for(lambda: servers["a"].hits + servers["b"].hits >= 8)
+    router.close()
+    for worker in workers:
+        worker.join(timeout=5)
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+    assert not router._live
+    with pytest.raises(RouterClosed):
+        router.chat(USER)  # the hedge loop is not brought back
+    idle(router)

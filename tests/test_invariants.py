@@ -52,6 +52,7 @@ FAULTS: list[tuple[Fault, dict[str, Any]]] = [
     (Fault.NO_CHOICES, {}),
     (Fault.SSE_NOISE, {}),
     (Fault.TRICKLE, {"interval": 0.02}),
+    (Fault.STALL, {"after_chunks": 1}),
     (Fault.DELAY, {"delay": 0.05}),
 ]
 MODES = ["chat", "achat", "stream", "astream"]

@@ -76,6 +76,29 @@ def test_failover_is_visible_to_callbacks(
     assert data["failed_attempts"][0]["route"] == "a" and "HTTP 503" in data["failed_attempts"][0]["error"]
 
 
+@pytest.mark.parametrize("fault", [Fault.NO_CHOICES, Fault.HTML, Fault.TRUNCATED_JSON])
+@pytest.mark.parametrize("method", ["invoke", "stream", "ainvoke", "astream"])
+def test_an_unusable_answer_fails_over_before_the_adapter_sees_it(
+    servers: dict[str, FaultServer], llm_for: Callable[..., ChatVLLMRouted], method: str, fault: Fault
+) -> None:
+    servers["a"].set_fault(fault, after_chunks=0)
+    llm = llm_for("a", "b")
+    if method == "invoke":
+        text = llm.invoke("hi").content
+    elif method == "ainvoke":
+        text = asyncio.run(llm.ainvoke("hi")).content
+    elif method == "stream":
+        text = aggregate(list(llm.stream("hi"))).content
+    else:
+
+        async def collect() -> list[AIMessageChunk]:
+            return [chunk async for chunk in llm.astream("hi")]
+
+        text = aggregate(asyncio.run(collect())).content
+    assert text == "from b"
+    assert servers["a"].hits == 1
+
+
 def test_chain_streams_through_failover_with_every_token_once(
     servers: dict[str, FaultServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -96,6 +96,16 @@ def test_failover_before_the_first_delta_is_invisible(
         assert deltas == ["from ", "b"]  # nothing from a, nothing twice
 
 
+@pytest.mark.parametrize("fault", [Fault.NO_CHOICES, Fault.HTML, Fault.STRING_BODY])
+@pytest.mark.parametrize("method", METHODS)
+def test_an_unusable_answer_never_reaches_the_adapter(
+    servers: dict[str, FaultServer], llm_for: Callable[..., VLLMRouted], method: str, fault: Fault
+) -> None:
+    servers["a"].set_fault(fault)  # zero choices, a proxy page, a JSON string: nothing to index into
+    text, extra, _ = call(llm_for("a", "b"), method)
+    assert text == "from b" and extra["failed_routes"] == ["a"]
+
+
 @pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
 @pytest.mark.parametrize("method", ["chat", "stream_chat", "astream_chat"])
 def test_reasoning_is_kept(

@@ -2,10 +2,10 @@
 
 httpx bounds each read, not a response: a server that trickles one byte a second never times out,
 and neither would ``deadline``. Async attempts run under ``asyncio.timeout``; a sync attempt arms a
-:class:`Watch`, the transport below attaches the response's socket to it when the headers arrive,
-and at the bound the timer thread shuts that socket down, so the blocked read returns at once. Until
-the headers come, the transport bounds each read by the time left, for any client it serves (the
-openai SDK's and Ollama's alike).
+:class:`Watch`. The transport's connections attach their socket to the calling thread's watch when
+the request is written, and at the bound (or when the router closes) the timer thread shuts that
+socket down, so a read blocked anywhere (waiting for headers, mid-body, mid-stream) returns at once.
+Until the headers come, the transport also bounds each read by the time left.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 COMPACT_ABOVE = 8192
-"""Heap size past which ended watches are swept out (they are otherwise dropped when their time comes)."""
+"""Heap size past which stale entries are swept out (they are otherwise dropped when their time comes)."""
 
 _current = threading.local()
 """The watch of the sync attempt this thread is sending, if any (read by the transport)."""
@@ -29,15 +29,17 @@ _current = threading.local()
 class Watch:
     """The time bound of one sync attempt and the sockets to cut when it passes."""
 
-    __slots__ = ("_lock", "_sockets", "at", "ended", "fired", "reason")
+    __slots__ = ("_lock", "_sockets", "at", "ended", "fired", "queued", "reason")
 
     def __init__(self, at: float) -> None:
         self.at = at
-        """Monotonic time of the bound; may be moved later while armed (a stream's next chunk)."""
+        """Monotonic time of the bound. Moving it later needs nothing more; earlier: ``WATCHDOG.arm`` again."""
         self.fired = False
         """The socket was cut (``reason`` says why): the attempt's failure is this bound's doing."""
         self.ended = False
         self.reason = ""
+        self.queued: tuple[float, int] = (float("inf"), -1)
+        """The watchdog's live entry for this watch (time, sequence); older entries are stale."""
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -46,9 +48,10 @@ class Watch:
             if self.ended:
                 return
             if not self.fired:
-                self._sockets.append(sock)
+                if sock not in self._sockets:
+                    self._sockets.append(sock)
                 return
-        _cut(sock)  # the bound passed before the headers came
+        _cut(sock)  # fired before this socket was written to
 
     def fire(self, reason: str) -> None:
         """Cut the attempt now (its bound passed, or the router is closing)."""
@@ -61,7 +64,7 @@ class Watch:
             _cut(sock)
 
     def end(self) -> None:
-        """The attempt ended: never cut its socket (it may go back to the pool)."""
+        """The attempt is over: never cut its socket (it may go back to the pool)."""
         with self._lock:
             self.ended = True
             self._sockets.clear()
@@ -86,51 +89,76 @@ class Watchdog:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Watch]] = []
         self._order = itertools.count()
-        self._compact_at = COMPACT_ABOVE
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._compact_at = COMPACT_ABOVE
 
     def arm(self, watch: Watch) -> None:
-        """Schedule ``watch`` to fire at ``watch.at`` (re-arm after moving ``at`` later: call again)."""
+        """Schedule ``watch`` to fire at ``watch.at`` (again, after moving ``at`` earlier)."""
         with self._cond:
-            if len(self._heap) > self._compact_at:  # ended watches wait for their time in the heap: drop them
-                self._heap = [entry for entry in self._heap if not entry[2].ended]
+            if len(self._heap) > self._compact_at:
+                self._heap = [entry for entry in self._heap if _live(entry)]
                 heapq.heapify(self._heap)
                 self._compact_at = max(COMPACT_ABOVE, 2 * len(self._heap))
-            heapq.heappush(self._heap, (watch.at, next(self._order), watch))
+            self._push(watch)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="anorag-watchdog", daemon=True)
                 self._thread.start()
             elif self._heap[0][2] is watch:
                 self._cond.notify()
 
+    def _push(self, watch: Watch) -> None:
+        entry = (watch.at, next(self._order), watch)
+        watch.queued = entry[:2]
+        heapq.heappush(self._heap, entry)
+
     def _run(self) -> None:
         with self._cond:
             while True:
                 now = time.monotonic()
-                while self._heap and (self._heap[0][2].ended or self._heap[0][0] <= now):
-                    _, _, watch = heapq.heappop(self._heap)
-                    if watch.ended or watch.fired:
+                while self._heap and (not _live(self._heap[0]) or self._heap[0][0] <= now):
+                    entry = heapq.heappop(self._heap)
+                    watch = entry[2]
+                    if not _live(entry):
                         continue
                     if watch.at <= now:
                         watch.fire("timed out")
                     else:
-                        heapq.heappush(self._heap, (watch.at, next(self._order), watch))  # moved later
+                        self._push(watch)  # its bound moved later meanwhile
                 self._cond.wait(min(self._heap[0][0] - now, 3600.0) if self._heap else None)
+
+
+def _live(entry: tuple[float, int, Watch]) -> bool:
+    watch = entry[2]
+    return not (watch.ended or watch.fired) and watch.queued == entry[:2]
 
 
 WATCHDOG = Watchdog()
 
 
+def rearm(watch: Watch, at: float) -> None:
+    """Move ``watch``'s bound to ``at``; queue it again only when that is earlier than its entry."""
+    watch.at = at
+    if at < watch.queued[0]:
+        WATCHDOG.arm(watch)
+
+
+# --- the transport -------------------------------------------------------------------------------------
+
+
 def watched_transport(httpx_module: ModuleType, **options: Any) -> Any:
     """A sync transport of ``httpx_module`` (the openai SDK's httpx2, or httpx for Ollama's client)
-    that bounds the wait for headers by the calling thread's :class:`Watch` and attaches the response's
-    socket to it."""
+    whose connections attach their socket to the calling thread's :class:`Watch`."""
     base = httpx_module.HTTPTransport
     cls = _WATCHED.get(base)
     if cls is None:
         cls = _WATCHED.setdefault(base, type("WatchedTransport", (base,), {"handle_request": _handle_request}))
-    return cls(**options)
+    transport = cls(**options)
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if backend is not None:  # httpcore's pool: wrap the backend so each socket is known when written to
+        pool._network_backend = _Backend(backend)  # type: ignore[union-attr]
+    return transport
 
 
 _WATCHED: dict[type, type] = {}
@@ -146,9 +174,55 @@ def _handle_request(self: Any, request: Any) -> Any:
             for kind in ("connect", "read", "write", "pool")
         }
     response = super(type(self), self).handle_request(request)
-    if watch is not None:
+    if watch is not None:  # in case the backend could not be wrapped
         stream: Any = response.extensions.get("network_stream")
         sock = stream.get_extra_info("socket") if stream is not None else None
         if isinstance(sock, socket.socket):
             watch.attach(sock)
     return response
+
+
+class _Backend:
+    """httpcore's sync network backend, handing out :class:`_Stream` wrappers."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> _Stream:
+        return _Stream(self._inner.connect_tcp(*args, **kwargs))
+
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> _Stream:
+        return _Stream(self._inner.connect_unix_socket(*args, **kwargs))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _Stream:
+    """A connection's stream: writing a request attaches the socket to the thread's watch."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        watch: Watch | None = getattr(_current, "watch", None)
+        if watch is not None:
+            sock = self._inner.get_extra_info("socket")
+            if isinstance(sock, socket.socket):
+                watch.attach(sock)
+        self._inner.write(buffer, timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data: bytes = self._inner.read(max_bytes, timeout)
+        return data
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, *args: Any, **kwargs: Any) -> _Stream:
+        return _Stream(self._inner.start_tls(*args, **kwargs))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)

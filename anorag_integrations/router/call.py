@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import copy
 import inspect
+import json
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from openai.resources.chat.completions import Completions
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from .errors import AllRoutesFailed, Attempt
+from .errors import AllRoutesFailed, Attempt, InvalidRequestError, RouterClosed
 from .policies import stable_hash
 
 if TYPE_CHECKING:
@@ -68,7 +69,9 @@ def seconds(name: str, value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds (or None for the default), got {value!r}")
+        raise InvalidRequestError(
+            f"{name} must be a positive number of seconds (or None for the default), got {value!r}"
+        )
     return float(value)
 
 
@@ -78,6 +81,7 @@ class Call:
     def __init__(self, router: Router, messages: Messages, params: dict[str, Any], *, stream: bool) -> None:
         cfg = router.config.params
         self.router = router
+        self.stream = stream
         self.started = time.monotonic()
         self.pinned: Route | None = None
         name = params.pop("route", None)
@@ -85,13 +89,13 @@ class Call:
             try:
                 self.pinned = router.routes[name]
             except KeyError:
-                raise ValueError(f"unknown route {name!r}; routes: {', '.join(router.routes)}") from None
+                raise InvalidRequestError(f"unknown route {name!r}; routes: {', '.join(router.routes)}") from None
         self.timeout = seconds("timeout", params.pop("timeout", None))
         self.max_retries: int = params.pop("max_retries", None)
         if self.max_retries is None:
             self.max_retries = cfg.max_retries
         elif isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"max_retries must be a whole number >= 0, got {self.max_retries!r}")
+            raise InvalidRequestError(f"max_retries must be a whole number >= 0, got {self.max_retries!r}")
         deadline = seconds("deadline", params.pop("deadline", None)) or cfg.deadline
         self.deadline = None if deadline is None else self.started + deadline
         self.model: str | None = params.pop("model", None)
@@ -164,6 +168,14 @@ class Call:
                     break
             self._prefix = (chars, stable_hash("".join(parts)[:chars]))
         return self._prefix[1]
+
+    def unsendable(self) -> str | None:
+        """Why the body cannot be serialised as JSON (the caller's mistake), or None when it can."""
+        try:
+            json.dumps(self.body, default=_jsonable)
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+        return None
 
     def body_for(self, route: Route) -> dict[str, Any]:
         return {**self.body, "model": self.model or route.model}
@@ -238,6 +250,9 @@ class Control:
         if self.task is not None:
             self.loop = self.task.get_loop()
         router._live.add(self)
+        if router.closed:  # close() may have taken its snapshot of the live calls just before
+            router._live.discard(self)
+            raise RouterClosed()
 
     def abort(self) -> None:
         self.aborted = True
@@ -263,6 +278,13 @@ class Control:
 def wall_clock(monotonic_at: float) -> str:
     """A monotonic instant as local wall-clock time (for messages)."""
     return time.strftime("%H:%M:%S", time.localtime(time.time() + monotonic_at - time.monotonic()))
+
+
+def _jsonable(value: Any) -> Any:
+    """What the openai SDK itself turns into JSON besides plain types: pydantic models."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _text(content: Any) -> str:

@@ -283,9 +283,12 @@ class _LoopThread:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._started: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+        self._stopped = False
 
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
+            if self._stopped:
+                raise RouterClosed()
             if self._started is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name="anorag-hedge-loop", daemon=True)
@@ -296,7 +299,7 @@ class _LoopThread:
     def stop(self, routes: Any = (), *, wait: bool = True) -> None:
         """Cancel what still runs there, close the routes' clients of that loop, stop it."""
         with self._lock:
-            started, self._started = self._started, None
+            started, self._started, self._stopped = self._started, None, True
         if started is None:
             return
         loop, thread = started

@@ -18,7 +18,9 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     │       └── UnprocessableEntityError   422: the body failed the server's validation
     ├── StreamInterruptedError      a stream broke after text was delivered; says how much
     ├── AllRoutesFailed             every route (and retry round) failed; .attempts lists them
-    └── RouterClosed                the router was closed before or while the call ran
+    ├── RouterClosed                the router was closed before or while the call ran
+    └── InvalidRequestError         the caller's request is unusable (bad bound, unknown route,
+                                    a message that cannot be sent); also a ValueError
 """
 
 from __future__ import annotations
@@ -326,6 +328,10 @@ class StreamCut(TransientRouteError):
 
 class MalformedResponse(TransientRouteError):
     """HTTP 200 with a body the router cannot use: an HTML page, bad JSON, no choices, ..."""
+
+
+class InvalidRequestError(RouterError, ValueError):
+    """The caller's request cannot be sent as given; no route is blamed for it."""
 
 
 class RouterClosed(RouterError):

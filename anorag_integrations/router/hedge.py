@@ -96,6 +96,9 @@ async def race(call: Call, hedger: Hedger, achat: Callable[[Call], Awaitable[Cha
             task.cancel()
         if unfinished:
             await asyncio.wait(unfinished)  # let the losers release their routes
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # every copy's error is the race's to report: none is "never retrieved"
     if twin is None:
         return winner.result()
     return _result(hedger, winner, tasks[winner], call, twin)

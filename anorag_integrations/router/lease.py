@@ -22,10 +22,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from .bounds import WATCHDOG, Watch
+from .bounds import WATCHDOG, Watch, rearm
 from .call import Call
 from .errors import (
     Attempt,
+    InvalidRequestError,
     PermanentRouteError,
     RouteError,
     RouterClosed,
@@ -72,23 +73,32 @@ class Lease:
         return at if self.call.deadline is None else min(at, self.call.deadline)
 
     def send(self, send: Callable[[Route, float], _T]) -> _T:
-        """Run a sync attempt under its time bound (the socket is cut when it passes)."""
-        watch = self.watch = Watch(self.bound())
+        """Run a sync attempt under its time bound (its socket is cut when the bound passes or on close)."""
         if self.call.ctl.aborted:
-            watch.fire("router closed")
+            raise RouterClosed("the router was closed before this attempt was sent")
+        watch = self.watch = Watch(self.bound())
         WATCHDOG.arm(watch)
-        with watch:
-            return send(self.route, self.timeout)
+        try:
+            with watch:
+                return send(self.route, self.timeout)
+        finally:
+            if not self.call.stream:
+                watch.end()  # the connection may be back in the pool already: never cut it now
 
     def rearm(self) -> None:
         """A sync stream reads its next chunk: a fresh bound (within the deadline)."""
         if self.watch is not None:
-            self.watch.at = self.bound()
+            rearm(self.watch, self.bound())
 
     def pause(self) -> None:
         """The caller holds a chunk: only the deadline runs (its own pace is not the route's fault)."""
         if self.watch is not None:
             self.watch.at = self.call.deadline if self.call.deadline is not None else float("inf")
+
+    def unwatch(self) -> None:
+        """Stop watching before the stream's connection goes back to the pool."""
+        if self.watch is not None:
+            self.watch.end()
 
     async def asend(self, send: Callable[[Route, float], Awaitable[_T]]) -> _T:
         """Run an async attempt (or read an async stream's next chunk) under its time bound."""
@@ -139,6 +149,9 @@ class Lease:
         if call.ctl.aborted or call.router.closed:
             self.abandoned()
             raise RouterClosed("the router was closed while this call was in flight") from exc
+        if isinstance(exc, TypeError | ValueError) and (problem := call.unsendable()) is not None:
+            self.abandoned()  # the request could not even be built: the caller's mistake, no route's
+            raise InvalidRequestError(f"the request cannot be sent: {problem}") from exc
         if self.ended:  # already settled (e.g. a stream's consumer raised after the end): nothing to count
             return classify(exc, route=self.route.name, url=self.route.base_url, model="", timeout=None)
         error = self._classify(exc)
@@ -156,8 +169,10 @@ class Lease:
 
     def _timed_out(self, exc: BaseException) -> bool:
         """Whether the attempt's own time bound ended it (asyncio.timeout, or the watch cut the socket)."""
-        return not isinstance(exc, RouteError) and (
-            isinstance(exc, TimeoutError) or (self.watch is not None and self.watch.fired)
+        if isinstance(exc, PermanentRouteError):
+            return False
+        return (isinstance(exc, TimeoutError) and not isinstance(exc, RouteError)) or (
+            self.watch is not None and self.watch.fired
         )
 
     def _deadline_passed(self, exc: BaseException, error: RouteError) -> bool:

@@ -145,6 +145,7 @@ def stream(router: Router, call: Call) -> Iterator[ChatCompletionChunk]:
             except BaseException as exc:
                 error, cause = interrupted(lease, tally, exc), exc
             finally:
+                lease.unwatch()
                 opened.stream.close()
             twin = continuation(router, call, tally, error)
             try:

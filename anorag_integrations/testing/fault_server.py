@@ -71,6 +71,9 @@ class Fault(StrEnum):
     # (default 0.2), headers at once: no read times out, the whole takes long. Clearing (or changing)
     # the fault sends the rest at once; stopping the server drops the connection at once.
     TRICKLE = "trickle"
+    # Stream: `after_chunks` content chunks (default half), then nothing at all, the connection kept open,
+    # until the fault is cleared (the rest follows) or the server stops. Plain requests: as HANG.
+    STALL = "stall"
 
 
 class _Dropped(Exception):
@@ -183,7 +186,7 @@ class FaultServer:
         previous = self._state.fault
         with self._lock:
             self._state = _FaultState(fault, times, options)
-        if previous in (Fault.HANG, Fault.TRICKLE) and fault is not previous:
+        if previous in (Fault.HANG, Fault.TRICKLE, Fault.STALL) and fault is not previous:
             self._call(self._wake_hung())  # hung requests answer, trickling ones send the rest at once
         if fault is Fault.REFUSE and previous is not Fault.REFUSE:
             self._call(self._stop_listening())
@@ -350,7 +353,7 @@ class FaultServer:
                 await asyncio.sleep(self.latency)
             if state.fault is Fault.STATUS:
                 return _error(opts.get("status", 500), opts.get("message", "injected failure"), opts.get("retry_after"))
-            if state.fault is Fault.HANG:
+            if state.fault is Fault.HANG or (state.fault is Fault.STALL and not body.get("stream")):
                 assert self._release is not None
                 await self._release.wait()
                 return _error(503, "hang released")
@@ -528,6 +531,9 @@ class FaultServer:
             if i == after and state.fault is Fault.CUT:
                 drop_connection(request)
                 return response
+            if i == after and state.fault is Fault.STALL:
+                assert self._release is not None
+                await self._release.wait()
             if i == after and state.fault is Fault.ERROR_EVENT:
                 error = {
                     "error": {
