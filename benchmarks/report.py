@@ -245,6 +245,25 @@ def continuation(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def soak(data: dict[str, Any]) -> list[str]:
+    meta, r = data["meta"], data["results"]
+    rows = [[f"{r['requests']:,}", r["concurrency"], r["sync_threads"], r["fault_changes_on_c"],
+             json.dumps(r["outcomes"]), r["lost"], json.dumps(r["in_flight_at_end"]),
+             f"{r['before_router']['fds']} -> {r['after_router_closed']['fds']}",
+             f"{r['before_router']['threads']} -> {r['after_router_closed']['threads']}", r["rss_growth_mb"],
+             "yes" if r["passed"] else "**no**"]]  # fmt: skip
+    header = ["requests", "async concurrency", "sync threads", "faults on c", "outcomes", "lost", "in flight after",
+              "open files", "threads", "RSS growth MB", "passed"]  # fmt: skip
+    return [
+        "## 11. Soak (routes a and b healthy, c flapping through the whole fault corpus; open files and threads "
+        "before the router and after its close, the one extra thread is the process-wide watchdog)",
+        "",
+        table(header, rows),
+        "",
+        machine(meta),
+    ]
+
+
 def plots(folder: Path) -> None:
     """Bar charts of the overhead and failover results (needs matplotlib, the ``plot`` extra)."""
     import matplotlib
@@ -302,6 +321,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("least_queue", least_queue),
     ("hedging", hedging),
     ("continuation", continuation),
+    ("soak", soak),
 ]
 
 
