@@ -240,6 +240,9 @@ def test_errors_are_langchain_and_router_types(
     with pytest.raises(lc_errors.ModelAPIError) as failed:
         list(llm_for("a", "b").stream("hi"))
     assert isinstance(failed.value, ai.AllRoutesFailed) and len(failed.value.attempts) == 2
+    with pytest.raises(lc_errors.ModelInvalidRequestError) as invalid:
+        llm_for("a", "b").invoke("hi", deadline=0)  # the caller's mistake: typed both ways, no route blamed
+    assert isinstance(invalid.value, ai.InvalidRequestError) and "deadline" in str(invalid.value)
 
 
 def test_async_paths_never_touch_the_sync_router(

@@ -19,6 +19,7 @@ LC_ERRORS: Mapping[type[BaseException], type[BaseException]] = {
     r.ContextOverflowError: both(r.ContextOverflowError, lc_errors.ContextOverflowError),
     r.BadRequestError: both(r.BadRequestError, lc_errors.ModelInvalidRequestError),
     r.UnprocessableEntityError: both(r.UnprocessableEntityError, lc_errors.ModelInvalidRequestError),
+    r.InvalidRequestError: both(r.InvalidRequestError, lc_errors.ModelInvalidRequestError),
     r.AuthenticationError: both(r.AuthenticationError, lc_errors.ModelAuthenticationError),
     r.ModelNotFoundError: both(r.ModelNotFoundError, lc_errors.ModelNotFoundError),
     r.AllRoutesFailed: both(r.AllRoutesFailed, lc_errors.ModelAPIError),
