@@ -1,15 +1,17 @@
-"""Whole-attempt time bounds for sync calls: a timer thread that cuts an attempt's socket at its bound.
+"""Whole-attempt time bounds: a timer thread that cuts a sync attempt's socket, a loop timer for async.
 
 httpx bounds each read, not a response: a server that trickles one byte a second never times out,
-and neither would ``deadline``. Async attempts run under ``asyncio.timeout``; a sync attempt arms a
-:class:`Watch`. The transport's connections attach their socket to the calling thread's watch when
-the request is written, and at the bound (or when the router closes) the timer thread shuts that
-socket down, so a read blocked anywhere (waiting for headers, mid-body, mid-stream) returns at once.
-Until the headers come, the transport also bounds each read by the time left.
+and neither would ``deadline``. An async attempt runs under a :class:`Timer` that cancels the
+router's own await when its bound passes. A sync attempt arms a :class:`Watch`: the transport's
+connections attach their socket to the calling thread's watch when the request is written, and at
+the bound (or when the router closes) the timer thread shuts that socket down, so a read blocked
+anywhere (waiting for headers, mid-body, mid-stream) returns at once. Until the headers come, the
+transport also bounds each read by the time left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import itertools
@@ -226,3 +228,62 @@ class _Stream:
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+
+# --- async attempts --------------------------------------------------------------------------------------
+
+
+class Timer:
+    """The time bound of one async attempt: one loop timer, moved by assignment (a stream moves it per chunk).
+
+    When ``at`` passes while the call awaits the router's own read, the task is cancelled and
+    ``expired`` is set, so the attempt reads it as a timeout. While the caller holds a chunk
+    (``ctl.awaiting`` false) nothing fires; the next read starts a fresh bound. ``asyncio.timeout``
+    per chunk cost about 7 us; this costs a float assignment.
+    """
+
+    __slots__ = ("_handle", "_loop", "_scheduled", "at", "ctl", "expired")
+
+    def __init__(self, ctl: Any) -> None:
+        self.ctl = ctl
+        self.at = float("inf")
+        self.expired = False
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._scheduled = float("inf")
+
+    def start(self, at: float) -> None:
+        """Bound the read that starts now by ``at`` (monotonic, the loop's clock)."""
+        self.at = at
+        if at < self._scheduled:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._scheduled = at
+            self._handle = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._handle, self._scheduled = None, float("inf")
+        if not self.ctl.awaiting:
+            return  # the caller holds a chunk: its next read sets a fresh bound
+        if self._loop.time() < self.at:
+            self.start(self.at)  # moved later since: wait for it
+            return
+        task = self.ctl.task
+        if task is not None and not task.done():
+            self.expired = True
+            task.cancel("attempt timed out")
+
+    def taken(self) -> bool:
+        """A cancellation was this timer's: take it back from the task (True), or not ours (False)."""
+        if not self.expired:
+            return False
+        self.expired = False
+        if self.ctl.task is not None:
+            self.ctl.task.uncancel()
+        return True
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._scheduled = float("inf")

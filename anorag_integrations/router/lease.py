@@ -1,7 +1,7 @@
 """One attempt of one call on one route, from claim to release: the only owner of its bookkeeping.
 
 A :class:`Lease` takes the route's breaker ticket (the half-open trial slot included) and its
-in-flight count, bounds the attempt in time (``asyncio.timeout`` for async, a :class:`Watch` for
+in-flight count, bounds the attempt in time (a loop :class:`Timer` for async, a :class:`Watch` for
 sync), classifies *every* way the attempt can end and gives everything back exactly once::
 
     succeeded()      statistics, breaker success, CallInfo
@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from .bounds import WATCHDOG, Watch, rearm
+from .bounds import WATCHDOG, Timer, Watch, rearm
 from .call import Call
 from .errors import (
     Attempt,
@@ -49,12 +49,13 @@ _CALLERS_OWN = (GeneratorExit, KeyboardInterrupt, SystemExit, asyncio.CancelledE
 class Lease:
     """Route ``route`` claimed for one attempt of ``call`` (see the module docstring)."""
 
-    __slots__ = ("call", "ended", "route", "t0", "ticket", "timeout", "watch")
+    __slots__ = ("call", "ended", "route", "t0", "ticket", "timeout", "timer", "watch")
 
     def __init__(self, call: Call, route: Route, ticket: Ticket) -> None:
         self.call, self.route, self.ticket = call, route, ticket
         self.ended = False
         self.watch: Watch | None = None
+        self.timer: Timer | None = None
         try:
             self.timeout = call.attempt_timeout(route)
         except BaseException:
@@ -101,14 +102,22 @@ class Lease:
             self.watch.end()
 
     async def asend(self, send: Callable[[Route, float], Awaitable[_T]]) -> _T:
-        """Run an async attempt (or read an async stream's next chunk) under its time bound."""
-        ctl = self.call.ctl
-        ctl.awaiting = True
-        try:
-            async with asyncio.timeout(self.bound() - time.monotonic()):
-                return await send(self.route, self.timeout)
-        finally:
-            ctl.awaiting = False
+        """Run an async attempt under its time bound."""
+        with self:
+            return await send(self.route, self.timeout)
+
+    def __enter__(self) -> Lease:
+        """Around one await of the router's own (the answer, a stream's next chunk): a fresh bound."""
+        if self.timer is None:
+            self.timer = Timer(self.call.ctl)
+        self.timer.start(self.bound())
+        self.call.ctl.awaiting = True
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.call.ctl.awaiting = False
+        if kind is asyncio.CancelledError and self.timer is not None and self.timer.taken():
+            raise TimeoutError(f"no answer within the attempt's bound ({self.timeout:g}s)") from None
 
     # --- outcomes ---------------------------------------------------------------------------------
 
@@ -168,7 +177,7 @@ class Lease:
         return error
 
     def _timed_out(self, exc: BaseException) -> bool:
-        """Whether the attempt's own time bound ended it (asyncio.timeout, or the watch cut the socket)."""
+        """Whether the attempt's own time bound ended it (its timer, or the watch cut the socket)."""
         if isinstance(exc, PermanentRouteError):
             return False
         return (isinstance(exc, TimeoutError) and not isinstance(exc, RouteError)) or (
@@ -218,6 +227,8 @@ class Lease:
         self.ended = True
         if self.watch is not None:
             self.watch.end()
+        if self.timer is not None:
+            self.timer.stop()
         if self.call.ctl.lease is self:
             self.call.ctl.lease = None
         return False

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +74,6 @@ def _open(call: Call, route: Route, timeout: float) -> Opened:
     pending: list[ChatCompletionChunk] = []
     try:
         for chunk in stream:
-            check(chunk)
             pending.append(chunk)
             if opens(chunk):
                 return Opened(stream, pending, time.perf_counter() - t0)
@@ -93,7 +92,6 @@ async def _aopen(call: Call, route: Route, timeout: float) -> Opened:
     pending: list[ChatCompletionChunk] = []
     try:
         async for chunk in stream:
-            check(chunk)
             pending.append(chunk)
             if opens(chunk):
                 return Opened(stream, pending, time.perf_counter() - t0)
@@ -102,15 +100,6 @@ async def _aopen(call: Call, route: Route, timeout: float) -> Opened:
         raise
     await stream.close()
     raise cut(route, "before any content")
-
-
-def check(chunk: object) -> None:
-    """Raise (a route failure) unless ``chunk`` is a chat chunk the adapters can read."""
-    if not isinstance(chunk, ChatCompletionChunk) or not isinstance(chunk.choices, list):
-        raise ValueError(f"not a chat completion chunk: {str(chunk)[:200]!r}")
-    for choice in chunk.choices:
-        if not isinstance(choice.index, int) or choice.delta is None:
-            raise ValueError(f"malformed choice in chunk: {str(choice)[:200]!r}")
 
 
 def _reads(lease: Lease, stream: Any) -> Iterator[ChatCompletionChunk]:
@@ -122,7 +111,6 @@ def _reads(lease: Lease, stream: Any) -> Iterator[ChatCompletionChunk]:
             chunk = next(it)
         except StopIteration:
             return
-        check(chunk)
         lease.pause()
         yield chunk
 
@@ -170,15 +158,15 @@ async def astream(router: Router, call: Call) -> AsyncIterator[ChatCompletionChu
                 for chunk in opened.pending:
                     tally.add(chunk)
                     yield attach(chunk, call.info)
-                next_chunk = _next_of(aiter(opened.stream))
+                chunks = aiter(opened.stream)
                 while True:
-                    if router.closed:
+                    if call.ctl.aborted:
                         raise RouterClosed("the router was closed while this stream was read")
                     try:
-                        chunk = await lease.asend(next_chunk)
+                        with lease:  # each read under a fresh bound
+                            chunk = await anext(chunks)
                     except StopAsyncIteration:
                         break
-                    check(chunk)
                     tally.add(chunk)
                     yield attach(chunk, call.info)
                 tally.check(lease.route)
@@ -196,11 +184,6 @@ async def astream(router: Router, call: Call) -> AsyncIterator[ChatCompletionChu
         lease.succeeded(output_tokens=tally.tokens, ttft_s=opened.ttft_s)
     finally:
         call.exit()
-
-
-def _next_of(it: AsyncIterator[ChatCompletionChunk]) -> Callable[[Route, float], Awaitable[ChatCompletionChunk]]:
-    """The next chunk of ``it``, in the shape :meth:`Lease.asend` runs."""
-    return lambda _route, _timeout: anext(it)
 
 
 def interrupted(lease: Lease, tally: Tally, exc: BaseException) -> StreamInterruptedError:
@@ -275,13 +258,16 @@ class Tally:
         """Routes whose stream of this answer was cut."""
 
     def add(self, chunk: ChatCompletionChunk) -> None:
+        """Count a chunk before it is delivered; raises (the route's failure) on one the adapters cannot read."""
+        if not isinstance(chunk, ChatCompletionChunk) or not isinstance(chunk.choices, list):
+            raise ValueError(f"not a chat completion chunk: {str(chunk)[:200]!r}")
         self.chunks += 1
         if self.stream_id is None:
             self.stream_id = chunk.id
         elif self.cut:
             chunk.id = self.stream_id
         for choice in chunk.choices:
-            delta = choice.delta
+            delta = choice.delta  # a choice without one raises here
             if choice.index == 0 and delta.content:
                 self.text.append(delta.content)
                 self.content_chunks += 1
