@@ -491,3 +491,87 @@ def test_a_hedged_close_leaves_no_unretrieved_task_errors(
     with pytest.raises(RouterClosed):
         router.chat(USER)  # the hedge loop is not brought back
     idle(router)
+
+
+# --- found by the second hostile review -------------------------------------------------------------
+
+
+async def test_the_callers_own_timeout_wins_when_it_fires_with_the_attempts(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer]
+) -> None:
+    """Both bounds fall due in one loop tick (a busy loop): the caller's TimeoutError, no stray cancel left."""
+    router = router_for("a", "b", route_overrides={"a": {"timeout": 0.5}})
+    servers["a"].set_fault(Fault.HANG)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.4, time.sleep, 0.3)  # the loop is blocked across both bounds
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await router.achat(USER)
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0
+    servers["a"].set_fault(None)
+    idle(router)
+
+
+async def test_an_async_stream_read_from_other_tasks_keeps_its_bound_and_touches_no_other_task(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer]
+) -> None:
+    router = router_for("a", route_overrides={"a": {"timeout": 0.5}})
+    servers["a"].set_fault(Fault.STALL, after_chunks=1)
+    stream = router.astream(USER)
+    await stream.__anext__()  # opened in this task
+    started = time.monotonic()
+
+    async def read_rest() -> None:
+        while True:
+            await asyncio.wait_for(stream.__anext__(), 10)  # each read in a task of its own
+
+    with pytest.raises(StreamInterruptedError, match="timed out"):
+        await read_rest()
+    assert time.monotonic() - started < 0.5 + 1.0
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0  # the opener was never cancelled
+    servers["a"].set_fault(None)
+    idle(router)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": float("nan")},
+        {"max_tokens": float("inf")},
+        {"extra_headers": {"x-n": 1}},
+        {"extra_headers": {"x-n": "a\r\nb"}},
+        {"extra_body": [1, 2]},
+    ],
+    ids=["nan", "inf", "header_int", "header_crlf", "extra_body_list"],
+)
+def test_the_callers_bad_parameters_blame_no_route(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer], params: dict[str, Any]
+) -> None:
+    router = router_for("a", "b", health={"failure_threshold": 1})
+    with pytest.raises(InvalidRequestError):
+        router.chat(USER, **params)
+    assert all(route.breaker.state is BreakerState.CLOSED for route in router.routes.values())
+    assert run(router, "chat")[0] in ("from a", "from b")
+    idle(router)
+
+
+@pytest.mark.parametrize("messages", [None, 5, ["hello"]])
+def test_messages_that_are_not_a_list_of_mappings_are_refused(router_for: Callable[..., Router], messages: Any) -> None:
+    with pytest.raises(InvalidRequestError, match="messages"):
+        router_for("a").chat(messages)
+
+
+def test_a_sendable_request_meeting_a_malformed_answer_still_fails_over(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer]
+) -> None:
+    """The SDK sends a datetime as text: the HTML that comes back is the route's fault, not the caller's."""
+    import datetime
+
+    router = router_for("a", "b")
+    servers["a"].set_fault(Fault.HTML, times=1)
+    response = router.chat(USER, sent_at=datetime.datetime(2026, 11, 22, 1, 0))
+    assert response.choices[0].message.content == "from b"
+    assert servers["b"].requests[-1]["sent_at"] == "2026-11-22T01:00:00"
+    idle(router)

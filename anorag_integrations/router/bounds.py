@@ -278,9 +278,9 @@ class Timer:
         if not self.expired:
             return False
         self.expired = False
-        if self.ctl.task is not None:
-            self.ctl.task.uncancel()
-        return True
+        task = self.ctl.task
+        # Another cancellation came in the same tick (the caller's, its asyncio.timeout): that one wins.
+        return task is None or task.uncancel() == 0
 
     def stop(self) -> None:
         if self._handle is not None:

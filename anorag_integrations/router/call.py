@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from openai import NotGiven, Omit
 from openai.resources.chat.completions import Completions
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -108,7 +109,8 @@ class Call:
             params["extra_body"] = {**extra, **(params.get("extra_body") or {})}
         if stream:
             params.setdefault("stream_options", {"include_usage": True})
-        params["messages"] = list(messages)
+        params["messages"] = _messages(messages)
+        _check_extras(params)
         self.body = params
         self.info = CallInfo()
         self.retry_after = 0.0
@@ -170,9 +172,15 @@ class Call:
         return self._prefix[1]
 
     def unsendable(self) -> str | None:
-        """Why the body cannot be serialised as JSON (the caller's mistake), or None when it can."""
+        """Why the SDK cannot serialise the body as JSON (the caller's mistake), or None when it can.
+
+        Asked only after an attempt raised a TypeError or ValueError, to tell the caller's NaN or
+        unserialisable object from a server's unusable answer; it uses the SDK's own encoder.
+        """
+        payload = {k: v for k, v in self.body.items() if k not in _NOT_BODY}
+        payload.update(self.body.get("extra_body") or {})
         try:
-            json.dumps(self.body, default=_jsonable)
+            _sdk_dumps(payload)
         except (TypeError, ValueError) as exc:
             return str(exc)
         return None
@@ -270,8 +278,7 @@ class Control:
     def uncancelled(self) -> bool:
         """A cancellation is Router.close()'s doing: take it back from the task (True), or not ours (False)."""
         if self.aborted and self.task is not None:
-            self.task.uncancel()
-            return True
+            return self.task.uncancel() == 0  # a cancellation of the caller's own, pending too, wins
         return False
 
 
@@ -280,11 +287,48 @@ def wall_clock(monotonic_at: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(time.time() + monotonic_at - time.monotonic()))
 
 
-def _jsonable(value: Any) -> Any:
-    """What the openai SDK itself turns into JSON besides plain types: pydantic models."""
-    if hasattr(value, "model_dump"):
-        return value.model_dump()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+_NOT_BODY = frozenset({"extra_headers", "extra_query", "extra_body"})
+
+try:  # the encoder the openai SDK sends bodies with (datetime, pydantic models; no NaN)
+    from openai._utils._json import openapi_dumps as _sdk_dumps
+except ImportError:  # pragma: no cover - older SDKs: the same rules, by hand
+
+    def _sdk_dumps(obj: Any) -> bytes:
+        return json.dumps(obj, allow_nan=False, default=_plain).encode()
+
+    def _plain(value: Any) -> Any:
+        if hasattr(value, "model_dump"):
+            return value.model_dump(mode="json", exclude_unset=True, by_alias=True)
+        if hasattr(value, "isoformat"):
+            return value.isoformat()
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _messages(messages: Any) -> list[Any]:
+    """The caller's messages as a list of mappings, or InvalidRequestError saying what is wrong."""
+    try:
+        listed = list(messages)
+    except TypeError:
+        raise InvalidRequestError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} mappings, got {type(messages).__name__}"
+        ) from None
+    for index, message in enumerate(listed):
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(f"messages[{index}] must be a mapping with role and content, got {message!r:.80}")
+    return listed
+
+
+def _check_extras(params: Mapping[str, Any]) -> None:
+    """The SDK's extra_* keywords must be mappings; header names and values text without line breaks."""
+    for key in _NOT_BODY:
+        value = params.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise InvalidRequestError(f"{key} must be a mapping, got {type(value).__name__}")
+    for name, value in (params.get("extra_headers") or {}).items():
+        if not isinstance(name, str) or not isinstance(value, str | None | Omit | NotGiven):
+            raise InvalidRequestError(f"extra_headers must map text to text, got {name!r:.40}: {value!r:.40}")
+        if any(c in name + (value if isinstance(value, str) else "") for c in "\r\n\0"):
+            raise InvalidRequestError(f"extra_headers[{name!r:.40}] contains a line break or NUL")
 
 
 def _text(content: Any) -> str:

@@ -108,10 +108,12 @@ class Lease:
 
     def __enter__(self) -> Lease:
         """Around one await of the router's own (the answer, a stream's next chunk): a fresh bound."""
+        ctl = self.call.ctl
+        ctl.task = asyncio.current_task()  # a stream may be read from another task than the one that opened it
         if self.timer is None:
-            self.timer = Timer(self.call.ctl)
+            self.timer = Timer(ctl)
         self.timer.start(self.bound())
-        self.call.ctl.awaiting = True
+        ctl.awaiting = True
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
