@@ -109,6 +109,14 @@ class Watchdog:
             elif self._heap[0][2] is watch:
                 self._cond.notify()
 
+    def move(self, watch: Watch, at: float) -> None:
+        with self._cond:
+            watch.at = at
+            if at < watch.queued[0]:
+                self._push(watch)
+                if self._heap[0][2] is watch:
+                    self._cond.notify()
+
     def _push(self, watch: Watch) -> None:
         entry = (watch.at, next(self._order), watch)
         watch.queued = entry[:2]
@@ -139,10 +147,11 @@ WATCHDOG = Watchdog()
 
 
 def rearm(watch: Watch, at: float) -> None:
-    """Move ``watch``'s bound to ``at``; queue it again only when that is earlier than its entry."""
-    watch.at = at
-    if at < watch.queued[0]:
-        WATCHDOG.arm(watch)
+    """Move ``watch``'s bound to ``at``; queue it again only when that is earlier than its entry.
+
+    Under the watchdog's lock: the timer thread may be re-queueing the same watch at its old bound.
+    """
+    WATCHDOG.move(watch, at)
 
 
 # --- the transport -------------------------------------------------------------------------------------
