@@ -325,7 +325,10 @@ def test_a_provider_closing_does_not_close_the_shared_router(servers: dict[str, 
     second = VLLMOpenAIProvider(base_url=servers["a"].base_url, model=MODEL)
     assert first.router is second.router
     first.close()
+    assert not second.router.closed
     assert second.chat("hello") == "from a"
+    assert asyncio.run(second.achat("hello")) == "from a"
+    assert second.router.health()["default"]["healthy"]
     second.router.close()
 
 

