@@ -126,11 +126,11 @@ def llama_servers() -> Iterator[list[Any]]:
 
 
 @pytest.fixture(scope="session")
-def vllm_server() -> Iterator[Any]:
-    """One real vLLM server (SmolLM2-135M-Instruct on CPU) for the whole session.
+def vllm_pair() -> Iterator[list[Any]]:
+    """Two real vLLM servers (SmolLM2-135M-Instruct on CPU) for the whole session, started in parallel.
 
     Locally it skips with the reason when vLLM's environment is missing (``make vllm``); under
-    ``CI`` it fails instead.
+    ``CI`` it fails instead. Tests that kill one start it again before they end.
     """
     from anorag_integrations.cli import vllm
 
@@ -138,5 +138,19 @@ def vllm_server() -> Iterator[Any]:
         if os.environ.get("CI"):
             pytest.fail(missing)
         pytest.skip(missing)
-    with running([vllm.VllmServer(free_port())]) as (server,):
-        yield server
+    vllm.chat_model()  # prepared once, before two servers race for it
+    with running([vllm_on(free_port()) for _ in range(2)]) as started:
+        yield started
+
+
+def vllm_on(port: int) -> Any:
+    """A (not yet started) vLLM server as the live tests run them."""
+    from anorag_integrations.cli.vllm import VllmServer
+
+    return VllmServer(port)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_pair: list[Any]) -> Any:
+    """One real vLLM server (the first of the session's pair)."""
+    return vllm_pair[0]

@@ -1,0 +1,157 @@
+"""The router, ChatVLLMRouted and VLLMRouted against two real vLLM servers (SmolLM2-135M-Instruct on CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from anorag_integrations import (
+    BadRequestError,
+    ChatVLLMRouted,
+    ContextOverflowError,
+    ModelNotFoundError,
+    Router,
+    VLLMRouted,
+    call_info,
+)
+from anorag_integrations.config import config_from_dict
+
+from .conftest import vllm_on
+
+pytestmark = pytest.mark.live
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+COUNT = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+
+
+class City(BaseModel):
+    name: str
+    country: str
+
+
+def vllm_config(servers: list[Any], **llm: Any) -> Any:
+    routes = {
+        f"vllm{i}": {"base_url": s.base_url, "model": s.alias, "timeout": 60, "continue_streams": True}
+        for i, s in enumerate(servers)
+    }
+    params = {"temperature": 0, "max_tokens": 16, "max_retries": 2, **llm.pop("params", {})}
+    return config_from_dict({"llm": {"routes": routes, "params": params, **llm}}, env={})
+
+
+@pytest.fixture
+def router(vllm_pair: list[Any]) -> Any:
+    with Router(vllm_config(vllm_pair, lb_policy="round_robin")) as router:
+        yield router
+
+
+def test_answers_stream_with_usage_and_use_both_servers(router: Router) -> None:
+    responses = [router.chat(ASK) for _ in range(2)]
+    assert [call_info(r).route for r in responses] == ["vllm0", "vllm1"]  # type: ignore[union-attr]
+    assert all(r.choices[0].message.content and r.usage.completion_tokens > 0 for r in responses)  # type: ignore[union-attr]
+
+    async def streamed() -> list[Any]:
+        return [chunk async for chunk in router.astream(ASK)]
+
+    for chunks in (list(router.stream(ASK)), asyncio.run(streamed())):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        assert call_info(chunks[-1]).ttft_s is not None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+def test_structured_output_on_real_vllm(router: Router, method: str) -> None:
+    llm = ChatVLLMRouted(router=router, temperature=0, max_tokens=60)
+    prompt = "Paris is in France. Reply with JSON with keys name and country for that city."
+    if method == "json_mode":  # the server guarantees JSON, not the schema: a 135M model may miss keys
+        raw = llm.with_structured_output(None, method="json_mode", include_raw=True).invoke(prompt)
+        assert isinstance(json.loads(raw["raw"].content), dict)
+        return
+    city = llm.with_structured_output(City, method=method).invoke(prompt)  # constrained by vLLM's grammar
+    assert isinstance(city, City) and city.name and city.country
+
+
+def test_tool_calls_need_the_servers_tool_parser_and_say_so(router: Router) -> None:
+    """vLLM 0.32 refuses even a named tool choice without --tool-call-parser (so function_calling too).
+
+    With ``--enable-auto-tool-choice --tool-call-parser hermes`` this 135M model writes ``<tool_call>`` text
+    whose arguments are a string, not the schema's object: the servers here run without tool parsing.
+    """
+    llm = ChatVLLMRouted(router=router, max_tokens=40)
+    with pytest.raises(BadRequestError, match="tool-call-parser"):
+        llm.with_structured_output(City, method="function_calling").invoke("Paris is in France.")
+    with pytest.raises(BadRequestError, match="enable-auto-tool-choice"):
+        llm.bind_tools([City], tool_choice="auto").invoke("Paris is in France.")
+
+
+def test_vllms_own_400_and_404_are_typed(router: Router) -> None:
+    with pytest.raises(ContextOverflowError, match="maximum context length is 4096") as overflow:
+        router.chat([{"role": "user", "content": "hello " * 5000}])
+    assert overflow.value.status == 400
+    with pytest.raises(ModelNotFoundError, match="does not exist") as missing:
+        router.chat(ASK, model="nope")
+    assert missing.value.status == 404
+    assert all(
+        route.breaker.state.value == "closed" or name == missing.value.route for name, route in router.routes.items()
+    )
+
+
+def test_the_context_window_comes_from_the_server(router: Router) -> None:
+    router.health()
+    assert VLLMRouted(router=router).metadata.context_window == 4096
+
+
+def test_a_stream_cut_by_sigkill_continues_on_the_other_server(vllm_pair: list[Any]) -> None:
+    """The serving vLLM server is SIGKILLed mid-answer: the caller's stream goes on from the other one."""
+    with Router(vllm_config(vllm_pair, lb_policy="round_robin", params={"max_tokens": 120})) as router:
+        received: list[str] = []
+        killed: int | None = None
+        chunks = []
+        for chunk in router.stream(COUNT):
+            chunks.append(chunk)
+            received.extend(c.delta.content or "" for c in chunk.choices)
+            if killed is None and len([t for t in received if t]) >= 5:
+                killed = int(call_info(chunk).route[-1])  # type: ignore[union-attr, index]
+                vllm_pair[killed].kill()
+        info = call_info(chunks[-1])
+        assert killed is not None and info is not None
+        assert info.continued == 1 and info.route == f"vllm{1 - killed}"
+        assert any(c.choices and c.choices[0].finish_reason for c in chunks)  # the answer finished
+        assert len({c.id for c in chunks}) == 1  # one stream to the caller
+    vllm_pair[killed] = vllm_on(vllm_pair[killed].port).start()
+
+
+def test_kill_one_server_mid_run_then_restart(vllm_pair: list[Any]) -> None:
+    """40 requests at concurrency 4; one vLLM server SIGKILLed after 12: none may fail. Then it comes back."""
+    config = vllm_config(
+        vllm_pair,
+        lb_policy="least_outstanding",
+        health={"probe_interval": 0.5, "failure_threshold": 2, "cooldown": 1},
+        params={"max_tokens": 8},
+    )
+    with Router(config) as router:
+        outcomes: list[tuple[str | None, BaseException | None]] = []
+
+        def one(i: int) -> None:
+            if i == 12:
+                vllm_pair[0].kill()
+            try:
+                outcomes.append((call_info(router.chat(ASK)).route, None))  # type: ignore[union-attr]
+            except Exception as exc:  # counted, then asserted on
+                outcomes.append((None, exc))
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(40)))
+        assert [exc for _, exc in outcomes if exc is not None] == []
+        assert {route for route, _ in outcomes[20:]} == {"vllm1"}
+        assert router.health()["vllm0"]["healthy"] is False
+        vllm_pair[0] = vllm_on(vllm_pair[0].port).start()
+        restarted = time.monotonic()
+        served: list[str] = []
+        while time.monotonic() - restarted < 30 and (not served or served[-1] != "vllm0"):
+            served.append(call_info(router.chat(ASK)).route)  # type: ignore[union-attr, arg-type]
+        assert served[-1] == "vllm0", "the restarted server never came back into rotation"
