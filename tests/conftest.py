@@ -83,6 +83,13 @@ def make_config(servers: dict[str, FaultServer | str], **llm: Any) -> Config:
     return config_from_dict({"llm": {"routes": routes, "health": health, "params": params, **llm}}, env={})
 
 
+def real_config(servers: list[Any], prefix: str, route: dict[str, Any], **llm: Any) -> Config:
+    """A config over real servers named ``<prefix>0``, ``<prefix>1``...; ``route`` keys go into each route."""
+    routes = {f"{prefix}{i}": {"base_url": s.base_url, "model": s.alias, **route} for i, s in enumerate(servers)}
+    params = {"temperature": 0, "max_tokens": 8, "max_retries": 2, **llm.pop("params", {})}
+    return config_from_dict({"llm": {"routes": routes, "params": params, **llm}}, env={})
+
+
 @pytest.fixture
 def servers() -> Iterator[dict[str, FaultServer]]:
     """Three fault servers a, b, c, all healthy to begin with."""

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from anorag_integrations import ContextOverflowError, Router, call_info
-from anorag_integrations.config import config_from_dict
 
-from .conftest import free_port
+from .conftest import free_port, real_config
 
 pytestmark = pytest.mark.live
 ALIAS = "gemma3_270m"
@@ -20,9 +19,7 @@ ASK = [{"role": "user", "content": "The capital of France is"}]
 
 
 def live_config(servers: list[Any], **llm: Any) -> Any:
-    routes = {f"llama{i}": {"base_url": s.base_url, "model": s.alias, "timeout": 30} for i, s in enumerate(servers)}
-    params = {"temperature": 0, "max_tokens": 8, "max_retries": 2, **llm.pop("params", {})}
-    return config_from_dict({"llm": {"routes": routes, "params": params, **llm}}, env={})
+    return real_config(servers, "llama", {"timeout": 30}, **llm)
 
 
 @pytest.fixture

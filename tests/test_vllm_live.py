@@ -20,9 +20,8 @@ from anorag_integrations import (
     VLLMRouted,
     call_info,
 )
-from anorag_integrations.config import config_from_dict
 
-from .conftest import vllm_on
+from .conftest import real_config, vllm_on
 
 pytestmark = pytest.mark.live
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
@@ -35,12 +34,8 @@ class City(BaseModel):
 
 
 def vllm_config(servers: list[Any], **llm: Any) -> Any:
-    routes = {
-        f"vllm{i}": {"base_url": s.base_url, "model": s.alias, "timeout": 60, "continue_streams": True}
-        for i, s in enumerate(servers)
-    }
-    params = {"temperature": 0, "max_tokens": 16, "max_retries": 2, **llm.pop("params", {})}
-    return config_from_dict({"llm": {"routes": routes, "params": params, **llm}}, env={})
+    llm["params"] = {"max_tokens": 16, **llm.get("params", {})}
+    return real_config(servers, "vllm", {"timeout": 60, "continue_streams": True}, **llm)
 
 
 @pytest.fixture
