@@ -8,7 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from anorag_integrations import (
@@ -20,6 +22,7 @@ from anorag_integrations import (
     VLLMRouted,
     call_info,
 )
+from anorag_integrations.config import config_from_dict
 
 from .conftest import real_config, vllm_on
 
@@ -150,3 +153,69 @@ def test_kill_one_server_mid_run_then_restart(vllm_pair: list[Any]) -> None:
         while time.monotonic() - restarted < 30 and (not served or served[-1] != "vllm0"):
             served.append(call_info(router.chat(ASK)).route)  # type: ignore[union-attr, arg-type]
         assert served[-1] == "vllm0", "the restarted server never came back into rotation"
+
+
+def test_a_mixed_fleet_of_vllm_and_llama_cpp(vllm_pair: list[Any], llama_servers: list[Any]) -> None:
+    """Users run both engines (Ollama is llama.cpp underneath): one router, each route its own model."""
+    routes = {
+        "vllm": {"base_url": vllm_pair[1].base_url, "model": vllm_pair[1].alias, "timeout": 60},
+        "llama": {"base_url": llama_servers[0].base_url, "model": llama_servers[0].alias, "timeout": 60},
+    }
+    config = config_from_dict(
+        {"llm": {"routes": routes, "lb_policy": "round_robin", "params": {"temperature": 0, "max_tokens": 8}}},
+        env={},
+    )
+    with Router(config) as router:
+        served = {call_info(router.chat(ASK)).route for _ in range(2)}  # type: ignore[union-attr]
+        assert served == {"vllm", "llama"}
+        for _ in range(2):
+            chunks = list(router.stream(ASK))
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        rows = router.health()
+        assert rows["vllm"]["max_model_len"] == 4096 and rows["llama"]["healthy"]
+
+
+def _metric(server: Any, name: str) -> float:
+    text = httpx.get(f"{server.root_url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def test_least_queue_reads_the_real_vllm_queue(vllm_pair: list[Any]) -> None:
+    """Another client keeps one server busy: the router sees it in vllm:num_requests_running and goes elsewhere."""
+    config = vllm_config(vllm_pair, lb_policy="least_queue", least_queue={"interval": 0.2, "stale_after": 5})
+    busy = vllm_pair[0]
+    body = {"model": busy.alias, "messages": COUNT, "max_tokens": 300, "temperature": 0}
+    with Router(config) as router, ThreadPoolExecutor(3) as load:
+        jobs = [load.submit(httpx.post, f"{busy.base_url}/chat/completions", json=body, timeout=120) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            report = router.routes["vllm0"].load
+            if report is not None and report.running >= 1:
+                break
+            time.sleep(0.05)
+        assert report is not None and report.running >= 1, "the scraper never saw the busy server's queue"
+        served = [call_info(router.chat(ASK)).route for _ in range(3)]  # type: ignore[union-attr]
+        assert served == ["vllm1"] * 3
+        for job in jobs:
+            job.result()
+
+
+def test_prefix_affinity_lands_on_vllms_prefix_cache(vllm_pair: list[Any]) -> None:
+    """One long shared context, different questions: one server gets them all and vLLM counts cache hits."""
+    config = vllm_config(vllm_pair, lb_policy="prefix_affinity", prefix_affinity={"prefix_chars": 2000})
+    context = "Background for the questions that follow. " + " ".join(f"Fact {i}: item {i} is blue." for i in range(80))
+    questions = ["What colour is item 3?", "What colour is item 40?", "What colour is item 71?"]
+    before = {i: _metric(server, "vllm:prefix_cache_hits_total") for i, server in enumerate(vllm_pair)}
+    with Router(config) as router:
+        served = {
+            call_info(router.chat([{"role": "system", "content": context}, {"role": "user", "content": q}])).route  # type: ignore[union-attr]
+            for q in questions
+        }
+    [route] = served
+    index = int(route[-1])
+    assert _metric(vllm_pair[index], "vllm:prefix_cache_hits_total") > before[index]
