@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -90,15 +91,22 @@ def real_config(servers: list[Any], prefix: str, route: dict[str, Any], **llm: A
     return config_from_dict({"llm": {"routes": routes, "params": params, **llm}}, env={})
 
 
-@pytest.fixture
-def servers() -> Iterator[dict[str, FaultServer]]:
-    """Three fault servers a, b, c, all healthy to begin with."""
+@contextlib.contextmanager
+def three_fault_servers() -> Iterator[dict[str, FaultServer]]:
+    """Three fault servers a, b, c answering "from a", "from b", "from c", all healthy to begin with."""
     with (
         FaultServer(MODEL, reply="from a") as a,
         FaultServer(MODEL, reply="from b") as b,
         FaultServer(MODEL, reply="from c") as c,
     ):
         yield {"a": a, "b": b, "c": c}
+
+
+@pytest.fixture
+def servers() -> Iterator[dict[str, FaultServer]]:
+    """Three fault servers a, b, c, fresh for each test."""
+    with three_fault_servers() as started:
+        yield started
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from anorag_integrations import Router, RouterClosed, RouterError
 from anorag_integrations.testing import Fault, FaultServer
 
-from .conftest import MODEL, USER, make_config
+from .conftest import USER, make_config, three_fault_servers
 
 EXAMPLES = int(os.environ.get("ANORAG_HYPOTHESIS_EXAMPLES", "20"))
 NAMES = ("a", "b", "c")
@@ -199,12 +199,9 @@ class RouterMachine(RuleBasedStateMachine):
 
 @pytest.fixture(scope="module")
 def three() -> Iterator[dict[str, FaultServer]]:
-    with (
-        FaultServer(MODEL, reply="from a") as a,
-        FaultServer(MODEL, reply="from b") as b,
-        FaultServer(MODEL, reply="from c") as c,
-    ):
-        yield {"a": a, "b": b, "c": c}
+    """The machine's servers, shared by its examples (each example clears their faults at teardown)."""
+    with three_fault_servers() as started:
+        yield started
 
 
 def test_router_invariants_hold_under_random_schedules(three: dict[str, FaultServer]) -> None:
