@@ -86,3 +86,24 @@ def test_the_server_command_runs_vllm_as_a_module_on_cpu(tmp_path: Path, monkeyp
     if os.path.exists("/usr/bin/taskset"):
         assert pinned.build_command()[:3] == ["taskset", "-c", "1"]
     assert pinned.environment()["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+
+
+def test_running_stops_a_server_the_caller_put_in_place_of_another() -> None:
+    """A test that restarts a server puts the new one in the yielded list: it must be stopped at the end."""
+    from anorag_integrations.cli.servers import LocalServer, running
+
+    stopped: list[int] = []
+
+    class Recorded(LocalServer):
+        def start(self, *, wait: bool = True) -> Recorded:
+            return self
+
+        def wait_ready(self, timeout: float | None = None) -> None:
+            pass
+
+        def stop(self, timeout: float = 10.0) -> None:
+            stopped.append(self.port)
+
+    with running([Recorded(1, alias="x"), Recorded(2, alias="x")]) as started:
+        started[0] = Recorded(3, alias="x")  # the restarted one
+    assert sorted(stopped) == [2, 3]

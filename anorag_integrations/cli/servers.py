@@ -66,15 +66,19 @@ def server_command() -> str:
 
 @contextlib.contextmanager
 def running(servers: Sequence[_S]) -> Iterator[list[_S]]:
-    """Start every server at once (they load in parallel), wait until all are ready; stop all on exit."""
+    """Start every server at once (they load in parallel), wait until all are ready; stop all on exit.
+
+    The list yielded is the one stopped: a server the caller puts in place of one (a restart) is stopped too.
+    """
+    started = list(servers)
     try:
-        for server in servers:
+        for server in started:
             server.start(wait=False)
-        for server in servers:
+        for server in started:
             server.wait_ready()
-        yield list(servers)
+        yield started
     finally:
-        for server in servers:
+        for server in started:
             server.stop()
 
 
