@@ -95,6 +95,9 @@ def test_running_stops_a_server_the_caller_put_in_place_of_another() -> None:
     stopped: list[int] = []
 
     class Recorded(LocalServer):
+        def build_command(self) -> list[str]:
+            return ["true"]
+
         def start(self, *, wait: bool = True) -> Recorded:
             return self
 

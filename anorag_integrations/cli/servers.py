@@ -9,6 +9,7 @@ tests and the benchmarks. Each server is a child process in its own session, pol
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import shutil
@@ -82,7 +83,7 @@ def running(servers: Sequence[_S]) -> Iterator[list[_S]]:
             server.stop()
 
 
-class LocalServer:
+class LocalServer(abc.ABC):
     """One server process on loopback; use as a context manager or start()/stop(). Subclasses say how to run it."""
 
     engine = "server"
@@ -106,8 +107,9 @@ class LocalServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.command: list[str] = []
 
+    @abc.abstractmethod
     def build_command(self) -> list[str]:
-        raise NotImplementedError
+        """The command line that runs this engine's server."""
 
     def environment(self) -> dict[str, str] | None:
         """The child's environment (None: this process's)."""

@@ -110,6 +110,10 @@ class Watchdog:
                 self._cond.notify()
 
     def move(self, watch: Watch, at: float) -> None:
+        """Move ``watch``'s bound to ``at``; queue it again only when that is earlier than its entry.
+
+        Under the lock: the timer thread may be re-queueing the same watch at its old bound meanwhile.
+        """
         with self._cond:
             watch.at = at
             if at < watch.queued[0]:
@@ -144,14 +148,6 @@ def _live(entry: tuple[float, int, Watch]) -> bool:
 
 
 WATCHDOG = Watchdog()
-
-
-def rearm(watch: Watch, at: float) -> None:
-    """Move ``watch``'s bound to ``at``; queue it again only when that is earlier than its entry.
-
-    Under the watchdog's lock: the timer thread may be re-queueing the same watch at its old bound.
-    """
-    WATCHDOG.move(watch, at)
 
 
 # --- the transport -------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from .bounds import WATCHDOG, Timer, Watch, rearm
+from .bounds import WATCHDOG, Timer, Watch
 from .call import Call
 from .errors import (
     Attempt,
@@ -89,7 +89,7 @@ class Lease:
     def rearm(self) -> None:
         """A sync stream reads its next chunk: a fresh bound (within the deadline)."""
         if self.watch is not None:
-            rearm(self.watch, self.bound())
+            WATCHDOG.move(self.watch, self.bound())
 
     def pause(self) -> None:
         """The caller holds a chunk: only the deadline runs (its own pace is not the route's fault)."""
