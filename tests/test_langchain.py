@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,19 @@ def test_tool_calls_from_response_and_stream_with_null_arguments(
     streamed = aggregate(list(llm.stream("weather in Paris?")))  # first delta has arguments: null
     [call] = streamed.tool_calls
     assert (call["name"], call["args"]) == ("GetWeather", {"city": "Paris"})
+
+
+@pytest.mark.parametrize("arguments", [[1, 2], "Paris", 7, None])
+def test_tool_arguments_that_are_not_an_object_become_invalid_tool_calls(
+    servers: dict[str, FaultServer], llm_for: Callable[..., ChatVLLMRouted], arguments: Any
+) -> None:
+    """Real vLLM with SmolLM2-135M wrote ``[1, 2]`` for a schema's object: kept as written, never a crash."""
+    servers["a"].tool_arguments = arguments
+    llm = llm_for("a").bind_tools([GetWeather], tool_choice="GetWeather")
+    for message in (llm.invoke("weather?"), aggregate(list(llm.stream("weather?")))):
+        assert message.tool_calls == []
+        [bad] = message.invalid_tool_calls
+        assert bad["name"] == "GetWeather" and bad["args"] == json.dumps(arguments)
 
 
 def test_tool_round_trip_messages_convert(

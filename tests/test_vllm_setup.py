@@ -101,8 +101,8 @@ def test_running_stops_a_server_the_caller_put_in_place_of_another() -> None:
         def start(self, *, wait: bool = True) -> Recorded:
             return self
 
-        def wait_ready(self, timeout: float | None = None) -> None:
-            pass
+        def ready(self) -> bool:
+            return True
 
         def stop(self, timeout: float = 10.0) -> None:
             stopped.append(self.port)
@@ -110,3 +110,65 @@ def test_running_stops_a_server_the_caller_put_in_place_of_another() -> None:
     with running([Recorded(1, alias="x"), Recorded(2, alias="x")]) as started:
         started[0] = Recorded(3, alias="x")  # the restarted one
     assert sorted(stopped) == [2, 3]
+
+
+def test_chat_servers_run_with_the_tool_parser_and_the_pooling_server_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_python(tmp_path / "venv", "exit 0")
+    monkeypatch.setenv("ANORAG_VLLM_VENV", str(tmp_path / "venv"))
+    chat = vllm.VllmServer(8399, model=tmp_path / "m").build_command()
+    assert chat[chat.index("--tool-call-parser") + 1] == "hermes" and "--enable-auto-tool-choice" in chat
+    assert "--tool-call-parser" not in vllm.VllmServer(8399, model=tmp_path / "m", tool_parser=None).build_command()
+    embed = vllm.embedding_server(8398).build_command()
+    assert embed[embed.index("--runner") + 1] == "pooling" and "--tool-call-parser" not in embed
+    assert embed[embed.index("--served-model-name") + 1] == "minilm"
+    assert embed[embed.index("--max-model-len") + 1] == "256"  # the length the model was trained with
+    assert (Path(embed[embed.index("--model") + 1]) / "config.json").exists()  # inside the installed package
+
+
+def test_a_missing_embedding_package_names_the_step_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vllm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(vllm.SetupError) as raised:
+        vllm.embedding_server(8398)
+    assert raised.value.step == "find the embedding model" and "[rag]" in raised.value.fix
+
+
+def test_local_presets_pick_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anorag_integrations.cli import manage
+    from anorag_integrations.cli.servers import LlamaServer
+
+    monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
+    cpu = manage.local_servers("cpu", None, None, embed_port=8203)
+    assert [(type(s).__name__, s.port, s.alias) for s in cpu] == [
+        ("VllmServer", 8201, "smollm2"),
+        ("VllmServer", 8202, "smollm2"),
+        ("VllmServer", 8203, "minilm"),
+    ]
+    llama = manage.local_servers("llamacpp", [9001], "mine")
+    assert [(type(s), s.port, s.alias) for s in llama] == [(LlamaServer, 9001, "mine")]
+    with pytest.raises(ValueError, match="use the cpu preset"):
+        manage.local_servers("llamacpp", None, None, embed_port=8203)
+
+
+def test_a_server_that_fails_to_start_stops_the_others_it_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`servers start` loads its servers in parallel; when one dies, none is left running or recorded."""
+    from anorag_integrations.cli import manage
+    from anorag_integrations.cli.servers import LocalServer, ServerStartError, free_port
+
+    monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
+
+    class Shell(LocalServer):
+        def __init__(self, script: str) -> None:
+            super().__init__(free_port(), alias="x", log_dir=tmp_path)
+            self.script = script
+
+        def build_command(self) -> list[str]:
+            return ["sh", "-c", self.script]
+
+    healthy_but_slow, broken = Shell("sleep 600"), Shell("echo 'no model here' >&2; exit 3")
+    with pytest.raises(ServerStartError, match="exited with status 3"):
+        manage._start_local("cpu", [healthy_but_slow, broken])
+    assert healthy_but_slow.process is None and manage.records() == []  # stopped, nothing recorded

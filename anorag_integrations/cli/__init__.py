@@ -12,8 +12,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .manage import EMBED_PORT
 from .presets import PRESET_NAMES, PresetError
-from .servers import DEFAULT_ALIAS, DEFAULT_PORTS, ServerStartError
+from .servers import DEFAULT_PORTS, ServerStartError
 
 PRESET_FLAGS: dict[str, type] = {
     "--model": str,
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser(
-        "demo", parents=common, help="start two local llama.cpp servers, route requests over them, show tables"
+        "demo", parents=common, help="start two local vLLM servers, route requests over them, kill one, show tables"
     )
 
     health = sub.add_parser("healthcheck", parents=common, help="probe every route; exit 0 only when all are healthy")
@@ -69,8 +70,18 @@ def _parser() -> argparse.ArgumentParser:
         "start", parents=common, help=f"start a preset in the background: {', '.join(PRESET_NAMES)}"
     )
     start.add_argument("preset", choices=PRESET_NAMES)
-    start.add_argument("--ports", help=f"cpu: comma-separated ports (default {','.join(map(str, DEFAULT_PORTS))})")
-    start.add_argument("--alias", default=DEFAULT_ALIAS, help="cpu: served model name")
+    start.add_argument(
+        "--ports", help=f"cpu, llamacpp: comma-separated ports (default {','.join(map(str, DEFAULT_PORTS))})"
+    )
+    start.add_argument("--alias", help="cpu, llamacpp: served model name (default smollm2 / gemma3_270m)")
+    start.add_argument(
+        "--embeddings",
+        nargs="?",
+        type=int,
+        const=EMBED_PORT,
+        metavar="PORT",
+        help=f"cpu: also a vLLM embeddings server on all-MiniLM-L6-v2 (port {EMBED_PORT} unless given)",
+    )
     start.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C or SIGTERM stops them")
     for flag, kind in PRESET_FLAGS.items():
         start.add_argument(flag, type=kind, help="vLLM presets: override the preset's value")
@@ -193,7 +204,7 @@ def _servers(args: argparse.Namespace) -> int:
     if args.action == "start":
         ports = [int(p) for p in args.ports.split(",") if p] if args.ports else None
         overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in PRESET_FLAGS}
-        started = manage.start(args.preset, ports=ports, alias=args.alias, **overrides)
+        started = manage.start(args.preset, ports=ports, alias=args.alias, embed_port=args.embeddings, **overrides)
         for record in started:
             print(f"started {record.name}: {record.url} (pid {record.pid}, log {record.log})", flush=True)
         if args.foreground:

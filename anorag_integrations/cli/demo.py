@@ -1,4 +1,4 @@
-"""``anorag-llm demo``: two local llama.cpp servers, requests through the router, tables, failover."""
+"""``anorag-llm demo``: two real vLLM servers on CPU, requests through the router, failover, tables."""
 
 from __future__ import annotations
 
@@ -9,20 +9,25 @@ from urllib.parse import urlsplit
 
 from ..config import load_config
 from ..router import Router, call_info
-from .servers import LlamaServer
+from .servers import running
 from .tables import HEALTH_COLUMNS, STATS_COLUMNS, table
+from .vllm import VllmServer, cache_dir, chat_model
 
-QUESTIONS = ("The capital of France is", "Water boils at", "The largest planet is")
+QUESTIONS = (
+    "What is the capital of France?",
+    "Name the three primary colors.",
+    "What is the largest planet in the solar system?",
+)
 
 
-def _local_servers(config_path: str | None) -> list[LlamaServer]:
-    """One llama-server per loopback route of the config, on that route's port, named as its model."""
+def _local_servers(config_path: str | None) -> list[VllmServer]:
+    """One vLLM server per loopback route of the config, on that route's port, serving the route's model name."""
     config = load_config(config_path)
     servers = []
     for route in config.routes.values():
         parts = urlsplit(route.base_url)
         if parts.hostname in ("127.0.0.1", "localhost") and parts.port:
-            servers.append(LlamaServer(parts.port, alias=route.model))
+            servers.append(VllmServer(parts.port, alias=route.model))
     return servers
 
 
@@ -30,18 +35,23 @@ def messages(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
+def one_line(text: str | None, width: int = 110) -> str:
+    """An answer on one line, shortened to ``width`` characters."""
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def run_demo(config_path: str | None) -> int:
     servers = _local_servers(config_path)
     if len(servers) < 2:
         print("demo: the config needs at least two routes on 127.0.0.1 (the servers it starts)")
         return 2
+    print(f"preparing SmolLM2-135M-Instruct (first run only; cached in {cache_dir()}) ...", flush=True)
+    chat_model()
+    print(f"starting {len(servers)} vLLM servers on CPU (about 40 s; logs in {servers[0].log_path.parent}) ...")
     with contextlib.ExitStack() as stack:
-        print(f"starting {len(servers)} llama.cpp servers (logs in {servers[0].log_path.parent}) ...")
-        for server in servers:
-            server.start(wait=False)
-            stack.callback(server.stop)
-        for server in servers:
-            server.wait_ready()
+        started = stack.enter_context(running(servers))
+        for server in started:
             print(f"  {server.base_url} ready (pid {server.process.pid if server.process else '?'})")
         router = stack.enter_context(Router.from_config(config_path))
 
@@ -49,7 +59,7 @@ def run_demo(config_path: str | None) -> int:
         for q in QUESTIONS:
             resp = router.chat(messages(q))
             info = call_info(resp)
-            print(f"  [{info.route if info else '?'}] {q} -> {resp.choices[0].message.content!r}")
+            print(f"  [{info.route if info else '?'}] {q}\n      {one_line(resp.choices[0].message.content)}")
 
         print("\n== async chat, 3 concurrent ==")
 
@@ -57,27 +67,27 @@ def run_demo(config_path: str | None) -> int:
             results = await asyncio.gather(*(router.achat(messages(q)) for q in QUESTIONS))
             for q, resp in zip(QUESTIONS, results, strict=True):
                 info = call_info(resp)
-                print(f"  [{info.route if info else '?'}] {q} -> {resp.choices[0].message.content!r}")
+                print(f"  [{info.route if info else '?'}] {q}\n      {one_line(resp.choices[0].message.content)}")
 
         asyncio.run(concurrent())
 
         print("\n== streamed ==")
         route = "?"
         print("  ", end="")
-        for chunk in router.stream(messages("Once upon a time"), max_tokens=24):
+        for chunk in router.stream(messages("Write one sentence about the sea.")):
             info = call_info(chunk)
             route = info.route or route if info else route
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)
         print(f"\n  (served by {route})")
 
-        victim = servers[0]
-        print(f"\n== failover: killing the server on port {victim.port} ==")
+        victim = started[0]
+        print(f"\n== failover: killing the vLLM server on port {victim.port} (SIGKILL) ==")
         victim.kill()
-        started = time.perf_counter()
+        begun = time.perf_counter()
         served = [call_info(router.chat(messages(q))) for q in QUESTIONS * 2]
         routes = [info.route if info else "?" for info in served]
-        print(f"  {len(served)} requests, 0 failed, served by {routes} in {time.perf_counter() - started:.1f}s")
+        print(f"  {len(served)} requests, 0 failed, served by {routes} in {time.perf_counter() - begun:.1f}s")
 
         print("\n== health ==")
         print(table(router.health(), HEALTH_COLUMNS))

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .presets import check_can_run, resolve, vllm_command
-from .servers import DEFAULT_ALIAS, DEFAULT_PORTS, LlamaServer, answers
+from .servers import DEFAULT_ALIAS, DEFAULT_PORTS, LlamaServer, LocalServer, answers, wait_all_ready
+from .vllm import CHAT_ALIAS, VllmServer, embedding_server
 
 STOP_TIMEOUT_S = 10.0
 
@@ -70,32 +71,42 @@ def running(record: Record) -> bool:
     )
 
 
+LOCAL_PRESETS = ("cpu", "llamacpp")
+"""Presets that start local CPU servers: ``cpu`` real vLLM, ``llamacpp`` llama.cpp's llama-server."""
+EMBED_PORT = 8203
+
+
+def local_servers(
+    preset: str, ports: Sequence[int] | None, alias: str | None, embed_port: int | None = None
+) -> list[LocalServer]:
+    """The servers a local preset starts, logging into the state directory; one per port."""
+    log_dir = state_dir()
+    chosen = ports or DEFAULT_PORTS
+    if preset == "llamacpp":
+        if embed_port is not None:
+            raise ValueError("--embeddings starts a vLLM pooling server: use the cpu preset")
+        return [LlamaServer(port, alias=alias or DEFAULT_ALIAS, log_dir=log_dir) for port in chosen]
+    servers: list[LocalServer] = [VllmServer(port, alias=alias or CHAT_ALIAS, log_dir=log_dir) for port in chosen]
+    if embed_port is not None:
+        servers.append(embedding_server(embed_port, log_dir=log_dir))
+    return servers
+
+
 def start(
-    preset: str, *, ports: Sequence[int] | None = None, alias: str = DEFAULT_ALIAS, **overrides: Any
+    preset: str,
+    *,
+    ports: Sequence[int] | None = None,
+    alias: str | None = None,
+    embed_port: int | None = None,
+    **overrides: Any,
 ) -> list[Record]:
-    """Start ``preset`` in the background; ``cpu`` starts llama.cpp servers (one per port)."""
-    started: list[Record] = []
-    if preset == "cpu":
-        servers = [LlamaServer(port, alias=alias, log_dir=state_dir()) for port in (ports or DEFAULT_PORTS)]
-        for server in servers:
-            _refuse_taken(f"cpu-{server.port}")
-            server.start(wait=False)
-        for server in servers:
-            server.wait_ready()
-            assert server.process is not None
-            command = [str(arg) for arg in server.command]
-            record = Record(
-                f"cpu-{server.port}",
-                "cpu",
-                server.process.pid,
-                server.base_url,
-                command,
-                str(server.log_path),
-                time.time(),
-            )
-            _save(record)
-            started.append(record)
-        return started
+    """Start ``preset`` in the background; a local preset starts one server per port, loading in parallel.
+
+    ``embed_port`` (``cpu`` only) adds a vLLM pooling server on all-MiniLM-L6-v2. When any server fails
+    to become ready, every server this call started is stopped again and the error says why.
+    """
+    if preset in LOCAL_PRESETS:
+        return _start_local(preset, local_servers(preset, ports, alias, embed_port))
     config = resolve(preset, **overrides)
     check_can_run(config)
     name = f"{preset}-{config.port}"
@@ -107,6 +118,34 @@ def start(
     record = Record(name, preset, proc.pid, f"http://127.0.0.1:{config.port}/v1", command, str(log), time.time())
     _save(record)
     return [record]
+
+
+def _start_local(preset: str, servers: list[LocalServer]) -> list[Record]:
+    for server in servers:
+        _refuse_taken(f"{preset}-{server.port}")
+    try:
+        for server in servers:
+            server.start(wait=False)
+        wait_all_ready(servers)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    started = []
+    for server in servers:
+        assert server.process is not None
+        record = Record(
+            f"{preset}-{server.port}",
+            preset,
+            server.process.pid,
+            server.base_url,
+            [str(arg) for arg in server.command],
+            str(server.log_path),
+            time.time(),
+        )
+        _save(record)
+        started.append(record)
+    return started
 
 
 def _refuse_taken(name: str) -> None:

@@ -30,8 +30,9 @@ VLLM_PRESETS: dict[str, VLLMPreset] = {
     "medium": VLLMPreset("openai/gpt-oss-20b", "gpt-oss-20b", max_model_len=32768),
     "large": VLLMPreset("openai/gpt-oss-120b", "gpt-oss-120b", max_model_len=65536, tensor_parallel_size=2),
 }
-"""``custom`` takes every value from the command line (``--model`` is required)."""
-PRESET_NAMES = (*VLLM_PRESETS, "custom", "cpu")
+PRESET_NAMES = (*VLLM_PRESETS, "custom", "cpu", "llamacpp")
+"""``custom`` takes every value from the command line (``--model`` is required); ``cpu`` starts real vLLM
+servers on CPU and ``llamacpp`` llama.cpp servers, one per port (manage.py)."""
 
 
 def resolve(name: str, **overrides: object) -> VLLMPreset:

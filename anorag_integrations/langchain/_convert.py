@@ -55,9 +55,13 @@ def to_chat_result(response: ChatCompletion, info: CallInfo | None) -> ChatResul
             continue
         try:
             args = json.loads(function.arguments or "{}")
-            tool_calls.append(tool_call(name=function.name, args=args, id=call.id))
+            problem = None if isinstance(args, dict) else f"arguments are a JSON {type(args).__name__}, not an object"
         except json.JSONDecodeError as exc:
-            invalid.append(invalid_tool_call(name=function.name, args=function.arguments, id=call.id, error=str(exc)))
+            problem = str(exc)
+        if problem is None:
+            tool_calls.append(tool_call(name=function.name, args=args, id=call.id))
+        else:  # a small model's [1, 2] is kept as written, for the caller to see, never a validation crash
+            invalid.append(invalid_tool_call(name=function.name, args=function.arguments, id=call.id, error=problem))
     metadata = {
         "model_name": response.model,
         "model_provider": "vllm",

@@ -123,8 +123,9 @@ class FaultServer:
         self.reasoning: str | None = None
         """Reasoning text sent before the answer (vLLM's reasoning parser), in ``reasoning_field``."""
         self.reasoning_field = "reasoning"
-        self.tool_arguments: dict[str, Any] = {}
-        """Arguments of the tool call the server makes when the request offers tools."""
+        self.tool_arguments: Any = {}
+        """Arguments of the tool call the server makes when the request offers tools (any JSON value:
+        a small model can write ``[1, 2]`` where the schema wants an object)."""
         self.max_running = max_running
         """As vLLM's --max-num-seqs: requests beyond it wait (``num_requests_waiting``); None: no limit."""
         self.metrics = metrics
