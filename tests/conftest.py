@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 from anorag_integrations import Router
-from anorag_integrations.cli.servers import free_port, running
+from anorag_integrations.cli.servers import free_port, running, wait_all_ready
 from anorag_integrations.config import Config, config_from_dict
 from anorag_integrations.testing import FaultServer
 
@@ -21,13 +23,28 @@ MODEL = "m"
 USER = [{"role": "user", "content": "hello"}]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, ``kill``) ends the session like Ctrl-C, so fixtures stop the servers they started.
+
+    The servers run in sessions of their own and would otherwise outlive a terminated test run.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark single tests of a standard suite xfail, with the reason the suite class gives."""
+    """Mark single tests of a standard suite xfail or skip, with the reason the suite class gives."""
     for item in items:
-        reasons = getattr(getattr(item, "cls", None), "xfail_reasons", {})
+        cls = getattr(item, "cls", None)
         name = getattr(item, "originalname", item.name)
-        if name in reasons:
-            item.add_marker(pytest.mark.xfail(reason=reasons[name], strict=False))
+        if name in (xfails := getattr(cls, "xfail_reasons", {})):
+            item.add_marker(pytest.mark.xfail(reason=xfails[name], strict=False))
+        if name in (skips := getattr(cls, "skip_reasons", {})):
+            item.add_marker(pytest.mark.skip(reason=skips[name]))
 
 
 CASSETTES = Path(__file__).parent.parent / "cassettes"
@@ -140,12 +157,43 @@ def llama_servers() -> Iterator[list[Any]]:
         yield started
 
 
+class VllmFleet:
+    """The session's two vLLM servers: started on first use, and stopped for a test that starts its own.
+
+    At most three vLLM servers fit these machines at once, so ``vllm_room`` stops the pair (when it
+    runs) for a test that starts servers itself, and starts it again afterwards. A test that killed a
+    server without starting it again leaves it to :meth:`ensure`, which restarts whatever is down.
+    """
+
+    def __init__(self) -> None:
+        self.servers = [vllm_on(free_port()) for _ in range(2)]
+        self.started = False
+
+    def ensure(self) -> list[Any]:
+        down = [i for i, s in enumerate(self.servers) if s.process is None or s.process.poll() is not None]
+        for i in down:
+            self.servers[i].stop()
+            self.servers[i] = vllm_on(self.servers[i].port)
+        with contextlib.ExitStack() as undo:
+            undo.callback(self.stop)  # a server that fails to start stops the others too
+            for i in down:
+                self.servers[i].start(wait=False)
+            wait_all_ready([self.servers[i] for i in down])
+            undo.pop_all()
+        self.started = True
+        return self.servers
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
 @pytest.fixture(scope="session")
-def vllm_pair() -> Iterator[list[Any]]:
-    """Two real vLLM servers (SmolLM2-135M-Instruct on CPU) for the whole session, started in parallel.
+def vllm_fleet() -> Iterator[VllmFleet]:
+    """The vLLM servers of the session, none started yet.
 
     Locally it skips with the reason when vLLM's environment is missing (``make vllm``); under
-    ``CI`` it fails instead. Tests that kill one start it again before they end.
+    ``CI`` it fails instead.
     """
     from anorag_integrations.cli import vllm
 
@@ -154,8 +202,25 @@ def vllm_pair() -> Iterator[list[Any]]:
             pytest.fail(missing)
         pytest.skip(missing)
     vllm.chat_model()  # prepared once, before two servers race for it
-    with running([vllm_on(free_port()) for _ in range(2)]) as started:
-        yield started
+    fleet = VllmFleet()
+    yield fleet
+    fleet.stop()
+
+
+@pytest.fixture
+def vllm_pair(vllm_fleet: VllmFleet) -> list[Any]:
+    """Two real vLLM servers (SmolLM2-135M-Instruct on CPU), started in parallel; tests that kill one start it again."""
+    return vllm_fleet.ensure()
+
+
+@pytest.fixture
+def vllm_room(vllm_fleet: VllmFleet) -> Iterator[None]:
+    """Room for a test that starts up to three vLLM servers itself: the pair is stopped meanwhile."""
+    was_up = vllm_fleet.started
+    vllm_fleet.stop()
+    yield
+    if was_up:
+        vllm_fleet.ensure()
 
 
 def vllm_on(port: int) -> Any:
@@ -165,7 +230,7 @@ def vllm_on(port: int) -> Any:
     return VllmServer(port)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def vllm_server(vllm_pair: list[Any]) -> Any:
     """One real vLLM server (the first of the session's pair)."""
     return vllm_pair[0]

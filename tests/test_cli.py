@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -250,25 +251,49 @@ def test_presets_refuse_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     presets.check_can_run(presets.resolve("small"))  # one GPU is enough for small
 
 
-# --- servers (real llama.cpp processes) ---------------------------------------------------------------
+# --- servers (real vLLM and llama.cpp processes) -------------------------------------------------------
 
 
 @pytest.mark.live
-def test_servers_start_status_logs_stop(
+def test_servers_start_cpu_runs_vllm_chat_and_embeddings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], vllm_room: None
+) -> None:
+    monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
+    port, embed_port = free_port(), free_port()
+    assert main(["servers", "start", "cpu", "--ports", str(port), "--embeddings", str(embed_port)]) == 0
+    records = {r.name: r for r in manage.records()}
+    assert set(records) == {f"cpu-{port}", f"cpu-{embed_port}"} and all(map(manage.running, records.values()))
+    assert main(["servers", "status", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.split("\n", 2)[2])
+    assert [row["healthy"] for row in rows.values()] == [True, True]
+    models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
+    assert [(m["id"], m["max_model_len"]) for m in models] == [("smollm2", 4096)]
+    embedded = httpx.post(f"http://127.0.0.1:{embed_port}/v1/embeddings", json={"model": "minilm", "input": ["hi"]})
+    assert len(embedded.json()["data"][0]["embedding"]) == 384  # all-MiniLM-L6-v2's dimension
+    assert main(["servers", "logs", f"cpu-{port}"]) == 0
+    assert "vllm" in capsys.readouterr().out.lower()
+    assert main(["servers", "start", "cpu", "--ports", str(port)]) == 2  # already running: refused
+    assert "already running" in capsys.readouterr().err
+    assert main(["servers", "stop", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"cpu-{port}: stopped" in out and f"cpu-{embed_port}: stopped" in out
+    assert not any(map(manage.running, records.values())) and manage.records() == []
+
+
+@pytest.mark.live
+def test_servers_start_llamacpp_keeps_the_second_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], llama_servers: Any
 ) -> None:
     monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
     port = free_port()
-    assert main(["servers", "start", "cpu", "--ports", str(port)]) == 0
+    assert main(["servers", "start", "llamacpp", "--ports", str(port)]) == 0
     [record] = manage.records()
-    assert record.name == f"cpu-{port}" and manage.running(record)
-    assert main(["servers", "status", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])[record.name]["healthy"] is True
-    assert main(["servers", "logs", "cpu"]) == 0
-    assert "llama" in capsys.readouterr().out.lower()
-    assert main(["servers", "start", "cpu", "--ports", str(port)]) == 2  # already running: refused
-    assert main(["servers", "stop", "cpu"]) == 0
-    assert f"cpu-{port}: stopped" in capsys.readouterr().out
+    assert record.name == f"llamacpp-{port}" and manage.running(record)
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "gemma3_270m"
+    assert main(["servers", "start", "llamacpp", "--ports", str(port), "--embeddings"]) == 2
+    assert "use the cpu preset" in capsys.readouterr().err  # the pooling server is vLLM's
+    assert main(["servers", "stop", "llamacpp"]) == 0
+    assert f"llamacpp-{port}: stopped" in capsys.readouterr().out
     assert not manage.running(record) and manage.records() == []
 
 
@@ -302,11 +327,9 @@ def test_healthcheck_and_bench_on_real_servers(
 
 
 @pytest.mark.live
-def test_demo_runs_end_to_end(tmp_path: Path, llama_servers: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_runs_end_to_end(tmp_path: Path, vllm_room: None, capsys: pytest.CaptureFixture[str]) -> None:
     ports = [free_port(), free_port()]
-    routes = {
-        f"local_{i}": {"base_url": f"http://127.0.0.1:{p}/v1", "model": "gemma3_270m"} for i, p in enumerate(ports)
-    }
+    routes = {f"local_{i}": {"base_url": f"http://127.0.0.1:{p}/v1", "model": "smollm2"} for i, p in enumerate(ports)}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"llm": {"routes": routes, "params": {"max_tokens": 8, "temperature": 0}}}))
     assert main(["--config", str(path), "demo"]) == 0

@@ -35,10 +35,10 @@ class Target:
 @pytest.fixture(params=["FaultServer", "vLLM"], scope="module")
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     if request.param == "vLLM":
-        server = request.getfixturevalue("vllm_server")
+        server = request.getfixturevalue("vllm_fleet").ensure()[0]
         yield Target(server.root_url, server.alias, server.max_model_len, real=True)
         return
-    with FaultServer("m", max_model_len=4096, auto_tool_choice=False) as fake:  # as vLLM started without the flag
+    with FaultServer("m", max_model_len=4096) as fake:  # as vLLM with --enable-auto-tool-choice
         yield Target(fake.root_url, "m", 4096, real=False)
 
 
@@ -62,6 +62,9 @@ def test_models_lists_the_served_name_with_its_context_window(target: Target, cl
     [model] = body["data"]
     assert (model["id"], model["object"], model["owned_by"]) == (target.model, "model", "vllm")
     assert model["max_model_len"] == target.max_model_len
+    assert set(model) == {"id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission"}
+    [permission] = model["permission"]
+    assert permission["object"] == "model_permission" and permission["allow_sampling"] is True
 
 
 def test_health_answers_200(target: Target, client: httpx.Client) -> None:
@@ -159,8 +162,15 @@ def test_metrics_have_the_names_and_labels_the_router_reads(target: Target, clie
     assert queries > 0
 
 
-def test_auto_tool_choice_without_the_server_flag_is_a_400(target: Target, client: httpx.Client) -> None:
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    response = target.chat(client, tools=tools, tool_choice="auto")
-    assert response.status_code == 400
-    assert "--enable-auto-tool-choice" in response.json()["error"]["message"]
+def test_tools_are_accepted_and_a_named_call_streams_its_name_first(target: Target, client: httpx.Client) -> None:
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    assert target.chat(client, tools=tools, tool_choice="auto").status_code == 200  # the server has a tool parser
+    named = {"type": "function", "function": {"name": "f"}}
+    response = target.chat(client, tools=tools, tool_choice=named, stream=True, max_tokens=40)
+    assert response.status_code == 200
+    deltas = [c["delta"] for event in sse(response.text) for c in event["choices"] if c["delta"].get("tool_calls")]
+    head = deltas[0]["tool_calls"][0]  # id, type and name first; the arguments follow in later deltas
+    assert head["index"] == 0 and head["id"].startswith("chatcmpl-tool-") and head["type"] == "function"
+    assert head["function"]["name"] == "f" and head["function"].get("arguments") is None
+    assert all(d["tool_calls"][0]["index"] == 0 and "id" not in d["tool_calls"][0] for d in deltas[1:])

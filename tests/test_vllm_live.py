@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from anorag_integrations import (
-    BadRequestError,
     ChatVLLMRouted,
     ContextOverflowError,
     ModelNotFoundError,
@@ -73,17 +72,19 @@ def test_structured_output_on_real_vllm(router: Router, method: str) -> None:
     assert isinstance(city, City) and city.name and city.country
 
 
-def test_tool_calls_need_the_servers_tool_parser_and_say_so(router: Router) -> None:
-    """vLLM 0.32 refuses even a named tool choice without --tool-call-parser (so function_calling too).
+def test_tool_calls_reach_vllms_parser_and_this_model_cannot_fill_them(router: Router) -> None:
+    """The servers run with ``--enable-auto-tool-choice --tool-call-parser hermes``, as production would.
 
-    With ``--enable-auto-tool-choice --tool-call-parser hermes`` this 135M model writes ``<tool_call>`` text
-    whose arguments are a string, not the schema's object: the servers here run without tool parsing.
+    A named tool choice streams the call's name through ChatVLLMRouted; SmolLM2-135M cannot write
+    arguments that fit the schema (vLLM seen: ``[1, 3, 4, ...]`` for an object), so they are not
+    asserted. ``tool_choice="auto"`` is accepted, and this model answers in prose.
     """
-    llm = ChatVLLMRouted(router=router, max_tokens=40)
-    with pytest.raises(BadRequestError, match="tool-call-parser"):
-        llm.with_structured_output(City, method="function_calling").invoke("Paris is in France.")
-    with pytest.raises(BadRequestError, match="enable-auto-tool-choice"):
-        llm.bind_tools([City], tool_choice="auto").invoke("Paris is in France.")
+    llm = ChatVLLMRouted(router=router, max_tokens=24)
+    chunks = list(llm.bind_tools([City], tool_choice="City").stream("Paris is in France."))
+    names = [c["name"] for chunk in chunks for c in chunk.tool_call_chunks if c["name"]]  # type: ignore[attr-defined]
+    assert names == ["City"]  # exactly one call, named once (its argument pieces carry no name)
+    answer = llm.bind_tools([City], tool_choice="auto").invoke("What is 2 + 2?")
+    assert answer.content or answer.tool_calls or answer.invalid_tool_calls  # type: ignore[attr-defined]
 
 
 def test_vllms_own_400_and_404_are_typed(router: Router) -> None:

@@ -91,6 +91,23 @@ class _FaultState:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+_PERMISSION = {
+    "id": "modelperm-0",
+    "object": "model_permission",
+    "created": 0,
+    "allow_create_engine": False,
+    "allow_sampling": True,
+    "allow_logprobs": True,
+    "allow_search_indices": False,
+    "allow_view": True,
+    "allow_fine_tuning": False,
+    "organization": "*",
+    "group": None,
+    "is_blocking": False,
+}
+"""The model permission vLLM lists with every served model (its /v1/models, 0.32)."""
+
+
 class FaultServer:
     """The server; ``hits`` counts chat requests, ``requests`` keeps their bodies (newest last).
 
@@ -355,6 +372,8 @@ class FaultServer:
             "created": int(time.time()),
             "owned_by": "vllm",
             "root": self.model,
+            "parent": None,
+            "permission": [_PERMISSION],
         }
         if self.max_model_len is not None:  # servers other than vLLM may not report it
             model["max_model_len"] = self.max_model_len
