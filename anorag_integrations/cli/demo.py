@@ -13,11 +13,9 @@ from .servers import running
 from .tables import HEALTH_COLUMNS, STATS_COLUMNS, table
 from .vllm import VllmServer, cache_dir, chat_model
 
-QUESTIONS = (
-    "What is the capital of France?",
-    "Name the three primary colors.",
-    "What is the largest planet in the solar system?",
-)
+QUESTIONS = ("What is the capital of France?", "Name the three primary colors.", "How many days are in a week?")
+SYSTEM = "Answer in one short sentence."
+"""A 135M model rambles without it (seen: a list of French words for the capital of France)."""
 
 
 def _local_servers(config_path: str | None) -> list[VllmServer]:
@@ -32,7 +30,7 @@ def _local_servers(config_path: str | None) -> list[VllmServer]:
 
 
 def messages(question: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": question}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
 
 
 def one_line(text: str | None, width: int = 110) -> str:
