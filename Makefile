@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (Python 3.11+, pip, a C compiler):
-#   make demo   set up .venv, start two local llama.cpp servers, route requests over them, stop them
-#   make test   set up .venv and .venv-vllm, run the whole test suite (live tests start their own servers:
-#               llama.cpp, and real vLLM on CPU for the protocol checks)
+#   make demo   set up .venv and .venv-vllm, start two real vLLM servers on CPU, route requests over
+#               them, kill one to show failover, stop them
+#   make test   the same set-up, then the whole test suite (live tests start their own servers: two
+#               real vLLM servers, and llama.cpp as the second engine)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -20,7 +21,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint install clean record bench vllm
 
-demo: $(STAMP)
+demo: $(STAMP) $(VLLM)/.installed
 	$(BIN)/anorag-llm demo
 
 test: $(STAMP) $(VLLM)/.installed
@@ -33,12 +34,12 @@ lint: $(STAMP)
 
 install: $(STAMP)
 
-# Every benchmark (about 30 minutes on 2 cores), then benchmarks/README.md and plots regenerated from their JSON.
+# Every benchmark (about 40 minutes on 2 cores; real-engine ones on two vLLM servers), then benchmarks/README.md and plots regenerated from their JSON.
 # The peers that pin openai<3 (LiteLLM, OpenAILike) get their own virtualenv, never .venv.
 PEERS := .venv-peers
 bench: $(STAMP) $(PEERS)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	cd benchmarks && for b in overhead selection balancing failover memory real_engine pure_overhead soak report; do \
+	cd benchmarks && for b in overhead selection balancing failover memory real_engine prefix_affinity least_queue pure_overhead soak report; do \
 	  ../$(BIN)/python $$b.py || exit 1; done
 
 $(PEERS)/.installed: benchmarks/peers-requirements.txt
@@ -46,10 +47,10 @@ $(PEERS)/.installed: benchmarks/peers-requirements.txt
 	$(PEERS)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
 	touch $@
 
-# Re-record cassettes/ from two real llama.cpp servers on the ports the cassette tests use.
-record: $(STAMP)
+# Re-record cassettes/ from two real vLLM servers on the ports the cassette tests use.
+record: $(STAMP) $(VLLM)/.installed
 	$(BIN)/anorag-llm servers start cpu --ports 8211,8212 --foreground & pid=$$!; trap "kill $$pid; wait $$pid" EXIT; \
-	for i in $$(seq 600); do curl -sf http://127.0.0.1:8211/health >/dev/null && \
+	for i in $$(seq 1200); do curl -sf http://127.0.0.1:8211/health >/dev/null && \
 	  curl -sf http://127.0.0.1:8212/health >/dev/null && break; sleep 0.5; done; \
 	$(BIN)/python -m pytest -m vcr --record-mode=rewrite
 

