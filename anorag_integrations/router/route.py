@@ -135,6 +135,9 @@ class Route:
         self._url, credentials = split_credentials(cfg.base_url)
         """What the clients request: ``base_url`` without userinfo, whose credentials go as basic auth."""
         self._auth = credentials  # (user, password): basic auth in httpx, httpx2 and Ollama's client alike
+        parts = urlsplit(self._url)
+        self.address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        """The server's host and port, without credentials (``server.address`` / ``server.port`` on spans)."""
         self.model = cfg.model
         self.weight = cfg.weight
         self.timeout = cfg.timeout or config.params.timeout
