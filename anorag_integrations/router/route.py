@@ -25,7 +25,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from .bounds import watched_transport
 from .errors import classify
 from .health import CircuitBreaker
-from .secrets import redact_url, split_credentials
+from .secrets import MASK, redact_url, split_credentials
 from .stats import RouteStats
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ KEEPALIVE_S = 2.0
 after 5 s, the SDK's own expiry: at that boundary a request goes out on a connection the server has
 just closed and fails with "Server disconnected" (seen on llama.cpp in the prefix-affinity
 benchmark). Expiring ours well before theirs removes the race."""
+MIN_MASKED_KEY = 6
+"""Shorter api keys ("EMPTY" and the like) are placeholders, not secrets: masking them would garble text."""
 LIMITS = type(openai.DEFAULT_CONNECTION_LIMITS)(
     max_connections=openai.DEFAULT_CONNECTION_LIMITS.max_connections,
     max_keepalive_connections=openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
@@ -316,6 +318,13 @@ class Route:
 
     def serves(self, models: list[str]) -> bool:
         return self.model in models
+
+    def masked(self, text: str) -> str:
+        """``text`` with this route's api key (a server may echo it in an error) and URL credentials masked."""
+        key = self._api_key.get_secret_value()
+        if len(key) >= MIN_MASKED_KEY:
+            text = text.replace(key, MASK)
+        return redact_url(text)
 
     # --- lifecycle -------------------------------------------------------------------------------
 

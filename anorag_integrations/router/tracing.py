@@ -48,6 +48,8 @@ OPERATION = "chat"
 REQUEST_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
                   "top_p": "top_p", "seed": "seed"}  # fmt: skip
 """Request keywords recorded on a call's span, as ``gen_ai.request.<name>``."""
+DESCRIPTION_CHARS = 500
+"""Longest error description on a span (an AllRoutesFailed lists every attempt)."""
 
 _GLOBAL_SET = getattr(otel_trace, "_TRACER_PROVIDER", ...) is not ...
 """Whether this OpenTelemetry keeps its global provider where :func:`_no_global_provider` reads it."""
@@ -194,7 +196,10 @@ def end_call(call: Call, span: Span, ended: str, exc: BaseException | None) -> N
         attributes["anorag.continued"] = info.continued
     if exc is not None and ended != "cancelled":
         attributes["error.type"] = exc.error_class if isinstance(exc, RouteError) else type(exc).__qualname__
-        span.set_status(Status(StatusCode.ERROR, str(exc)[:500]))
+        text = str(exc)[:DESCRIPTION_CHARS]
+        for known in call.router.routes.values():
+            text = known.masked(text)
+        span.set_status(Status(StatusCode.ERROR, text))
     span.set_attributes(attributes)
     span.end()
 
@@ -232,7 +237,7 @@ def end_attempt(lease: Lease, ended: str, error: RouteError | None = None, *, ou
         attributes["gen_ai.usage.output_tokens"] = output_tokens
     if error is not None:
         attributes["error.type"] = error.error_class
-        span.set_status(Status(StatusCode.ERROR, error.message[:500]))
+        span.set_status(Status(StatusCode.ERROR, lease.route.masked(error.message[:DESCRIPTION_CHARS])))
     span.set_attributes(attributes)
     span.end()
 
