@@ -138,29 +138,30 @@ class Call:
         """What this copy of the request is: "request", "hedge" or "continuation" (shown on attempt spans)."""
         self.failed_on: Route | None = None
         """The route whose attempt just failed transiently: the next attempt elsewhere is a failover from it."""
+        self.said: dict[str, Any] | None = None
+        """What the answer said about itself (model, usage), for the call's span when it ends."""
 
     def __enter__(self) -> Call:
-        tracer = self.router.tracing
-        if tracer is not None:
+        tracer = self.router.tracing  # tracing off, or no provider at all: two attribute reads, nothing else
+        if tracer is not None and (not tracer.follows_global or tracing.otel_global._TRACER_PROVIDER is not None):
             self.span = tracer.start_call(self)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         info = self.info
         route = info.route or (info.attempts[-1].route if info.attempts else "")
-        ended = tracing.outcome(exc)
+        ended = "success" if exc is None else tracing.outcome(exc)
         self.router.outcomes.add(route, ended)
         if self.span is not None:
             span, self.span = self.span, None
             tracing.end_call(self, span, ended, exc)
 
-    def answered(self, response: ChatCompletion) -> ChatCompletion:
-        """The call's response: its info becomes the call's (a hedge's winner may be the copy), its usage traced."""
-        info = call_info(response)
-        if info is not None:
+    def answered(self, response: ChatCompletion, *, hedged: bool = False) -> ChatCompletion:
+        """The call's response; a hedged call's info becomes the winner's (it may be the copy's); usage traced."""
+        if hedged and (info := call_info(response)) is not None:
             self.info = info
         if self.span is not None:
-            tracing.answered(self.span, response)
+            tracing.answered(self, response)
         return response
 
     def _twin(self, avoid: frozenset[str]) -> Call:

@@ -141,7 +141,7 @@ class Router:
         """One chat completion; ``route=`` pins a route, other keywords go to the server."""
         with self._call(messages, params, stream=False) as call:
             if self._hedges(call):  # the race needs cancellable requests: run it on the router's loop
-                return call.answered(self._hedged(call))
+                return call.answered(self._hedged(call), hedged=True)
             call.enter()
             try:
                 lease, response = rounds(self, call, lambda r, t: r.create(call.body_for(r), t))
@@ -164,7 +164,7 @@ class Router:
         """Async twin of :meth:`chat` on the routes' async clients."""
         with self._call(messages, params, stream=False) as call:
             if self._hedges(call):
-                return call.answered(await self._ahedged(call))
+                return call.answered(await self._ahedged(call), hedged=True)
             return call.answered(await self._achat(call))
 
     async def _achat(self, call: Call) -> ChatCompletion:

@@ -99,8 +99,11 @@ class Lease:
             with watch:
                 if self.span is None:
                     return send(self.route, self.timeout)
-                with tracing.current(self.span):
+                token = tracing.attach(self.span)
+                try:
                     return send(self.route, self.timeout)
+                finally:
+                    tracing.detach(token)
         finally:
             if not self.call.stream:
                 watch.end()  # the connection may be back in the pool already: never cut it now
@@ -125,8 +128,11 @@ class Lease:
         with self:
             if self.span is None:
                 return await send(self.route, self.timeout)
-            with tracing.current(self.span):
+            token = tracing.attach(self.span)
+            try:
                 return await send(self.route, self.timeout)
+            finally:
+                tracing.detach(token)
 
     def __enter__(self) -> Lease:
         """Around one await of the router's own (the answer, a stream's next chunk): a fresh bound."""
@@ -159,7 +165,7 @@ class Lease:
         self.call.router._served(route)
         info.route, info.latency_s, info.ttft_s = route.name, latency, ttft_s
         if self.span is not None:
-            tracing.end_attempt(self, "success", output_tokens=output_tokens)
+            tracing.end_attempt(self, "success")
 
     def abandoned(self, why: str = "cancelled", error: RouteError | None = None) -> None:
         """The attempt ended neither way (cancelled, cut by close, lost a hedge race); ``why`` goes on its span."""

@@ -297,8 +297,8 @@ class Tally:
     def traced(self, call: Call) -> None:
         """Record what the whole stream said about itself on the call's span (when it is traced)."""
         if call.span is not None:
-            tracing.response_attributes(
-                call.span, self.model, self.stream_id, self.finish_reasons, self.input_tokens, self.tokens
+            call.said = tracing.response_attributes(
+                self.model, self.stream_id, self.finish_reasons, self.input_tokens, self.tokens
             )
 
     def check(self, route: Route) -> None:

@@ -19,8 +19,7 @@ call is one read of a module attribute; when a provider samples a call out, one 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -38,7 +37,10 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from openai.types.chat import ChatCompletion
+    from opentelemetry.context import Context
 
     from .call import Call
     from .lease import Lease
@@ -51,17 +53,14 @@ REQUEST_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_toke
 DESCRIPTION_CHARS = 500
 """Longest error description on a span (an AllRoutesFailed lists every attempt)."""
 
-_GLOBAL_SET = getattr(otel_trace, "_TRACER_PROVIDER", ...) is not ...
-"""Whether this OpenTelemetry keeps its global provider where :func:`_no_global_provider` reads it."""
+
+class _Unknown:
+    _TRACER_PROVIDER = True  # an OpenTelemetry that keeps it elsewhere: always ask start_span
 
 
-def _no_global_provider() -> bool:
-    """True while nobody has set OpenTelemetry's global tracer provider (one attribute read).
-
-    ``trace.get_tracer_provider()`` answers the same but reads ``os.environ`` on every call (1.4 us);
-    an OpenTelemetry without the attribute is asked through ``start_span`` instead.
-    """
-    return _GLOBAL_SET and otel_trace._TRACER_PROVIDER is None
+otel_global: Any = otel_trace if hasattr(otel_trace, "_TRACER_PROVIDER") else _Unknown
+"""``otel_global._TRACER_PROVIDER is None`` while nobody has set OpenTelemetry's global tracer provider:
+one attribute read, where ``trace.get_tracer_provider()`` reads ``os.environ`` on every call (1.4 us)."""
 
 
 class Tracing:
@@ -71,22 +70,18 @@ class Tracing:
 
     def __init__(self, provider: TracerProvider | None = None) -> None:
         self.follows_global = provider is None
+        """No provider of its own: while ``otel_global._TRACER_PROVIDER is None``, calls are not traced."""
         if provider is None:
             provider = otel_trace.get_tracer_provider()  # also loads one named by $OTEL_PYTHON_TRACER_PROVIDER
         self.tracer = provider.get_tracer(INSTRUMENTATION, _version())
 
     def start_call(self, call: Call) -> Span | None:
-        """The span of a public call, or None when it would not be recorded (no provider, sampled out)."""
-        if self.follows_global and _no_global_provider():
-            return None
-        span = self.tracer.start_span(OPERATION, kind=SpanKind.CLIENT)
-        if not span.is_recording():
-            return None
-        if call.model:
-            span.update_name(f"{OPERATION} {call.model}")
-        span.set_attributes(_request_attributes(call, call.model))
-        span.set_attribute("anorag.stream", call.stream)
-        return span
+        """The span of a public call, or None when it is not recorded (sampled out)."""
+        attributes = _request_attributes(call, call.model)
+        attributes["anorag.stream"] = call.stream
+        name = f"{OPERATION} {call.model}" if call.model else OPERATION
+        span = self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+        return span if span.is_recording() else None
 
 
 def _version() -> str | None:
@@ -110,12 +105,11 @@ def _request_attributes(call: Call, model: str | None) -> dict[str, Any]:
     return attributes
 
 
-def answered(span: Span, response: ChatCompletion) -> None:
-    """Record what a completion says about itself on ``span``: model, id, finish reasons, usage."""
+def answered(call: Call, response: ChatCompletion) -> None:
+    """Keep what a completion says about itself (model, id, finish reasons, usage) for the call's span."""
     reasons = [choice.finish_reason for choice in response.choices if choice.finish_reason]
     usage = response.usage
-    response_attributes(
-        span,
+    call.said = response_attributes(
         response.model,
         response.id,
         reasons,
@@ -125,13 +119,12 @@ def answered(span: Span, response: ChatCompletion) -> None:
 
 
 def response_attributes(
-    span: Span,
     model: str | None,
     response_id: str | None,
     finish_reasons: Sequence[str],
     input_tokens: int | None,
     output_tokens: int | None,
-) -> None:
+) -> dict[str, Any]:
     """The ``gen_ai.response.*`` and ``gen_ai.usage.*`` attributes; missing values are left out."""
     attributes: dict[str, Any] = {}
     if model:
@@ -144,7 +137,7 @@ def response_attributes(
         attributes["gen_ai.usage.input_tokens"] = input_tokens
     if isinstance(output_tokens, int):
         attributes["gen_ai.usage.output_tokens"] = output_tokens
-    span.set_attributes(attributes)
+    return attributes
 
 
 def outcome(exc: BaseException | None) -> str:
@@ -178,11 +171,12 @@ def end_call(call: Call, span: Span, ended: str, exc: BaseException | None) -> N
     if lease is not None and lease.span is not None:  # an attempt nobody settled: never leave its span open
         end_attempt(lease, "abandoned")
     info = call.info
-    attributes: dict[str, Any] = {
-        "anorag.outcome": ended,
-        "anorag.rounds": info.rounds,
-        "anorag.failed_attempts": len(info.attempts),
-    }
+    attributes: dict[str, Any] = call.said or {}
+    attributes["anorag.outcome"] = ended
+    if info.rounds > 1:
+        attributes["anorag.rounds"] = info.rounds
+    if info.attempts:
+        attributes["anorag.failed_attempts"] = len(info.attempts)
     route = call.router.routes.get(info.route) if info.route else None
     if route is not None:
         attributes["anorag.route"] = route.name
@@ -207,18 +201,19 @@ def end_call(call: Call, span: Span, ended: str, exc: BaseException | None) -> N
 def start_attempt(lease: Lease, parent: Span) -> Span | None:
     """The child span of one attempt, or None when the provider does not record it."""
     call, route = lease.call, lease.route
+    address, port = route.address
+    attributes: dict[str, Any] = {"anorag.route": route.name, "server.address": address, "server.port": port}
+    if call.role != "request":
+        attributes["anorag.attempt.role"] = call.role
+    if call.info.rounds > 1:
+        attributes["anorag.round"] = call.info.rounds
     span = _tracer_of(call).start_span(
-        f"attempt {route.name}", context=otel_trace.set_span_in_context(parent), kind=SpanKind.CLIENT
+        f"attempt {route.name}",
+        context=otel_trace.set_span_in_context(parent),
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
     )
-    if not span.is_recording():
-        return None
-    attributes = _request_attributes(call, call.model or route.model)
-    attributes["anorag.route"] = route.name
-    attributes["server.address"], attributes["server.port"] = route.address
-    attributes["anorag.round"] = call.info.rounds
-    attributes["anorag.attempt.role"] = call.role
-    span.set_attributes(attributes)
-    return span
+    return span if span.is_recording() else None
 
 
 def _tracer_of(call: Call) -> otel_trace.Tracer:
@@ -227,14 +222,16 @@ def _tracer_of(call: Call) -> otel_trace.Tracer:
     return tracing.tracer
 
 
-def end_attempt(lease: Lease, ended: str, error: RouteError | None = None, *, output_tokens: int | None = None) -> None:
-    """End an attempt's span (once): its outcome, and on a failure the error class and an error status."""
+def end_attempt(lease: Lease, ended: str, error: RouteError | None = None) -> None:
+    """End an attempt's span (once): how it ended unless it succeeded (the common case, kept cheap), and on
+    a failure the error class and an error status."""
     span, lease.span = lease.span, None
     if span is None:
         return
+    if ended == "success":
+        span.end()
+        return
     attributes: dict[str, Any] = {"anorag.outcome": ended}
-    if isinstance(output_tokens, int):
-        attributes["gen_ai.usage.output_tokens"] = output_tokens
     if error is not None:
         attributes["error.type"] = error.error_class
         span.set_status(Status(StatusCode.ERROR, lease.route.masked(error.message[:DESCRIPTION_CHARS])))
@@ -249,14 +246,13 @@ def carrier(span: Span) -> dict[str, str]:
     return headers
 
 
-@contextmanager
-def current(span: Span) -> Iterator[None]:
-    """``span`` as the current span while an attempt is sent (the same frame attaches and detaches)."""
-    token = otel_context.attach(otel_trace.set_span_in_context(span))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+def attach(span: Span) -> Token[Context]:
+    """Make ``span`` current while an attempt is sent; the same frame gives the token to :func:`detach`."""
+    return otel_context.attach(otel_trace.set_span_in_context(span))
+
+
+def detach(token: Token[Context]) -> None:
+    otel_context.detach(token)
 
 
 def with_headers(body: dict[str, Any], headers: Mapping[str, str]) -> dict[str, Any]:
