@@ -439,3 +439,24 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path, servers: dict[str, Fa
                                  "--port", str(port)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("anorag-llm metrics: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics_and_labels() -> None:
+    import json
+    import re
+
+    from anorag_integrations.router.observability import RouterCollector
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exported = {f.name + s for f in RouterCollector().describe() for s in suffixes[f.type]}
+    labels = {"router", "route", "outcome", "error_class", "state", "model", "le"}
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(exprs) >= 15
+    used = {name for expr in exprs for name in re.findall(r"\banorag_[a-z_]+", expr)}
+    assert used <= exported, used - exported
+    assert used >= {n for n in exported if not n.endswith(("_sum", "_count"))} - {"anorag_attempts_total",
+                                                                                   "anorag_route_info"}  # fmt: skip
+    grouped = {label for expr in exprs for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(", ")}
+    selected = {label for expr in exprs for label in re.findall(r"([a-z_]+)=~?\"", expr)}
+    assert grouped | selected <= labels
