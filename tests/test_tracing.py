@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,9 +37,11 @@ class OpenSpans(SpanProcessor):
 
     def __init__(self) -> None:
         self.open: dict[int, str] = {}
+        self.started = 0
 
     def on_start(self, span: Span, parent_context: Any = None) -> None:
         self.open[span.context.span_id] = span.name
+        self.started += 1
 
     def on_end(self, span: ReadableSpan) -> None:
         assert span.context is not None
@@ -342,3 +345,32 @@ def test_no_secret_reaches_a_span(traced: Traced, servers: dict[str, FaultServer
     assert "bad key ***" in dumped  # the server's echo of the key is masked
     assert not any(secret in dumped for secret in ("alice", "hunter2pw", "sk-77secret"))
     assert servers["a"].last_authorization == "Basic YWxpY2U6aHVudGVyMnB3"  # alice:hunter2pw, in a header only
+
+
+# --- the invariants machine, traced: whatever the schedule, no span stays open once the router is idle ---
+
+
+def test_no_span_stays_open_under_random_schedules(servers: dict[str, FaultServer]) -> None:
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from .test_invariants import RouterMachine
+
+    open_spans = OpenSpans()
+    provider = TracerProvider()
+    provider.add_span_processor(open_spans)
+
+    class TracedMachine(RouterMachine):
+        def _build(self) -> Router:
+            return Router(super()._build().config, tracer_provider=provider, start_prober=False)
+
+        def _idle(self) -> None:
+            super()._idle()
+            assert open_spans.open == {}, f"spans never ended: {open_spans.open}"
+
+    run_state_machine_as_test(
+        lambda: TracedMachine(servers),
+        settings=settings(max_examples=8, stateful_step_count=10, deadline=None,
+                          suppress_health_check=list(HealthCheck), derandomize=bool(os.environ.get("CI"))),
+    )  # fmt: skip
+    assert open_spans.started > 0  # the schedules were traced
