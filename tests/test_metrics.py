@@ -306,6 +306,22 @@ def test_routers_share_a_registry_by_name_and_leave_it_on_close(
             router.close()
 
 
+def test_a_router_dropped_without_close_leaves_the_registry(
+    servers: dict[str, FaultServer], registry: CollectorRegistry
+) -> None:
+    import gc
+
+    dropped = Router(make_config({"a": servers["a"]}, observability={"name": "dropped"}), start_prober=False)
+    dropped.register_metrics(registry)
+    assert value(scrape(registry), "anorag_attempts_total", router="dropped", route="a") == 0
+    del dropped
+    gc.collect()
+    assert matching(scrape(registry), "anorag_attempts_total") == {}
+    with Router(make_config({"a": servers["b"]}, observability={"name": "dropped"}), start_prober=False) as again:
+        again.register_metrics(registry)  # the name is free: no clash with the collected one
+        assert value(scrape(registry), "anorag_attempts_total", router="dropped", route="a") == 0
+
+
 def test_prometheus_true_registers_in_the_global_registry(servers: dict[str, FaultServer]) -> None:
     router = Router(make_config({"a": servers["a"]}, observability={"prometheus": True, "name": "global_test"}))
     try:

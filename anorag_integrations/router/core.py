@@ -374,7 +374,7 @@ def _halt(
     metrics: observability.Exports,
 ) -> None:
     """A router nobody holds any more: stop its threads without waiting (runs from the garbage collector)."""
-    metrics.close()
+    metrics.halt()
     prober.halt()
     if scraper is not None:
         scraper.halt()

@@ -75,7 +75,7 @@ class Exports:
         """The ``router`` label of this router's metrics."""
         self._registries: list[CollectorRegistry] = []
         self._server: tuple[WSGIServer, threading.Thread] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def register(self, registry: CollectorRegistry | None = None) -> None:
         registry = REGISTRY if registry is None else registry
@@ -89,24 +89,26 @@ class Exports:
 
     def serve(self, port: int, addr: str) -> int:
         with self._lock:
-            if self._server is not None:
-                return int(self._server[0].server_port)
-            registries = list(self._registries)
-        if not registries:
-            registries = [CollectorRegistry(auto_describe=True)]
-            self.register(registries[0])
-        server, thread = start_http_server(port, addr=addr, registry=registries[0])
-        with self._lock:
-            self._server = (server, thread)
-        return int(server.server_port)
+            if self._server is None:
+                if not self._registries:
+                    self.register(CollectorRegistry(auto_describe=True))
+                self._server = start_http_server(port, addr=addr, registry=self._registries[0])
+            return int(self._server[0].server_port)
 
     def close(self) -> None:
-        """Leave every registry and stop the server (never waits long: it also runs from a finaliser)."""
+        """Leave every registry and stop the server."""
         with self._lock:
             registries, self._registries = self._registries, []
-            server, self._server = self._server, None
         for registry in registries:
             _leave(registry, self.name, self._router)
+        self.halt()
+
+    def halt(self) -> None:
+        """Stop the server in a thread of its own, taking no lock: safe from the garbage collector's finaliser.
+
+        The registries are left to forget the router themselves: their collector skips dead routers.
+        """
+        server, self._server = self._server, None
         if server is not None:
             httpd, thread = server
             threading.Thread(target=_stop_server, args=(httpd, thread), daemon=True).start()
@@ -168,6 +170,9 @@ class RouterCollector(Collector):
     def _live(self) -> list[tuple[str, Router]]:
         with self._lock:
             pairs = [(name, ref()) for name, ref in self._routers.items()]
+            for name, router in pairs:
+                if router is None:  # collected without close(): forget it here, never from its finaliser
+                    del self._routers[name]
         return [(name, router) for name, router in pairs if router is not None and not router.closed]
 
     def describe(self) -> Iterable[Metric]:
