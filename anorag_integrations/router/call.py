@@ -230,6 +230,8 @@ class Call:
     def body_for(self, route: Route) -> dict[str, Any]:
         """The request body for an attempt on ``route``; a traced attempt's ``traceparent`` goes in its headers."""
         body = {**self.body, "model": self.model or route.model}
+        if self.span is None:
+            return body
         lease = self.ctl.lease
         if lease is not None and lease.headers is not None and lease.route is route:
             return tracing.with_headers(body, lease.headers)
