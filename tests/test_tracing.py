@@ -129,6 +129,15 @@ def test_a_failover_is_two_attempt_spans_under_one_call(traced: Traced, servers:
     assert servers["b"].traceparents == [traceparent(second)]
 
 
+def test_in_a_fleet_of_several_models_the_call_is_named_by_the_model_that_answered(traced: Traced) -> None:
+    with FaultServer("other", reply="from x") as other:
+        config = make_config({"a": traced.servers["a"], "x": other}, route_overrides={"x": {"model": "other"}})
+        with Router(config, tracer_provider=traced.provider, start_prober=False) as router:
+            router.chat(USER, route="x")
+    call, _ = traced.only_call()
+    assert call.name == "chat other" and attrs(call)["gen_ai.request.model"] == "other"
+
+
 def test_concurrent_async_calls_keep_their_own_parents(traced: Traced, servers: dict[str, FaultServer]) -> None:
     router = traced.router("a", "b")
     servers["a"].latency = servers["b"].latency = 0.05  # all in flight together

@@ -81,7 +81,8 @@ class Router:
         self.is_shared = False
         """Handed out by :meth:`shared`: its users drop it rather than close it (see providers)."""
         obs = config.observability
-        self.tracing = Tracing(tracer_provider) if obs.tracing else None
+        models = {route.model for route in self.routes.values()}
+        self.tracing = Tracing(tracer_provider, models.pop() if len(models) == 1 else None) if obs.tracing else None
         """Where call and attempt spans go (None: ``observability.tracing: false``)."""
         self.outcomes = CallOutcomes()
         """How calls ended, by route and outcome (``anorag_requests_total``)."""

@@ -5,8 +5,9 @@ CLIENT: ``gen_ai.operation.name``, ``gen_ai.request.model``, ``gen_ai.response.m
 ``gen_ai.usage.input_tokens`` / ``output_tokens``, ``server.address`` of the route that served it).
 Each attempt on a route is a child span (``attempt {route}``) that says the route and, unless it
 succeeded (the common case, kept cheap), its outcome; on failure also its error class
-(``error.type``) with an error status. A failover reads as two children in a trace. The attempt's W3C ``traceparent`` is sent to the server as a header, so vLLM's
-own spans (``--otlp-traces-endpoint``) join the same trace.
+(``error.type``) with an error status. A failover reads as two children in a trace. The
+attempt's W3C ``traceparent`` is sent to the server as a header, so vLLM's own spans
+(``--otlp-traces-endpoint``) join the same trace.
 
 Parents are passed explicitly, never through the current context across an ``await`` or a stream's
 ``yield``: concurrent calls, hedged copies in their own tasks and streams read from other tasks keep
@@ -68,9 +69,11 @@ one attribute read, where ``trace.get_tracer_provider()`` reads ``os.environ`` o
 class Tracing:
     """The router's tracer: its own provider's, or the global one (followed when it is set later)."""
 
-    __slots__ = ("follows_global", "tracer")
+    __slots__ = ("follows_global", "model", "tracer")
 
-    def __init__(self, provider: TracerProvider | None = None) -> None:
+    def __init__(self, provider: TracerProvider | None = None, model: str | None = None) -> None:
+        self.model = model
+        """The model every route serves, when they all serve one: a call names it from the start."""
         self.follows_global = provider is None
         """No provider of its own: while ``otel_global._TRACER_PROVIDER is None``, calls are not traced."""
         if provider is None:
@@ -79,9 +82,10 @@ class Tracing:
 
     def start_call(self, call: Call) -> Span | None:
         """The span of a public call, or None when it is not recorded (sampled out)."""
-        attributes = _request_attributes(call, call.model)
+        model = call.model or self.model
+        attributes = _request_attributes(call, model)
         attributes["anorag.stream"] = call.stream
-        name = f"{OPERATION} {call.model}" if call.model else OPERATION
+        name = f"{OPERATION} {model}" if model else OPERATION
         span = self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
         return span if span.is_recording() else None
 
@@ -169,6 +173,8 @@ def outcome(exc: BaseException | None) -> str:
 
 def end_call(call: Call, span: Span, ended: str, exc: BaseException | None) -> None:
     """End a call's span: the route that served it, what the attempts were, the error if any."""
+    tracing = call.router.tracing
+    assert tracing is not None  # a call span exists only when tracing does
     lease = call.ctl.lease
     if lease is not None and lease.span is not None:  # an attempt nobody settled: never leave its span open
         end_attempt(lease, "abandoned")
@@ -183,7 +189,7 @@ def end_call(call: Call, span: Span, ended: str, exc: BaseException | None) -> N
     if route is not None:
         attributes["anorag.route"] = route.name
         attributes["server.address"], attributes["server.port"] = route.address
-        if not call.model:
+        if not call.model and not tracing.model:  # routes of several models: named once one answered
             span.update_name(f"{OPERATION} {route.model}")
             attributes["gen_ai.request.model"] = route.model
     if info.hedge:
