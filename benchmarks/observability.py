@@ -5,7 +5,8 @@ its no-op). On: the same router registered in a Prometheus registry (scraped onc
 given an SDK ``TracerProvider`` whose ``BatchSpanProcessor`` exports to an exporter that drops
 spans: every call and attempt span is built, attributed, ended and batched, and every attempt sends
 its ``traceparent``. A third setting puts the SDK's own price in view: the router off, each request
-wrapped in two empty SDK spans on the same provider (a call and an attempt, nothing else). One
+wrapped in two empty SDK spans on the same provider (a call and an attempt, nothing else). A fourth
+samples one call in ten (``ParentBased(TraceIdRatioBased(0.1))``), as busy services often do. One
 vLLM-shaped server in its own process; the settings run interleaved, their order rotating from
 round to round, median of the rounds. Target: on / off >= 0.95. A second table gives the router's
 own cost per call with the HTTP layer stubbed (as ``pure_overhead.py``), where a span's price shows.
@@ -26,20 +27,21 @@ from _measure import PROMPT, Call, drain, median_of, throughput
 
 TARGET = 0.95
 MESSAGES = [{"role": "user", "content": PROMPT}]
-ON, OFF, FLOOR = "metrics + tracing", "off", "two empty SDK spans"
-SETTINGS = (OFF, ON, FLOOR)
+ON, OFF, FLOOR, SAMPLED = "metrics + tracing", "off", "two empty SDK spans", "metrics + tracing 10 %"
+SETTINGS = (OFF, ON, FLOOR, SAMPLED)
 
 
-def provider() -> Any:
-    """An SDK tracer provider that batches every span and drops it at export (the export's cost is the backend's)."""
+def provider(ratio: float = 1.0) -> Any:
+    """An SDK tracer provider that batches every sampled span and drops it at export (that cost is the backend's)."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     class Dropping(SpanExporter):
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    traced = TracerProvider()
+    traced = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
     traced.add_span_processor(BatchSpanProcessor(Dropping()))
     return traced
 
@@ -54,9 +56,11 @@ def routers(url: str) -> dict[str, tuple[Any, Any]]:
     config = config_from_dict({"llm": {"routes": {"s0": {"base_url": url, "model": MODEL}}}}, env={})
     off = Router(config, start_prober=False)
     on = Router(config, start_prober=False, tracer_provider=provider())
-    registry = CollectorRegistry()
-    on.register_metrics(registry)
-    return {OFF: (off, None), ON: (on, registry)}
+    sampled = Router(config, start_prober=False, tracer_provider=provider(0.1))
+    registries = CollectorRegistry(), CollectorRegistry()
+    on.register_metrics(registries[0])
+    sampled.register_metrics(registries[1])
+    return {OFF: (off, None), ON: (on, registries[0]), SAMPLED: (sampled, registries[1])}
 
 
 def scrape(registry: Any) -> None:
@@ -82,19 +86,21 @@ async def measure(url: str, stream: bool, concurrency: int, requests: int, round
         inner.end()
         outer.end()
 
-    calls = {OFF: call(made[OFF][0]), ON: call(made[ON][0]), FLOOR: in_two_spans}
+    calls = {OFF: call(made[OFF][0]), ON: call(made[ON][0]), FLOOR: in_two_spans, SAMPLED: call(made[SAMPLED][0])}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in SETTINGS}
     for name in SETTINGS:  # warm up: connections, clients, first spans
         await throughput(calls[name], 50, concurrency)
     for turn in range(rounds):
-        for name in SETTINGS[turn % 3 :] + SETTINGS[: turn % 3]:  # no setting always runs first
+        first = turn % len(SETTINGS)
+        for name in SETTINGS[first:] + SETTINGS[:first]:  # no setting always runs first
             runs[name].append(await throughput(calls[name], requests, concurrency))
-        scrape(made[ON][1])  # once a round, as Prometheus would every 15 s or so
+        for _, registry in made.values():
+            scrape(registry)  # once a round, as Prometheus would every 15 s or so
     for router, _ in made.values():
         await router.aclose()
     rows = {name: {"setting": name, "stream": stream, "concurrency": concurrency, **median_of(runs[name])}
             for name in SETTINGS}  # fmt: skip
-    for name in (ON, FLOOR):
+    for name in (ON, FLOOR, SAMPLED):
         rows[name]["ratio"] = round(rows[name]["per_cpu_s"] / rows[OFF]["per_cpu_s"], 3)
     rows[ON]["met"] = rows[ON]["ratio"] >= TARGET
     return list(rows.values())
@@ -144,9 +150,9 @@ def main() -> None:
     for row in rows:
         kind = "astream" if row["stream"] else "achat"
         extra = f"  ratio {row['ratio']:.3f}" if "ratio" in row else ""
-        print(f"{kind:8} {row['setting']:18} {row['per_cpu_s']:7.0f} req/CPU-s {row['rps']:7.0f} req/s{extra}")
+        print(f"{kind:8} {row['setting']:24} {row['per_cpu_s']:7.0f} req/CPU-s {row['rps']:7.0f} req/s{extra}")
     for row in stubbed:
-        print(f"stubbed  {row['setting']:18} {row['us_per_call']:7.1f} us per call")
+        print(f"stubbed  {row['setting']:24} {row['us_per_call']:7.1f} us per call")
     path = save("observability", {"rows": rows, "stubbed": stubbed}, cores, requests=args.requests,
                 rounds=args.rounds, concurrency=args.concurrency, target=TARGET)  # fmt: skip
     print("written to", path)

@@ -278,8 +278,10 @@ def observability(data: dict[str, Any]) -> list[str]:
         "",
         "Off: no registry, no tracer provider (OpenTelemetry's no-op API). On: metrics registered and scraped once "
         "a round, and an SDK `TracerProvider` with a `BatchSpanProcessor` whose exporter drops the spans: a span per "
-        "call and per attempt, attributes, `traceparent` sent. The third row is the SDK's own floor: the router off, "
-        "each request wrapped in two empty spans of the same provider.",
+        "call and per attempt, attributes, `traceparent` sent. The SDK's own floor: the router off, each request "
+        "wrapped in two empty spans of the same provider. 10 %: the same as on, the provider sampling one call in "
+        "ten (`ParentBased(TraceIdRatioBased(0.1))`). The gap between the on row and the floor row is the router's "
+        "own tracing work (attributes, propagation); the floor is the SDK's price for two spans per request.",
         "",
         table(header, body),
         "",
