@@ -47,6 +47,7 @@ ROUTER_KEYS = frozenset(
         "prefix_affinity",
         "least_queue",
         "hedge",
+        "observability",
     }
 )
 OLLAMA_FALLBACK_ROUTE = "ollama"
@@ -153,6 +154,24 @@ class HedgeConfig(_Section):
         return self
 
 
+class ObservabilityConfig(_Section):
+    """Prometheus metrics and OpenTelemetry traces of the router (``router/observability.py``, ``tracing.py``)."""
+
+    prometheus: bool = Field(
+        default=False, description="export metrics in prometheus_client's global registry (Router.register_metrics)"
+    )
+    tracing: bool = Field(
+        default=True, description="OpenTelemetry spans of calls and attempts, when a tracer provider is configured"
+    )
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="the `router` label of the metrics; default: the config file's name without extension",
+    )
+
+
 class Config(_Section):
     """The router's whole configuration."""
 
@@ -166,6 +185,7 @@ class Config(_Section):
     prefix_affinity: PrefixAffinityConfig = PrefixAffinityConfig()
     least_queue: LeastQueueConfig = LeastQueueConfig()
     hedge: HedgeConfig | None = None
+    observability: ObservabilityConfig = ObservabilityConfig()
     source: str = Field(default="<dict>", exclude=True, description="where this config was read from")
 
     @field_validator("lb_policy")

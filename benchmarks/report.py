@@ -286,6 +286,35 @@ def soak(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def observability(data: dict[str, Any]) -> list[str]:
+    meta, rows, stubbed = data["meta"], data["results"]["rows"], data["results"]["stubbed"]
+    body = [
+        ["astream" if r["stream"] else "achat", r["setting"], f"{r['per_cpu_s']:.0f}", f"{r['rps']:.0f}",
+         f"{r['ratio']:.3f}x" if "ratio" in r else "-", ("yes" if r["met"] else "**no**") if "met" in r else ""]
+        for r in rows
+    ]  # fmt: skip
+    header = ["call", "setting", "req per CPU-s", "req/s", "vs off", f"met (target >= {meta['target']}x)"]
+    return [
+        f"## 12. Observability overhead (one server, {meta['requests']} requests per round at concurrency "
+        f"{meta['concurrency']}, median of {meta['rounds']} rounds, order rotating)",
+        "",
+        "Off: no registry, no tracer provider (OpenTelemetry's no-op API). On: metrics registered and scraped once "
+        "a round, and an SDK `TracerProvider` with a `BatchSpanProcessor` whose exporter drops the spans: a span per "
+        "call and per attempt, attributes, `traceparent` sent. The SDK's own floor: the router off, each request "
+        "wrapped in two empty spans of the same provider. 10 %: the same as on, the provider sampling one call in "
+        "ten (`ParentBased(TraceIdRatioBased(0.1))`). The gap between the on row and the floor row is the router's "
+        "own tracing work (attributes, propagation); the floor is the SDK's price for two spans per request.",
+        "",
+        table(header, body),
+        "",
+        "The router's own CPU per call with the HTTP layer stubbed:",
+        "",
+        table(["setting", "us per call"], [[r["setting"], r["us_per_call"]] for r in stubbed]),
+        "",
+        machine(meta),
+    ]
+
+
 def plots(folder: Path) -> None:
     """Bar charts of the overhead and failover results (needs matplotlib, the ``plot`` extra)."""
     import matplotlib
@@ -347,6 +376,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("hedging", hedging),
     ("continuation", continuation),
     ("soak", soak),
+    ("observability", observability),
 ]
 
 

@@ -31,6 +31,7 @@ def run(script: str, *args: str, results: Path, **env: str) -> subprocess.Comple
         ("least_queue.py", ["--requests", "20", "--engine", "fault"]),
         ("hedging.py", ["--requests", "40", "--concurrency", "4"]),
         ("soak.py", ["--requests", "400", "--concurrency", "32", "--warmup", "50", "--sync-threads", "2"]),
+        ("observability.py", ["--requests", "20", "--rounds", "1", "--concurrency", "4", "--calls", "20"]),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The ``anorag-llm`` console script: healthcheck, bench, servers, demo.
+"""The ``anorag-llm`` console script: healthcheck, bench, servers, demo, metrics.
 
 Every failure is one line that says what to do; ``--debug`` shows the traceback instead.
 """
@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--json", action="store_true", help="print JSON instead of text")
     health.add_argument("--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C")
     health.add_argument("--count", type=int, help="with --watch: stop after COUNT checks")
+
+    metrics = sub.add_parser(
+        "metrics", parents=common, help="serve the routes' Prometheus metrics (probing them) until Ctrl-C"
+    )
+    metrics.add_argument("--port", type=int, default=9464, help="port of /metrics (default 9464; 0: any free one)")
+    metrics.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    metrics.add_argument(
+        "--probe-interval", type=float, default=5.0, help="seconds between probes when the config sets none"
+    )
 
     bench = sub.add_parser("bench", parents=common, help="load test through the router (all routes) or one --base-url")
     bench.add_argument("--base-url", help="one server instead of the config's routes (env VLLM_BASE)")
@@ -121,6 +130,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _healthcheck(args.config, as_json=args.json, watch=args.watch, count=args.count)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "metrics":
+        return _metrics(args)
     return _servers(args)
 
 
@@ -168,6 +179,33 @@ def _health_text(router: Any, rows: dict[str, dict[str, Any]], healthy: int) -> 
             lines.append(f"    error:   {row['error']}")
     lines.append(f"\n{healthy}/{len(rows)} routes healthy")
     return "\n".join(lines)
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    """Serve the config's router metrics at /metrics with the prober running, until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from ..config import load_config
+    from ..router import Router
+
+    if args.probe_interval <= 0:
+        raise ValueError(f"--probe-interval must be a positive number of seconds, got {args.probe_interval}")
+    config = load_config(args.config)
+    if config.health.probe_interval <= 0:  # the metrics would never show a dead route otherwise
+        health = config.health.model_copy(update={"probe_interval": args.probe_interval})
+        config = config.model_copy(update={"health": health})
+
+    def terminate(*_: object) -> None:
+        raise SystemExit(0)  # unwinds through the router's close
+
+    signal.signal(signal.SIGTERM, terminate)
+    with Router(config) as router:
+        port = router.serve_metrics(args.port, args.host)
+        print(f"serving metrics of {len(router.routes)} routes at http://{args.host}:{port}/metrics", flush=True)
+        print("Ctrl-C stops.", flush=True)
+        threading.Event().wait()
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -22,10 +22,13 @@ from openai import NotGiven, Omit
 from openai.resources.chat.completions import Completions
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from . import tracing
 from .errors import AllRoutesFailed, Attempt, InvalidRequestError, RouterClosed
 from .policies import stable_hash
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from .core import Router
     from .lease import Lease
     from .route import Route
@@ -77,7 +80,12 @@ def seconds(name: str, value: object) -> float | None:
 
 
 class Call:
-    """The state of one request across its attempts."""
+    """The state of one request across its attempts.
+
+    ``with call:`` spans the whole public call, hedged copies and continuations included: it starts
+    the call's trace span and, at the end, counts the call's outcome and ends the span. ``enter()`` /
+    ``exit()`` register each running copy with ``Router.close()``.
+    """
 
     def __init__(self, router: Router, messages: Messages, params: dict[str, Any], *, stream: bool) -> None:
         cfg = router.config.params
@@ -124,18 +132,51 @@ class Call:
         """Only routes with ``continue_streams: true`` may take this call (it continues a cut stream)."""
         self._prefix: tuple[int, int] | None = None
         self.ctl = Control()
+        self.span: Span | None = None
+        """The call's trace span while it is recorded (see ``tracing.py``); copies share it as their parent."""
+        self.role = "request"
+        """What this copy of the request is: "request", "hedge" or "continuation" (shown on attempt spans)."""
+        self.failed_on: Route | None = None
+        """The route whose attempt just failed transiently: the next attempt elsewhere is a failover from it."""
+        self.said: dict[str, Any] | None = None
+        """What the answer said about itself (model, usage), for the call's span when it ends."""
+
+    def __enter__(self) -> Call:
+        tracer = self.router.tracing  # tracing off, or no provider at all: two attribute reads, nothing else
+        if tracer is not None and (not tracer.follows_global or tracing.otel_global._TRACER_PROVIDER is not None):
+            self.span = tracer.start_call(self)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        info = self.info
+        route = info.route or (info.attempts[-1].route if info.attempts else "")
+        ended = "success" if exc is None else tracing.outcome(exc)
+        self.router.outcomes.add(route, ended)
+        if self.span is not None:
+            span, self.span = self.span, None
+            tracing.end_call(self, span, ended, exc)
+
+    def answered(self, response: ChatCompletion, *, hedged: bool = False) -> ChatCompletion:
+        """The call's response; a hedged call's info becomes the winner's (it may be the copy's); usage traced."""
+        if hedged and (info := call_info(response)) is not None:
+            self.info = info
+        if self.span is not None:
+            tracing.answered(self, response)
+        return response
 
     def _twin(self, avoid: frozenset[str]) -> Call:
         """The same request as a fresh call: one round, on any route but those in ``avoid``."""
         twin = copy.copy(self)
         twin.info, twin.retry_after, twin.active = CallInfo(), 0.0, None
         twin.max_retries, twin.avoid, twin.round_attempts = 0, avoid, 0
+        twin.failed_on = None
         return twin
 
     def hedge_copy(self, avoid: Route) -> Call:
         """The request for a hedged copy, on any route but ``avoid`` (it runs in a task of its own)."""
         twin = self._twin(self.avoid | {avoid.name})
         twin.ctl = Control()
+        twin.role = "hedge"
         return twin
 
     def continuation(self, delivered: str, delivered_tokens: int, avoid: set[str]) -> Call:
@@ -147,6 +188,7 @@ class Call:
         """
         twin = self._twin(self.avoid | avoid)
         twin.continuing = True
+        twin.role = "continuation"
         body = dict(self.body)
         body["messages"] = [*self.body["messages"], {"role": "assistant", "content": delivered}]
         extra = {"continue_final_message": True, "add_generation_prompt": False}
@@ -186,7 +228,14 @@ class Call:
         return None
 
     def body_for(self, route: Route) -> dict[str, Any]:
-        return {**self.body, "model": self.model or route.model}
+        """The request body for an attempt on ``route``; a traced attempt's ``traceparent`` goes in its headers."""
+        body = {**self.body, "model": self.model or route.model}
+        if self.span is None:
+            return body
+        lease = self.ctl.lease
+        if lease is not None and lease.headers is not None and lease.route is route:
+            return tracing.with_headers(body, lease.headers)
+        return body
 
     def start_round(self) -> None:
         self.info.rounds += 1

@@ -3,8 +3,9 @@
 What happens to one request lives beside this file, one concern each: ``call.py`` (the request and
 its bounds), ``rounds.py`` (picking routes, failing over, backing off), ``lease.py`` (one attempt's
 bookkeeping, its only owner), ``streams.py`` (streams and their continuation) and ``hedge.py``
-(racing a slow request against a copy). ``close()`` ends every call in flight with
-``RouterClosed``, and every later call raises it.
+(racing a slow request against a copy). What it looks like from outside: ``observability.py``
+(Prometheus metrics read from the statistics at scrape time) and ``tracing.py`` (OpenTelemetry
+spans). ``close()`` ends every call in flight with ``RouterClosed``, and every later call raises it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from . import observability
 from .call import Call, CallInfo, Control, Messages, attach, call_info, wall_clock
 from .errors import RouterClosed
 from .health import BreakerState, Poller, Prober
@@ -30,9 +32,14 @@ from .hedge import Hedger, race
 from .policies import make_policy
 from .rounds import arounds, rounds
 from .route import Route
+from .stats import CallOutcomes
 from .streams import astream, stream
+from .tracing import Tracing
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
+
     from ..config import Config
 
 __all__ = ["CallInfo", "Router", "call_info"]
@@ -43,7 +50,10 @@ log = logging.getLogger("anorag_integrations.router")
 class Router:
     """Routes chat completions over the configured servers (see the module docstring)."""
 
-    def __init__(self, config: Config, *, start_prober: bool = True) -> None:
+    def __init__(
+        self, config: Config, *, start_prober: bool = True, tracer_provider: TracerProvider | None = None
+    ) -> None:
+        """``tracer_provider``: trace with this provider instead of OpenTelemetry's global one."""
         self.config = config
         self.routes: dict[str, Route] = {name: _make_route(name, rc, config) for name, rc in config.routes.items()}
         fallback = config.fallback_route
@@ -70,10 +80,19 @@ class Router:
         self._closing = threading.Event()
         self.is_shared = False
         """Handed out by :meth:`shared`: its users drop it rather than close it (see providers)."""
+        obs = config.observability
+        models = {route.model for route in self.routes.values()}
+        self.tracing = Tracing(tracer_provider, models.pop() if len(models) == 1 else None) if obs.tracing else None
+        """Where call and attempt spans go (None: ``observability.tracing: false``)."""
+        self.outcomes = CallOutcomes()
+        """How calls ended, by route and outcome (``anorag_requests_total``)."""
+        self._metrics = observability.Exports(self)
         # Nothing in the background holds the router: one that nobody holds is stopped, not leaked.
         self._finalizer = weakref.finalize(
-            self, _halt, self.prober, self.scraper, self._loop_thread, list(self.routes.values())
+            self, _halt, self.prober, self.scraper, self._loop_thread, list(self.routes.values()), self._metrics
         )
+        if obs.prometheus:
+            self.register_metrics()
         if start_prober:
             self._background(Poller.start)
 
@@ -121,30 +140,33 @@ class Router:
 
     def chat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """One chat completion; ``route=`` pins a route, other keywords go to the server."""
-        call = self._call(messages, params, stream=False)
-        if self._hedges(call):  # the race needs cancellable requests: run it on the router's loop
-            future = asyncio.run_coroutine_threadsafe(self._ahedged(call), self._loop_thread.loop())
+        with self._call(messages, params, stream=False) as call:
+            if self._hedges(call):  # the race needs cancellable requests: run it on the router's loop
+                return call.answered(self._hedged(call), hedged=True)
+            call.enter()
             try:
-                return future.result()
-            except concurrent.futures.CancelledError:
-                raise RouterClosed("the router was closed while this call was in flight") from None
-            except BaseException:
-                future.cancel()
-                raise
-        call.enter()
+                lease, response = rounds(self, call, lambda r, t: r.create(call.body_for(r), t))
+                lease.succeeded(output_tokens=_completion_tokens(response))
+            finally:
+                call.exit()
+            return call.answered(attach(response, call.info))
+
+    def _hedged(self, call: Call) -> ChatCompletion:
+        future = asyncio.run_coroutine_threadsafe(self._ahedged(call), self._loop_thread.loop())
         try:
-            lease, response = rounds(self, call, lambda r, t: r.create(call.body_for(r), t))
-            lease.succeeded(output_tokens=_completion_tokens(response))
-        finally:
-            call.exit()
-        return attach(response, call.info)
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise RouterClosed("the router was closed while this call was in flight") from None
+        except BaseException:
+            future.cancel()
+            raise
 
     async def achat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """Async twin of :meth:`chat` on the routes' async clients."""
-        call = self._call(messages, params, stream=False)
-        if self._hedges(call):
-            return await self._ahedged(call)
-        return await self._achat(call)
+        with self._call(messages, params, stream=False) as call:
+            if self._hedges(call):
+                return call.answered(await self._ahedged(call), hedged=True)
+            return call.answered(await self._achat(call))
 
     async def _achat(self, call: Call) -> ChatCompletion:
         call.enter()
@@ -179,11 +201,31 @@ class Router:
         return {name: self._health_row(route) for name, route in self.routes.items()}
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per route: requests, failures, in-flight, latency and TTFT percentiles (ms), tokens/s."""
+        """Per route: attempts, failures (and by error class), in-flight, failovers, latency and TTFT
+        percentiles (ms), tokens/s, and ``outcomes``: the calls that ended on the route, by outcome."""
+        ended = self.outcomes.snapshot()
         return {
-            name: {"url": r.base_url, "model": r.model, "state": str(r.breaker.state), **r.stats.snapshot()}
+            name: {"url": r.base_url, "model": r.model, "state": str(r.breaker.state), **r.stats.snapshot(),
+                   "outcomes": {outcome: n for (route, outcome), n in ended.items() if route == name}}
             for name, r in self.routes.items()
-        }
+        }  # fmt: skip
+
+    def register_metrics(self, registry: CollectorRegistry | None = None) -> None:
+        """Export this router's metrics in ``registry`` (default: prometheus_client's global one).
+
+        They are read from the router's statistics at each scrape and labelled ``router`` (the
+        config's ``observability.name``, else its file's stem); ``close()`` removes them.
+        """
+        self._metrics.register(registry)
+
+    def serve_metrics(self, port: int = observability.DEFAULT_PORT, addr: str = "127.0.0.1") -> int:
+        """Serve the metrics at ``http://addr:port/metrics`` in a daemon thread until ``close()``; the port.
+
+        For apps without an endpoint of their own; port 0 picks a free one. The metrics of the
+        registries this router is registered in are served (a private one when there is none).
+        """
+        self._check_open()
+        return self._metrics.serve(port, addr)
 
     async def astart_prober(self) -> None:
         """Probe (and scrape) in tasks on the running loop instead of threads (build with ``start_prober=False``)."""
@@ -197,6 +239,7 @@ class Router:
         for ctl in list(self._live):
             ctl.abort()
         self._finalizer.detach()
+        self._metrics.close()
         self.prober.stop()
         if self.scraper is not None:
             self.scraper.stop()
@@ -324,8 +367,15 @@ class _LoopThread:
             loop.close()
 
 
-def _halt(prober: Poller, scraper: Poller | None, loop_thread: _LoopThread, routes: list[Route]) -> None:
+def _halt(
+    prober: Poller,
+    scraper: Poller | None,
+    loop_thread: _LoopThread,
+    routes: list[Route],
+    metrics: observability.Exports,
+) -> None:
     """A router nobody holds any more: stop its threads without waiting (runs from the garbage collector)."""
+    metrics.halt()
     prober.halt()
     if scraper is not None:
         scraper.halt()

@@ -46,7 +46,15 @@ class ConfigError(RouterError, ValueError):
 
 
 class RouteError(RouterError):
-    """A route answered with (or failed with) an error."""
+    """A route answered with (or failed with) an error.
+
+    ``error_class`` names the kind of failure in a few bounded values, for metrics and traces (OpenTelemetry's
+    ``error.type``): the HTTP status as text ("503", "429", "400"), else "timeout", "connect_error",
+    "connection_dropped", "error_event", "stream_cut", "malformed_response" or "transient".
+    """
+
+    default_class = "transient"
+    """The ``error_class`` of an error that has no status and was given none."""
 
     def __init__(
         self,
@@ -57,6 +65,7 @@ class RouteError(RouterError):
         status: int | None = None,
         hint: str | None = None,
         retry_after: float | None = None,
+        error_class: str | None = None,
     ) -> None:
         self.route = route
         self.url = url
@@ -64,6 +73,7 @@ class RouteError(RouterError):
         self.hint = hint
         self.retry_after = retry_after
         self.message = message
+        self.error_class = error_class or (str(status) if status is not None else self.default_class)
         text = f"route {route!r} ({url})"
         if status is not None:
             text += f" HTTP {status}"
@@ -79,6 +89,8 @@ class TransientRouteError(RouteError):
 
 class PermanentRouteError(RouteError):
     """A failure that no other route would fix: raised to the caller at once."""
+
+    default_class = "permanent"
 
 
 class BadRequestError(PermanentRouteError):
@@ -239,6 +251,7 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
             f"timed out after {timeout}s" if timeout else "timed out",
             hint="the server may be overloaded or hung; raise this route's `timeout` (or params.timeout) "
             "if long generations are expected",
+            error_class="timeout",
             **where,
         )
     if isinstance(exc, openai.APIConnectionError):
@@ -248,11 +261,13 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
                 f"cannot connect: {cause}",
                 hint=f"is the server started and listening at {url}? check host and port "
                 f"(try: curl {url.rstrip('/')}/models)",
+                error_class="connect_error",
                 **where,
             )
         return TransientRouteError(
             f"connection dropped: {type(cause).__name__}: {cause}",
             hint="the server closed or reset the connection mid-request; check its logs (crash, restart, proxy)",
+            error_class="connection_dropped",
             **where,
         )
     if isinstance(exc, openai.APIStatusError):
@@ -267,7 +282,9 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
         message = message or str(exc)
         if code is not None:
             return status_error(code, f"error event in stream: {message}", kind=kind, model=model, **where)
-        return TransientRouteError(f"error event in stream: {message}", status=code, hint="server-side error", **where)
+        return TransientRouteError(
+            f"error event in stream: {message}", hint="server-side error", error_class="error_event", **where
+        )
     if isinstance(exc, ValueError | TypeError | AttributeError | KeyError | IndexError):
         return MalformedResponse(
             f"unusable response: {type(exc).__name__}: {_short(exc)}",
@@ -325,9 +342,13 @@ def trips_breaker(error: RouteError) -> bool:
 class StreamCut(TransientRouteError):
     """The stream ended without a finish reason: the connection was closed early."""
 
+    default_class = "stream_cut"
+
 
 class MalformedResponse(TransientRouteError):
     """HTTP 200 with a body the router cannot use: an HTML page, bad JSON, no choices, ..."""
+
+    default_class = "malformed_response"
 
 
 class InvalidRequestError(RouterError, ValueError):

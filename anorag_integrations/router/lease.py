@@ -11,7 +11,9 @@ sync), classifies *every* way the attempt can end and gives everything back exac
                                                        permanent ones raised, transient ones returned
     abandoned()      nothing counted against the route; the trial slot is freed
 
-Sync, async, streams, hedged copies and stream continuations all go through it.
+Sync, async, streams, hedged copies and stream continuations all go through it. It also owns the
+attempt's trace span (started with the lease, ended by whichever outcome comes first) and counts a
+failover when this attempt follows a transient failure of the same request on another route.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from . import tracing
 from .bounds import WATCHDOG, Timer, Watch
 from .call import Call
 from .errors import (
@@ -37,6 +40,8 @@ from .errors import (
 from .health import Ticket
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from .route import Route
 
 log = logging.getLogger("anorag_integrations.router")
@@ -49,7 +54,7 @@ _CALLERS_OWN = (GeneratorExit, KeyboardInterrupt, SystemExit, asyncio.CancelledE
 class Lease:
     """Route ``route`` claimed for one attempt of ``call`` (see the module docstring)."""
 
-    __slots__ = ("call", "ended", "route", "t0", "ticket", "timeout", "timer", "watch")
+    __slots__ = ("call", "ended", "headers", "route", "span", "t0", "ticket", "timeout", "timer", "watch")
 
     def __init__(self, call: Call, route: Route, ticket: Ticket) -> None:
         self.call, self.route, self.ticket = call, route, ticket
@@ -65,6 +70,17 @@ class Lease:
         self.t0 = time.perf_counter()
         call.active, call.ctl.lease = route, self
         call.round_attempts += 1
+        if call.failed_on is not None:
+            if call.failed_on is not route:
+                call.failed_on.stats.failed_over()
+            call.failed_on = None
+        self.span: Span | None = None
+        self.headers: dict[str, str] | None = None
+        """What carries the attempt's trace context to the server (``traceparent``); None: not traced."""
+        if call.span is not None:
+            self.span = tracing.start_attempt(self, call.span)
+            if self.span is not None:
+                self.headers = tracing.carrier(self.span)
 
     # --- sending ----------------------------------------------------------------------------------
 
@@ -81,7 +97,13 @@ class Lease:
         WATCHDOG.arm(watch)
         try:
             with watch:
-                return send(self.route, self.timeout)
+                if self.span is None:
+                    return send(self.route, self.timeout)
+                token = tracing.attach(self.span)
+                try:
+                    return send(self.route, self.timeout)
+                finally:
+                    tracing.detach(token)
         finally:
             if not self.call.stream:
                 watch.end()  # the connection may be back in the pool already: never cut it now
@@ -104,7 +126,13 @@ class Lease:
     async def asend(self, send: Callable[[Route, float], Awaitable[_T]]) -> _T:
         """Run an async attempt under its time bound."""
         with self:
-            return await send(self.route, self.timeout)
+            if self.span is None:
+                return await send(self.route, self.timeout)
+            token = tracing.attach(self.span)
+            try:
+                return await send(self.route, self.timeout)
+            finally:
+                tracing.detach(token)
 
     def __enter__(self) -> Lease:
         """Around one await of the router's own (the answer, a stream's next chunk): a fresh bound."""
@@ -136,13 +164,17 @@ class Lease:
         route.breaker.record_success(self.ticket)
         self.call.router._served(route)
         info.route, info.latency_s, info.ttft_s = route.name, latency, ttft_s
+        if self.span is not None:
+            tracing.end_attempt(self, "success")
 
-    def abandoned(self) -> None:
-        """The attempt ended neither way (cancelled, cut by close, lost a hedge race)."""
+    def abandoned(self, why: str = "cancelled", error: RouteError | None = None) -> None:
+        """The attempt ended neither way (cancelled, cut by close, lost a hedge race); ``why`` goes on its span."""
         if self._end():
             return
         self.route.stats.abandoned()
         self.route.breaker.release(self.ticket)
+        if self.span is not None:
+            tracing.end_attempt(self, why, error)
 
     def failed(self, exc: BaseException) -> RouteError:
         """Classify how the attempt ended with ``exc``; return a transient error to fail over on.
@@ -152,29 +184,32 @@ class Lease:
         """
         call = self.call
         if isinstance(exc, asyncio.CancelledError) and call.ctl.uncancelled():
-            self.abandoned()
+            self.abandoned("closed")
             raise RouterClosed("the router was closed while this call was in flight") from exc
         if isinstance(exc, _CALLERS_OWN):
             self.abandoned()
             raise exc
         if call.ctl.aborted or call.router.closed:
-            self.abandoned()
+            self.abandoned("closed")
             raise RouterClosed("the router was closed while this call was in flight") from exc
         if isinstance(exc, TypeError | ValueError) and (problem := call.unsendable()) is not None:
-            self.abandoned()  # the request could not even be built: the caller's mistake, no route's
+            self.abandoned("invalid")  # the request could not even be built: the caller's mistake, no route's
             raise InvalidRequestError(f"the request cannot be sent: {problem}") from exc
         if self.ended:  # already settled (e.g. a stream's consumer raised after the end): nothing to count
             return classify(exc, route=self.route.name, url=self.route.base_url, model="", timeout=None)
         error = self._classify(exc)
         if self._deadline_passed(exc, error):  # the request ran out of time: not this route's fault
-            self.abandoned()
+            self.abandoned("deadline", error)
             call.info.attempts.append(Attempt(self.route.name, error, time.perf_counter() - self.t0, call.info.rounds))
             raise call.exhausted("deadline exceeded") from exc
         self._end()
         self._count(error)
         call.info.attempts.append(Attempt(self.route.name, error, time.perf_counter() - self.t0, call.info.rounds))
+        if self.span is not None:
+            tracing.end_attempt(self, "failure", error)
         if isinstance(error, PermanentRouteError):
             raise error from exc
+        call.failed_on = self.route
         log.info("failing over: %s", error)
         return error
 
@@ -204,6 +239,7 @@ class Lease:
                 url=route.base_url,
                 hint="the server may be overloaded, hung or trickling its answer; raise this route's `timeout` "
                 "(or params.timeout, or the call's deadline) if long generations are expected",
+                error_class="timeout",
             )
         return classify(
             exc, route=route.name, url=route.base_url, model=call.model or route.model, timeout=self.timeout
@@ -211,7 +247,7 @@ class Lease:
 
     def _count(self, error: RouteError) -> None:
         route, call = self.route, self.call
-        route.stats.failed(f"{type(error).__name__}: {error.message}")
+        route.stats.failed(f"{type(error).__name__}: {error.message}", error.error_class)
         if trips_breaker(error):
             if route.breaker.record_failure(self.ticket):
                 log.warning("route %r: circuit breaker opened after: %s", route.name, error)

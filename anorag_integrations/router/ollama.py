@@ -183,16 +183,33 @@ class OllamaRoute(Route):
             return exc
         if isinstance(exc, self._ollama.ResponseError):
             if exc.status_code < 0:  # an {"error": ...} line inside a 200 stream
-                return TransientRouteError(f"error in stream: {exc.error}", hint="server-side error", **where)
+                return TransientRouteError(
+                    f"error in stream: {exc.error}", hint="server-side error", error_class="error_event", **where
+                )
             return status_error(
                 exc.status_code, exc.error, model=self.model, not_found_hint=self.missing_model_hint, **where
             )
         name = type(exc).__name__
         if isinstance(exc, ConnectionError) or name == "ConnectError":  # the client wraps it, except in streams
-            return TransientRouteError("cannot connect", hint=f"is `ollama serve` running at {self.base_url}?", **where)
+            return TransientRouteError(
+                "cannot connect",
+                hint=f"is `ollama serve` running at {self.base_url}?",
+                error_class="connect_error",
+                **where,
+            )
         if "Timeout" in name:
-            return TransientRouteError(f"timed out after {self.timeout}s", hint="raise this route's `timeout`", **where)
-        return TransientRouteError(f"connection dropped: {name}: {exc}", hint="check the Ollama server's log", **where)
+            return TransientRouteError(
+                f"timed out after {self.timeout}s",
+                hint="raise this route's `timeout`",
+                error_class="timeout",
+                **where,
+            )
+        return TransientRouteError(
+            f"connection dropped: {name}: {exc}",
+            hint="check the Ollama server's log",
+            error_class="connection_dropped",
+            **where,
+        )
 
 
 class _Stream:

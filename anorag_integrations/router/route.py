@@ -25,7 +25,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from .bounds import watched_transport
 from .errors import classify
 from .health import CircuitBreaker
-from .secrets import redact_url, split_credentials
+from .secrets import MASK, redact_url, split_credentials
 from .stats import RouteStats
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ KEEPALIVE_S = 2.0
 after 5 s, the SDK's own expiry: at that boundary a request goes out on a connection the server has
 just closed and fails with "Server disconnected" (seen on llama.cpp in the prefix-affinity
 benchmark). Expiring ours well before theirs removes the race."""
+MIN_MASKED_KEY = 6
+"""Shorter api keys ("EMPTY" and the like) are placeholders, not secrets: masking them would garble text."""
 LIMITS = type(openai.DEFAULT_CONNECTION_LIMITS)(
     max_connections=openai.DEFAULT_CONNECTION_LIMITS.max_connections,
     max_keepalive_connections=openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
@@ -135,6 +137,9 @@ class Route:
         self._url, credentials = split_credentials(cfg.base_url)
         """What the clients request: ``base_url`` without userinfo, whose credentials go as basic auth."""
         self._auth = credentials  # (user, password): basic auth in httpx, httpx2 and Ollama's client alike
+        parts = urlsplit(self._url)
+        self.address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        """The server's host and port, without credentials (``server.address`` / ``server.port`` on spans)."""
         self.model = cfg.model
         self.weight = cfg.weight
         self.timeout = cfg.timeout or config.params.timeout
@@ -313,6 +318,13 @@ class Route:
 
     def serves(self, models: list[str]) -> bool:
         return self.model in models
+
+    def masked(self, text: str) -> str:
+        """``text`` with this route's api key (a server may echo it in an error) and URL credentials masked."""
+        key = self._api_key.get_secret_value()
+        if len(key) >= MIN_MASKED_KEY:
+            text = text.replace(key, MASK)
+        return redact_url(text)
 
     # --- lifecycle -------------------------------------------------------------------------------
 

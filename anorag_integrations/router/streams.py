@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from openai.types.chat import ChatCompletionChunk
 
+from . import tracing
 from .call import Call, attach
 from .errors import AllRoutesFailed, RouterClosed, RouterError, StreamCut, StreamInterruptedError
 from .lease import Lease
@@ -117,73 +118,77 @@ def _reads(lease: Lease, stream: Any) -> Iterator[ChatCompletionChunk]:
 
 def stream(router: Router, call: Call) -> Iterator[ChatCompletionChunk]:
     """The caller's stream (sync): see the module docstring."""
-    call.enter()
-    try:
-        lease, opened = rounds(router, call, functools.partial(_open, call))
-        lease.opened()
-        tally = Tally()
-        while True:
-            try:
-                lease.pause()
-                for chunk in itertools.chain(opened.pending, _reads(lease, opened.stream)):
-                    tally.add(chunk)
-                    yield attach(chunk, call.info)
-                tally.check(lease.route)
-                break
-            except BaseException as exc:
-                error, cause = interrupted(lease, tally, exc), exc
-            finally:
-                lease.unwatch()
-                opened.stream.close()
-            twin = continuation(router, call, tally, error)
-            try:
-                lease, opened = rounds(router, twin, functools.partial(_open, twin))
-            except RouterError as failed:
-                raise not_continued(call, twin, error, failed) from cause
-            continued(call, twin, lease, opened)
-        lease.succeeded(output_tokens=tally.tokens, ttft_s=opened.ttft_s)
-    finally:
-        call.exit()
+    with call:
+        call.enter()
+        try:
+            lease, opened = rounds(router, call, functools.partial(_open, call))
+            lease.opened()
+            tally = Tally()
+            while True:
+                try:
+                    lease.pause()
+                    for chunk in itertools.chain(opened.pending, _reads(lease, opened.stream)):
+                        tally.add(chunk)
+                        yield attach(chunk, call.info)
+                    tally.check(lease.route)
+                    break
+                except BaseException as exc:
+                    error, cause = interrupted(lease, tally, exc), exc
+                finally:
+                    lease.unwatch()
+                    opened.stream.close()
+                twin = continuation(router, call, tally, error)
+                try:
+                    lease, opened = rounds(router, twin, functools.partial(_open, twin))
+                except RouterError as failed:
+                    raise not_continued(call, twin, error, failed) from cause
+                continued(call, twin, lease, opened)
+            lease.succeeded(output_tokens=tally.tokens, ttft_s=opened.ttft_s)
+            tally.traced(call)
+        finally:
+            call.exit()
 
 
 async def astream(router: Router, call: Call) -> AsyncIterator[ChatCompletionChunk]:
     """Async twin of :func:`stream`."""
-    call.enter()
-    try:
-        lease, opened = await arounds(router, call, functools.partial(_aopen, call))
-        lease.opened()
-        tally = Tally()
-        while True:
-            try:
-                for chunk in opened.pending:
-                    tally.add(chunk)
-                    yield attach(chunk, call.info)
-                chunks = aiter(opened.stream)
-                while True:
-                    if call.ctl.aborted:
-                        raise RouterClosed("the router was closed while this stream was read")
-                    try:
-                        with lease:  # each read under a fresh bound
-                            chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    tally.add(chunk)
-                    yield attach(chunk, call.info)
-                tally.check(lease.route)
-                break
-            except BaseException as exc:
-                error, cause = interrupted(lease, tally, exc), exc
-            finally:
-                await opened.stream.close()
-            twin = continuation(router, call, tally, error)
-            try:
-                lease, opened = await arounds(router, twin, functools.partial(_aopen, twin))
-            except RouterError as failed:
-                raise not_continued(call, twin, error, failed) from cause
-            continued(call, twin, lease, opened)
-        lease.succeeded(output_tokens=tally.tokens, ttft_s=opened.ttft_s)
-    finally:
-        call.exit()
+    with call:
+        call.enter()
+        try:
+            lease, opened = await arounds(router, call, functools.partial(_aopen, call))
+            lease.opened()
+            tally = Tally()
+            while True:
+                try:
+                    for chunk in opened.pending:
+                        tally.add(chunk)
+                        yield attach(chunk, call.info)
+                    chunks = aiter(opened.stream)
+                    while True:
+                        if call.ctl.aborted:
+                            raise RouterClosed("the router was closed while this stream was read")
+                        try:
+                            with lease:  # each read under a fresh bound
+                                chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            break
+                        tally.add(chunk)
+                        yield attach(chunk, call.info)
+                    tally.check(lease.route)
+                    break
+                except BaseException as exc:
+                    error, cause = interrupted(lease, tally, exc), exc
+                finally:
+                    await opened.stream.close()
+                twin = continuation(router, call, tally, error)
+                try:
+                    lease, opened = await arounds(router, twin, functools.partial(_aopen, twin))
+                except RouterError as failed:
+                    raise not_continued(call, twin, error, failed) from cause
+                continued(call, twin, lease, opened)
+            lease.succeeded(output_tokens=tally.tokens, ttft_s=opened.ttft_s)
+            tally.traced(call)
+        finally:
+            call.exit()
 
 
 def interrupted(lease: Lease, tally: Tally, exc: BaseException) -> StreamInterruptedError:
@@ -231,6 +236,7 @@ def continued(call: Call, twin: Call, lease: Lease, opened: Opened) -> None:
     """Splice a continuation into the caller's stream: no second role chunk, the first stream's id."""
     call.info.attempts += twin.info.attempts
     call.info.continued += 1
+    lease.route.stats.continued()
     lease.call.info = call.info  # the continuation's outcome is the caller's
     lease.opened()
     opened.pending = [chunk for chunk in opened.pending if has_payload(chunk)]
@@ -243,7 +249,10 @@ class Tally:
     After a continuation it also gives every chunk the first stream's id, so the caller sees one stream.
     """
 
-    __slots__ = ("chunks", "content_chunks", "cut", "finished", "other", "stream_id", "text", "tokens")
+    __slots__ = (
+        "chunks", "content_chunks", "cut", "finish_reasons", "finished", "input_tokens", "model", "other",
+        "stream_id", "text", "tokens",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.chunks = 0
@@ -252,7 +261,10 @@ class Tally:
         self.other = False
         """Something besides text of choice 0 was delivered (reasoning, tool calls, other choices)."""
         self.finished = False
+        self.finish_reasons: list[str] = []
         self.tokens: int | None = None
+        self.input_tokens: int | None = None
+        self.model: str | None = None
         self.stream_id: str | None = None
         self.cut: set[str] = set()
         """Routes whose stream of this answer was cut."""
@@ -263,7 +275,7 @@ class Tally:
             raise ValueError(f"not a chat completion chunk: {str(chunk)[:200]!r}")
         self.chunks += 1
         if self.stream_id is None:
-            self.stream_id = chunk.id
+            self.stream_id, self.model = chunk.id, chunk.model
         elif self.cut:
             chunk.id = self.stream_id
         for choice in chunk.choices:
@@ -277,8 +289,17 @@ class Tally:
                     self.other = True
             if choice.finish_reason:
                 self.finished = True
+                self.finish_reasons.append(choice.finish_reason)
         if chunk.usage is not None:
             self.tokens = chunk.usage.completion_tokens
+            self.input_tokens = chunk.usage.prompt_tokens
+
+    def traced(self, call: Call) -> None:
+        """Record what the whole stream said about itself on the call's span (when it is traced)."""
+        if call.span is not None:
+            call.said = tracing.response_attributes(
+                self.model, self.stream_id, self.finish_reasons, self.input_tokens, self.tokens
+            )
 
     def check(self, route: Route) -> None:
         if not self.finished:

@@ -112,7 +112,8 @@ class FaultServer:
     """The server; ``hits`` counts chat requests, ``requests`` keeps their bodies (newest last).
 
     ``last_authorization`` is the last ``Authorization`` header received, so tests can check a key
-    reached the server while staying out of logs and errors.
+    reached the server while staying out of logs and errors. ``traceparents`` holds the W3C
+    ``traceparent`` header of each kept request (None when it had none), in step with ``requests``.
     """
 
     def __init__(
@@ -164,6 +165,7 @@ class FaultServer:
         self._slots: asyncio.Semaphore | None = None
         self.requests: list[dict[str, Any]] = []
         self.last_authorization: str | None = None
+        self.traceparents: list[str | None] = []
         self._keep = keep_requests
         self._state = _FaultState()
         self._lock = threading.Lock()
@@ -312,6 +314,8 @@ class FaultServer:
         self.last_authorization = request.headers.get("Authorization")
         self.requests.append(body)
         del self.requests[: -self._keep]
+        self.traceparents.append(request.headers.get("traceparent"))
+        del self.traceparents[: -self._keep]
         return self._take_fault()
 
     def _count_prefix(self, body: Mapping[str, Any]) -> None:
