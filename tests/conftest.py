@@ -160,16 +160,16 @@ def llama_servers() -> Iterator[list[Any]]:
 class VllmFleet:
     """The session's two vLLM servers: started on first use, and stopped for a test that starts its own.
 
-    At most three vLLM servers fit these machines at once, so ``vllm_room`` stops the pair (when it
-    runs) for a test that starts servers itself, and starts it again afterwards. A test that killed a
-    server without starting it again leaves it to :meth:`ensure`, which restarts whatever is down.
+    At most three vLLM servers fit these machines at once, so ``vllm_room`` stops the pair for a test
+    that starts servers itself; the next test that needs the pair starts it again (:meth:`ensure`
+    restarts whatever is down, also a server a test killed and did not start again).
     """
 
     def __init__(self) -> None:
         self.servers = [vllm_on(free_port()) for _ in range(2)]
-        self.started = False
 
     def ensure(self) -> list[Any]:
+        """The pair, every server up: those down (never started, stopped or killed) start in parallel."""
         down = [i for i, s in enumerate(self.servers) if s.process is None or s.process.poll() is not None]
         for i in down:
             self.servers[i].stop()
@@ -180,7 +180,6 @@ class VllmFleet:
                 self.servers[i].start(wait=False)
             wait_all_ready([self.servers[i] for i in down])
             undo.pop_all()
-        self.started = True
         return self.servers
 
     def stop(self) -> None:
@@ -214,13 +213,12 @@ def vllm_pair(vllm_fleet: VllmFleet) -> list[Any]:
 
 
 @pytest.fixture
-def vllm_room(vllm_fleet: VllmFleet) -> Iterator[None]:
-    """Room for a test that starts up to three vLLM servers itself: the pair is stopped meanwhile."""
-    was_up = vllm_fleet.started
+def vllm_room(vllm_fleet: VllmFleet) -> None:
+    """Room for a test that starts up to three vLLM servers itself: the pair is stopped meanwhile.
+
+    The next test that asks for ``vllm_pair`` starts it again.
+    """
     vllm_fleet.stop()
-    yield
-    if was_up:
-        vllm_fleet.ensure()
 
 
 def vllm_on(port: int) -> Any:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,11 +255,18 @@ def test_presets_refuse_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- servers (real vLLM and llama.cpp processes) -------------------------------------------------------
 
 
+@pytest.fixture
+def own_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A state directory of the test's own; whatever the test started there is stopped even when it fails."""
+    monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
+    yield tmp_path
+    manage.stop(None)
+
+
 @pytest.mark.live
 def test_servers_start_cpu_runs_vllm_chat_and_embeddings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], vllm_room: None
+    own_state: Path, capsys: pytest.CaptureFixture[str], vllm_room: None
 ) -> None:
-    monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
     port, embed_port = free_port(), free_port()
     assert main(["servers", "start", "cpu", "--ports", str(port), "--embeddings", str(embed_port)]) == 0
     records = {r.name: r for r in manage.records()}
@@ -282,9 +290,8 @@ def test_servers_start_cpu_runs_vllm_chat_and_embeddings(
 
 @pytest.mark.live
 def test_servers_start_llamacpp_keeps_the_second_engine(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], llama_servers: Any
+    own_state: Path, capsys: pytest.CaptureFixture[str], llama_servers: Any
 ) -> None:
-    monkeypatch.setenv("ANORAG_STATE_DIR", str(tmp_path))
     port = free_port()
     assert main(["servers", "start", "llamacpp", "--ports", str(port)]) == 0
     [record] = manage.records()

@@ -6,10 +6,13 @@ Every failure is one line that says what to do; ``--debug`` shows the traceback 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .manage import EMBED_PORT
@@ -110,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        with _interrupted_by_termination():
+            return _dispatch(args)
     except KeyboardInterrupt:
         return 130
     except (RouterError, ServerStartError, PresetError, ValueError, OSError) as exc:
@@ -119,6 +123,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc).strip()
         print(f"anorag-llm {args.command}: {message}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _interrupted_by_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP (``timeout``, systemd, a closed terminal) unwind like Ctrl-C while a command runs.
+
+    So servers being started, or run by the demo, are stopped on the way out instead of outliving it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -240,7 +265,7 @@ def _servers(args: argparse.Namespace) -> int:
     from .tables import table
 
     if args.action == "start":
-        ports = [int(p) for p in args.ports.split(",") if p] if args.ports else None
+        ports = _ports(args.ports) if args.ports is not None else None
         overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in PRESET_FLAGS}
         started = manage.start(args.preset, ports=ports, alias=args.alias, embed_port=args.embeddings, **overrides)
         for record in started:
@@ -267,10 +292,15 @@ def _servers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_then_stop(names: list[str]) -> None:
-    import signal
-    import threading
+def _ports(text: str) -> list[int]:
+    """``--ports 8201,8202`` as numbers; ValueError naming the option otherwise."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise ValueError(f"--ports wants comma-separated port numbers, e.g. 8201,8202 (got {text!r})")
+    return [int(part) for part in parts]
 
+
+def _wait_then_stop(names: list[str]) -> None:
     from . import manage
 
     def terminate(*_: object) -> None:
@@ -282,4 +312,5 @@ def _wait_then_stop(names: list[str]) -> None:
         threading.Event().wait()
     finally:
         for name in names:
-            manage.stop(name)
+            with contextlib.suppress(ValueError):  # already stopped from another shell
+                manage.stop(name)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from ..config import load_config
 from ..router import Router, call_info
+from .manage import check_ports
 from .servers import running
 from .tables import HEALTH_COLUMNS, STATS_COLUMNS, table
 from .vllm import VllmServer, cache_dir, chat_model
@@ -26,6 +27,7 @@ def _local_servers(config_path: str | None) -> list[VllmServer]:
         parts = urlsplit(route.base_url)
         if parts.hostname in ("127.0.0.1", "localhost") and parts.port:
             servers.append(VllmServer(parts.port, alias=route.model))
+    check_ports([server.port for server in servers])
     return servers
 
 

@@ -65,6 +65,8 @@ def running(record: Record) -> bool:
     except OSError:
         return False
     started = [arg.encode() for arg in record.command]
+    if not started:
+        return False  # a damaged record matches nothing rather than everything
     return any(cmdline[i : i + len(started)] == started for i in range(len(cmdline))) or (
         # the console script re-executes itself: compare the flags we passed
         bool(started) and all(arg in cmdline for arg in started[1:])
@@ -81,7 +83,8 @@ def local_servers(
 ) -> list[LocalServer]:
     """The servers a local preset starts, logging into the state directory; one per port."""
     log_dir = state_dir()
-    chosen = ports or DEFAULT_PORTS
+    chosen = list(ports or DEFAULT_PORTS)
+    check_ports([*chosen, *([] if embed_port is None else [embed_port])])
     if preset == "llamacpp":
         if embed_port is not None:
             raise ValueError("--embeddings starts a vLLM pooling server: use the cpu preset")
@@ -90,6 +93,15 @@ def local_servers(
     if embed_port is not None:
         servers.append(embedding_server(embed_port, log_dir=log_dir))
     return servers
+
+
+def check_ports(ports: Sequence[int]) -> None:
+    """ValueError unless every port is a valid TCP port given once (two servers on one port: one dies late)."""
+    if bad := [port for port in ports if not 0 < port < 65536]:
+        raise ValueError(f"port {bad[0]} is not a TCP port (1-65535)")
+    if len(set(ports)) != len(ports):
+        twice = sorted({port for port in ports if list(ports).count(port) > 1})
+        raise ValueError(f"port {twice[0]} is given twice: each server needs its own port")
 
 
 def start(

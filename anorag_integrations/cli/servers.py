@@ -92,6 +92,8 @@ def wait_all_ready(servers: Sequence[LocalServer], timeout: float | None = None)
     limit = max((s.ready_timeout_s for s in waiting), default=0.0) if timeout is None else timeout
     deadline = time.monotonic() + limit
     while waiting:
+        for server in servers:  # one that was ready may have died since (an OOM kill as the next one loads)
+            server.alive()
         waiting = [server for server in waiting if not server.ready()]
         if waiting and time.monotonic() >= deadline:
             late = waiting[0]
@@ -101,6 +103,8 @@ def wait_all_ready(servers: Sequence[LocalServer], timeout: float | None = None)
             )
         if waiting:
             time.sleep(POLL_INTERVAL_S)
+    for server in servers:
+        server.alive()  # ready means our process answers, not another one on the port
 
 
 class LocalServer(abc.ABC):
@@ -163,26 +167,38 @@ class LocalServer(abc.ABC):
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.environment()
             )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:  # a failed or interrupted wait leaves no process behind
+                self.stop()
+                raise
         return self
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Poll ``/health`` until 200; fail early, with the log's tail, if the process exits."""
         wait_all_ready([self], timeout)
 
-    def ready(self) -> bool:
-        """Whether ``/health`` answers 200 now; ServerStartError, with the log's tail, if the process has exited."""
+    def alive(self) -> None:
+        """ServerStartError, with the log's tail, when the process has exited."""
         if self.process is not None and self.process.poll() is not None:
             raise ServerStartError(
                 f"{self.engine} on port {self.port} exited with status {self.process.returncode}; "
                 f"last log lines ({self.log_path}):\n{self.log_tail()}"
             )
+
+    def ready(self) -> bool:
+        """Whether ``/health`` answers 200 now; ServerStartError if the process has exited."""
+        self.alive()
         return answers(f"{self.root_url}/health")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the process (and its children) by id; kill it if it does not exit in time."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:  # the leader is gone; children it left in its group are not (vLLM's engine)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
