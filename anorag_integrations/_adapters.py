@@ -24,7 +24,12 @@ def router_params(adapter: object, *, model: str | None) -> dict[str, Any]:
 
 
 def shared_router(
-    config_path: str | PathLike[str] | None, *, base_url: str | None, model: str | None, api_key: SecretStr | None
+    config_path: str | PathLike[str] | None,
+    *,
+    base_url: str | None,
+    model: str | None,
+    api_key: SecretStr | None,
+    kind: str = "chat",
 ) -> Router:
     """The process-wide router of an adapter; ``api_key``, passed explicitly, replaces every route's key.
 
@@ -35,7 +40,24 @@ def shared_router(
     key = api_key.get_secret_value() if api_key is not None else None
     if base_url is not None and key is None:
         key = os.environ.get(API_KEY_ENV) or None
-    return Router.shared(config_path, base_url=base_url, model=model, api_key=key)
+    return Router.shared(config_path, base_url=base_url, model=model, api_key=key, kind=kind)
+
+
+def embedding_route(router: Router, route: str | None) -> str | None:
+    """Check that ``route`` (when given) is an embedding route of ``router``; ValueError naming the choices."""
+    if route is None:
+        return None
+    names = router.config.route_names("embedding")
+    if route not in names:
+        raise ValueError(f"route {route!r} is not among the embedding routes ({', '.join(names) or 'none'})")
+    return route
+
+
+def embedding_model(router: Router, route: str | None, model: str | None) -> str:
+    """The model an embeddings adapter names: its own, else its route's, else the default embedding route's."""
+    config = router.config
+    name = route or config.default_route_of("embedding")
+    return model or (config.routes[name].model if name is not None else "")
 
 
 def reasoning_text(obj: Any) -> str | None:

@@ -120,16 +120,19 @@ class Router:
         base_url: str | None = None,
         model: str | None = None,
         api_key: str | None = None,
+        kind: str = "chat",
     ) -> Router:
         """The process-wide router for a config file (or for one ``base_url``), built on first use.
 
         Adapters call this, so a LangChain and a LlamaIndex model built from the same config share
-        one health state: a route that fails under one is avoided by the other. ``api_key``, when
-        given, replaces the key of every route. The router lives while someone holds it.
+        one health state: a route that fails under one is avoided by the other, and chat models and
+        embeddings share one router. ``api_key``, when given, replaces the key of every route;
+        ``kind`` is the kind of the single route a ``base_url`` makes ("chat" or "embedding"). The
+        router lives while someone holds it.
         """
         from .shared import shared_router
 
-        return shared_router(cls, config_path, base_url=base_url, model=model, api_key=api_key)
+        return shared_router(cls, config_path, base_url=base_url, model=model, api_key=api_key, kind=kind)
 
     def __repr__(self) -> str:
         return f"Router(routes={list(self.routes)}, lb_policy={self.config.lb_policy!r}, source={self.config.source!r})"

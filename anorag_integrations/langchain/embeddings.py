@@ -1,0 +1,107 @@
+"""VLLMRoutedEmbeddings: LangChain embeddings over the routes of kind ``embedding``; it converts, nothing else.
+
+Batching, failover, retries, truncation and statistics are the router's (``Router.embed``). Built
+from the same config as a ``ChatVLLMRouted`` it shares that model's router, so one health state
+covers both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+from langchain_core.embeddings import Embeddings
+from langchain_core.utils import secret_from_env
+from openai.types import CreateEmbeddingResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from .._adapters import API_KEY_ENV, embedding_model, embedding_route, shared_router
+from ..router import Router
+from ..router.secrets import redact_repr_args
+from ._errors import langchain_errors
+
+
+class VLLMRoutedEmbeddings(BaseModel, Embeddings):
+    """Embeddings from a fleet of vLLM pooling servers (routes with ``kind: embedding``).
+
+    Same constructor rules as ``ChatVLLMRouted``: ``VLLMRoutedEmbeddings()`` reads ``./config.yaml``
+    (or ``$ANORAG_CONFIG``), ``config_path=`` names a file, ``router=`` shares a router, ``base_url=`` +
+    ``model=`` skip the config for a single server, ``route=`` pins an embedding route.
+    """
+
+    config_path: str | None = None
+    router: Router | None = Field(default=None, exclude=True)
+    route: str | None = None
+    model_name: str | None = Field(default=None, alias="model")
+    """Model to request; default: each route's configured model."""
+    base_url: str | None = None
+    api_key: SecretStr | None = Field(default_factory=secret_from_env(API_KEY_ENV, default=None))
+    """Passed explicitly: every route's key. Read from ``$VLLM_API_KEY``: the default route's (config loader)."""
+    timeout: float | None = None
+    max_retries: int | None = None
+    batch_size: int | None = None
+    """Inputs per request; default ``embedding.batch_size`` of the config."""
+    truncate: bool | None = None
+    """Let the server cut inputs past its context window; default ``embedding.truncate`` of the config."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Other request parameters (vLLM's ``use_activation``, ``truncate_prompt_tokens``, ...)."""
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
+
+    @model_validator(mode="after")
+    def _connect(self) -> Self:
+        if self.router is None:
+            key = self.api_key if "api_key" in self.model_fields_set else None  # else $VLLM_API_KEY's default
+            self.router = shared_router(
+                self.config_path, base_url=self.base_url, model=self.model_name, api_key=key, kind="embedding"
+            )
+        self.router._check_kind("embedding")  # NoRouteOfKindError now, not at the first call
+        embedding_route(self.router, self.route)
+        return self
+
+    def __repr_args__(self) -> Any:
+        """Fields for repr: credentials in ``base_url`` are masked."""
+        return redact_repr_args(super().__repr_args__())
+
+    @property
+    def _router(self) -> Router:
+        assert self.router is not None  # set by the validator
+        return self.router
+
+    @property
+    def model(self) -> str:
+        """The model requested: ``model=``, else the route's (the default embedding route's)."""
+        return embedding_model(self._router, self.route, self.model_name)
+
+    # --- Embeddings -------------------------------------------------------------------------------
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text, in order (batched, failed over and retried by the router)."""
+        with langchain_errors():
+            return _vectors(self._router.embed(texts, **self._params()))
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        """Async twin of :meth:`embed_documents` on the router's async path."""
+        with langchain_errors():
+            return _vectors(await self._router.aembed(texts, **self._params()))
+
+    async def aembed_query(self, text: str) -> list[float]:
+        return (await self.aembed_documents([text]))[0]
+
+    # --- internal --------------------------------------------------------------------------------
+    def _params(self) -> dict[str, Any]:
+        """The router keywords of a call: the fields that are set, then ``model_kwargs``."""
+        params = {
+            "route": self.route,
+            "model": self.model_name,
+            "timeout": self.timeout,
+            "max_retries": self.max_retries,
+            "batch_size": self.batch_size,
+            "truncate": self.truncate,
+        }
+        return {**{key: value for key, value in params.items() if value is not None}, **self.model_kwargs}
+
+
+def _vectors(response: CreateEmbeddingResponse) -> list[list[float]]:
+    return [list(item.embedding) for item in response.data]
