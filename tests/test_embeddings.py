@@ -13,9 +13,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
@@ -31,6 +33,7 @@ from anorag_integrations import (
     RouterClosed,
     call_info,
 )
+from anorag_integrations.config import config_from_dict
 from anorag_integrations.router.errors import InputTooLongError, NoRouteOfKindError
 from anorag_integrations.testing import Fault, FaultServer
 from anorag_integrations.testing.embeddings import fake_vector
@@ -169,8 +172,6 @@ def test_one_config_holds_both_kinds_with_a_fallback_and_default_each() -> None:
 
 
 def test_the_default_chat_route_env_overrides_skip_embedding_routes() -> None:
-    from anorag_integrations.config import config_from_dict
-
     routes = {"e": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "kind": "embedding"},
               "c": {"base_url": "http://127.0.0.1:10/v1", "model": "m"}}  # fmt: skip
     config = config_from_dict({"llm": {"routes": routes}}, env={"VLLM_MODEL": "other"})
@@ -467,3 +468,19 @@ def test_a_traced_embed_call_is_an_embeddings_span_with_an_attempt_per_batch(
     assert sum(1 for s in attempts if s.attributes and s.attributes.get("error.type") == "503") == 1
     traceparents = servers["a"].traceparents + servers["b"].traceparents
     assert len(traceparents) == 3 and all(traceparents)
+
+
+def test_the_shipped_configs_embedding_route_is_valid_when_uncommented() -> None:
+    text = (Path(__file__).parent.parent / "config.yaml").read_text()
+    lines, inside = [], False
+    for line in text.splitlines():
+        inside = inside or line.strip() == "# minilm:"
+        if inside and line.strip().startswith("#"):
+            line = line.replace("# ", "", 1)
+            inside = "kind: embedding" not in line
+        lines.append(line)
+    config = config_from_dict(yaml.safe_load("\n".join(lines)), env={})
+    route = config.routes["minilm"]
+    assert (route.kind, route.base_url, route.model) == ("embedding", "http://127.0.0.1:8203/v1", "minilm")
+    assert config.route_names("chat") == ["local_a", "local_b"]
+    assert config.default_route_of("embedding") == "minilm"

@@ -1,7 +1,8 @@
 """Rounds of one request: pick a route, lease it, fail over, back off, until it is served or out of time.
 
-A round offers each usable route once (the policy picks, ``fallback_route`` last); a transient
-failure moves on to the next pick, a permanent one ends the request. Between rounds the request
+A round offers each usable route of the call's kind once (its pool's policy picks, the pool's
+fallback route last); a transient failure moves on to the next pick, a permanent one ends the
+request. Between rounds the request
 waits tenacity's random exponential backoff, at least any ``Retry-After`` (capped by
 ``params.max_retry_after``), never past its ``deadline``: a wait that would pass it ends the request
 at once, saying why. Every attempt is a :class:`~.lease.Lease`, the only owner of its bookkeeping.

@@ -1,9 +1,10 @@
 """One endpoint: its SDK clients, timeouts, breaker, last probe result and live statistics.
 
-``Route`` speaks the OpenAI-compatible API (vLLM, llama.cpp, OpenAI, Ollama's ``/v1``). Its four
-transport methods (``create``, ``acreate``, ``open_stream``, ``aopen_stream``) and ``_probe_models``
-are the seam another API plugs into (``OllamaRoute`` in ``ollama.py``): everything above them,
-failover, breakers and statistics, stays one piece of code.
+``Route`` speaks the OpenAI-compatible API (vLLM, llama.cpp, OpenAI, Ollama's ``/v1``). Its
+transport methods (``create``, ``acreate``, ``open_stream``, ``aopen_stream``; ``embed`` and
+``aembed`` on routes of kind embedding) and ``_probe_models`` are the seam another API plugs into
+(``OllamaRoute`` in ``ollama.py``): everything above them, failover, breakers and statistics, stays
+one piece of code.
 """
 
 from __future__ import annotations
