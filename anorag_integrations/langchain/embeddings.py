@@ -10,17 +10,15 @@ from __future__ import annotations
 from typing import Any, Self
 
 from langchain_core.embeddings import Embeddings
-from langchain_core.utils import secret_from_env
 from openai.types import CreateEmbeddingResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from .._adapters import API_KEY_ENV, embedding_model, embedding_route, shared_router
-from ..router import Router
-from ..router.secrets import redact_repr_args
+from .._adapters import embedding_model, embedding_route
 from ._errors import langchain_errors
+from ._routed import Routed
 
 
-class VLLMRoutedEmbeddings(BaseModel, Embeddings):
+class VLLMRoutedEmbeddings(Routed, Embeddings):
     """Embeddings from a fleet of vLLM pooling servers (routes with ``kind: embedding``).
 
     Same constructor rules as ``ChatVLLMRouted``: ``VLLMRoutedEmbeddings()`` reads ``./config.yaml``
@@ -28,16 +26,6 @@ class VLLMRoutedEmbeddings(BaseModel, Embeddings):
     ``model=`` skip the config for a single server, ``route=`` pins an embedding route.
     """
 
-    config_path: str | None = None
-    router: Router | None = Field(default=None, exclude=True)
-    route: str | None = None
-    model_name: str | None = Field(default=None, alias="model")
-    """Model to request; default: each route's configured model."""
-    base_url: str | None = None
-    api_key: SecretStr | None = Field(default_factory=secret_from_env(API_KEY_ENV, default=None))
-    """Passed explicitly: every route's key. Read from ``$VLLM_API_KEY``: the default route's (config loader)."""
-    timeout: float | None = None
-    max_retries: int | None = None
     batch_size: int | None = None
     """Inputs per request; default ``embedding.batch_size`` of the config."""
     truncate: bool | None = None
@@ -45,27 +33,14 @@ class VLLMRoutedEmbeddings(BaseModel, Embeddings):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other request parameters (vLLM's ``use_activation``, ``truncate_prompt_tokens``, ...)."""
 
-    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=())  # model_name is a field, not pydantic's
 
     @model_validator(mode="after")
     def _connect(self) -> Self:
-        if self.router is None:
-            key = self.api_key if "api_key" in self.model_fields_set else None  # else $VLLM_API_KEY's default
-            self.router = shared_router(
-                self.config_path, base_url=self.base_url, model=self.model_name, api_key=key, kind="embedding"
-            )
-        self.router._check_kind("embedding")  # NoRouteOfKindError now, not at the first call
-        embedding_route(self.router, self.route)
+        router = self._connect_router("embedding")
+        router._check_kind("embedding")  # NoRouteOfKindError now, not at the first call
+        embedding_route(router, self.route)
         return self
-
-    def __repr_args__(self) -> Any:
-        """Fields for repr: credentials in ``base_url`` are masked."""
-        return redact_repr_args(super().__repr_args__())
-
-    @property
-    def _router(self) -> Router:
-        assert self.router is not None  # set by the validator
-        return self.router
 
     @property
     def model(self) -> str:
