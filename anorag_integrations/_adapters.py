@@ -6,6 +6,7 @@ import os
 from os import PathLike
 from typing import Any
 
+from openai.types import CreateEmbeddingResponse
 from pydantic import SecretStr
 
 from .router import CallInfo, Router
@@ -58,6 +59,18 @@ def embedding_model(router: Router, route: str | None, model: str | None) -> str
     config = router.config
     name = route or config.default_route_of("embedding")
     return model or (config.routes[name].model if name is not None else "")
+
+
+def embedding_params(adapter: object, *, model: str | None, batch_size: int | None) -> dict[str, Any]:
+    """The router keywords of an embeddings adapter's call: its fields that are set."""
+    params = {name: getattr(adapter, name) for name in ("route", "timeout", "max_retries", "truncate")}
+    params.update(model=model, batch_size=batch_size)
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def vectors(response: CreateEmbeddingResponse) -> list[list[float]]:
+    """The response's vectors as plain lists, in input order."""
+    return [list(item.embedding) for item in response.data]
 
 
 def reasoning_text(obj: Any) -> str | None:

@@ -26,11 +26,19 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_serializer
 
-from ._adapters import call_metadata, embedding_model, embedding_route, reasoning_text, router_params, shared_router
+from ._adapters import (
+    call_metadata,
+    embedding_model,
+    embedding_params,
+    embedding_route,
+    reasoning_text,
+    router_params,
+    shared_router,
+    vectors,
+)
 from .router import Router, call_info
 from .router.secrets import redact_repr_args
 
@@ -42,6 +50,8 @@ MAX_EMBED_BATCH = 2048
 
 class _Routed(BaseModel):
     """The fields both LlamaIndex classes take to find their router, and how they serialise them."""
+
+    _router: Router = PrivateAttr()
 
     config_path: str | None = Field(default=None, description="config file; default $ANORAG_CONFIG or ./config.yaml")
     route: str | None = Field(default=None, description="pin every request to this route")
@@ -67,6 +77,10 @@ class _Routed(BaseModel):
         """Fields for repr: credentials in ``base_url`` are masked."""
         return redact_repr_args(super().__repr_args__())
 
+    @property
+    def router(self) -> Router:
+        return self._router
+
     def _shared(self, kind: str) -> Router:
         return shared_router(
             self.config_path, base_url=self.base_url, model=self.model, api_key=self.api_key, kind=kind
@@ -81,7 +95,6 @@ class VLLMRouted(_Routed, CustomLLM):
     top_p: float | None = None
     context_window: int | None = Field(default=None, description="override what the servers report")
     additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra request parameters")
-    _router: Router = PrivateAttr()
 
     def __init__(self, router: Router | None = None, **data: Any) -> None:
         super().__init__(**data)
@@ -97,10 +110,6 @@ class VLLMRouted(_Routed, CustomLLM):
     def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> VLLMRouted:
         """Rebuild from ``to_dict``; the masked key is dropped, so pass the real one: ``from_dict(d, api_key=...)``."""
         return super().from_dict(cls._unmasked(data), **kwargs)
-
-    @property
-    def router(self) -> Router:
-        return self._router
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -195,7 +204,6 @@ class VLLMRoutedEmbedding(_Routed, BaseEmbedding):
 
     truncate: bool | None = Field(default=None, description="let the server cut long inputs; default: the config's")
     additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra request parameters")
-    _router: Router = PrivateAttr()
 
     def __init__(self, router: Router | None = None, **data: Any) -> None:
         super().__init__(**data)
@@ -219,10 +227,6 @@ class VLLMRoutedEmbedding(_Routed, BaseEmbedding):
         """Rebuild from ``to_dict``; the masked key is dropped, so pass the real one: ``from_dict(d, api_key=...)``."""
         return super().from_dict(cls._unmasked(data), **kwargs)
 
-    @property
-    def router(self) -> Router:
-        return self._router
-
     def _get_query_embedding(self, query: str) -> list[float]:
         return self._get_text_embeddings([query])[0]
 
@@ -230,7 +234,7 @@ class VLLMRoutedEmbedding(_Routed, BaseEmbedding):
         return self._get_text_embeddings([text])[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        return _vectors(self._router.embed(texts, **self._params()))
+        return vectors(self._router.embed(texts, **self._params()))
 
     async def _aget_query_embedding(self, query: str) -> list[float]:
         return (await self._aget_text_embeddings([query]))[0]
@@ -239,23 +243,11 @@ class VLLMRoutedEmbedding(_Routed, BaseEmbedding):
         return (await self._aget_text_embeddings([text]))[0]
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        return _vectors(await self._router.aembed(texts, **self._params()))
+        return vectors(await self._router.aembed(texts, **self._params()))
 
     def _params(self) -> dict[str, Any]:
         """Router keywords: the fields that are set; a batch LlamaIndex made is one request."""
-        params = {
-            "route": self.route,
-            "model": self.model,
-            "timeout": self.timeout,
-            "max_retries": self.max_retries,
-            "truncate": self.truncate,
-        }
-        set_ = {key: value for key, value in params.items() if value is not None}
-        return {**set_, "batch_size": self.embed_batch_size, **self.additional_kwargs}
-
-
-def _vectors(response: CreateEmbeddingResponse) -> list[list[float]]:
-    return [list(item.embedding) for item in response.data]
+        return {**embedding_params(self, model=self.model, batch_size=self.embed_batch_size), **self.additional_kwargs}
 
 
 def _prompt(prompt: str) -> list[ChatMessage]:

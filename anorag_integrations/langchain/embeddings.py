@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any, Self
 
 from langchain_core.embeddings import Embeddings
-from openai.types import CreateEmbeddingResponse
 from pydantic import ConfigDict, Field, model_validator
 
-from .._adapters import embedding_model, embedding_route
+from .._adapters import embedding_model, embedding_params, embedding_route, vectors
 from ._errors import langchain_errors
 from ._routed import Routed
 
@@ -51,7 +50,7 @@ class VLLMRoutedEmbeddings(Routed, Embeddings):
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """One vector per text, in order (batched, failed over and retried by the router)."""
         with langchain_errors():
-            return _vectors(self._router.embed(texts, **self._params()))
+            return vectors(self._router.embed(texts, **self._params()))
 
     def embed_query(self, text: str) -> list[float]:
         return self.embed_documents([text])[0]
@@ -59,7 +58,7 @@ class VLLMRoutedEmbeddings(Routed, Embeddings):
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         """Async twin of :meth:`embed_documents` on the router's async path."""
         with langchain_errors():
-            return _vectors(await self._router.aembed(texts, **self._params()))
+            return vectors(await self._router.aembed(texts, **self._params()))
 
     async def aembed_query(self, text: str) -> list[float]:
         return (await self.aembed_documents([text]))[0]
@@ -67,16 +66,4 @@ class VLLMRoutedEmbeddings(Routed, Embeddings):
     # --- internal --------------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
         """The router keywords of a call: the fields that are set, then ``model_kwargs``."""
-        params = {
-            "route": self.route,
-            "model": self.model_name,
-            "timeout": self.timeout,
-            "max_retries": self.max_retries,
-            "batch_size": self.batch_size,
-            "truncate": self.truncate,
-        }
-        return {**{key: value for key, value in params.items() if value is not None}, **self.model_kwargs}
-
-
-def _vectors(response: CreateEmbeddingResponse) -> list[list[float]]:
-    return [list(item.embedding) for item in response.data]
+        return {**embedding_params(self, model=self.model_name, batch_size=self.batch_size), **self.model_kwargs}

@@ -454,10 +454,7 @@ class FaultServer:
             return _error(400, message)
         if body.get("stream"):
             return await self._stream(request, body, state)
-        completion = self._completion(body)
-        if state.fault is Fault.NO_CHOICES:
-            completion["choices"] = []
-        return await self._answer(request, completion, state)
+        return await self._answer(request, self._completion(body), state, listing="choices")
 
     async def _embedding_reply(
         self, request: web.Request, body: dict[str, Any], state: _FaultState
@@ -473,15 +470,18 @@ class FaultServer:
             drop_connection(request)
             return web.Response(status=500)  # never sent: the connection is gone
         document = embeddings.response(self.model, texts, body, self.max_model_len, self.embedding_dimensions)
-        if state.fault is Fault.NO_CHOICES:
-            document["data"] = []
-        return await self._answer(request, document, state)
+        return await self._answer(request, document, state, listing="data")
 
     async def _answer(
-        self, request: web.Request, document: Mapping[str, Any], state: _FaultState
+        self, request: web.Request, document: dict[str, Any], state: _FaultState, *, listing: str
     ) -> web.StreamResponse:
-        """The answer to a plain (not stream) request, ``document`` as the fault makes it."""
+        """The answer to a plain (not stream) request, ``document`` as the fault makes it.
+
+        ``listing`` names the document's list of results (``choices``, ``data``), empty under NO_CHOICES.
+        """
         opts = state.options
+        if state.fault is Fault.NO_CHOICES:
+            document[listing] = []
         if state.fault is Fault.INVALID_JSON:
             return malformed.json_text(str(opts.get("body", malformed.INVALID_JSON)))
         if state.fault is Fault.STRING_BODY:
