@@ -484,3 +484,12 @@ def test_the_shipped_configs_embedding_route_is_valid_when_uncommented() -> None
     assert (route.kind, route.base_url, route.model) == ("embedding", "http://127.0.0.1:8203/v1", "minilm")
     assert config.route_names("chat") == ["local_a", "local_b"]
     assert config.default_route_of("embedding") == "minilm"
+
+
+def test_prefix_affinity_sends_the_same_inputs_to_the_same_route(
+    servers: dict[str, FaultServer], embedders: Callable[..., Router]
+) -> None:
+    router = embedders("a", "b", "c", lb_policy="prefix_affinity")
+    for _ in range(4):
+        router.embed(["a shared document prefix", "and more"])
+    assert sorted(server.hits for server in servers.values()) == [0, 0, 4]

@@ -14,7 +14,7 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -229,14 +229,18 @@ class Call:
         if self._prefix is None or self._prefix[0] != chars:
             parts: list[str] = []
             size = 0
-            for message in self.body["messages"]:
-                text = f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
+            for text in self._prefix_texts():
                 parts.append(text)
                 size += len(text)
                 if size >= chars:
                     break
             self._prefix = (chars, stable_hash("".join(parts)[:chars]))
         return self._prefix[1]
+
+    def _prefix_texts(self) -> Iterator[str]:
+        """The pieces :meth:`prefix_key` hashes the start of: each message's role and text."""
+        for message in self.body["messages"]:
+            yield f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
 
     def unsendable(self) -> str | None:
         """Why the SDK cannot serialise the body as JSON (the caller's mistake), or None when it can.

@@ -27,7 +27,7 @@ import asyncio
 import inspect
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from openai.resources.embeddings import Embeddings
@@ -37,7 +37,6 @@ from openai.types.create_embedding_response import Usage
 from . import tracing
 from .call import Call, Control, _check_extras, attach
 from .errors import InputTooLongError, InvalidRequestError
-from .policies import stable_hash
 from .rounds import aserve, serve
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ TRUNCATE_TO_WINDOW = -1
 
 
 class EmbeddingCall(Call):
-    """One ``embed`` call; :meth:`batch` derives the request of each batch."""
+    """One ``embed`` call; :meth:`batches` derives the request of each batch."""
 
     kind = "embedding"
     operation = "embeddings"
@@ -93,22 +92,13 @@ class EmbeddingCall(Call):
     async def asend(self, route: Route, timeout: float) -> CreateEmbeddingResponse:
         return await route.aembed(self.body_for(route), timeout)
 
-    def prefix_key(self, chars: int) -> int:
-        """A stable hash of the batch's first ``chars`` characters of input (``prefix_affinity``)."""
-        if self._prefix is None or self._prefix[0] != chars:
-            parts: list[str] = []
-            size = 0
-            for text in self.body.get("input", ()):
-                parts.append(text + "\x1e")
-                size += len(text) + 1
-                if size >= chars:
-                    break
-            self._prefix = (chars, stable_hash("".join(parts)[:chars]))
-        return self._prefix[1]
+    def _prefix_texts(self) -> Iterator[str]:
+        """What ``prefix_affinity`` hashes the start of: the batch's inputs."""
+        for text in self.body.get("input", ()):
+            yield text + "\x1e"
 
-    def embedded(self, response: CreateEmbeddingResponse, parts: Sequence[EmbeddingCall]) -> CreateEmbeddingResponse:
-        """The call's response, with its info (every batch's attempts and route) and what its span records."""
-        self.gather(parts)
+    def embedded(self, response: CreateEmbeddingResponse) -> CreateEmbeddingResponse:
+        """The call's response, with its info (gathered from the batches) and what its span records."""
         info = self.info
         info.latency_s = time.monotonic() - self.started
         if self.span is not None:
@@ -142,7 +132,7 @@ def embed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> Cr
                 responses = router._loop_thread.run(_agather(router, call, parts)) if parts else []
         finally:
             call.gather(parts)
-        return call.embedded(merged(responses, call), parts)
+        return call.embedded(merged(responses, call))
 
 
 async def aembed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> CreateEmbeddingResponse:
@@ -158,7 +148,7 @@ async def aembed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]
             responses = await _agather(router, call, parts) if parts else []
         finally:
             call.gather(parts)
-        return call.embedded(merged(responses, call), parts)
+        return call.embedded(merged(responses, call))
 
 
 async def _agather(router: Router, call: EmbeddingCall, parts: list[EmbeddingCall]) -> list[CreateEmbeddingResponse]:
