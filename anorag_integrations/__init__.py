@@ -12,9 +12,11 @@ from .router import (
     CallInfo,
     ConfigError,
     ContextOverflowError,
+    InputTooLongError,
     InvalidRequestError,
     MalformedResponse,
     ModelNotFoundError,
+    NoRouteOfKindError,
     PermanentRouteError,
     RouteError,
     Router,
@@ -26,8 +28,8 @@ from .router import (
 )
 
 if TYPE_CHECKING:
-    from .langchain import ChatVLLMRouted
-    from .llama_index import VLLMRouted
+    from .langchain import ChatVLLMRouted, VLLMRoutedEmbeddings
+    from .llama_index import VLLMRouted, VLLMRoutedEmbedding
 
 __all__ = [
     "AllRoutesFailed",
@@ -38,9 +40,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "ContextOverflowError",
+    "InputTooLongError",
     "InvalidRequestError",
     "MalformedResponse",
     "ModelNotFoundError",
+    "NoRouteOfKindError",
     "PermanentRouteError",
     "RouteError",
     "Router",
@@ -49,19 +53,26 @@ __all__ = [
     "StreamInterruptedError",
     "TransientRouteError",
     "VLLMRouted",
+    "VLLMRoutedEmbedding",
+    "VLLMRoutedEmbeddings",
     "call_info",
     "load_config",
 ]
 
 
+_ADAPTERS = {
+    "ChatVLLMRouted": "langchain",
+    "VLLMRoutedEmbeddings": "langchain",
+    "VLLMRouted": "llama_index",
+    "VLLMRoutedEmbedding": "llama_index",
+}
+"""Adapter classes and the module of this package that holds each."""
+
+
 def __getattr__(name: str) -> Any:
     """Adapters import their framework on first use, so the router alone stays light to import."""
-    if name == "ChatVLLMRouted":
-        from .langchain import ChatVLLMRouted
+    if name in _ADAPTERS:
+        import importlib
 
-        return ChatVLLMRouted
-    if name == "VLLMRouted":
-        from .llama_index import VLLMRouted
-
-        return VLLMRouted
+        return getattr(importlib.import_module(f".{_ADAPTERS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ import os
 from os import PathLike
 from typing import Any
 
+from openai.types import CreateEmbeddingResponse
 from pydantic import SecretStr
 
 from .router import CallInfo, Router
@@ -24,7 +25,12 @@ def router_params(adapter: object, *, model: str | None) -> dict[str, Any]:
 
 
 def shared_router(
-    config_path: str | PathLike[str] | None, *, base_url: str | None, model: str | None, api_key: SecretStr | None
+    config_path: str | PathLike[str] | None,
+    *,
+    base_url: str | None,
+    model: str | None,
+    api_key: SecretStr | None,
+    kind: str = "chat",
 ) -> Router:
     """The process-wide router of an adapter; ``api_key``, passed explicitly, replaces every route's key.
 
@@ -35,7 +41,36 @@ def shared_router(
     key = api_key.get_secret_value() if api_key is not None else None
     if base_url is not None and key is None:
         key = os.environ.get(API_KEY_ENV) or None
-    return Router.shared(config_path, base_url=base_url, model=model, api_key=key)
+    return Router.shared(config_path, base_url=base_url, model=model, api_key=key, kind=kind)
+
+
+def embedding_route(router: Router, route: str | None) -> str | None:
+    """Check that ``route`` (when given) is an embedding route of ``router``; ValueError naming the choices."""
+    if route is None:
+        return None
+    names = router.config.route_names("embedding")
+    if route not in names:
+        raise ValueError(f"route {route!r} is not among the embedding routes ({', '.join(names) or 'none'})")
+    return route
+
+
+def embedding_model(router: Router, route: str | None, model: str | None) -> str:
+    """The model an embeddings adapter names: its own, else its route's, else the default embedding route's."""
+    config = router.config
+    name = route or config.default_route_of("embedding")
+    return model or (config.routes[name].model if name is not None else "")
+
+
+def embedding_params(adapter: object, *, model: str | None, batch_size: int | None) -> dict[str, Any]:
+    """The router keywords of an embeddings adapter's call: its fields that are set."""
+    params = {name: getattr(adapter, name) for name in ("route", "timeout", "max_retries", "truncate")}
+    params.update(model=model, batch_size=batch_size)
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def vectors(response: CreateEmbeddingResponse) -> list[list[float]]:
+    """The response's vectors as plain lists, in input order."""
+    return [list(item.embedding) for item in response.data]
 
 
 def reasoning_text(obj: Any) -> str | None:

@@ -40,6 +40,9 @@ ROUTER_KEYS = frozenset(
         "routes",
         "default_route",
         "fallback_route",
+        "default_embedding_route",
+        "fallback_embedding_route",
+        "embedding",
         "lb_policy",
         "params",
         "health",
@@ -52,6 +55,10 @@ ROUTER_KEYS = frozenset(
 )
 OLLAMA_FALLBACK_ROUTE = "ollama"
 """Name of the route ``fallback_to_ollama: true`` builds from the ``llm.ollama`` section."""
+RouteKind = Literal["chat", "embedding"]
+ROUTE_KINDS: tuple[RouteKind, ...] = ("chat", "embedding")
+"""What a route serves: chat completions, or embeddings (``/v1/embeddings``, a vLLM ``--runner pooling``
+server). A call only ever goes to routes of its own kind."""
 MAX_ALIAS_EXPANSION = 100_000
 """Nodes YAML aliases may add to a config file; a "billion laughs" file of 500 bytes adds billions."""
 
@@ -64,6 +71,9 @@ class RouteConfig(_Section):
     """One endpoint serving one model: OpenAI-compatible (vLLM, llama.cpp, OpenAI) or Ollama's native API."""
 
     api: Literal["openai", "ollama"] = "openai"
+    kind: RouteKind = Field(
+        default="chat", description="what the route serves: chat completions or embeddings; calls use their own kind"
+    )
     base_url: str
     model: str = Field(min_length=1)
     timeout: float | None = Field(default=None, gt=0, description="per-attempt seconds; default params.timeout")
@@ -85,6 +95,10 @@ class RouteConfig(_Section):
     def _ollama_only(self) -> RouteConfig:
         if self.api != "ollama" and (self.options or self.keep_alive is not None):
             raise ValueError("options and keep_alive apply to api: ollama routes only (vLLM extras go in extra_body)")
+        if self.kind == "embedding" and self.api == "ollama":
+            raise ValueError("kind: embedding routes speak the OpenAI-compatible /v1/embeddings (api: openai)")
+        if self.kind == "embedding" and self.continue_streams:
+            raise ValueError("continue_streams applies to chat routes only (embeddings are not streamed)")
         return self
 
     @field_validator("base_url")
@@ -154,6 +168,25 @@ class HedgeConfig(_Section):
         return self
 
 
+class EmbeddingConfig(_Section):
+    """``Router.embed``: how inputs are split into requests, and what happens to inputs past the context window."""
+
+    batch_size: int = Field(default=64, ge=1, description="inputs per /v1/embeddings request")
+    max_concurrency: int = Field(default=4, ge=1, description="requests of one embed call in flight at once")
+    truncate: bool = Field(
+        default=False,
+        description="true: the server cuts inputs to its max_model_len (vLLM's truncate_prompt_tokens); "
+        "false: an input clearly over it is refused before anything is sent (InputTooLongError)",
+    )
+    chars_per_token: float = Field(
+        default=8.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="most characters one token is assumed to cover when an input's length is estimated "
+        "before sending (twice what English text averages, so only inputs clearly too long are refused)",
+    )
+
+
 class ObservabilityConfig(_Section):
     """Prometheus metrics and OpenTelemetry traces of the router (``router/observability.py``, ``tracing.py``)."""
 
@@ -179,12 +212,15 @@ class Config(_Section):
     routes: dict[str, RouteConfig] = Field(min_length=1)
     default_route: str | None = None
     fallback_route: str | None = None
+    default_embedding_route: str | None = None
+    fallback_embedding_route: str | None = None
     lb_policy: str = "round_robin"
     params: Params = Params()
     health: HealthConfig = HealthConfig()
     prefix_affinity: PrefixAffinityConfig = PrefixAffinityConfig()
     least_queue: LeastQueueConfig = LeastQueueConfig()
     hedge: HedgeConfig | None = None
+    embedding: EmbeddingConfig = EmbeddingConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     source: str = Field(default="<dict>", exclude=True, description="where this config was read from")
 
@@ -197,13 +233,33 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _known_routes(self) -> Config:
-        for key in ("default_route", "fallback_route"):
-            name = getattr(self, key)
-            if name is not None and name not in self.routes:
-                raise ValueError(f"{key}: {preview(name)} is not among the routes ({clip(', '.join(self.routes))})")
-        if self.fallback_route is not None and len(self.routes) == 1:
-            raise ValueError("fallback_route: needs at least one other route to fall back from")
+        for kind, keys in _KIND_KEYS.items():
+            for key in keys:
+                name = getattr(self, key)
+                if name is None:
+                    continue
+                if name not in self.routes:
+                    raise ValueError(f"{key}: {preview(name)} is not among the routes ({clip(', '.join(self.routes))})")
+                if self.routes[name].kind != kind:
+                    raise ValueError(f"{key}: route {preview(name)} is of kind {self.routes[name].kind}, not {kind}")
+            fallback = getattr(self, keys[1])
+            if fallback is not None and len(self.route_names(kind)) == 1:
+                raise ValueError(f"{keys[1]}: needs at least one other {kind} route to fall back from")
         return self
+
+    def route_names(self, kind: str) -> list[str]:
+        """The routes of ``kind`` ("chat" or "embedding"), in config order."""
+        return [name for name, route in self.routes.items() if route.kind == kind]
+
+    def default_route_of(self, kind: str) -> str | None:
+        """The default route of ``kind``: the configured one, else the first of that kind (None: there is none)."""
+        named = getattr(self, _KIND_KEYS[kind][0])
+        return named if named is not None else next(iter(self.route_names(kind)), None)
+
+    def fallback_route_of(self, kind: str) -> str | None:
+        """The route of ``kind`` tried last (``fallback_route``, ``fallback_embedding_route``)."""
+        name: str | None = getattr(self, _KIND_KEYS[kind][1])
+        return name
 
     def policy_options(self) -> dict[str, Any]:
         """Keyword arguments for the ``lb_policy`` in use (its section, when it has one)."""
@@ -215,13 +271,21 @@ class Config(_Section):
 
     @property
     def default_route_name(self) -> str:
-        return self.default_route or next(iter(self.routes))
+        """The default chat route (the first route when there is no chat route at all)."""
+        return self.default_route_of("chat") or next(iter(self.routes))
 
     def with_api_key(self, api_key: str) -> Config:
         """A copy in which every route uses ``api_key``."""
         secret = SecretStr(api_key)
         routes = {name: route.model_copy(update={"api_key": secret}) for name, route in self.routes.items()}
         return self.model_copy(update={"routes": routes})
+
+
+_KIND_KEYS = {
+    "chat": ("default_route", "fallback_route"),
+    "embedding": ("default_embedding_route", "fallback_embedding_route"),
+}
+"""Each route kind's (default, fallback) keys."""
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None) -> Config:
@@ -375,14 +439,15 @@ def _add_ollama_fallback(section: dict[str, Any], data: Any, prefix: str, source
 
 
 def _apply_env(section: dict[str, Any], prefix: str, env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
-    """Write VLLM_* overrides into the default route; return {key path: env var} for error messages."""
+    """Write VLLM_* overrides into the default (chat) route; return {key path: env var} for error messages."""
     overrides = {key: env[var] for var, key in ENV_ROUTE_OVERRIDES.items() if env.get(var)}
     routes = section.get("routes")
     if not overrides or not isinstance(routes, dict) or not routes:
         return {}
     name = section.get("default_route")
     if not isinstance(name, str) or name not in routes:
-        name = next(iter(routes))
+        chat = [n for n, r in routes.items() if not (isinstance(r, dict) and r.get("kind") == "embedding")]
+        name = next(iter(chat or routes))
     route = routes[name]
     if route is None:
         route = {}

@@ -1,4 +1,4 @@
-"""VLLMRouted: a LlamaIndex LLM over the shared router (``Settings.llm = VLLMRouted()``).
+"""VLLMRouted, a LlamaIndex LLM, and VLLMRoutedEmbedding, over the shared router (``Settings.llm`` / ``embed_model``).
 
 It converts LlamaIndex messages and responses; routing, failover and statistics belong to the
 router. Unlike ``OpenAILike`` it is a chat model by default, takes its context window from the
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -26,18 +27,31 @@ from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from pydantic import Field, PrivateAttr, SecretStr, field_serializer
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_serializer
 
-from ._adapters import call_metadata, reasoning_text, router_params, shared_router
+from ._adapters import (
+    call_metadata,
+    embedding_model,
+    embedding_params,
+    embedding_route,
+    reasoning_text,
+    router_params,
+    shared_router,
+    vectors,
+)
 from .router import Router, call_info
 from .router.secrets import redact_repr_args
 
 MASKED_KEY = "**********"
 """What ``to_dict``/``to_json`` store for ``api_key``: the key itself is never serialised."""
+MAX_EMBED_BATCH = 2048
+"""The largest ``embed_batch_size`` LlamaIndex's ``BaseEmbedding`` accepts."""
 
 
-class VLLMRouted(CustomLLM):
-    """LlamaIndex LLM over a fleet of vLLM servers; same constructor rules as ``ChatVLLMRouted``."""
+class _Routed(BaseModel):
+    """The fields both LlamaIndex classes take to find their router, and how they serialise them."""
+
+    _router: Router = PrivateAttr()
 
     config_path: str | None = Field(default=None, description="config file; default $ANORAG_CONFIG or ./config.yaml")
     route: str | None = Field(default=None, description="pin every request to this route")
@@ -46,26 +60,8 @@ class VLLMRouted(CustomLLM):
     api_key: SecretStr | None = Field(
         default=None, description="replaces every route's key ($VLLM_API_KEY is the default route's, from config)"
     )
-    temperature: float | None = None
-    max_tokens: int | None = None
-    top_p: float | None = None
     timeout: float | None = None
     max_retries: int | None = None
-    context_window: int | None = Field(default=None, description="override what the servers report")
-    additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra request parameters")
-    _router: Router = PrivateAttr()
-
-    def __init__(self, router: Router | None = None, **data: Any) -> None:
-        super().__init__(**data)
-        self._router = router or shared_router(
-            self.config_path, base_url=self.base_url, model=self.model, api_key=self.api_key
-        )
-        if self.route is not None and self.route not in self._router.routes:
-            raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(self._router.routes)})")
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "VLLMRouted"
 
     @field_serializer("api_key")
     def _mask_key(self, key: SecretStr | None) -> str | None:
@@ -73,10 +69,9 @@ class VLLMRouted(CustomLLM):
         return None if key is None else MASKED_KEY
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> VLLMRouted:
-        """Rebuild from ``to_dict``; the masked key is dropped, so pass the real one: ``from_dict(d, api_key=...)``."""
-        data = {k: v for k, v in data.items() if not (k == "api_key" and v == MASKED_KEY)}
-        return super().from_dict(data, **kwargs)
+    def _unmasked(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``to_dict`` output without the masked key (``from_dict`` takes the real one as a keyword)."""
+        return {k: v for k, v in data.items() if not (k == "api_key" and v == MASKED_KEY)}
 
     def __repr_args__(self) -> Any:
         """Fields for repr: credentials in ``base_url`` are masked."""
@@ -85,6 +80,36 @@ class VLLMRouted(CustomLLM):
     @property
     def router(self) -> Router:
         return self._router
+
+    def _shared(self, kind: str) -> Router:
+        return shared_router(
+            self.config_path, base_url=self.base_url, model=self.model, api_key=self.api_key, kind=kind
+        )
+
+
+class VLLMRouted(_Routed, CustomLLM):
+    """LlamaIndex LLM over a fleet of vLLM servers; same constructor rules as ``ChatVLLMRouted``."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    context_window: int | None = Field(default=None, description="override what the servers report")
+    additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra request parameters")
+
+    def __init__(self, router: Router | None = None, **data: Any) -> None:
+        super().__init__(**data)
+        self._router = router or self._shared("chat")
+        if self.route is not None and self.route not in self._router.routes:
+            raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(self._router.routes)})")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "VLLMRouted"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> VLLMRouted:
+        """Rebuild from ``to_dict``; the masked key is dropped, so pass the real one: ``from_dict(d, api_key=...)``."""
+        return super().from_dict(cls._unmasked(data), **kwargs)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -166,6 +191,63 @@ class VLLMRouted(CustomLLM):
 
     def _params(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**router_params(self, model=self.model), **self.additional_kwargs, **kwargs}
+
+
+class VLLMRoutedEmbedding(_Routed, BaseEmbedding):
+    """LlamaIndex embeddings over the routes of kind ``embedding`` (``Settings.embed_model = VLLMRoutedEmbedding()``).
+
+    Same constructor rules as ``VLLMRouted``, and the same router for the same config. LlamaIndex
+    splits texts into ``embed_batch_size`` batches (default: the config's ``embedding.batch_size``),
+    each one request; its async path runs them ``num_workers`` at a time (default:
+    ``embedding.max_concurrency``). The ``_aget_*`` methods use the router's async path.
+    """
+
+    truncate: bool | None = Field(default=None, description="let the server cut long inputs; default: the config's")
+    additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra request parameters")
+
+    def __init__(self, router: Router | None = None, **data: Any) -> None:
+        super().__init__(**data)
+        self._router = router or self._shared("embedding")
+        self._router._check_kind("embedding")  # NoRouteOfKindError now, not at the first call
+        embedding_route(self._router, self.route)
+        config = self._router.config.embedding
+        if "model_name" not in self.model_fields_set:
+            self.model_name = embedding_model(self._router, self.route, self.model)
+        if "embed_batch_size" not in self.model_fields_set:
+            self.embed_batch_size = min(config.batch_size, MAX_EMBED_BATCH)
+        if "num_workers" not in self.model_fields_set:
+            self.num_workers = config.max_concurrency
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "VLLMRoutedEmbedding"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> VLLMRoutedEmbedding:
+        """Rebuild from ``to_dict``; the masked key is dropped, so pass the real one: ``from_dict(d, api_key=...)``."""
+        return super().from_dict(cls._unmasked(data), **kwargs)
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self._get_text_embeddings([query])[0]
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._get_text_embeddings([text])[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return vectors(self._router.embed(texts, **self._params()))
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return (await self._aget_text_embeddings([query]))[0]
+
+    async def _aget_text_embedding(self, text: str) -> list[float]:
+        return (await self._aget_text_embeddings([text]))[0]
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return vectors(await self._router.aembed(texts, **self._params()))
+
+    def _params(self) -> dict[str, Any]:
+        """Router keywords: the fields that are set; a batch LlamaIndex made is one request."""
+        return {**embedding_params(self, model=self.model, batch_size=self.embed_batch_size), **self.additional_kwargs}
 
 
 def _prompt(prompt: str) -> list[ChatMessage]:

@@ -221,6 +221,30 @@ def vllm_room(vllm_fleet: VllmFleet) -> None:
     vllm_fleet.stop()
 
 
+@pytest.fixture(scope="session")
+def vllm_embedder() -> Iterator[Any]:
+    """One real vLLM pooling server (all-MiniLM-L6-v2 served as ``minilm``, max_model_len 256) for the session.
+
+    Locally it skips with the reason when vLLM's environment or the model package is missing; under
+    ``CI`` it fails instead.
+    """
+    from anorag_integrations.cli import vllm
+
+    try:
+        if (missing := vllm.available()) is not None:
+            raise vllm.SetupError("vLLM environment", missing, "make vllm")
+        server = vllm.embedding_server(free_port())
+    except vllm.SetupError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def vllm_on(port: int) -> Any:
     """A (not yet started) vLLM server as the live tests run them."""
     from anorag_integrations.cli.vllm import VllmServer

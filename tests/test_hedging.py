@@ -33,9 +33,9 @@ def test_a_stalled_request_is_answered_by_the_copy(
     assert (a["requests"], a["successes"], a["failures"], a["in_flight"]) == (1, 0, 0, 0)  # cancelled, not failed
     assert (b["hedges"], b["hedges_won"], b["successes"]) == (1, 1, 1)
     if mode == "sync":
-        assert any(t.name == "anorag-hedge-loop" for t in threading.enumerate())
+        assert any(t.name == "anorag-router-loop" for t in threading.enumerate())
         router.close()
-        assert not any(t.name == "anorag-hedge-loop" for t in threading.enumerate())
+        assert not any(t.name == "anorag-router-loop" for t in threading.enumerate())
 
 
 def test_a_fast_answer_is_not_hedged(router_for: Callable[..., Router], servers: dict[str, FaultServer]) -> None:

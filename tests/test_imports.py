@@ -10,14 +10,17 @@ import anorag_integrations
 
 def test_public_names() -> None:
     expected = {"Router", "load_config", "ChatVLLMRouted", "VLLMRouted", "call_info", "ConfigError", "AllRoutesFailed"}
+    expected |= {"VLLMRoutedEmbeddings", "VLLMRoutedEmbedding", "InputTooLongError", "NoRouteOfKindError"}
     assert expected <= set(anorag_integrations.__all__)
     for name in anorag_integrations.__all__:
         assert getattr(anorag_integrations, name) is not None
-    from anorag_integrations.langchain import ChatVLLMRouted
-    from anorag_integrations.llama_index import VLLMRouted
+    from anorag_integrations.langchain import ChatVLLMRouted, VLLMRoutedEmbeddings
+    from anorag_integrations.llama_index import VLLMRouted, VLLMRoutedEmbedding
 
     assert anorag_integrations.ChatVLLMRouted is ChatVLLMRouted
     assert anorag_integrations.VLLMRouted is VLLMRouted
+    assert anorag_integrations.VLLMRoutedEmbeddings is VLLMRoutedEmbeddings
+    assert anorag_integrations.VLLMRoutedEmbedding is VLLMRoutedEmbedding
 
 
 def test_router_imports_no_framework() -> None:

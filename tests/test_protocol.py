@@ -3,12 +3,17 @@
 Each check is what a client of vLLM relies on (the router, the adapters, the fault tests): served
 models with ``max_model_len``, error bodies of 400 and 404, plain and streamed chunk shapes with
 the usage chunk and ``stop_reason``, ``continue_final_message``, ``structured_outputs``, and the
-``/metrics`` names. ``FaultServer`` must pass the same checks as the engine it imitates.
+``/metrics`` names; and on a pooling server (all-MiniLM-L6-v2), ``/v1/embeddings``: vectors in
+input order, float and base64, usage, overflow and truncation. ``FaultServer`` must pass the same
+checks as the engine it imitates.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -174,3 +179,103 @@ def test_tools_are_accepted_and_a_named_call_streams_its_name_first(target: Targ
     assert head["index"] == 0 and head["id"].startswith("chatcmpl-tool-") and head["type"] == "function"
     assert head["function"]["name"] == "f" and head["function"].get("arguments") is None
     assert all(d["tool_calls"][0]["index"] == 0 and "id" not in d["tool_calls"][0] for d in deltas[1:])
+
+
+# --- /v1/embeddings: FaultServer against a real vLLM pooling server ------------------------------------
+
+
+@dataclass
+class Embedder:
+    root_url: str
+    model: str
+    max_model_len: int
+
+    def embed(self, client: httpx.Client, texts: Any, **body: Any) -> httpx.Response:
+        payload = {"model": self.model, "input": texts, "encoding_format": "float", **body}
+        return client.post(f"{self.root_url}/v1/embeddings", json=payload)
+
+    def too_long(self) -> str:
+        return "hello " * (self.max_model_len + 50)
+
+
+@pytest.fixture(params=["FaultServer", "vLLM"], scope="module")
+def embedder(request: pytest.FixtureRequest) -> Iterator[Embedder]:
+    if request.param == "vLLM":
+        server = request.getfixturevalue("vllm_embedder")
+        yield Embedder(server.root_url, server.alias, server.max_model_len)
+        return
+    with FaultServer("minilm", max_model_len=256) as fake:
+        yield Embedder(fake.root_url, "minilm", 256)
+
+
+def test_embedding_models_list_the_pooling_models_window(embedder: Embedder, client: httpx.Client) -> None:
+    [model] = client.get(f"{embedder.root_url}/v1/models").json()["data"]
+    assert (model["id"], model["max_model_len"]) == (embedder.model, embedder.max_model_len)
+
+
+def test_embeddings_have_vllms_shape_one_unit_vector_per_input_in_order(
+    embedder: Embedder, client: httpx.Client
+) -> None:
+    texts = ["hello", "the cat sat on the mat", "hello"]
+    body = embedder.embed(client, texts).json()
+    assert (body["object"], body["model"]) == ("list", embedder.model) and body["id"].startswith("embd-")
+    assert [item["index"] for item in body["data"]] == [0, 1, 2]
+    assert {item["object"] for item in body["data"]} == {"embedding"}
+    vectors = [item["embedding"] for item in body["data"]]
+    assert len({len(vector) for vector in vectors}) == 1 and all(isinstance(x, float) for x in vectors[0])
+    assert all(math.isclose(math.hypot(*vector), 1.0, abs_tol=1e-4) for vector in vectors)  # normalised
+    assert vectors[0] == vectors[2] and vectors[0] != vectors[1]  # a function of the text alone
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 0 and usage["total_tokens"] == usage["prompt_tokens"]
+    assert usage["prompt_tokens"] == 3 + 8 + 3  # [CLS] and [SEP] around each input's words
+
+
+def test_a_single_string_is_one_input(embedder: Embedder, client: httpx.Client) -> None:
+    body = embedder.embed(client, "hello").json()
+    assert len(body["data"]) == 1 and body["usage"]["prompt_tokens"] == 3
+
+
+def test_base64_embeddings_are_little_endian_float32_of_the_same_vector(
+    embedder: Embedder, client: httpx.Client
+) -> None:
+    floats = embedder.embed(client, ["hello"]).json()["data"][0]["embedding"]
+    encoded = embedder.embed(client, ["hello"], encoding_format="base64").json()["data"][0]["embedding"]
+    raw = base64.b64decode(encoded)
+    decoded = struct.unpack(f"<{len(raw) // 4}f", raw)  # what the openai SDK decodes
+    assert len(decoded) == len(floats) and all(
+        math.isclose(a, b, abs_tol=1e-6) for a, b in zip(decoded, floats, strict=True)
+    )
+
+
+def test_an_input_past_the_window_is_a_400_with_vllms_wording(embedder: Embedder, client: httpx.Client) -> None:
+    response = embedder.embed(client, ["hi", embedder.too_long()])
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("BadRequestError", "input_tokens", 400)
+    limit = embedder.max_model_len
+    assert error["message"].startswith(
+        f"This model's maximum context length is {limit} tokens. However, your prompt contains at least "
+        f"{limit + 1} input tokens"
+    )
+
+
+def test_truncate_prompt_tokens_minus_one_cuts_to_the_window(embedder: Embedder, client: httpx.Client) -> None:
+    body = embedder.embed(client, [embedder.too_long()], truncate_prompt_tokens=-1).json()
+    assert len(body["data"]) == 1 and body["usage"]["prompt_tokens"] == embedder.max_model_len
+    cut = embedder.embed(client, ["hello world and more"], truncate_prompt_tokens=3).json()
+    assert cut["usage"]["prompt_tokens"] == 3
+
+
+def test_truncate_prompt_tokens_past_the_window_is_a_400(embedder: Embedder, client: httpx.Client) -> None:
+    response = embedder.embed(client, ["hi"], truncate_prompt_tokens=embedder.max_model_len + 1)
+    assert response.status_code == 400
+    assert "truncate_prompt_tokens value is greater than max_model_len" in response.json()["error"]["message"]
+
+
+def test_embedding_errors_for_an_unknown_model_or_no_input(embedder: Embedder, client: httpx.Client) -> None:
+    unknown = embedder.embed(client, ["hi"], model="nope")
+    assert unknown.status_code == 404
+    error = unknown.json()["error"]
+    assert error["type"] == "NotFoundError" and error["message"].startswith("The model `nope` does not exist.")
+    empty = embedder.embed(client, [])
+    assert empty.status_code == 400 and empty.json()["error"]["message"] == "You must pass at least one prompt"

@@ -1,4 +1,4 @@
-"""LangChain adapter: ``ChatVLLMRouted``, a chat model over the shared router.
+"""LangChain adapter: ``ChatVLLMRouted``, a chat model, and ``VLLMRoutedEmbeddings``, over the shared router.
 
 Only conversions live here (messages and chunks to and from the openai SDK types, errors to
 ``langchain_core.exceptions``); routing, failover, retries and statistics belong to the router.
@@ -8,5 +8,6 @@ from __future__ import annotations
 
 from ._callbacks import FAILOVER_EVENT
 from .chat_model import ChatVLLMRouted
+from .embeddings import VLLMRoutedEmbeddings
 
-__all__ = ["FAILOVER_EVENT", "ChatVLLMRouted"]
+__all__ = ["FAILOVER_EVENT", "ChatVLLMRouted", "VLLMRoutedEmbeddings"]

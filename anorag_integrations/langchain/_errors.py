@@ -16,6 +16,8 @@ def both(ours: type[BaseException], theirs: type[BaseException]) -> type[BaseExc
 
 
 LC_ERRORS: Mapping[type[BaseException], type[BaseException]] = {
+    r.InputTooLongError: both(r.InputTooLongError, lc_errors.ContextOverflowError),
+    r.NoRouteOfKindError: both(r.NoRouteOfKindError, lc_errors.ModelInvalidRequestError),
     r.ContextOverflowError: both(r.ContextOverflowError, lc_errors.ContextOverflowError),
     r.BadRequestError: both(r.BadRequestError, lc_errors.ModelInvalidRequestError),
     r.UnprocessableEntityError: both(r.UnprocessableEntityError, lc_errors.ModelInvalidRequestError),

@@ -24,14 +24,12 @@ from langchain_core.output_parsers import (
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from .._adapters import API_KEY_ENV, router_params, shared_router
-from ..router import CallInfo, Router, call_info
-from ..router.secrets import redact_repr_args
+from .._adapters import API_KEY_ENV, router_params
+from ..router import CallInfo, call_info
 from ._callbacks import areport, report
 from ._convert import (
     ls_format,
@@ -42,9 +40,10 @@ from ._convert import (
     to_generation_chunk,
 )
 from ._errors import langchain_errors
+from ._routed import Routed
 
 
-class ChatVLLMRouted(BaseChatModel):
+class ChatVLLMRouted(Routed, BaseChatModel):
     """Chat model over a fleet of vLLM servers.
 
     ``ChatVLLMRouted()`` reads ``./config.yaml`` (or ``$ANORAG_CONFIG``); ``config_path=`` names a
@@ -52,21 +51,11 @@ class ChatVLLMRouted(BaseChatModel):
     single server, ``route=`` pins a route. Instances built from the same config share one router.
     """
 
-    # --- serializable fields --------------------------------------------------------------------
-    config_path: str | None = None
-    router: Router | None = Field(default=None, exclude=True)
-    route: str | None = None
-    model_name: str | None = Field(default=None, alias="model")
-    """Model to request; default: each route's configured model."""
-    base_url: str | None = None
-    api_key: SecretStr | None = Field(default_factory=secret_from_env(API_KEY_ENV, default=None))
-    """Passed explicitly: every route's key. Read from ``$VLLM_API_KEY``: the default route's (config loader)."""
+    # --- serializable fields (those that find the router: Routed) -------------------------------
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
-    timeout: float | None = None
-    max_retries: int | None = None
     streaming: bool = False
     stream_usage: bool = True
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -76,11 +65,9 @@ class ChatVLLMRouted(BaseChatModel):
 
     @model_validator(mode="after")
     def _connect(self) -> Self:
-        if self.router is None:
-            key = self.api_key if "api_key" in self.model_fields_set else None  # else $VLLM_API_KEY's default
-            self.router = shared_router(self.config_path, base_url=self.base_url, model=self.model_name, api_key=key)
-        if self.route is not None and self.route not in self.router.routes:
-            raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(self.router.routes)})")
+        router = self._connect_router("chat")
+        if self.route is not None and self.route not in router.routes:
+            raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(router.routes)})")
         return self
 
     @classmethod
@@ -106,19 +93,10 @@ class ChatVLLMRouted(BaseChatModel):
             data["kwargs"].pop("api_key", None)
         return data
 
-    def __repr_args__(self) -> Any:
-        """Fields for repr: credentials in ``base_url`` are masked."""
-        return redact_repr_args(super().__repr_args__())
-
     # --- BaseChatModel overrides ---------------------------------------------------------------
     @property
     def _llm_type(self) -> str:
         return "vllm-routed"
-
-    @property
-    def _router(self) -> Router:
-        assert self.router is not None  # set by the validator
-        return self.router
 
     @property
     def _default_model(self) -> str:

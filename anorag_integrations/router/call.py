@@ -14,12 +14,13 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from openai import NotGiven, Omit
 from openai.resources.chat.completions import Completions
+from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from . import tracing
@@ -51,6 +52,8 @@ class CallInfo:
     ttft_s: float | None = None
     hedge: str | None = None
     """The route a hedged copy of the request went to (None: not hedged)."""
+    batches: list[str] = field(default_factory=list)
+    """``embed``: the route that served each batch, in input order (``route`` is the first batch's)."""
     continued: int = 0
     """Times a cut stream was continued on another route (``continue_streams``)."""
 
@@ -58,8 +61,8 @@ class CallInfo:
 _INFO_ATTR = "_anorag_call"
 
 
-def call_info(obj: ChatCompletion | ChatCompletionChunk) -> CallInfo | None:
-    """The :class:`CallInfo` the router attached to a response or a stream chunk, if any."""
+def call_info(obj: ChatCompletion | ChatCompletionChunk | CreateEmbeddingResponse) -> CallInfo | None:
+    """The :class:`CallInfo` the router attached to a response (completion, embeddings) or a stream chunk, if any."""
     return getattr(obj, _INFO_ATTR, None)
 
 
@@ -87,7 +90,30 @@ class Call:
     ``exit()`` register each running copy with ``Router.close()``.
     """
 
+    kind = "chat"
+    """The kind of route this call goes to (``kind:`` in a route's config)."""
+    operation = "chat"
+    """The GenAI operation name of the call's trace span."""
+    body: dict[str, Any]
+    """What is sent (``model`` apart, which each route fills in: see :meth:`body_for`)."""
+
     def __init__(self, router: Router, messages: Messages, params: dict[str, Any], *, stream: bool) -> None:
+        self._start(router, params, stream=stream)
+        for key in ("temperature", "max_tokens", "top_p"):
+            default = getattr(router.config.params, key)
+            if default is not None and key not in params:
+                params[key] = default
+        extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
+        if extra:
+            params["extra_body"] = {**extra, **(params.get("extra_body") or {})}
+        if stream:
+            params.setdefault("stream_options", {"include_usage": True})
+        params["messages"] = _messages(messages)
+        _check_extras(params)
+        self.body = params
+
+    def _start(self, router: Router, params: dict[str, Any], *, stream: bool) -> None:
+        """What every kind of call takes from the caller's keywords (route, bounds, model) and starts with."""
         cfg = router.config.params
         self.router = router
         self.stream = stream
@@ -99,6 +125,11 @@ class Call:
                 self.pinned = router.routes[name]
             except KeyError:
                 raise InvalidRequestError(f"unknown route {name!r}; routes: {', '.join(router.routes)}") from None
+            if self.pinned.kind != self.kind:
+                raise InvalidRequestError(
+                    f"route {name!r} serves {self.pinned.kind}, not {self.kind}; "
+                    f"{self.kind} routes: {', '.join(router.config.route_names(self.kind))}"
+                )
         self.timeout = seconds("timeout", params.pop("timeout", None))
         self.max_retries: int = params.pop("max_retries", None)
         if self.max_retries is None:
@@ -108,18 +139,7 @@ class Call:
         deadline = seconds("deadline", params.pop("deadline", None)) or cfg.deadline
         self.deadline = None if deadline is None else self.started + deadline
         self.model: str | None = params.pop("model", None)
-        for key in ("temperature", "max_tokens", "top_p"):
-            default = getattr(cfg, key)
-            if default is not None and key not in params:
-                params[key] = default
-        extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
-        if extra:
-            params["extra_body"] = {**extra, **(params.get("extra_body") or {})}
-        if stream:
-            params.setdefault("stream_options", {"include_usage": True})
-        params["messages"] = _messages(messages)
-        _check_extras(params)
-        self.body = params
+        self.body = {}
         self.info = CallInfo()
         self.retry_after = 0.0
         """The longest ``Retry-After`` of the current round (seconds, already capped)."""
@@ -164,12 +184,17 @@ class Call:
             tracing.answered(self, response)
         return response
 
-    def _twin(self, avoid: frozenset[str]) -> Call:
-        """The same request as a fresh call: one round, on any route but those in ``avoid``."""
+    def fresh(self) -> Self:
+        """A copy of this request that has not run yet (no attempts, rounds or route); same bounds and span."""
         twin = copy.copy(self)
         twin.info, twin.retry_after, twin.active = CallInfo(), 0.0, None
-        twin.max_retries, twin.avoid, twin.round_attempts = 0, avoid, 0
-        twin.failed_on = None
+        twin.round_attempts, twin.failed_on = 0, None
+        return twin
+
+    def _twin(self, avoid: frozenset[str]) -> Call:
+        """The same request as a fresh call: one round, on any route but those in ``avoid``."""
+        twin = self.fresh()
+        twin.max_retries, twin.avoid = 0, avoid
         return twin
 
     def hedge_copy(self, avoid: Route) -> Call:
@@ -204,14 +229,18 @@ class Call:
         if self._prefix is None or self._prefix[0] != chars:
             parts: list[str] = []
             size = 0
-            for message in self.body["messages"]:
-                text = f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
+            for text in self._prefix_texts():
                 parts.append(text)
                 size += len(text)
                 if size >= chars:
                     break
             self._prefix = (chars, stable_hash("".join(parts)[:chars]))
         return self._prefix[1]
+
+    def _prefix_texts(self) -> Iterator[str]:
+        """The pieces :meth:`prefix_key` hashes the start of: each message's role and text."""
+        for message in self.body["messages"]:
+            yield f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
 
     def unsendable(self) -> str | None:
         """Why the SDK cannot serialise the body as JSON (the caller's mistake), or None when it can.

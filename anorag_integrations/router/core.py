@@ -2,8 +2,9 @@
 
 What happens to one request lives beside this file, one concern each: ``call.py`` (the request and
 its bounds), ``rounds.py`` (picking routes, failing over, backing off), ``lease.py`` (one attempt's
-bookkeeping, its only owner), ``streams.py`` (streams and their continuation) and ``hedge.py``
-(racing a slow request against a copy). What it looks like from outside: ``observability.py``
+bookkeeping, its only owner), ``streams.py`` (streams and their continuation), ``hedge.py``
+(racing a slow request against a copy), ``embeddings.py`` (embedding calls split into batches) and
+``loop.py`` (the loop sync calls use when they need one). What it looks like from outside: ``observability.py``
 (Prometheus metrics read from the statistics at scrape time) and ``tracing.py`` (OpenTelemetry
 spans). ``close()`` ends every call in flight with ``RouterClosed``, and every later call raises it.
 """
@@ -11,26 +12,26 @@ spans). ``close()`` ends every call in flight with ``RouterClosed``, and every l
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
+from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from . import observability
+from . import embeddings, observability
 from .call import Call, CallInfo, Control, Messages, attach, call_info, wall_clock
-from .errors import RouterClosed
+from .errors import NoRouteOfKindError, RouterClosed
 from .health import BreakerState, Poller, Prober
 from .hedge import Hedger, race
-from .policies import make_policy
-from .rounds import arounds, rounds
+from .loop import LoopThread
+from .rounds import aserve, make_pools, serve
 from .route import Route
 from .stats import CallOutcomes
 from .streams import astream, stream
@@ -48,7 +49,7 @@ log = logging.getLogger("anorag_integrations.router")
 
 
 class Router:
-    """Routes chat completions over the configured servers (see the module docstring)."""
+    """Routes chat completions and embeddings over the configured servers (see the module docstring)."""
 
     def __init__(
         self, config: Config, *, start_prober: bool = True, tracer_provider: TracerProvider | None = None
@@ -56,11 +57,9 @@ class Router:
         """``tracer_provider``: trace with this provider instead of OpenTelemetry's global one."""
         self.config = config
         self.routes: dict[str, Route] = {name: _make_route(name, rc, config) for name, rc in config.routes.items()}
-        fallback = config.fallback_route
-        self._fallback = self.routes[fallback] if fallback else None
-        self._primary = [r for r in self.routes.values() if r is not self._fallback]
-        self._on_fallback = False
-        self.policy = make_policy(config.lb_policy, **config.policy_options())
+        self.pools = make_pools(config, self.routes)
+        """The routes of each kind ("chat", "embedding"), with their policy and fallback route."""
+        self.policy = self.pools["chat"].policy
         self.prober = Prober(self.routes.values(), config.health.probe_interval)
         self.scraper: Poller | None = None
         """Reads every route's ``/metrics`` when the policy uses server queues (``least_queue``)."""
@@ -74,15 +73,14 @@ class Router:
             )
         self.hedger = Hedger(config.hedge) if config.hedge is not None else None
         self._continuable = any(route.continue_streams for route in self.routes.values())
-        self._loop_thread = _LoopThread()
+        self._loop_thread = LoopThread()
         self._live: set[Control] = set()
         """Calls in flight, so that close() can end them."""
         self._closing = threading.Event()
         self.is_shared = False
         """Handed out by :meth:`shared`: its users drop it rather than close it (see providers)."""
         obs = config.observability
-        models = {route.model for route in self.routes.values()}
-        self.tracing = Tracing(tracer_provider, models.pop() if len(models) == 1 else None) if obs.tracing else None
+        self.tracing = Tracing(tracer_provider, _sole_models(self.routes.values())) if obs.tracing else None
         """Where call and attempt spans go (None: ``observability.tracing: false``)."""
         self.outcomes = CallOutcomes()
         """How calls ended, by route and outcome (``anorag_requests_total``)."""
@@ -122,16 +120,19 @@ class Router:
         base_url: str | None = None,
         model: str | None = None,
         api_key: str | None = None,
+        kind: str = "chat",
     ) -> Router:
         """The process-wide router for a config file (or for one ``base_url``), built on first use.
 
         Adapters call this, so a LangChain and a LlamaIndex model built from the same config share
-        one health state: a route that fails under one is avoided by the other. ``api_key``, when
-        given, replaces the key of every route. The router lives while someone holds it.
+        one health state: a route that fails under one is avoided by the other, and chat models and
+        embeddings share one router. ``api_key``, when given, replaces the key of every route;
+        ``kind`` is the kind of the single route a ``base_url`` makes ("chat" or "embedding"). The
+        router lives while someone holds it.
         """
         from .shared import shared_router
 
-        return shared_router(cls, config_path, base_url=base_url, model=model, api_key=api_key)
+        return shared_router(cls, config_path, base_url=base_url, model=model, api_key=api_key, kind=kind)
 
     def __repr__(self) -> str:
         return f"Router(routes={list(self.routes)}, lb_policy={self.config.lb_policy!r}, source={self.config.source!r})"
@@ -143,23 +144,11 @@ class Router:
         with self._call(messages, params, stream=False) as call:
             if self._hedges(call):  # the race needs cancellable requests: run it on the router's loop
                 return call.answered(self._hedged(call), hedged=True)
-            call.enter()
-            try:
-                lease, response = rounds(self, call, lambda r, t: r.create(call.body_for(r), t))
-                lease.succeeded(output_tokens=_completion_tokens(response))
-            finally:
-                call.exit()
+            response = serve(self, call, lambda r, t: r.create(call.body_for(r), t), _completion_tokens)
             return call.answered(attach(response, call.info))
 
     def _hedged(self, call: Call) -> ChatCompletion:
-        future = asyncio.run_coroutine_threadsafe(self._ahedged(call), self._loop_thread.loop())
-        try:
-            return future.result()
-        except concurrent.futures.CancelledError:
-            raise RouterClosed("the router was closed while this call was in flight") from None
-        except BaseException:
-            future.cancel()
-            raise
+        return self._loop_thread.run(self._ahedged(call))
 
     async def achat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """Async twin of :meth:`chat` on the routes' async clients."""
@@ -169,12 +158,7 @@ class Router:
             return call.answered(await self._achat(call))
 
     async def _achat(self, call: Call) -> ChatCompletion:
-        call.enter()
-        try:
-            lease, response = await arounds(self, call, lambda r, t: r.acreate(call.body_for(r), t))
-            lease.succeeded(output_tokens=_completion_tokens(response))
-        finally:
-            call.exit()
+        response = await aserve(self, call, lambda r, t: r.acreate(call.body_for(r), t), _completion_tokens)
         return attach(response, call.info)
 
     def stream(self, messages: Messages, **params: Any) -> Iterator[ChatCompletionChunk]:
@@ -184,6 +168,21 @@ class Router:
     def astream(self, messages: Messages, **params: Any) -> AsyncIterator[ChatCompletionChunk]:
         """Async twin of :meth:`stream`."""
         return astream(self, self._call(messages, params, stream=True))
+
+    def embed(self, texts: str | Sequence[str], **params: Any) -> CreateEmbeddingResponse:
+        """Embeddings of ``texts`` from the routes of kind ``embedding``: one vector per text, in input order.
+
+        Inputs go out in batches of ``embedding.batch_size`` (``batch_size=`` per call), at most
+        ``embedding.max_concurrency`` at once; each batch fails over on its own, so a failed batch is
+        resent alone. ``truncate=`` overrides ``embedding.truncate``; ``route=``, ``timeout``,
+        ``deadline`` and ``max_retries`` work as for :meth:`chat`; other keywords go to the server.
+        Usage is summed over the batches; :func:`call_info` tells which route served each batch.
+        """
+        return embeddings.embed(self, self._embedding_call(params), texts)
+
+    async def aembed(self, texts: str | Sequence[str], **params: Any) -> CreateEmbeddingResponse:
+        """Async twin of :meth:`embed` on the routes' async clients."""
+        return await embeddings.aembed(self, self._embedding_call(params), texts)
 
     def health(self, *, probe: bool = True) -> dict[str, dict[str, Any]]:
         """Per route: healthy, breaker state, probe latency, served models (probing all now by default)."""
@@ -277,14 +276,26 @@ class Router:
             raise RouterClosed()
 
     def _call(self, messages: Messages, params: dict[str, Any], *, stream: bool) -> Call:
-        self._check_open()
+        self._check_kind("chat")
         return Call(self, messages, params, stream=stream)
+
+    def _embedding_call(self, params: dict[str, Any]) -> embeddings.EmbeddingCall:
+        self._check_kind("embedding")
+        return embeddings.EmbeddingCall(self, params)
+
+    def _check_kind(self, kind: str) -> None:
+        """The router is open and has routes of ``kind``; else RouterClosed or NoRouteOfKindError."""
+        self._check_open()
+        pool = self.pools[kind]
+        if not pool.primary and pool.fallback is None:
+            raise NoRouteOfKindError(kind, self.config.source)
 
     def _served(self, route: Route) -> None:
         """A route served a request: log a switch to or from the fallback route once, not every request."""
-        if (route is self._fallback) != self._on_fallback:
-            self._on_fallback = route is self._fallback
-            if self._on_fallback:
+        pool = self.pools[route.kind]
+        if (route is pool.fallback) != pool.on_fallback:
+            pool.on_fallback = route is pool.fallback
+            if pool.on_fallback:
                 log.warning(
                     "no primary route available: serving from fallback route %r (%s)", route.name, route.base_url
                 )
@@ -313,64 +324,17 @@ class Router:
 
     def _hedges(self, call: Call) -> bool:
         """Whether this request may be hedged (hedging on, more than one route, not pinned)."""
-        return self.hedger is not None and call.pinned is None and len(self._primary) > 1
+        return self.hedger is not None and call.pinned is None and len(self.pools["chat"].primary) > 1
 
     async def _ahedged(self, call: Call) -> ChatCompletion:
         assert self.hedger is not None
         return await race(call, self.hedger, self._achat)
 
 
-class _LoopThread:
-    """The router's own event loop in a daemon thread, started on first use (sync calls that hedge run there)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._started: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
-        self._stopped = False
-
-    def loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._stopped:
-                raise RouterClosed()
-            if self._started is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="anorag-hedge-loop", daemon=True)
-                thread.start()
-                self._started = (loop, thread)
-            return self._started[0]
-
-    def stop(self, routes: Any = (), *, wait: bool = True) -> None:
-        """Cancel what still runs there, close the routes' clients of that loop, stop it."""
-        with self._lock:
-            started, self._started, self._stopped = self._started, None, True
-        if started is None:
-            return
-        loop, thread = started
-
-        async def finish() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=5)
-            for route in routes:
-                await route.aclose()
-
-        if not wait:
-            loop.call_soon_threadsafe(loop.stop)
-            return
-        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-            asyncio.run_coroutine_threadsafe(finish(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        if not thread.is_alive():
-            loop.close()
-
-
 def _halt(
     prober: Poller,
     scraper: Poller | None,
-    loop_thread: _LoopThread,
+    loop_thread: LoopThread,
     routes: list[Route],
     metrics: observability.Exports,
 ) -> None:
@@ -391,6 +355,14 @@ def _make_route(name: str, cfg: Any, config: Config) -> Route:
 
         return OllamaRoute(name, cfg, config)
     return Route(name, cfg, config)
+
+
+def _sole_models(routes: Iterable[Route]) -> dict[str, str]:
+    """Per route kind, the model every route of that kind serves, when they all serve one (call spans name it)."""
+    models: dict[str, set[str]] = {}
+    for route in routes:
+        models.setdefault(route.kind, set()).add(route.model)
+    return {kind: names.pop() for kind, names in models.items() if len(names) == 1}
 
 
 def _completion_tokens(response: ChatCompletion) -> int | None:

@@ -13,6 +13,9 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     │   └── PermanentRouteError     raised at once, never retried on another route
     │       ├── BadRequestError            400 (and other 4xx without a class below)
     │       │   └── ContextOverflowError   400: prompt + max_tokens exceed the context window
+    │       │       └── InputTooLongError  an embedding input is clearly past the route's
+    │       │                              max_model_len: refused before sending (also an
+    │       │                              InvalidRequestError)
     │       ├── AuthenticationError        401 / 403: wrong or missing api_key
     │       ├── ModelNotFoundError         404: the route does not serve that model
     │       └── UnprocessableEntityError   422: the body failed the server's validation
@@ -20,7 +23,9 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     ├── AllRoutesFailed             every route (and retry round) failed; .attempts lists them
     ├── RouterClosed                the router was closed before or while the call ran
     └── InvalidRequestError         the caller's request is unusable (bad bound, unknown route,
-                                    a message that cannot be sent); also a ValueError
+        │                           a message that cannot be sent); also a ValueError
+        └── NoRouteOfKindError      no route serves the call's kind (embed() with no
+                                    kind: embedding route, chat() with only those)
 """
 
 from __future__ import annotations
@@ -360,3 +365,38 @@ class RouterClosed(RouterError):
 
     def __init__(self, message: str = "the router is closed; build a new one (Router.from_config)") -> None:
         super().__init__(message)
+
+
+class NoRouteOfKindError(InvalidRequestError):
+    """The configuration has no route of the kind the call needs (``chat`` or ``embedding``)."""
+
+    def __init__(self, kind: str, source: str) -> None:
+        self.kind = kind
+        self.source = source
+        call = "embed()" if kind == "embedding" else "chat() and stream()"
+        super().__init__(
+            f"{source} has no route of kind {kind}, which {call} needs; add one under routes: "
+            f"with `kind: {kind}`" + (" (a vLLM server started with --runner pooling)" if kind == "embedding" else "")
+        )
+
+
+class InputTooLongError(ContextOverflowError, InvalidRequestError):
+    """An embedding input is clearly longer than the route's ``max_model_len``: refused before sending.
+
+    ``index`` is the input's position, ``estimate`` the fewest tokens it can have (see
+    ``router/embeddings.py``) and ``limit`` the context window. ``embedding.truncate: true`` lets the
+    server cut such inputs instead. A server's own 400 for an input that only just overflows is a
+    plain ``ContextOverflowError``.
+    """
+
+    def __init__(self, *, route: str, url: str, index: int, estimate: int, limit: int) -> None:
+        self.index, self.estimate, self.limit = index, estimate, limit
+        super().__init__(
+            f"input {index} has at least {estimate} tokens, past the model's maximum context length of {limit} "
+            "tokens; nothing was sent",
+            route=route,
+            url=url,
+            hint="split the text into smaller chunks, or set embedding.truncate: true (or truncate=True) to let "
+            "the server cut it to the context window",
+            error_class="input_too_long",
+        )

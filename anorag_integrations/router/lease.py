@@ -11,7 +11,7 @@ sync), classifies *every* way the attempt can end and gives everything back exac
                                                        permanent ones raised, transient ones returned
     abandoned()      nothing counted against the route; the trial slot is freed
 
-Sync, async, streams, hedged copies and stream continuations all go through it. It also owns the
+Sync, async, streams, hedged copies, stream continuations and embedding batches all go through it. It also owns the
 attempt's trace span (started with the lease, ended by whichever outcome comes first) and counts a
 failover when this attempt follows a transient failure of the same request on another route.
 """

@@ -1,7 +1,8 @@
 """Rounds of one request: pick a route, lease it, fail over, back off, until it is served or out of time.
 
-A round offers each usable route once (the policy picks, ``fallback_route`` last); a transient
-failure moves on to the next pick, a permanent one ends the request. Between rounds the request
+A round offers each usable route of the call's kind once (its pool's policy picks, the pool's
+fallback route last); a transient failure moves on to the next pick, a permanent one ends the
+request. Between rounds the request
 waits tenacity's random exponential backoff, at least any ``Retry-After`` (capped by
 ``params.max_retry_after``), never past its ``deadline``: a wait that would pass it ends the request
 at once, saying why. Every attempt is a :class:`~.lease.Lease`, the only owner of its bookkeeping.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,8 +21,10 @@ from tenacity import wait_random_exponential
 from .call import Call, wall_clock
 from .errors import AllRoutesFailed, RouterClosed
 from .lease import Lease
+from .policies import Policy, make_policy
 
 if TYPE_CHECKING:
+    from ..config import Config
     from .core import Router
     from .route import Route
 
@@ -41,8 +44,36 @@ class _Round:
     attempt_number: int
 
 
+@dataclass(slots=True)
+class Pool:
+    """The routes of one kind (chat or embedding): those its policy picks from, and the one tried last.
+
+    Each kind has a policy of its own, so a policy's per-list caches (a hash ring, weights) and its
+    rotation are not disturbed by calls of the other kind.
+    """
+
+    primary: list[Route]
+    fallback: Route | None
+    policy: Policy
+    on_fallback: bool = False
+    """Whether the last call of this kind was served by the fallback route (logged once per switch)."""
+
+
+def make_pools(config: Config, routes: Mapping[str, Route]) -> dict[str, Pool]:
+    """One pool per route kind, each with its own instance of the configured policy."""
+    from ..config import ROUTE_KINDS  # the config module imports the router: not at import time
+
+    pools: dict[str, Pool] = {}
+    for kind in ROUTE_KINDS:
+        fallback_name = config.fallback_route_of(kind)
+        fallback = routes[fallback_name] if fallback_name else None
+        primary = [routes[name] for name in config.route_names(kind) if routes[name] is not fallback]
+        pools[kind] = Pool(primary, fallback, make_policy(config.lb_policy, **config.policy_options()))
+    return pools
+
+
 def claim(router: Router, call: Call, tried: set[str]) -> Lease | None:
-    """Lease the next route to try in this round; None when the round is exhausted."""
+    """Lease the next route of the call's kind to try in this round; None when the round is exhausted."""
     if call.pinned is not None:
         if call.pinned.name in tried or (ticket := call.pinned.breaker.acquire()) is None:
             return None
@@ -58,11 +89,12 @@ def claim(router: Router, call: Call, tried: set[str]) -> Lease | None:
             and (route.continue_streams or not call.continuing)
         )
 
-    while (route := router.policy.pick(router._primary, usable, call)) is not None:
+    pool = router.pools[call.kind]
+    while (route := pool.policy.pick(pool.primary, usable, call)) is not None:
         if (ticket := route.breaker.acquire()) is not None:
             return Lease(call, route, ticket)
         lost.add(route.name)
-    fb = router._fallback
+    fb = pool.fallback
     if fb is not None and usable(fb) and (ticket := fb.breaker.acquire()) is not None:
         return Lease(call, fb, ticket)
     return None
@@ -123,6 +155,33 @@ async def arounds(router: Router, call: Call, send: Callable[[Route, float], Awa
             call.ctl.awaiting = False
         if router.closed:
             raise RouterClosed("the router was closed while this call waited to retry")
+
+
+def serve(router: Router, call: Call, send: Callable[[Route, float], _T], tokens: Callable[[_T], int | None]) -> _T:
+    """One request from start to answer (sync): open to ``Router.close()``, rounds, its lease settled.
+
+    ``tokens`` reads the answer's output tokens for the route's statistics.
+    """
+    call.enter()
+    try:
+        lease, response = rounds(router, call, send)
+        lease.succeeded(output_tokens=tokens(response))
+    finally:
+        call.exit()
+    return response
+
+
+async def aserve(
+    router: Router, call: Call, send: Callable[[Route, float], Awaitable[_T]], tokens: Callable[[_T], int | None]
+) -> _T:
+    """Async twin of :func:`serve`."""
+    call.enter()
+    try:
+        lease, response = await arounds(router, call, send)
+        lease.succeeded(output_tokens=tokens(response))
+    finally:
+        call.exit()
+    return response
 
 
 def next_wait(call: Call, failed: AllRoutesFailed) -> float:

@@ -1,9 +1,10 @@
 """One endpoint: its SDK clients, timeouts, breaker, last probe result and live statistics.
 
-``Route`` speaks the OpenAI-compatible API (vLLM, llama.cpp, OpenAI, Ollama's ``/v1``). Its four
-transport methods (``create``, ``acreate``, ``open_stream``, ``aopen_stream``) and ``_probe_models``
-are the seam another API plugs into (``OllamaRoute`` in ``ollama.py``): everything above them,
-failover, breakers and statistics, stays one piece of code.
+``Route`` speaks the OpenAI-compatible API (vLLM, llama.cpp, OpenAI, Ollama's ``/v1``). Its
+transport methods (``create``, ``acreate``, ``open_stream``, ``aopen_stream``; ``embed`` and
+``aembed`` on routes of kind embedding) and ``_probe_models`` are the seam another API plugs into
+(``OllamaRoute`` in ``ollama.py``): everything above them, failover, breakers and statistics, stays
+one piece of code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
+from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from .bounds import watched_transport
@@ -132,6 +134,8 @@ class Route:
 
     def __init__(self, name: str, cfg: RouteConfig, config: Config) -> None:
         self.name = name
+        self.kind = cfg.kind
+        """What the route serves: "chat" or "embedding" (a call only goes to routes of its kind)."""
         self.base_url = redact_url(cfg.base_url)
         """Shown in errors, logs, ``stats()``, ``health()`` and reprs: credentials masked as ``***@``."""
         self._url, credentials = split_credentials(cfg.base_url)
@@ -209,6 +213,13 @@ class Route:
     async def aopen_stream(self, body: dict[str, Any], timeout: float) -> AsyncChunkStream:
         stream: AsyncChunkStream = await self.aclient.chat.completions.create(**body, stream=True, timeout=timeout)
         return stream
+
+    def embed(self, body: dict[str, Any], timeout: float) -> CreateEmbeddingResponse:
+        return checked_embeddings(self.client.embeddings.create(**body, timeout=timeout), len(body["input"]))
+
+    async def aembed(self, body: dict[str, Any], timeout: float) -> CreateEmbeddingResponse:
+        response = await self.aclient.embeddings.create(**body, timeout=timeout)
+        return checked_embeddings(response, len(body["input"]))
 
     @property
     def max_model_len(self) -> int | None:
@@ -346,6 +357,21 @@ def checked(response: object) -> ChatCompletion:
     for choice in response.choices:
         if choice.message is None or not isinstance(choice.index, int):
             raise ValueError(f"malformed choice: {str(choice)[:200]!r}")
+    return response
+
+
+def checked_embeddings(response: object, expected: int) -> CreateEmbeddingResponse:
+    """``response`` if it holds one vector for each of the ``expected`` inputs (indices 0..n-1); else raise."""
+    if not isinstance(response, CreateEmbeddingResponse):
+        raise ValueError(f"expected embeddings, got {type(response).__name__}: {str(response)[:200]!r}")
+    if not isinstance(response.data, list) or len(response.data) != expected:
+        got = len(response.data) if isinstance(response.data, list) else type(response.data).__name__
+        raise ValueError(f"expected {expected} embeddings, got {got}")
+    if sorted(item.index for item in response.data) != list(range(expected)):
+        raise ValueError(f"embedding indices are not 0..{expected - 1}")
+    for item in response.data:
+        if not isinstance(item.embedding, list | str) or not item.embedding:
+            raise ValueError(f"malformed embedding at index {item.index}: {str(item.embedding)[:100]!r}")
     return response
 
 

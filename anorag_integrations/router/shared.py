@@ -33,12 +33,13 @@ def shared_router(
     base_url: str | None,
     model: str | None,
     api_key: str | None,
+    kind: str = "chat",
 ) -> Router:
     """See :meth:`Router.shared`."""
     from ..config import config_file, config_from_dict, load_config
 
     if base_url is not None:
-        key: tuple[object, ...] = ("url", base_url, model, _fingerprint(api_key))
+        key: tuple[object, ...] = ("url", base_url, model, _fingerprint(api_key), kind)
     else:
         file = config_file(config_path)
         key = ("file", str(file.resolve()) if file.is_file() else "", _fingerprint(api_key))  # "": environment
@@ -48,7 +49,12 @@ def shared_router(
             if base_url is not None:
                 if not model:
                     raise ValueError("base_url needs model= (the server's --served-model-name)")
-                route = {"base_url": base_url, "model": model, **({"api_key": api_key} if api_key else {})}
+                route = {
+                    "base_url": base_url,
+                    "model": model,
+                    "kind": kind,
+                    **({"api_key": api_key} if api_key else {}),
+                }
                 config = config_from_dict({"llm": {"routes": {"default": route}}}, source="arguments", env={})
             else:
                 config = load_config(config_path)

@@ -1,6 +1,7 @@
 """OpenTelemetry spans of calls and attempts; the API only, and next to free while no provider is set.
 
-Each public call is one span named by the GenAI semantic conventions (``chat {model}``, kind
+Each public call is one span named by the GenAI semantic conventions (``chat {model}``, or
+``embeddings {model}`` for ``embed``; kind
 CLIENT: ``gen_ai.operation.name``, ``gen_ai.request.model``, ``gen_ai.response.model``,
 ``gen_ai.usage.input_tokens`` / ``output_tokens``, ``server.address`` of the route that served it).
 Each attempt on a route is a child span (``attempt {route}``) that says the route and, unless it
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from .lease import Lease
 
 INSTRUMENTATION = "anorag_integrations"
-OPERATION = "chat"
 REQUEST_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
                   "top_p": "top_p", "seed": "seed"}  # fmt: skip
 """Request keywords recorded on a call's span, as ``gen_ai.request.<name>``."""
@@ -69,11 +69,12 @@ one attribute read, where ``trace.get_tracer_provider()`` reads ``os.environ`` o
 class Tracing:
     """The router's tracer: its own provider's, or the global one (followed when it is set later)."""
 
-    __slots__ = ("follows_global", "model", "tracer")
+    __slots__ = ("follows_global", "models", "tracer")
 
-    def __init__(self, provider: TracerProvider | None = None, model: str | None = None) -> None:
-        self.model = model
-        """The model every route serves, when they all serve one: a call names it from the start."""
+    def __init__(self, provider: TracerProvider | None = None, models: Mapping[str, str] | None = None) -> None:
+        self.models = dict(models or {})
+        """Per route kind, the model every route of that kind serves, when they all serve one: a call names
+        it from the start."""
         self.follows_global = provider is None
         """No provider of its own: while ``otel_global._TRACER_PROVIDER is None``, calls are not traced."""
         if provider is None:
@@ -82,10 +83,10 @@ class Tracing:
 
     def start_call(self, call: Call) -> Span | None:
         """The span of a public call, or None when it is not recorded (sampled out)."""
-        model = call.model or self.model
+        model = call.model or self.models.get(call.kind)
         attributes = _request_attributes(call, model)
         attributes["anorag.stream"] = call.stream
-        name = f"{OPERATION} {model}" if model else OPERATION
+        name = f"{call.operation} {model}" if model else call.operation
         span = self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
         return span if span.is_recording() else None
 
@@ -100,7 +101,7 @@ def _version() -> str | None:
 
 
 def _request_attributes(call: Call, model: str | None) -> dict[str, Any]:
-    attributes: dict[str, Any] = {"gen_ai.operation.name": OPERATION}
+    attributes: dict[str, Any] = {"gen_ai.operation.name": call.operation}
     if model:
         attributes["gen_ai.request.model"] = model
     body = call.body
@@ -156,6 +157,8 @@ def outcome(exc: BaseException | None) -> str:
     """
     if exc is None:
         return "success"
+    if isinstance(exc, InvalidRequestError):  # before PermanentRouteError: an input refused before sending
+        return "invalid"
     if isinstance(exc, PermanentRouteError):
         return "rejected"
     if isinstance(exc, AllRoutesFailed):
@@ -164,8 +167,6 @@ def outcome(exc: BaseException | None) -> str:
         return "interrupted"
     if isinstance(exc, RouterClosed):
         return "closed"
-    if isinstance(exc, InvalidRequestError):
-        return "invalid"
     if not isinstance(exc, Exception):  # CancelledError, GeneratorExit, KeyboardInterrupt
         return "cancelled"
     return "error"
@@ -189,8 +190,8 @@ def end_call(call: Call, span: Span, ended: str, exc: BaseException | None) -> N
     if route is not None:
         attributes["anorag.route"] = route.name
         attributes["server.address"], attributes["server.port"] = route.address
-        if not call.model and not tracing.model:  # routes of several models: named once one answered
-            span.update_name(f"{OPERATION} {route.model}")
+        if not call.model and call.kind not in tracing.models:  # routes of several models: named once one answered
+            span.update_name(f"{call.operation} {route.model}")
             attributes["gen_ai.request.model"] = route.model
     if info.hedge:
         attributes["anorag.hedge_route"] = info.hedge

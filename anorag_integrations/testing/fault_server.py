@@ -3,7 +3,8 @@
 Real servers cannot be made to time out, answer 503 or cut a stream on demand; this one can. It
 speaks vLLM's protocol where it matters to a client (``/health``, ``/v1/models`` with
 ``max_model_len``, ``/metrics`` names, error bodies, ``stop_reason``, usage in streams only with
-``stream_options.include_usage``) and answers with a fixed text, one word per stream chunk::
+``stream_options.include_usage``) and answers with a fixed text, one word per stream chunk; on
+``/v1/embeddings`` it answers a deterministic vector per input (``embeddings.py``)::
 
     with FaultServer(model="m") as server:            # runs in a background thread
         server.set_fault(Fault.STATUS, status=503, times=2)
@@ -17,19 +18,23 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
 
-from . import malformed
+from . import embeddings, malformed
+from .embeddings import overflow_message
 from .malformed import MODELS_FAULTS, Write
 
 
 class Fault(StrEnum):
-    """What chat requests get (``set_fault``); ``FaultServer.models_fault`` breaks ``GET /v1/models`` instead.
+    """What chat and embeddings requests get (``set_fault``); ``FaultServer.models_fault`` breaks ``GET /v1/models``.
+
+    On ``/v1/embeddings`` the stream-only faults (ERROR_EVENT, SSE_NOISE) change nothing, STALL hangs,
+    NO_CHOICES answers ``"data": []`` and CUT drops the connection before answering.
 
     From HTML on, the malformed answers a hostile server or a broken proxy sends: HTTP 200 (unless
     said) whose content a client must cope with or fail cleanly on (``malformed`` builds them).
@@ -91,6 +96,9 @@ class _FaultState:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+_Reply = Callable[[web.Request, dict[str, Any], _FaultState], Awaitable[web.StreamResponse]]
+"""What answers a chat or embeddings request that no fault answered first."""
+
 _PERMISSION = {
     "id": "modelperm-0",
     "object": "model_permission",
@@ -109,7 +117,7 @@ _PERMISSION = {
 
 
 class FaultServer:
-    """The server; ``hits`` counts chat requests, ``requests`` keeps their bodies (newest last).
+    """The server; ``hits`` counts chat and embeddings requests, ``requests`` keeps their bodies (newest last).
 
     ``last_authorization`` is the last ``Authorization`` header received, so tests can check a key
     reached the server while staying out of logs and errors. ``traceparents`` holds the W3C
@@ -161,7 +169,11 @@ class FaultServer:
         """As vLLM's grammar backend: answers follow ``structured_outputs.json`` (False: ignored, as a server
         without one would)."""
         self.running = 0
+        self.most_running = 0
+        """The most requests this server has had running at once (``max_running`` bounds it)."""
         self.waiting = 0
+        self.embedding_dimensions = embeddings.DIMENSIONS
+        """Length of the vectors ``/v1/embeddings`` answers (see ``embeddings.fake_vector``)."""
         self._slots: asyncio.Semaphore | None = None
         self.requests: list[dict[str, Any]] = []
         self.last_authorization: str | None = None
@@ -278,6 +290,7 @@ class FaultServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
 
     async def _listen(self) -> None:
         assert self._runner is not None
@@ -310,7 +323,8 @@ class FaultServer:
     def _received(self, request: web.Request, body: dict[str, Any]) -> _FaultState:
         """Count and keep a chat request; the fault that applies to it."""
         self.hits += 1
-        self._count_prefix(body)
+        if "messages" in body:
+            self._count_prefix(body)
         self.last_authorization = request.headers.get("Authorization")
         self.requests.append(body)
         del self.requests[: -self._keep]
@@ -384,6 +398,13 @@ class FaultServer:
         return web.json_response({"object": "list", "data": [model]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._chat_reply)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, self._embedding_reply)
+
+    async def _handle(self, request: web.Request, reply: _Reply) -> web.StreamResponse:
+        """A chat or embeddings request: counted, queued (``max_running``), faulted, else ``reply``."""
         body = await request.json()
         state = self._received(request, body)
         opts = state.options
@@ -394,6 +415,7 @@ class FaultServer:
             finally:
                 self.waiting -= 1
         self.running += 1
+        self.most_running = max(self.most_running, self.running)
         try:
             if self.latency:
                 await asyncio.sleep(self.latency)
@@ -410,20 +432,7 @@ class FaultServer:
             if body.get("model") != self.model:
                 message = f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}."
                 return _error(404, message, err_type="NotFoundError", param="model")
-            prompt_tokens = _usage(body, 0)["prompt_tokens"]
-            if self.max_model_len is not None and prompt_tokens > self.max_model_len:
-                return _error(400, _overflow(self.max_model_len, prompt_tokens), param="input_tokens")
-            if state.fault is Fault.CUT and not body.get("stream"):
-                drop_connection(request)
-                return web.Response(status=500)  # never sent: the connection is gone
-            if body.get("continue_final_message") and body.get("add_generation_prompt", True):
-                return _error(400, _NOT_COMPATIBLE)
-            if body.get("tools") and body.get("tool_choice", "auto") == "auto" and not self.auto_tool_choice:
-                message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
-                return _error(400, message)
-            if body.get("stream"):
-                return await self._stream(request, body, state)
-            return await self._answer(request, body, state)
+            return await reply(request, body, state)
         except _Dropped as dropped:
             return dropped.response  # aiohttp finds the connection closed and ends the request quietly
         finally:
@@ -431,22 +440,58 @@ class FaultServer:
             if self._slots is not None:
                 self._slots.release()
 
-    async def _answer(self, request: web.Request, body: Mapping[str, Any], state: _FaultState) -> web.StreamResponse:
-        """The answer to a plain (not stream) request, as the fault makes it."""
+    async def _chat_reply(self, request: web.Request, body: dict[str, Any], state: _FaultState) -> web.StreamResponse:
+        prompt_tokens = _usage(body, 0)["prompt_tokens"]
+        if self.max_model_len is not None and prompt_tokens > self.max_model_len:
+            return _error(400, overflow_message(self.max_model_len, prompt_tokens), param="input_tokens")
+        if state.fault is Fault.CUT and not body.get("stream"):
+            drop_connection(request)
+            return web.Response(status=500)  # never sent: the connection is gone
+        if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+            return _error(400, _NOT_COMPATIBLE)
+        if body.get("tools") and body.get("tool_choice", "auto") == "auto" and not self.auto_tool_choice:
+            message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+            return _error(400, message)
+        if body.get("stream"):
+            return await self._stream(request, body, state)
+        return await self._answer(request, self._completion(body), state, listing="choices")
+
+    async def _embedding_reply(
+        self, request: web.Request, body: dict[str, Any], state: _FaultState
+    ) -> web.StreamResponse:
+        """``/v1/embeddings`` as vLLM's pooling server answers it (``embeddings.py``); a CUT drops the connection."""
+        texts = embeddings.inputs(body)
+        if texts is None:
+            return _error(400, "input must be a string or a list of strings (token ids are not emulated)")
+        if (found := embeddings.problem(texts, body, self.max_model_len)) is not None:
+            message, param = found
+            return _error(400, message, param=param)
+        if state.fault is Fault.CUT:
+            drop_connection(request)
+            return web.Response(status=500)  # never sent: the connection is gone
+        document = embeddings.response(self.model, texts, body, self.max_model_len, self.embedding_dimensions)
+        return await self._answer(request, document, state, listing="data")
+
+    async def _answer(
+        self, request: web.Request, document: dict[str, Any], state: _FaultState, *, listing: str
+    ) -> web.StreamResponse:
+        """The answer to a plain (not stream) request, ``document`` as the fault makes it.
+
+        ``listing`` names the document's list of results (``choices``, ``data``), empty under NO_CHOICES.
+        """
         opts = state.options
+        if state.fault is Fault.NO_CHOICES:
+            document[listing] = []
         if state.fault is Fault.INVALID_JSON:
             return malformed.json_text(str(opts.get("body", malformed.INVALID_JSON)))
         if state.fault is Fault.STRING_BODY:
             return malformed.json_text(json.dumps(opts.get("value", "ok")))
-        completion = self._completion(body)
-        if state.fault is Fault.NO_CHOICES:
-            completion["choices"] = []
-        data = json.dumps(completion).encode()
+        data = json.dumps(document).encode()
         if state.fault is Fault.TRUNCATED_JSON:
             keep = opts.get("keep")
             return malformed.json_text(malformed.truncated(data, None if keep is None else int(keep)), close=True)
         if state.fault is not Fault.TRICKLE:
-            return web.json_response(completion)
+            return web.json_response(document)
         response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
         response.content_length = len(data)
         await response.prepare(request)
@@ -675,15 +720,6 @@ _NOT_COMPATIBLE = (
     "want the model to continue the final message, and add_generation_prompt when you want to add a header that "
     "will prompt it to start a new assistant message instead."
 )
-
-
-def _overflow(limit: int, prompt_tokens: int) -> str:
-    """vLLM's context-overflow message (its wording is what clients match on)."""
-    return (
-        f"This model's maximum context length is {limit} tokens. However, your prompt contains at least "
-        f"{prompt_tokens} input tokens, which exceeds this limit even without any output tokens. Please reduce "
-        f"the length of the input prompt. (parameter=input_tokens, value={prompt_tokens})"
-    )
 
 
 def _stopped(text: str, body: Mapping[str, Any]) -> tuple[str, str | None]:

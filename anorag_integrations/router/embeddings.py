@@ -1,0 +1,269 @@
+"""Embedding calls: the inputs split into batches, each batch a request of its own, reassembled in order.
+
+``Router.embed(texts)`` is one :class:`EmbeddingCall` (its span, its outcome, its deadline); each
+batch of ``embedding.batch_size`` inputs is a fresh copy of it (:meth:`EmbeddingCall.batches`) that
+goes through the same rounds, leases, breakers and backoff as a chat request, on the routes of kind
+``embedding`` only. Batches run ``embedding.max_concurrency`` at a time, so one that fails over is
+resent alone while the others keep their answers; the first batch that fails for good ends the call
+and cancels the rest (their routes released, nothing counted against them). The vectors come back
+in input order, with the usage summed.
+
+A sync call with one batch runs in the caller's thread on the routes' sync clients; with several,
+it runs its async twin on the router's own loop (``loop.py``), so the caller needs no event loop.
+
+Inputs past the context window: with ``embedding.truncate: true`` the server cuts them (vLLM's
+``truncate_prompt_tokens: -1``: to its ``max_model_len``). Otherwise every input is checked before
+anything is sent, against the smallest ``max_model_len`` the call's routes report (probed once when
+not yet known): an input that has more whitespace-separated words than that, or more than
+``max_model_len * embedding.chars_per_token`` characters, cannot fit under any tokenizer that splits
+on whitespace and is refused with :class:`~.errors.InputTooLongError`. A word is at least one token,
+and ``chars_per_token`` (8) is twice what English text averages, so the estimate errs low: an input
+only just too long reaches the server, whose 400 is a :class:`~.errors.ContextOverflowError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from openai.resources.embeddings import Embeddings
+from openai.types import CreateEmbeddingResponse, Embedding
+from openai.types.create_embedding_response import Usage
+
+from . import tracing
+from .call import Call, Control, _check_extras, attach
+from .errors import InputTooLongError, InvalidRequestError
+from .rounds import aserve, serve
+
+if TYPE_CHECKING:
+    from .core import Router
+    from .route import Route
+
+SDK_PARAMS = frozenset(inspect.signature(Embeddings.create).parameters) - {"self", "input", "model"}
+"""Keyword arguments the openai SDK's ``embeddings.create`` accepts; any other goes into ``extra_body``."""
+TRUNCATE_TO_WINDOW = -1
+"""vLLM's ``truncate_prompt_tokens`` value meaning "cut to the model's max_model_len" (its pooling protocol)."""
+
+
+class EmbeddingCall(Call):
+    """One ``embed`` call; :meth:`batches` derives the request of each batch."""
+
+    kind = "embedding"
+    operation = "embeddings"
+
+    def __init__(self, router: Router, params: dict[str, Any]) -> None:
+        self._start(router, params, stream=False)
+        cfg = router.config.embedding
+        self.batch_size: int = _whole("batch_size", params.pop("batch_size", None)) or cfg.batch_size
+        self.max_concurrency: int = cfg.max_concurrency
+        truncate = params.pop("truncate", None)
+        if truncate is not None and not isinstance(truncate, bool):
+            raise InvalidRequestError(f"truncate must be True or False, got {truncate!r}")
+        self.truncate: bool = cfg.truncate if truncate is None else truncate
+        extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
+        _check_extras(params)
+        extra_body = {**extra, **(params.get("extra_body") or {})}
+        if self.truncate:
+            extra_body.setdefault("truncate_prompt_tokens", TRUNCATE_TO_WINDOW)
+        self.checks_lengths = "truncate_prompt_tokens" not in extra_body
+        """Whether inputs are checked against the context window before sending (nobody asked to truncate)."""
+        if extra_body:
+            params["extra_body"] = extra_body
+        self.body = params
+
+    def batches(self, texts: list[str]) -> list[EmbeddingCall]:
+        """The request of each batch: this call's bounds, span and retries, its own attempts and control."""
+        parts = []
+        for start in range(0, len(texts), self.batch_size):
+            part = self.fresh()
+            part.ctl, part._prefix = Control(), None
+            part.body = {**self.body, "input": texts[start : start + self.batch_size]}
+            parts.append(part)
+        return parts
+
+    def send(self, route: Route, timeout: float) -> CreateEmbeddingResponse:
+        """One attempt of this batch on ``route`` (sync)."""
+        return route.embed(self.body_for(route), timeout)
+
+    async def asend(self, route: Route, timeout: float) -> CreateEmbeddingResponse:
+        return await route.aembed(self.body_for(route), timeout)
+
+    def _prefix_texts(self) -> Iterator[str]:
+        """What ``prefix_affinity`` hashes the start of: the batch's inputs."""
+        for text in self.body.get("input", ()):
+            yield text + "\x1e"
+
+    def embedded(self, response: CreateEmbeddingResponse) -> CreateEmbeddingResponse:
+        """The call's response, with its info (gathered from the batches) and what its span records."""
+        info = self.info
+        info.latency_s = time.monotonic() - self.started
+        if self.span is not None:
+            self.said = tracing.response_attributes(response.model, None, (), response.usage.prompt_tokens, None)
+        return attach(response, info)
+
+    def gather(self, parts: Sequence[EmbeddingCall]) -> None:
+        """Fold the batches' attempts, rounds and routes into this call's info (also when the call failed)."""
+        info = self.info
+        info.attempts = [attempt for part in parts for attempt in part.info.attempts]
+        info.rounds = max((part.info.rounds for part in parts), default=0)
+        info.batches = [part.info.route for part in parts if part.info.route is not None]
+        info.route = info.batches[0] if info.batches else None
+
+
+def embed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> CreateEmbeddingResponse:
+    """``Router.embed``: see the module docstring."""
+    with call:
+        inputs = _inputs(texts)
+        if call.checks_lengths and inputs:
+            routes = _routes(router, call)
+            for route in routes:
+                if _unknown(route):
+                    route.probe()
+            check_lengths(routes, inputs, router.config.embedding.chars_per_token)
+        parts = call.batches(inputs)
+        try:
+            if len(parts) == 1:
+                responses = [serve(router, parts[0], parts[0].send, _no_tokens)]
+            else:
+                responses = router._loop_thread.run(_agather(router, call, parts)) if parts else []
+        finally:
+            call.gather(parts)
+        return call.embedded(merged(responses, call))
+
+
+async def aembed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> CreateEmbeddingResponse:
+    """Async twin of :func:`embed`."""
+    with call:
+        inputs = _inputs(texts)
+        if call.checks_lengths and inputs:
+            routes = _routes(router, call)
+            await asyncio.gather(*(route.aprobe() for route in routes if _unknown(route)))
+            check_lengths(routes, inputs, router.config.embedding.chars_per_token)
+        parts = call.batches(inputs)
+        try:
+            responses = await _agather(router, call, parts) if parts else []
+        finally:
+            call.gather(parts)
+        return call.embedded(merged(responses, call))
+
+
+async def _agather(router: Router, call: EmbeddingCall, parts: list[EmbeddingCall]) -> list[CreateEmbeddingResponse]:
+    """Every batch's response, in order: ``max_concurrency`` workers take the batches one after another.
+
+    The first batch that fails for good ends the call: the other workers are cancelled (their
+    attempts abandoned, nothing counted against their routes) and its error is raised.
+    """
+    responses: list[CreateEmbeddingResponse | None] = [None] * len(parts)
+    queue = iter(enumerate(parts))  # shared: each batch is taken by exactly one worker
+
+    async def worker() -> None:
+        for index, part in queue:
+            response = await aserve(router, part, part.asend, _no_tokens)
+            responses[index] = response
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(call.max_concurrency, len(parts)))]
+    try:
+        await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        unfinished = [task for task in workers if not task.done()]
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished)  # let them release their routes before the call ends
+    failed = [task for task in workers if not task.cancelled() and task.exception() is not None]
+    if failed:
+        error = failed[0].exception()
+        assert error is not None
+        raise error
+    return [response for response in responses if response is not None]
+
+
+def merged(responses: Sequence[CreateEmbeddingResponse], call: EmbeddingCall) -> CreateEmbeddingResponse:
+    """The batches' responses as one: vectors in input order (indices renumbered), usage summed."""
+    if len(responses) == 1:
+        response = responses[0]
+        response.data.sort(key=lambda item: item.index)
+        return response
+    data: list[Embedding] = []
+    prompt_tokens = total_tokens = 0
+    for response in responses:
+        offset = len(data)
+        for item in sorted(response.data, key=lambda item: item.index):
+            item.index += offset
+            data.append(item)
+        usage = getattr(response, "usage", None)
+        prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
+        total_tokens += getattr(usage, "total_tokens", 0) or 0
+    model = responses[0].model if responses else (call.model or _default_model(call))
+    return CreateEmbeddingResponse(
+        data=data, model=model, object="list", usage=Usage(prompt_tokens=prompt_tokens, total_tokens=total_tokens)
+    )
+
+
+def check_lengths(routes: Iterable[Route], texts: Sequence[str], chars_per_token: float) -> None:
+    """Raise InputTooLongError for the first input clearly past the smallest known context window."""
+    known = [(route.max_model_len, route) for route in routes if route.max_model_len]
+    if not known:
+        return  # nobody says: the server's own 400 will tell
+    limit, route = min(known, key=lambda pair: pair[0])
+    assert limit is not None
+    for index, text in enumerate(texts):
+        estimate = fewest_tokens(text, chars_per_token)
+        if estimate > limit:
+            raise InputTooLongError(route=route.name, url=route.base_url, index=index, estimate=estimate, limit=limit)
+
+
+def fewest_tokens(text: str, chars_per_token: float) -> int:
+    """A low estimate of ``text``'s tokens: its whitespace-separated words, or its characters / ``chars_per_token``."""
+    return max(len(text.split()), math.ceil(len(text) / chars_per_token))
+
+
+def _routes(router: Router, call: EmbeddingCall) -> list[Route]:
+    """The routes the call may go to (the pinned one, else every embedding route)."""
+    if call.pinned is not None:
+        return [call.pinned]
+    pool = router.pools[call.kind]
+    return [*pool.primary, *([pool.fallback] if pool.fallback is not None else [])]
+
+
+def _unknown(route: Route) -> bool:
+    """Whether nothing says the route's context window yet (no configured value, never probed)."""
+    return route.max_model_len is None and route.probe_result.checked_at is None
+
+
+def _inputs(texts: str | Sequence[str]) -> list[str]:
+    """The caller's texts as a list of strings (one string is one input), or InvalidRequestError."""
+    if isinstance(texts, str):
+        return [texts]
+    try:
+        listed = list(texts)
+    except TypeError:
+        raise InvalidRequestError(f"texts must be a string or a list of strings, got {type(texts).__name__}") from None
+    for index, text in enumerate(listed):
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"texts[{index}] must be a string, got {type(text).__name__}")
+    return listed
+
+
+def _whole(name: str, value: object) -> int | None:
+    """A caller's positive whole number (None: the config's)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequestError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _default_model(call: EmbeddingCall) -> str:
+    config = call.router.config
+    name = config.default_route_of(call.kind)
+    return config.routes[name].model if name is not None else ""
+
+
+def _no_tokens(response: CreateEmbeddingResponse) -> None:
+    """Embeddings produce no output tokens (their input tokens are in the response's usage)."""
+    return None
