@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
+import socket
 import struct
 import threading
 import time
@@ -20,6 +22,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai.types import CreateEmbeddingResponse, Embedding
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -34,7 +37,8 @@ from anorag_integrations import (
     call_info,
 )
 from anorag_integrations.config import config_from_dict
-from anorag_integrations.router.errors import InputTooLongError, NoRouteOfKindError
+from anorag_integrations.router.errors import InputTooLongError, MixedEmbeddingsError, NoRouteOfKindError
+from anorag_integrations.router.route import checked_embeddings
 from anorag_integrations.testing import Fault, FaultServer
 from anorag_integrations.testing.embeddings import fake_vector
 
@@ -390,10 +394,12 @@ def test_an_input_clearly_too_long_is_refused_before_anything_is_sent(
     assert isinstance(error, ContextOverflowError) and isinstance(error, InvalidRequestError)
     assert "truncate" in str(error) and "nothing was sent" in str(error)
     assert servers["a"].hits == servers["b"].hits == 0  # probed for max_model_len, never asked to embed
-    by_chars = "x" * (50 * 8 + 1)  # one word, but more characters than 50 tokens can cover
+    by_chars = " ".join(["x" * 100] * 5)  # 5 words of 100 characters: at least 5 x 13 tokens
     with pytest.raises(InputTooLongError):
         router.embed([by_chars])
     assert router.outcomes.snapshot() == {("", "invalid"): 2}
+    one_long_word = "ACGT" * 500  # 2,000 characters, but WordPiece makes it one [UNK]: not refused here
+    assert len(router.embed([one_long_word]).data) == 1
     settled(router)
 
 
@@ -493,3 +499,88 @@ def test_prefix_affinity_sends_the_same_inputs_to_the_same_route(
     for _ in range(4):
         router.embed(["a shared document prefix", "and more"])
     assert sorted(server.hits for server in servers.values()) == [0, 0, 4]
+
+
+# --- hostile answers and careless callers (from a review) ----------------------------------------------
+
+
+def test_routes_serving_vectors_of_different_lengths_are_never_mixed(
+    servers: dict[str, FaultServer], embedders: Callable[..., Router]
+) -> None:
+    servers["b"].embedding_dimensions = 16  # another model behind route b
+    router = embedders(lb_policy="round_robin", embedding={"batch_size": 1})
+    with pytest.raises(MixedEmbeddingsError) as raised:
+        router.embed(TEXTS[:4])
+    assert set(raised.value.dimensions) == {16, 32} and "different models" in str(raised.value)
+    settled(router)
+
+
+def _answer(data: list[Any], **fields: Any) -> CreateEmbeddingResponse:
+    items = [Embedding.model_construct(embedding=e, index=i, object="embedding") for i, e in data]
+    return CreateEmbeddingResponse.model_construct(data=items, object="list", **fields)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [(0, ["a", "b"])],
+        [(0, [[1.0], [2.0]])],
+        [(0, [None, 1.0])],
+        [(0, [math.nan, 1.0])],
+        [(0, [math.inf])],
+        [(0.0, [1.0])],
+        [(0, [1.0, 2.0]), (1, [1.0])],
+    ],
+)
+def test_unusable_vectors_are_malformed_answers(data: list[Any]) -> None:
+    with pytest.raises(ValueError, match=r"malformed embedding|indices|different lengths"):
+        checked_embeddings(_answer(data, model="m", usage=None), len(data), "route-model")
+
+
+@pytest.mark.parametrize("usage", [None, {"prompt_tokens": "many", "total_tokens": -1}])
+def test_a_missing_model_or_garbled_usage_is_made_whole(usage: Any) -> None:
+    checked = checked_embeddings(_answer([(0, [0.5, 1])], model=None, usage=usage), 1, "route-model")
+    assert checked.model == "route-model"
+    assert (checked.usage.prompt_tokens, checked.usage.total_tokens) == (0, 0)
+
+
+def test_reading_the_context_window_blames_no_route(
+    servers: dict[str, FaultServer], embedders: Callable[..., Router]
+) -> None:
+    """/v1/models broken, /v1/embeddings fine: the length check is skipped, the route keeps serving."""
+    servers["a"].models_fault = "html"
+    router = embedders("a")
+    assert len(router.embed(["hello"]).data) == 1
+    assert router.routes["a"].breaker.state.value == "closed"
+
+
+def test_reading_the_context_window_takes_a_quarter_of_the_deadline_at_most(
+    embedders: Callable[..., Router], servers: dict[str, FaultServer]
+) -> None:
+    with socket.socket() as silent:  # accepts connections, never answers: /v1/models hangs
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        router = embedders("a", route_overrides={"a": {"base_url": url}})
+        started = time.monotonic()
+        with pytest.raises(AllRoutesFailed):  # the embeddings request hangs too, until the deadline
+            router.embed(["hello"], deadline=2.0)
+        assert time.monotonic() - started < 3.0
+        assert router.routes["a"].peeked  # the window was asked for, for at most 0.5 s of the 2
+
+
+@pytest.mark.parametrize("texts", [{"a": 1}, {"a", "b"}, b"bytes"])
+def test_inputs_without_an_order_are_refused(texts: Any, embedders: Callable[..., Router]) -> None:
+    with pytest.raises(InvalidRequestError, match="no order of inputs"):
+        embedders().embed(texts)
+
+
+def test_a_per_call_max_concurrency_is_a_bound_not_a_body_field(
+    servers: dict[str, FaultServer], embedders: Callable[..., Router]
+) -> None:
+    router = embedders("a")
+    with pytest.raises(InvalidRequestError, match="max_concurrency"):
+        router.embed(TEXTS, max_concurrency=0)
+    router.embed(TEXTS, batch_size=2, max_concurrency=1)
+    assert servers["a"].most_running == 1
+    assert all("max_concurrency" not in body for body in servers["a"].requests)

@@ -13,12 +13,18 @@ it runs its async twin on the router's own loop (``loop.py``), so the caller nee
 
 Inputs past the context window: with ``embedding.truncate: true`` the server cuts them (vLLM's
 ``truncate_prompt_tokens: -1``: to its ``max_model_len``). Otherwise every input is checked before
-anything is sent, against the smallest ``max_model_len`` the call's routes report (probed once when
-not yet known): an input that has more whitespace-separated words than that, or more than
-``max_model_len * embedding.chars_per_token`` characters, cannot fit under any tokenizer that splits
-on whitespace and is refused with :class:`~.errors.InputTooLongError`. A word is at least one token,
-and ``chars_per_token`` (8) is twice what English text averages, so the estimate errs low: an input
-only just too long reaches the server, whose 400 is a :class:`~.errors.ContextOverflowError`.
+anything is sent, against the smallest ``max_model_len`` the call's routes report (read once from
+``/v1/models`` when not yet known, in at most a quarter of the call's time left, and never counted
+against a route: a route that does not say is simply not checked). An input is refused with
+:class:`~.errors.InputTooLongError` when its low estimate is past the window: each
+whitespace-separated word is at least one token, and a word of up to 100 characters at least
+``len / embedding.chars_per_token`` (8, twice what English text averages); a longer word counts one,
+as BERT's WordPiece makes it one ``[UNK]``. The estimate errs low: an input only just too long
+reaches the server, whose 400 is a :class:`~.errors.ContextOverflowError`.
+
+The answers are checked (``route.checked_embeddings``: indices, finite numbers, one length per
+answer), and batches whose vectors differ in length (routes serving different models) raise
+:class:`~.errors.MixedEmbeddingsError` rather than mix two vector spaces in one index.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import asyncio
 import inspect
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from openai.resources.embeddings import Embeddings
@@ -36,7 +43,7 @@ from openai.types.create_embedding_response import Usage
 
 from . import tracing
 from .call import Call, Control, _check_extras, attach
-from .errors import InputTooLongError, InvalidRequestError
+from .errors import InputTooLongError, InvalidRequestError, MixedEmbeddingsError
 from .rounds import aserve, serve
 
 if TYPE_CHECKING:
@@ -59,7 +66,9 @@ class EmbeddingCall(Call):
         self._start(router, params, stream=False)
         cfg = router.config.embedding
         self.batch_size: int = _whole("batch_size", params.pop("batch_size", None)) or cfg.batch_size
-        self.max_concurrency: int = cfg.max_concurrency
+        self.max_concurrency: int = (
+            _whole("max_concurrency", params.pop("max_concurrency", None)) or cfg.max_concurrency
+        )
         truncate = params.pop("truncate", None)
         if truncate is not None and not isinstance(truncate, bool):
             raise InvalidRequestError(f"truncate must be True or False, got {truncate!r}")
@@ -120,9 +129,10 @@ def embed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> Cr
         inputs = _inputs(texts)
         if call.checks_lengths and inputs:
             routes = _routes(router, call)
-            for route in routes:
-                if _unknown(route):
-                    route.probe()
+            unknown = [route for route in routes if _unknown(route)]
+            if unknown:
+                with ThreadPoolExecutor(max_workers=len(unknown)) as pool:
+                    list(pool.map(lambda route: route.peek_context_window(_peek_timeout(call, route)), unknown))
             check_lengths(routes, inputs, router.config.embedding.chars_per_token)
         parts = call.batches(inputs)
         try:
@@ -141,7 +151,9 @@ async def aembed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]
         inputs = _inputs(texts)
         if call.checks_lengths and inputs:
             routes = _routes(router, call)
-            await asyncio.gather(*(route.aprobe() for route in routes if _unknown(route)))
+            await asyncio.gather(
+                *(route.apeek_context_window(_peek_timeout(call, route)) for route in routes if _unknown(route))
+            )
             check_lengths(routes, inputs, router.config.embedding.chars_per_token)
         parts = call.batches(inputs)
         try:
@@ -183,7 +195,18 @@ async def _agather(router: Router, call: EmbeddingCall, parts: list[EmbeddingCal
 
 
 def merged(responses: Sequence[CreateEmbeddingResponse], call: EmbeddingCall) -> CreateEmbeddingResponse:
-    """The batches' responses as one: vectors in input order (indices renumbered), usage summed."""
+    """The batches' responses as one: vectors in input order (indices renumbered), usage summed.
+
+    MixedEmbeddingsError when batches came back with vectors of different lengths.
+    """
+    dimensions = {
+        len(item.embedding): route
+        for response, route in zip(responses, call.info.batches, strict=False)
+        for item in response.data[:1]
+        if isinstance(item.embedding, list)
+    }
+    if len(dimensions) > 1:
+        raise MixedEmbeddingsError(dimensions)
     if len(responses) == 1:
         response = responses[0]
         response.data.sort(key=lambda item: item.index)
@@ -195,9 +218,8 @@ def merged(responses: Sequence[CreateEmbeddingResponse], call: EmbeddingCall) ->
         for item in sorted(response.data, key=lambda item: item.index):
             item.index += offset
             data.append(item)
-        usage = getattr(response, "usage", None)
-        prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
-        total_tokens += getattr(usage, "total_tokens", 0) or 0
+        prompt_tokens += response.usage.prompt_tokens  # made whole numbers by route.checked_embeddings
+        total_tokens += response.usage.total_tokens
     model = responses[0].model if responses else (call.model or _default_model(call))
     return CreateEmbeddingResponse(
         data=data, model=model, object="list", usage=Usage(prompt_tokens=prompt_tokens, total_tokens=total_tokens)
@@ -217,9 +239,13 @@ def check_lengths(routes: Iterable[Route], texts: Sequence[str], chars_per_token
             raise InputTooLongError(route=route.name, url=route.base_url, index=index, estimate=estimate, limit=limit)
 
 
+LONG_WORD = 100
+"""BERT's WordPiece makes a word longer than this one ``[UNK]`` token: such a word counts one."""
+
+
 def fewest_tokens(text: str, chars_per_token: float) -> int:
-    """A low estimate of ``text``'s tokens: its whitespace-separated words, or its characters / ``chars_per_token``."""
-    return max(len(text.split()), math.ceil(len(text) / chars_per_token))
+    """A low estimate of ``text``'s tokens (see the module docstring)."""
+    return sum(1 if len(word) > LONG_WORD else max(1, math.ceil(len(word) / chars_per_token)) for word in text.split())
 
 
 def _routes(router: Router, call: EmbeddingCall) -> list[Route]:
@@ -231,14 +257,27 @@ def _routes(router: Router, call: EmbeddingCall) -> list[Route]:
 
 
 def _unknown(route: Route) -> bool:
-    """Whether nothing says the route's context window yet (no configured value, never probed)."""
-    return route.max_model_len is None and route.probe_result.checked_at is None
+    """Whether nothing says the route's context window yet (no configured value, never probed or peeked)."""
+    return route.max_model_len is None and route.probe_result.checked_at is None and not route.peeked
+
+
+def _peek_timeout(call: EmbeddingCall, route: Route) -> float:
+    """How long reading a route's context window may take: its probe timeout, and at most a quarter of the
+    call's time left (the check must not eat the deadline the batches need)."""
+    left = call.left()
+    bound = route.probe_timeout if left is None else min(route.probe_timeout, left / 4)
+    if bound <= 0:
+        raise call.exhausted("deadline exceeded")
+    return bound
 
 
 def _inputs(texts: str | Sequence[str]) -> list[str]:
     """The caller's texts as a list of strings (one string is one input), or InvalidRequestError."""
     if isinstance(texts, str):
         return [texts]
+    if isinstance(texts, Mapping | Set | bytes | bytearray):
+        kind = type(texts).__name__
+        raise InvalidRequestError(f"texts must be a string or a list of strings, got {kind} (no order of inputs)")
     try:
         listed = list(texts)
     except TypeError:

@@ -380,6 +380,22 @@ class NoRouteOfKindError(InvalidRequestError):
         )
 
 
+class MixedEmbeddingsError(RouterError):
+    """An embed call's batches came back with vectors of different lengths: its routes serve different models.
+
+    Raised instead of mixing two vector spaces in one answer; ``dimensions`` maps each length to a
+    route that answered with it.
+    """
+
+    def __init__(self, dimensions: dict[int, str]) -> None:
+        self.dimensions = dict(dimensions)
+        seen = ", ".join(f"{length} from route {route!r}" for length, route in sorted(dimensions.items()))
+        super().__init__(
+            f"the batches of one embed call came back with vectors of different lengths ({seen}): the "
+            "embedding routes serve different models; give each model its own routes (pin one with route=...)"
+        )
+
+
 class InputTooLongError(ContextOverflowError, InvalidRequestError):
     """An embedding input is clearly longer than the route's ``max_model_len``: refused before sending.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.create_embedding_response import Usage
 
 from .bounds import watched_transport
 from .errors import classify
@@ -154,6 +156,9 @@ class Route:
         self.breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown)
         self.stats = RouteStats()
         self.probe_result = ProbeResult()
+        self.peeked = False
+        """Whether a call already read the context window (:meth:`peek_context_window`), found or not."""
+        self.peeked_max_model_len: int | None = None
         self.not_before = 0.0
         """Monotonic time before which the route is skipped (a ``Retry-After`` it sent)."""
         self.load: LoadReport | None = None
@@ -215,16 +220,35 @@ class Route:
         return stream
 
     def embed(self, body: dict[str, Any], timeout: float) -> CreateEmbeddingResponse:
-        return checked_embeddings(self.client.embeddings.create(**body, timeout=timeout), len(body["input"]))
+        response = self.client.embeddings.create(**body, timeout=timeout)
+        return checked_embeddings(response, len(body["input"]), self.model)
 
     async def aembed(self, body: dict[str, Any], timeout: float) -> CreateEmbeddingResponse:
         response = await self.aclient.embeddings.create(**body, timeout=timeout)
-        return checked_embeddings(response, len(body["input"]))
+        return checked_embeddings(response, len(body["input"]), self.model)
 
     @property
     def max_model_len(self) -> int | None:
         """Context window: what the server reported (``/v1/models``), else the configured value."""
-        return self.probe_result.max_model_len or self.configured_max_model_len
+        return self.probe_result.max_model_len or self.peeked_max_model_len or self.configured_max_model_len
+
+    def peek_context_window(self, timeout: float) -> None:
+        """Read the context window from ``/v1/models`` once, within ``timeout``; any failure leaves it unknown.
+
+        For a call that wants it before sending: unlike :meth:`probe` it never counts against the
+        route (its breaker is the requests' and the prober's business).
+        """
+        self.peeked = True
+        with contextlib.suppress(Exception):
+            models = self.client.models.list(timeout=timeout).data
+            self.peeked_max_model_len = dict(_model_entry(m) for m in models).get(self.model)
+
+    async def apeek_context_window(self, timeout: float) -> None:
+        """Async twin of :meth:`peek_context_window`."""
+        self.peeked = True
+        with contextlib.suppress(Exception):
+            models = (await self.aclient.models.list(timeout=timeout)).data
+            self.peeked_max_model_len = dict(_model_entry(m) for m in models).get(self.model)
 
     def available(self, now: float) -> bool:
         """Whether the route may be offered to the policy now."""
@@ -360,19 +384,44 @@ def checked(response: object) -> ChatCompletion:
     return response
 
 
-def checked_embeddings(response: object, expected: int) -> CreateEmbeddingResponse:
-    """``response`` if it holds one vector for each of the ``expected`` inputs (indices 0..n-1); else raise."""
+def checked_embeddings(response: object, expected: int, model: str) -> CreateEmbeddingResponse:
+    """``response`` if it holds one usable vector for each of the ``expected`` inputs; else ValueError.
+
+    Usable: indices the whole numbers 0..n-1, every vector finite numbers (or the base64 text a caller
+    asked for), all of one length. A missing ``model`` becomes the route's, a missing or garbled
+    ``usage`` zero tokens, so batches always merge.
+    """
     if not isinstance(response, CreateEmbeddingResponse):
         raise ValueError(f"expected embeddings, got {type(response).__name__}: {str(response)[:200]!r}")
     if not isinstance(response.data, list) or len(response.data) != expected:
         got = len(response.data) if isinstance(response.data, list) else type(response.data).__name__
         raise ValueError(f"expected {expected} embeddings, got {got}")
-    if sorted(item.index for item in response.data) != list(range(expected)):
-        raise ValueError(f"embedding indices are not 0..{expected - 1}")
+    if any(type(item.index) is not int for item in response.data) or sorted(
+        item.index for item in response.data
+    ) != list(range(expected)):
+        raise ValueError(f"embedding indices are not the whole numbers 0..{expected - 1}")
+    lengths = set()
     for item in response.data:
-        if not isinstance(item.embedding, list | str) or not item.embedding:
-            raise ValueError(f"malformed embedding at index {item.index}: {str(item.embedding)[:100]!r}")
+        vector = item.embedding
+        if isinstance(vector, str) and vector:
+            continue  # base64, as the caller asked (encoding_format="base64")
+        if not isinstance(vector, list) or not vector or not all(_finite(x) for x in vector):
+            raise ValueError(f"malformed embedding at index {item.index}: {str(vector)[:100]!r}")
+        lengths.add(len(vector))
+    if len(lengths) > 1:
+        raise ValueError(f"embeddings of different lengths in one answer: {sorted(lengths)}")
+    if not isinstance(response.model, str) or not response.model:
+        response.model = model
+    usage = getattr(response, "usage", None)
+    prompt = getattr(usage, "prompt_tokens", 0)
+    total = getattr(usage, "total_tokens", prompt)
+    counts = [n if type(n) is int and n >= 0 else 0 for n in (prompt, total)]
+    response.usage = Usage(prompt_tokens=counts[0], total_tokens=counts[1])
     return response
+
+
+def _finite(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def _model_entry(model: Any) -> tuple[str, int | None]:
