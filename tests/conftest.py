@@ -213,12 +213,23 @@ def vllm_pair(vllm_fleet: VllmFleet) -> list[Any]:
 
 
 @pytest.fixture
-def vllm_room(vllm_fleet: VllmFleet) -> None:
-    """Room for a test that starts up to three vLLM servers itself: the pair is stopped meanwhile.
+def vllm_room(vllm_fleet: VllmFleet) -> Iterator[None]:
+    """Room for a test that starts up to three vLLM servers itself: the session's servers stop meanwhile.
 
-    The next test that asks for ``vllm_pair`` starts it again.
+    The next test that asks for ``vllm_pair`` starts the pair again; a pooling server the session
+    runs (``vllm_embedder``) is started again right after the test, since its users hold it.
     """
     vllm_fleet.stop()
+    paused = [server for server in EMBEDDERS if server.process is not None]
+    for server in paused:
+        server.stop()
+    yield
+    for server in paused:
+        server.start()
+
+
+EMBEDDERS: list[Any] = []
+"""The pooling servers ``vllm_embedder`` started (``vllm_room`` stops them for its test)."""
 
 
 @pytest.fixture(scope="session")
@@ -239,9 +250,11 @@ def vllm_embedder() -> Iterator[Any]:
             pytest.fail(str(exc))
         pytest.skip(str(exc))
     server.start()
+    EMBEDDERS.append(server)
     try:
         yield server
     finally:
+        EMBEDDERS.remove(server)
         server.stop()
 
 

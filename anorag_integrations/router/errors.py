@@ -335,7 +335,8 @@ def status_error(
         return UnprocessableEntityError(message, hint="check the request parameters", **where)
     lowered = f"{kind or ''} {message}".lower()
     if status == 400 and any(marker in lowered for marker in _OVERFLOW_MARKERS):
-        return ContextOverflowError(message, hint="shorten the prompt or lower max_tokens", **where)
+        hint = "shorten the prompt or lower max_tokens (embeddings: split the text, or truncate=True)"
+        return ContextOverflowError(message, hint=hint, **where)
     return BadRequestError(message, hint="check the request parameters", **where)
 
 
