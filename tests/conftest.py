@@ -108,6 +108,38 @@ def real_config(servers: list[Any], prefix: str, route: dict[str, Any], **llm: A
     return config_from_dict({"llm": {"routes": routes, "params": params, **llm}}, env={})
 
 
+Outcome = tuple[str | None, int, BaseException | None]
+"""One request of a kill run: the route that served it, its failed attempts, the error it ended with."""
+
+
+def kill_mid_run(
+    router: Router, ask: list[dict[str, str]], kill: Callable[[], None], *, requests: int, kill_at: int
+) -> list[Outcome]:
+    """``requests`` chats of ``ask`` at concurrency 4, ``kill()`` (a server's SIGKILL) when request ``kill_at`` starts.
+
+    Every request's outcome is kept, in the order they ended, for the test to assert that none failed.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from anorag_integrations import call_info
+
+    outcomes: list[Outcome] = []
+
+    def one(i: int) -> None:
+        if i == kill_at:
+            kill()
+        try:
+            info = call_info(router.chat(ask))
+            assert info is not None
+            outcomes.append((info.route, len(info.attempts), None))
+        except Exception as exc:  # counted, then asserted on
+            outcomes.append((None, 0, exc))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(requests)))
+    return outcomes
+
+
 @contextlib.contextmanager
 def three_fault_servers() -> Iterator[dict[str, FaultServer]]:
     """Three fault servers a, b, c answering "from a", "from b", "from c", all healthy to begin with."""

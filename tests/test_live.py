@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from anorag_integrations import ContextOverflowError, Router, call_info
 
-from .conftest import free_port, real_config
+from .conftest import free_port, kill_mid_run, real_config
 
 pytestmark = pytest.mark.live
 ALIAS = "gemma3_270m"
@@ -110,22 +109,14 @@ def test_kill_one_server_mid_run_then_restart(tmp_path: Any) -> None:
             params={"timeout": 20},
         )
         with Router(config) as router:
-            outcomes: list[tuple[str | None, int, BaseException | None]] = []
             killed_at = time.monotonic()
 
-            def one(i: int) -> None:
+            def kill() -> None:
                 nonlocal killed_at
-                if i == 20:
-                    pair[0].kill()
-                    killed_at = time.monotonic()
-                try:
-                    info = call_info(router.chat(ASK))
-                    outcomes.append((info.route, len(info.attempts), None))  # type: ignore[union-attr]
-                except Exception as exc:  # counted, then asserted on
-                    outcomes.append((None, 0, exc))
+                pair[0].kill()
+                killed_at = time.monotonic()
 
-            with ThreadPoolExecutor(4) as pool:
-                list(pool.map(one, range(60)))
+            outcomes = kill_mid_run(router, ASK, kill, requests=60, kill_at=20)
 
             failed = [exc for _, _, exc in outcomes if exc is not None]
             failed_over = sum(1 for _, attempts, _ in outcomes if attempts)

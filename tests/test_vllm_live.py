@@ -23,7 +23,7 @@ from anorag_integrations import (
 )
 from anorag_integrations.config import config_from_dict
 
-from .conftest import real_config, vllm_on
+from .conftest import kill_mid_run, real_config, vllm_on
 
 pytestmark = pytest.mark.live
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
@@ -133,20 +133,9 @@ def test_kill_one_server_mid_run_then_restart(vllm_pair: list[Any]) -> None:
         params={"max_tokens": 8},
     )
     with Router(config) as router:
-        outcomes: list[tuple[str | None, BaseException | None]] = []
-
-        def one(i: int) -> None:
-            if i == 12:
-                vllm_pair[0].kill()
-            try:
-                outcomes.append((call_info(router.chat(ASK)).route, None))  # type: ignore[union-attr]
-            except Exception as exc:  # counted, then asserted on
-                outcomes.append((None, exc))
-
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(one, range(40)))
-        assert [exc for _, exc in outcomes if exc is not None] == []
-        assert {route for route, _ in outcomes[20:]} == {"vllm1"}
+        outcomes = kill_mid_run(router, ASK, vllm_pair[0].kill, requests=40, kill_at=12)
+        assert [exc for _, _, exc in outcomes if exc is not None] == []
+        assert {route for route, _, _ in outcomes[20:]} == {"vllm1"}
         assert router.health()["vllm0"]["healthy"] is False
         vllm_pair[0] = vllm_on(vllm_pair[0].port).start()
         restarted = time.monotonic()
