@@ -95,8 +95,6 @@ class RouteConfig(_Section):
     def _ollama_only(self) -> RouteConfig:
         if self.api != "ollama" and (self.options or self.keep_alive is not None):
             raise ValueError("options and keep_alive apply to api: ollama routes only (vLLM extras go in extra_body)")
-        if self.kind == "embedding" and self.api == "ollama":
-            raise ValueError("kind: embedding routes speak the OpenAI-compatible /v1/embeddings (api: openai)")
         if self.kind == "embedding" and self.continue_streams:
             raise ValueError("continue_streams applies to chat routes only (embeddings are not streamed)")
         return self

@@ -151,11 +151,6 @@ def test_config_keys_of_each_kind_name_routes_of_that_kind(llm: dict[str, Any], 
         make_config(routes, route_overrides={"e": {"kind": "embedding"}}, **llm)
 
 
-def test_embedding_routes_speak_the_openai_api() -> None:
-    with pytest.raises(ConfigError, match="kind: embedding routes speak the OpenAI-compatible"):
-        make_config({"e": "http://127.0.0.1:9"}, route_overrides={"e": {"kind": "embedding", "api": "ollama"}})
-
-
 def test_one_config_holds_both_kinds_with_a_fallback_and_default_each() -> None:
     urls = {name: f"http://127.0.0.1:{9 + i}/v1" for i, name in enumerate(("c1", "c2", "e1", "e2"))}
     config = make_config(

@@ -20,9 +20,12 @@ from anorag_integrations.providers import (
     OpenAIProvider,
     VLLMOpenAIProvider,
     create_chat_model,
+    create_embed_model,
+    create_embeddings,
     create_llm,
 )
 from anorag_integrations.testing import Fault, FaultServer
+from anorag_integrations.testing.embeddings import fake_vector
 from anorag_integrations.testing.ollama_server import OllamaFaultServer
 
 from .conftest import MODEL
@@ -173,6 +176,35 @@ def test_framework_switch_follows_the_provider(
     assert isinstance(llm, Ollama) and llm.metadata.context_window == 4096
     assert llm.complete("hi").text == "ollama one"
     assert ollamas[0].requests[-1]["options"]["num_ctx"] == 4096
+
+
+def test_embeddings_switch_follows_the_provider(
+    tmp_path: Path, servers: dict[str, FaultServer], ollamas: list[Any]
+) -> None:
+    from langchain_ollama import OllamaEmbeddings
+    from llama_index.embeddings.ollama import OllamaEmbedding
+
+    from anorag_integrations.langchain import VLLMRoutedEmbeddings
+    from anorag_integrations.llama_index import VLLMRoutedEmbedding
+
+    ollama = {"base_url": ollamas[0].root_url, "model": "llama3.2", "embedding_model": "llama3.2"}
+    routes = {"e": {"base_url": servers["a"].base_url, "model": MODEL, "kind": "embedding"}}
+    vllm = write(tmp_path, {"provider": "vllm_openai", "routes": routes, "ollama": ollama})
+    embeddings, embed_model = create_embeddings(vllm), create_embed_model(vllm)
+    assert isinstance(embeddings, VLLMRoutedEmbeddings) and isinstance(embed_model, VLLMRoutedEmbedding)
+    for vector in (embeddings.embed_query("doc"), embed_model.get_text_embedding("doc")):
+        assert vector == pytest.approx(fake_vector("doc"), abs=1e-6)
+    (tmp_path / "o").mkdir()
+    switched = write(tmp_path / "o", {"provider": "ollama", "routes": routes, "ollama": ollama})
+    embeddings, embed_model = create_embeddings(switched), create_embed_model(switched)
+    assert isinstance(embeddings, OllamaEmbeddings) and isinstance(embed_model, OllamaEmbedding)
+    for vector in (embeddings.embed_query("doc"), embed_model.get_text_embedding("doc")):
+        assert vector == pytest.approx(fake_vector("doc"), abs=1e-6)
+    assert [body["model"] for body in ollamas[0].requests] == ["llama3.2", "llama3.2"]
+    (tmp_path / "n").mkdir()
+    unnamed = write(tmp_path / "n", {"provider": "ollama", "ollama": {"model": "llama3.2"}})
+    with pytest.raises(ConfigError, match=r"llm\.ollama\.embedding_model"):
+        create_embed_model(unnamed)
 
 
 def test_router_over_mixed_apis(servers: dict[str, FaultServer], ollamas: list[OllamaFaultServer]) -> None:

@@ -15,7 +15,7 @@ from .factory import (
     OpenAIProvider,
     VLLMOpenAIProvider,
 )
-from .frameworks import create_chat_model, create_llm
+from .frameworks import create_chat_model, create_embed_model, create_embeddings, create_llm
 from .local import LocalLLM
 
 __all__ = [
@@ -28,5 +28,7 @@ __all__ = [
     "OpenAIProvider",
     "VLLMOpenAIProvider",
     "create_chat_model",
+    "create_embed_model",
+    "create_embeddings",
     "create_llm",
 ]

@@ -22,6 +22,7 @@ class _Settings(BaseModel):
 class OllamaSettings(_Settings):
     base_url: str = OLLAMA_URL
     model: str
+    embedding_model: str | None = Field(default=None, description="the model embeddings use, e.g. all-minilm")
     timeout: float = Field(default=120.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
     keep_alive: str | float | None = None

@@ -183,7 +183,12 @@ class AllRoutesFailed(RouterError):
 
 # --- mapping the openai SDK's exceptions onto this tree -------------------------------------------
 
-_OVERFLOW_MARKERS = ("maximum context length", "exceed_context_size", "exceeds the available context size")
+_OVERFLOW_MARKERS = (
+    "maximum context length",  # vLLM, OpenAI
+    "exceed_context_size",  # llama.cpp's error type
+    "exceeds the available context size",  # llama.cpp
+    "exceeds the context length",  # Ollama's /api/embed
+)
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 

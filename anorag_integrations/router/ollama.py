@@ -4,22 +4,33 @@ Requests arrive in the router's OpenAI shape and answers leave in it (``ChatComp
 chunks), so failover, breakers, policies and statistics treat Ollama hosts like any other route.
 Native, not Ollama's ``/v1``: only the native API takes ``options`` such as ``num_ctx`` (Ollama's
 small default context silently truncates long RAG prompts) and ``keep_alive``.
+
+A route of kind embedding speaks ``POST /api/embed`` and answers the openai SDK's
+``CreateEmbeddingResponse``, so one fleet can hold vLLM pooling servers and Ollama hosts side by side
+while a migration runs. Ollama truncates over-long inputs by default; here it does so only when the
+call asked to truncate (``embedding.truncate``), otherwise an input past the window is an error, as on
+vLLM. The context window comes from ``/api/show`` (the model's ``*.context_length``).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.create_embedding_response import Usage
 
 from .bounds import watched_transport
 from .errors import RouteError, TransientRouteError, status_error
-from .route import PerLoop, Route
+from .route import PerLoop, Route, checked_embeddings
 
 if TYPE_CHECKING:
     from ..config import RouteConfig
@@ -93,6 +104,31 @@ class OllamaRoute(Route):
             raise self._error(exc) from exc
         return _AsyncStream(self, parts, _wants_usage(body))
 
+    def embed(self, body: dict[str, Any], timeout: float) -> CreateEmbeddingResponse:
+        try:
+            answer = self._native.embed(**self._embed_request(body))
+        except Exception as exc:
+            raise self._error(exc) from exc
+        return self._embeddings(answer, body)
+
+    async def aembed(self, body: dict[str, Any], timeout: float) -> CreateEmbeddingResponse:
+        try:
+            answer = await self._anative.get().embed(**self._embed_request(body))
+        except Exception as exc:
+            raise self._error(exc) from exc
+        return self._embeddings(answer, body)
+
+    def peek_context_window(self, timeout: float) -> None:
+        """The model's context window from ``/api/show``; any failure leaves it unknown (no breaker effect)."""
+        self.peeked = True
+        with contextlib.suppress(Exception):
+            self.peeked_max_model_len = _context_length(self._native.show(self.model))
+
+    async def apeek_context_window(self, timeout: float) -> None:
+        self.peeked = True
+        with contextlib.suppress(Exception):
+            self.peeked_max_model_len = _context_length(await self._anative.get().show(self.model))
+
     def _probe_models(self) -> list[tuple[str, int | None]]:
         try:
             return [(str(m.model), None) for m in self._native.list().models]
@@ -137,6 +173,38 @@ class OllamaRoute(Route):
         if "think" in extra:
             request["think"] = extra["think"]
         return request
+
+    def _embed_request(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The router's ``embeddings.create`` body as ``ollama.Client.embed`` keywords."""
+        extra = dict(body.get("extra_body") or {})
+        options = {**self.options, **extra.pop("options", {})}
+        request: dict[str, Any] = {"model": body["model"], "input": body["input"]}
+        # Ollama's own default is to truncate silently; here only a call that asked for it truncates
+        request["truncate"] = "truncate_prompt_tokens" in extra
+        if options:
+            request["options"] = options
+        if (keep_alive := extra.get("keep_alive", self.keep_alive)) is not None:
+            request["keep_alive"] = keep_alive
+        if body.get("dimensions") is not None:
+            request["dimensions"] = body["dimensions"]
+        return request
+
+    def _embeddings(self, answer: Any, body: Mapping[str, Any]) -> CreateEmbeddingResponse:
+        """Ollama's ``{"embeddings": [[...]]}`` as the openai SDK's response, checked like any route's."""
+        vectors = getattr(answer, "embeddings", None)
+        if not isinstance(vectors, list):
+            raise ValueError(f"expected embeddings, got {str(answer)[:200]!r}")
+        base64_wanted = body.get("encoding_format") == "base64"
+        data = [
+            Embedding.model_construct(index=i, object="embedding", embedding=_base64(v) if base64_wanted else v)
+            for i, v in enumerate(vectors)
+        ]  # constructed, not validated, as the openai SDK does: base64 text is not a list of floats
+        tokens = answer.prompt_eval_count or 0
+        response = CreateEmbeddingResponse.model_construct(
+            object="list", model=answer.model or self.model, data=data,
+            usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+        )  # fmt: skip
+        return checked_embeddings(response, len(body["input"]), self.model)
 
     def _completion(self, response: Any) -> ChatCompletion:
         message = response.message
@@ -288,6 +356,21 @@ def _tool_calls(message: Any) -> list[dict[str, Any]]:
          "function": {"name": call.function.name, "arguments": json.dumps(dict(call.function.arguments or {}))}}
         for call in message.tool_calls or []
     ]  # fmt: skip
+
+
+def _base64(vector: Any) -> Any:
+    """A vector as vLLM's ``encoding_format="base64"`` sends it (little-endian float32); left as is if malformed."""
+    try:
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    except (TypeError, struct.error):
+        return vector
+
+
+def _context_length(shown: Any) -> int | None:
+    """``/api/show``'s ``model_info["<family>.context_length"]``, or None."""
+    info = getattr(shown, "modelinfo", None) or {}
+    lengths = [v for k, v in info.items() if k.endswith(".context_length") and type(v) is int and v > 0]
+    return lengths[0] if lengths else None
 
 
 def _finish(reason: str | None) -> str:

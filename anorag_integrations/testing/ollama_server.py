@@ -3,7 +3,11 @@
 Ollama cannot be installed here, so this follows its documented API: ``POST /api/chat`` streams
 newline-delimited JSON unless ``"stream": false``, options in ``options`` (``num_predict``,
 ``num_ctx``, ...), token counts ``prompt_eval_count``/``eval_count``, durations in nanoseconds,
-``GET /api/tags`` lists models as ``name:tag``, errors are ``{"error": "..."}``.
+``GET /api/tags`` lists models as ``name:tag``, errors are ``{"error": "..."}``. ``POST /api/embed``
+answers ``{"embeddings": [[...]], "prompt_eval_count": n}`` with the same vectors as ``FaultServer``'s
+``/v1/embeddings``; ``truncate`` defaults to true, and with ``"truncate": false`` an input past the
+context window is Ollama's 400 "the input length exceeds the context length". ``POST /api/show``
+gives the window as ``model_info["bert.context_length"]`` when ``max_model_len`` is set.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .fault_server import Fault, FaultServer, drop_connection
+from . import embeddings
+from .fault_server import Fault, FaultServer, _FaultState, drop_connection
+
+OVERFLOW = "the input length exceeds the context length"
+"""Ollama's error when ``/api/embed`` gets an input past the window with ``"truncate": false``."""
 
 
 class OllamaFaultServer(FaultServer):
@@ -27,6 +35,8 @@ class OllamaFaultServer(FaultServer):
         app.router.add_get("/api/version", self._api_version)
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/chat", self._api_chat)
+        app.router.add_post("/api/embed", self._api_embed)
+        app.router.add_post("/api/show", self._api_show)
 
     async def _root(self, request: web.Request) -> web.Response:
         return web.Response(text="Ollama is running")
@@ -42,9 +52,17 @@ class OllamaFaultServer(FaultServer):
     def _serves(self, name: str) -> bool:
         return name == self.model or f"{name}:latest" == self.model
 
-    async def _api_chat(self, request: web.Request) -> web.StreamResponse:
+    async def _api_show(self, request: web.Request) -> web.Response:
         body = await request.json()
-        state = self._received(request, body)
+        if not self._serves(str(body.get("model"))):
+            return web.json_response({"error": f"model '{body.get('model')}' not found"}, status=404)
+        info = {"general.architecture": "bert"}
+        if self.max_model_len is not None:
+            info["bert.context_length"] = self.max_model_len  # type: ignore[assignment]
+        return web.json_response({"modelfile": "", "details": {"family": "bert"}, "model_info": info})
+
+    async def _preamble(self, body: dict[str, Any], state: _FaultState) -> web.Response | None:
+        """The answer a fault or an unknown model gives before any work, or None to go on."""
         opts = state.options
         if state.fault is Fault.STATUS:
             return web.json_response({"error": opts.get("message", "injected failure")}, status=opts.get("status", 500))
@@ -56,6 +74,37 @@ class OllamaFaultServer(FaultServer):
             await asyncio.sleep(float(opts.get("delay", 1.0)))
         if not self._serves(str(body.get("model"))):
             return web.json_response({"error": f"model '{body.get('model')}' not found"}, status=404)
+        return None
+
+    async def _api_embed(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        state = self._received(request, body)
+        if (early := await self._preamble(body, state)) is not None:
+            return early
+        texts = embeddings.inputs(body)
+        if not texts:
+            return web.json_response({"error": "invalid input type"}, status=400)
+        limit = self.max_model_len
+        too_long = limit is not None and any(embeddings.token_count(text) > limit for text in texts)
+        if too_long and body.get("truncate", True) is False:
+            return web.json_response({"error": OVERFLOW}, status=400)
+        truncate = -1 if limit is not None else None
+        document = embeddings.response(self.model, texts, {"truncate_prompt_tokens": truncate}, limit,
+                                       int(body.get("dimensions") or self.embedding_dimensions))  # fmt: skip
+        if state.fault is Fault.CUT:
+            drop_connection(request)
+            return web.Response(status=500)  # never sent: the connection is gone
+        vectors = [item["embedding"] for item in document["data"]]
+        tokens = document["usage"]["prompt_tokens"]
+        return web.json_response({"model": self.model, "embeddings": vectors, "total_duration": 5_000_000,
+                                  "load_duration": 1_000_000, "prompt_eval_count": tokens})  # fmt: skip
+
+    async def _api_chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        state = self._received(request, body)
+        opts = state.options
+        if (early := await self._preamble(body, state)) is not None:
+            return early
         words, reason = self._words({"max_tokens": (body.get("options") or {}).get("num_predict")})
         stats = {"total_duration": 5_000_000, "load_duration": 1_000_000, "prompt_eval_count": 7,
                  "prompt_eval_duration": 1_000_000, "eval_count": len(words), "eval_duration": 3_000_000}  # fmt: skip
