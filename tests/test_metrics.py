@@ -106,7 +106,22 @@ def test_a_scripted_run_is_exported_as_stats_says(
     assert value(samples, "anorag_time_to_first_token_seconds_count", **b) == 1
     assert value(samples, "anorag_time_to_first_token_seconds_count", **a) == 0
     assert value(samples, "anorag_output_tokens_total", **b) == 14  # "from b": two tokens, seven answers
-    assert value(samples, "anorag_route_info", model=MODEL, **a) == 1
+    assert value(samples, "anorag_route_info", model=MODEL, kind="chat", **a) == 1
+
+
+def test_embedding_routes_are_exported_with_their_kind(
+    router_for: Callable[..., Router], registry: CollectorRegistry
+) -> None:
+    router = router_for("a", "b", route_overrides={"b": {"kind": "embedding"}})
+    router.register_metrics(registry)
+    router.chat(USER)
+    router.embed(["one", "two"])
+    samples = scrape(registry)
+    assert_matches_stats(router, samples)
+    a, b = {"router": "default", "route": "a"}, {"router": "default", "route": "b"}
+    assert value(samples, "anorag_route_info", model=MODEL, kind="chat", **a) == 1
+    assert value(samples, "anorag_route_info", model=MODEL, kind="embedding", **b) == 1
+    assert value(samples, "anorag_attempts_total", **a) == value(samples, "anorag_attempts_total", **b) == 1
 
 
 def test_histogram_buckets_are_cumulative_and_sum_the_latencies(

@@ -20,7 +20,7 @@ routers share one collector per registry, so each family is written once however
     anorag_route_healthy                           1 when health() calls the route healthy
     anorag_throttled_until_timestamp_seconds       end of a Retry-After (Unix time; 0: not throttled)
     anorag_probe_duration_seconds                  the last active probe's latency
-    anorag_route_info{model}                       1, to join a route to the model it serves
+    anorag_route_info{model, kind}                 1, to join a route to the model and kind (chat, embedding) it serves
 
 Histograms, not quantile gauges: the statistics keep cumulative bucket counts beside their sample
 windows (one integer increment per request), and only buckets add up across routes and replicas.
@@ -224,7 +224,9 @@ class _Families:
             "anorag_throttled_until_timestamp_seconds", "When the route's Retry-After ends (Unix time; 0: none)"
         )
         self.probe = gauge("anorag_probe_duration_seconds", "Latency of the route's last active health probe")
-        self.info = gauge("anorag_route_info", "1 for each route, labelled with the model it serves", "model")
+        self.info = gauge(
+            "anorag_route_info", "1 for each route, labelled with the model and kind it serves", "model", "kind"
+        )
 
     def all(self) -> list[Metric]:
         return [value for value in vars(self).values() if isinstance(value, Metric)]
@@ -257,7 +259,7 @@ class _Families:
         self.throttled.add_metric(labels, wall + route.not_before - now if throttled else 0.0)
         if probe.latency_ms is not None:
             self.probe.add_metric(labels, probe.latency_ms / 1000)
-        self.info.add_metric([*labels, route.model], 1.0)
+        self.info.add_metric([*labels, route.model, route.kind], 1.0)
 
 
 def _buckets(histogram: Histogram) -> Iterator[tuple[str, float]]:
