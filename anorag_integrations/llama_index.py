@@ -113,8 +113,9 @@ class VLLMRouted(_Routed, CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Chat model; context window from the servers' max_model_len (smallest of the routes it may use)."""
-        routes = [self._router.routes[self.route]] if self.route else list(self._router.routes.values())
+        """Chat model; context window from the servers' max_model_len (smallest of the chat routes it may use)."""
+        names = [self.route] if self.route else self._router.config.route_names("chat")
+        routes = [self._router.routes[name] for name in names]
         window = self.context_window
         if window is None:
             for route in routes:

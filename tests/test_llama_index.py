@@ -137,6 +137,14 @@ def test_metadata_is_a_chat_model_with_the_servers_context_window(servers: dict[
         assert VLLMRouted(router=router, context_window=1000).metadata.context_window == 1000
 
 
+def test_the_context_window_is_the_chat_routes_not_an_embedders(servers: dict[str, FaultServer]) -> None:
+    servers["a"].max_model_len, servers["b"].max_model_len = 4096, 256  # b: a pooling server (all-MiniLM-L6-v2)
+    routes = {"a": {"base_url": servers["a"].base_url, "model": MODEL},
+              "b": {"base_url": servers["b"].base_url, "model": MODEL, "kind": "embedding"}}  # fmt: skip
+    with Router(_config(routes)) as router:
+        assert VLLMRouted(router=router).metadata.context_window == 4096
+
+
 def test_context_window_falls_back_to_config(servers: dict[str, FaultServer]) -> None:
     servers["a"].max_model_len = None  # e.g. a server that does not report it
     route = {"base_url": servers["a"].base_url, "model": MODEL, "max_model_len": 3000}
