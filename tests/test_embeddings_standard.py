@@ -52,3 +52,29 @@ class TestVLLMRoutedEmbeddingsIntegration(EmbeddingsIntegrationTests):
     @property
     def embedding_model_params(self) -> dict[str, Any]:
         return {"config_path": type(self)._config}
+
+
+CASSETTE_PORT = 8213
+"""Fixed port of the pooling server the embeddings cassettes were recorded from (`make record` starts it)."""
+
+
+@pytest.mark.vcr
+class TestVLLMRoutedEmbeddingsCassettes(EmbeddingsIntegrationTests):
+    """The same suite replayed from cassettes/ (recorded from a real vLLM pooling server): no network."""
+
+    _config: ClassVar[str]
+
+    @pytest.fixture(autouse=True)
+    def _server(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        path = Path(tmp_path_factory.getbasetemp()) / "cassette_embeddings.yaml"
+        route = {"base_url": f"http://127.0.0.1:{CASSETTE_PORT}/v1", "model": "minilm", "kind": "embedding"}
+        path.write_text(yaml.safe_dump({"llm": {"routes": {"minilm": {**route, "timeout": 60}}}}))
+        type(self)._config = str(path)
+
+    @property
+    def embeddings_class(self) -> type[Embeddings]:
+        return VLLMRoutedEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict[str, Any]:
+        return {"config_path": type(self)._config}
