@@ -3,11 +3,13 @@
 Three workloads, each streamed at ``--concurrency`` in one fixed shuffled order (seed 7):
 - ``rag``: one of ``--docs`` contexts of about 1,200 tokens each (after a one-line system prompt)
   and one of ``--questions`` questions about it, interleaved;
-- ``rag_shared_system``: the same with a 600-token system prompt every request shares, and
+- ``rag_many_questions``: the same contexts with ``--many-questions`` questions each (popular documents);
+- ``rag_shared_system``: the same as ``rag`` with a 600-token system prompt every request shares, and
   ``--shared-docs`` contexts (the case where a hash of the first 2,000 characters sees one key);
 - ``unique``: prompts of about 1,000 tokens that share nothing (not even their first characters).
 Policies: round_robin, least_outstanding, the consistent-hash ring ``prefix_affinity`` (its default
-``prefix_chars`` and one tuned to reach into the context) and ``prefix_aware``.
+``prefix_chars`` and one tuned per workload to hash the system prompt and 1,500 characters of the
+context, never the question) and ``prefix_aware``.
 
 vLLM (the default engine): SmolLM2-135M-Instruct, each server pinned to its own core (``taskset``,
 ``VLLM_CPU_OMP_THREADS_BIND``), automatic prefix caching with ``--kv-blocks`` blocks of 128 tokens
@@ -44,13 +46,13 @@ from anorag_integrations.config import config_from_dict
 from anorag_integrations.router.metrics import parse_load
 
 PARALLEL = 4
-TUNED_PREFIX_CHARS = 4000
-"""The hash ring tuned for this workload: past the shared system prompt, into the context."""
+TUNED_REACH = 1500
+"""``prefix_affinity_tuned`` hashes the system prompt and this many characters of the context (not the question)."""
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "round_robin": ("round_robin", {}),
     "least_outstanding": ("least_outstanding", {}),
     "prefix_affinity": ("prefix_affinity", {}),
-    "prefix_affinity_tuned": ("prefix_affinity", {"prefix_affinity": {"prefix_chars": TUNED_PREFIX_CHARS}}),
+    "prefix_affinity_tuned": ("prefix_affinity", {}),  # prefix_chars set per workload (see ``tuned``)
     "prefix_aware": ("prefix_aware", {}),
 }
 UNIQUE_RUNS = ("least_outstanding", "prefix_aware", "round_robin")
@@ -183,9 +185,16 @@ def fleet(args: argparse.Namespace) -> Iterator[list[LocalServer]]:
         yield servers
 
 
+def tuned(requests: list[Any]) -> dict[str, Any]:
+    """The hash ring's ``prefix_chars`` for this workload: past its system prompt, into the context."""
+    return {"prefix_affinity": {"prefix_chars": len(requests[0][0]["content"]) + TUNED_REACH}}
+
+
 def measure(servers: list[LocalServer], name: str, requests: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     """One policy on the servers, their prefix caches emptied first; the hit rates its requests got."""
     policy, extra = RUNS[name]
+    if name == "prefix_affinity_tuned":
+        extra = tuned(requests)
     for server in servers:
         reset_cache(server)
     before = [counters(server) for server in servers]
@@ -230,6 +239,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=10, help="contexts of the rag workload")
     parser.add_argument("--shared-docs", type=int, default=8, help="contexts of rag_shared_system (longer prompts)")
     parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--many-questions", type=int, default=16, help="questions per context of rag_many_questions")
     parser.add_argument("--facts", type=int, default=60, help="lines per context (60: about 1,200 tokens)")
     parser.add_argument("--unique", type=int, default=48, help="requests of the unique workload")
     parser.add_argument("--unique-facts", type=int, default=50)
@@ -237,12 +247,13 @@ def main() -> None:
     parser.add_argument("--cache-ram", type=int, default=0, help="llama.cpp's host prompt cache, MiB (0: off)")
     parser.add_argument("--kv-blocks", type=int, default=52, help="vLLM's KV cache, blocks of 128 tokens")
     parser.add_argument("--engine", choices=ENGINES, default="vllm")
-    parser.add_argument("--only", choices=("rag", "rag_shared_system", "unique"), default=None)
+    parser.add_argument("--only", nargs="*", default=None, help="workloads to run (default: all)")
     args = parser.parse_args()
     if args.engine != "vllm":
         raise SystemExit("this version measures vLLM (it reads vLLM's prefix-cache counters)")
     workloads = {
         "rag": (rag(args.docs, args.questions, args.facts, SHORT_SYSTEM), tuple(RUNS)),
+        "rag_many_questions": (rag(args.docs, args.many_questions, args.facts, SHORT_SYSTEM), tuple(RUNS)),
         "rag_shared_system": (rag(args.shared_docs, args.questions, args.facts, LONG_SYSTEM), tuple(RUNS)),
         "unique": (unique(args.unique, args.unique_facts), UNIQUE_RUNS),
     }
@@ -250,7 +261,7 @@ def main() -> None:
     with fleet(args) as servers:
         warm_up(servers)
         for workload, (requests, runs) in workloads.items():
-            if args.only not in (None, workload):
+            if args.only and workload not in args.only:
                 continue
             part = [{"workload": workload, **measure(servers, name, requests, args)} for name in runs]
             ratios(part, ("round_robin", "least_outstanding", "prefix_affinity", "prefix_affinity_tuned"))
@@ -265,6 +276,7 @@ def main() -> None:
         docs=args.docs,
         shared_system_docs=args.shared_docs,
         questions_per_doc=args.questions,
+        many_questions_per_doc=args.many_questions,
         unique_requests=args.unique,
         concurrency=args.concurrency,
         kv_cache_tokens=args.kv_blocks * 128,
