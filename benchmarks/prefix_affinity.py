@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--many-questions", type=int, default=16, help="questions per context of rag_many_questions")
     parser.add_argument("--facts", type=int, default=60, help="lines per context (60: about 1,200 tokens)")
-    parser.add_argument("--unique", type=int, default=48, help="requests of the unique workload")
+    parser.add_argument("--unique", type=int, default=80, help="requests of the unique workload")
     parser.add_argument("--unique-facts", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--cache-ram", type=int, default=0, help="llama.cpp's host prompt cache, MiB (0: off)")

@@ -98,6 +98,18 @@ def test_a_full_kv_cache_beside_one_with_room_counts_as_overloaded(fleet: list[R
     assert pick(policy, fleet, rag(2, 1)) == other.name
 
 
+def test_load_counts_other_clients_from_metrics_but_not_our_finished_requests(fleet: list[Route]) -> None:
+    policy = PrefixAware()
+    a, b = fleet
+    now = policy._clock()
+    a.load = LoadReport(running=2, waiting=0, kv_usage=0.1, scraped_at=now, own_in_flight=2)  # both ours, done since
+    b.stats.started()
+    b.load = LoadReport(running=1, waiting=0, kv_usage=0.1, scraped_at=now, own_in_flight=1)  # ours, still running
+    assert pick(policy, fleet, None) == "a"  # a stale count of our own finished requests does not repel
+    a.load = LoadReport(running=4, waiting=1, kv_usage=0.1, scraped_at=now, own_in_flight=2)  # 3 from other clients
+    assert pick(policy, fleet, None) == "b"
+
+
 def test_a_conversation_keeps_its_route_as_it_grows(fleet: list[Route]) -> None:
     policy = PrefixAware()
     text = SYSTEM + "user: tell me about rivers\n"

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from .policies import STALE_AFTER_S, LeastQueue, Request, Usable, _fewest, _usable, register
+from .policies import STALE_AFTER_S, Request, Usable, _fewest, _usable, register
 from .prefix_index import BLOCK_CHARS, MAX_BLOCKS_PER_ROUTE, PrefixIndex
 
 if TYPE_CHECKING:
@@ -39,15 +39,15 @@ class PrefixAware:
     cached match when that match is a hit (at least ``match_threshold`` of the prompt) and that
     route is not overloaded against the least loaded one (``balance_abs`` more *and* ``balance_rel``
     times more load, or a full KV cache beside one with room); otherwise it goes to the least loaded
-    route (ties take turns, so a prefix every prompt shares does not pull them all to one). Either way the
-    chosen route records the prompt, so a miss seeds the prefix where it went and a conversation keeps
-    its route as it grows (its earlier turns are a prefix of the next).
+    route (ties take turns, so a prefix every prompt shares does not pull them all to one). Either
+    way the chosen route records the prompt, so a miss seeds the prefix where it went and a
+    conversation keeps its route as it grows (its earlier turns are a prefix of the next).
 
-    Load is the server's own queue where ``/metrics`` is read (running + waiting at the last scrape
-    plus what this router sent since, as ``least_queue``), else this router's in-flight count, per
-    unit of weight; KV-cache use breaks ties. A route whose breaker has opened since it was last seen
-    is forgotten: its server may have restarted with an empty cache. ``hit_rates()`` gives, per
-    route, the share of prompt blocks the index predicted cached.
+    Load is this router's in-flight count plus, where ``/metrics`` is read, the other clients'
+    requests on the server at the last scrape, per unit of weight; KV-cache use breaks ties. A route
+    whose breaker has opened since it was last seen is forgotten: its server may have restarted
+    with an empty cache. ``hit_rates()`` gives, per route, the share of prompt blocks the index
+    predicted cached.
     """
 
     name: ClassVar[str] = "prefix_aware"
@@ -72,7 +72,7 @@ class PrefixAware:
         self.balance_abs, self.balance_rel, self.block_chars = balance_abs, balance_rel, block_chars
         self.scrapes_metrics = scrape_metrics
         self.index = PrefixIndex(max_blocks)
-        self._queue = LeastQueue(stale_after, clock)
+        self.stale_after = stale_after
         self._clock = clock
         self._turn = itertools.count()
         self._lock = threading.Lock()
@@ -86,7 +86,7 @@ class PrefixAware:
             return None
         self._forget_restarted(candidates)
         now = self._clock()
-        loads = {route.name: self._queue.depth(route, now) for route in candidates}
+        loads = {route.name: self._load(route, now) for route in candidates}
         least = _fewest(candidates, lambda route: loads[route.name], self._turn)
         assert least is not None
         blocks = request.prefix_blocks(self.block_chars) if request is not None else ()
@@ -115,6 +115,21 @@ class PrefixAware:
             tally = self._blocks.setdefault(route, [0, 0])
             tally[0] += depth
             tally[1] += len(blocks)
+
+    def _load(self, route: Route, now: float) -> tuple[float, float]:
+        """(requests queued or running per unit of weight, KV-cache use) as far as this router can tell.
+
+        Its own in-flight requests, exactly, plus what *other* clients had on the server at the last
+        fresh ``/metrics`` reading (running + waiting, less this router's share then). Unlike
+        ``least_queue``'s estimate it forgets a request of ours that finished since the scrape, so
+        a lone client balances as ``least_outstanding`` would.
+        """
+        in_flight = route.stats.in_flight
+        load = route.load
+        if load is None or now - load.scraped_at > self.stale_after:
+            return in_flight / route.weight, 0.0
+        others = max(0.0, load.running + load.waiting - load.own_in_flight)
+        return (others + in_flight) / route.weight, load.kv_usage
 
     def _overloaded(self, best: tuple[float, float], least: tuple[float, float]) -> bool:
         """Whether the route with the match is too loaded next to the least loaded one ((queue, KV use) each)."""
