@@ -125,12 +125,18 @@ async def run(
     for messages in requests:
         queue.put_nowait(messages)
     ttfts: list[float] = []
+    by_sight: dict[bool, list[float]] = {True: [], False: []}
+    """TTFTs of each context's first request in the run (no policy can find it cached) and of the rest."""
+    seen: set[str] = set()
     prompt_tokens = cached_tokens = 0
 
     async def worker() -> None:
         nonlocal prompt_tokens, cached_tokens
         while not queue.empty():
             messages = queue.get_nowait()
+            context = messages[-1]["content"].rsplit("Question", 1)[0]
+            first_sight = context not in seen
+            seen.add(context)
             started = time.perf_counter()
             first: float | None = None
             async for chunk in router.astream(messages, max_tokens=4, temperature=0):
@@ -142,6 +148,7 @@ async def run(
                     cached_tokens += (details.cached_tokens or 0) if details else 0
                 assert call_info(chunk) is not None
             ttfts.append(first if first is not None else time.perf_counter() - started)
+            by_sight[first_sight].append(ttfts[-1])
 
     begin = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -157,6 +164,9 @@ async def run(
         "ttft_mean_ms": round(statistics.fmean(ttfts) * 1000),
         "ttft_p50_ms": round(statistics.median(ttfts) * 1000),
         "ttft_p95_ms": round(percentile(ttfts, 95) * 1000),
+        "ttft_first_sight_mean_ms": _mean_ms(by_sight[True]),
+        "ttft_repeat_mean_ms": _mean_ms(by_sight[False]),
+        "first_sight_requests": len(by_sight[True]),
         "requests_per_s": round(len(requests) / wall, 3),
         "wall_s": round(wall, 1),
         "cached_prompt_share": round(cached_tokens / prompt_tokens, 3) if prompt_tokens else None,
@@ -166,6 +176,10 @@ async def run(
         "hit_rate_predicted": predicted if any(v is not None for v in predicted.values()) else None,
         "failed_attempts": failed,
     }
+
+
+def _mean_ms(values: list[float]) -> int | None:
+    return round(statistics.fmean(values) * 1000) if values else None
 
 
 def _round(value: float | None) -> float | None:
