@@ -251,17 +251,30 @@ def prefix_routing(data: dict[str, Any]) -> list[str]:
 def prefix_index_memory(data: dict[str, Any]) -> list[str]:
     r = data["results"]
     return [
-        f"## 7c. Prefix index memory ({r['requests']:,} requests routed by prefix_aware over two routes; "
-        f"tracemalloc; cap {r['cap_mb']} MB)",
+        f"## 7c. Prefix index memory ({r['requests']:,} requests routed by prefix_aware over two routes, then "
+        f"{r['requests']:,} sessions; tracemalloc)",
         "",
         table(
-            ["blocks held per route (cap)", "sessions held (cap)", "held MB", "peak MB", "us per pick", "met"],
+            [
+                "blocks held per route (cap)",
+                "index MB (peak)",
+                "bytes per block",
+                "index cap MB",
+                "sessions held (cap)",
+                "sessions MB",
+                "sessions cap MB",
+                "us per pick (untraced)",
+                "met",
+            ],
             [
                 [
                     json.dumps(r["index_blocks"]) + f" ({r['index_cap_blocks']:,})",
+                    f"{r['index_mb']} ({r['index_peak_mb']})",
+                    r["bytes_per_block"],
+                    r["index_cap_mb"],
                     f"{r['sessions']:,} ({r['sessions_cap']:,})",
-                    r["held_mb"],
-                    r["peak_mb"],
+                    r["sessions_mb"],
+                    r["sessions_cap_mb"],
                     r["pick_us"],
                     r["met"],
                 ]
