@@ -67,6 +67,17 @@ def test_each_context_stays_where_it_went_first_and_contexts_spread(fleet: list[
     assert rates["a"] is not None and 0.5 < rates["a"] < 1  # 3 of 4 prompts per context were predicted hits
 
 
+def test_new_contexts_split_the_caches_even_when_one_server_is_always_the_idle_one(fleet: list[Route]) -> None:
+    policy = PrefixAware()
+    a, b = fleet
+    b.stats.started()  # b always has one request running: a is always the least loaded
+    homes = Counter(pick(policy, fleet, rag(doc, 0)) for doc in range(10))
+    assert homes["b"] >= 4, homes  # by load alone all ten would go to a
+    b.stats.started()
+    b.stats.started()  # 3 against 0: b is overloaded, new contexts stay on a
+    assert {pick(policy, fleet, rag(doc, 0)) for doc in range(10, 14)} == {"a"}
+
+
 def test_a_shared_system_prompt_alone_is_not_a_hit(fleet: list[Route]) -> None:
     """The production-stack failure: a common system prompt must not pull every request to one server."""
     policy = PrefixAware()

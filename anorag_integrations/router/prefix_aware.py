@@ -24,6 +24,9 @@ BALANCE_ABS = 2.0
 """``prefix_aware`` leaves a hit for the least loaded route when the hit's load is this much higher..."""
 BALANCE_REL = 1.5
 """...and this many times higher (both: a small fleet at low load keeps its affinity)."""
+FOOTPRINT_RATIO = 1.25
+"""A miss leaves the least loaded route for the one with the smallest index when the least loaded one's
+index is this many times larger (plus the prompt's own blocks), and the smaller one is not overloaded."""
 KV_FULL = 0.95
 """A server whose KV cache is this full (``/metrics``) is overloaded when the least loaded one has room."""
 KV_ROOM = 0.25
@@ -39,7 +42,9 @@ class PrefixAware:
     cached match when that match is a hit (at least ``match_threshold`` of the prompt) and that
     route is not overloaded against the least loaded one (``balance_abs`` more *and* ``balance_rel``
     times more load, or a full KV cache beside one with room); otherwise it goes to the least loaded
-    route (ties take turns, so a prefix every prompt shares does not pull them all to one). Either
+    route (ties take turns, so a prefix every prompt shares does not pull them all to one), or to the
+    route with the smallest index when the least loaded one's is ``FOOTPRINT_RATIO`` times larger and
+    the smaller one is not overloaded (so new contexts split the fleet's caches evenly). Either
     way the chosen route records the prompt, so a miss seeds the prefix where it went and a
     conversation keeps its route as it grows (its earlier turns are a prefix of the next).
 
@@ -94,14 +99,29 @@ class PrefixAware:
             return least
         depths = self.index.match([route.name for route in candidates], blocks)
         top = max(depths.values())
-        chosen = least
-        if top > depths[least.name]:
-            best = _fewest([r for r in candidates if depths[r.name] == top], lambda r: loads[r.name], self._turn)
-            assert best is not None
-            if top >= self.match_threshold * len(blocks) and not self._overloaded(loads[best.name], loads[least.name]):
-                chosen = best
+        chosen = None
+        if top >= self.match_threshold * len(blocks):  # a hit somewhere
+            if depths[least.name] == top:
+                chosen = least
+            else:
+                best = _fewest([r for r in candidates if depths[r.name] == top], lambda r: loads[r.name], self._turn)
+                assert best is not None
+                if not self._overloaded(loads[best.name], loads[least.name]):
+                    chosen = best
+        if chosen is None:  # a miss, or the hit's route is overloaded
+            chosen = self._spread(candidates, least, loads, len(blocks))
         self._sent(chosen.name, blocks, depths[chosen.name])
         return chosen
+
+    def _spread(self, candidates: list[Route], least: Route, loads: dict[str, tuple[float, float]], size: int) -> Route:
+        """Where a miss goes: the least loaded route, unless its index (the prefixes it caches) is much
+        larger than another's that is not overloaded next to it; so new contexts split the fleet's caches
+        evenly instead of following whichever server happened to be idle (SGLang's smallest tree)."""
+        sizes = {route.name: self.index.size(route.name) for route in candidates}
+        small = min(candidates, key=lambda route: sizes[route.name])
+        if small is least or sizes[least.name] < FOOTPRINT_RATIO * sizes[small.name] + size:
+            return least
+        return least if self._overloaded(loads[small.name], loads[least.name]) else small
 
     def note(self, route: Route, request: Request) -> None:
         """``route`` takes ``request`` without a pick (its conversation is pinned there): record the prompt."""
