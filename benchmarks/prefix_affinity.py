@@ -17,7 +17,7 @@ vLLM (the default engine): SmolLM2-135M-Instruct, each server pinned to its own 
 cannot hold a workload's contexts, two can). The servers start once and are warmed up; before each
 policy every server's prefix cache is emptied (``POST /reset_prefix_cache``, vLLM's dev endpoint)
 and its ``vllm:prefix_cache_*`` counters read, so each policy starts cold and its measured hit rate
-is its own. (The llama.cpp results of the earlier version are in ``prefix_affinity_llamacpp.json``.)
+is its own. ``--engine llamacpp``: the rag workload on Gemma 3 270M, fresh servers per policy.
 Targets (rag): prefix_aware's mean TTFT <= 0.35x round_robin's and <= 0.7x the hash ring's; measured
 hit rate >= 1.5x round_robin's. (unique): p95 TTFT within 5 % of least_outstanding's.
 Run: ``flock /tmp/anorag-cpu.lock .venv/bin/python benchmarks/prefix_affinity.py`` (about 12 minutes).
@@ -209,14 +209,15 @@ def measure(servers: list[LocalServer], name: str, requests: list[Any], args: ar
     policy, extra = RUNS[name]
     if name == "prefix_affinity_tuned":
         extra = tuned(requests)
-    for server in servers:
+    vllm = args.engine == "vllm"  # llama.cpp: fresh servers per policy, no prefix-cache counters
+    for server in servers if vllm else ():
         reset_cache(server)
-    before = [counters(server) for server in servers]
+    before = [counters(server) if vllm else (0.0, 0.0) for server in servers]
     row = {"run": name, "policy": policy, **extra}
     row.update(
         asyncio.run(run([s.base_url for s in servers], servers[0].alias, policy, extra, requests, args.concurrency))
     )
-    after = [counters(server) for server in servers]
+    after = [counters(server) if vllm else (0.0, 0.0) for server in servers]
     hits = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
     queries = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
     row["hit_rate_measured"] = {
@@ -264,7 +265,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="workloads to run (default: all)")
     args = parser.parse_args()
     if args.engine != "vllm":
-        raise SystemExit("this version measures vLLM (it reads vLLM's prefix-cache counters)")
+        return llamacpp(args)
     workloads = {
         "rag": (rag(args.docs, args.questions, args.facts, SHORT_SYSTEM), tuple(RUNS)),
         "rag_many_questions": (rag(args.docs, args.many_questions, args.facts, SHORT_SYSTEM), tuple(RUNS)),
@@ -294,6 +295,33 @@ def main() -> None:
         unique_requests=args.unique,
         concurrency=args.concurrency,
         kv_cache_tokens=args.kv_blocks * 128,
+        model=MODELS[args.engine],
+    )
+    print("written to", path)
+
+
+LLAMACPP_RUNS = ("round_robin", "prefix_affinity", "prefix_aware")
+
+
+def llamacpp(args: argparse.Namespace) -> None:
+    """The rag workload on fresh llama.cpp servers per policy (its slots cannot be emptied in place)."""
+    requests = rag(args.docs, args.questions, args.facts, SHORT_SYSTEM)
+    rows = []
+    for name in LLAMACPP_RUNS:
+        with fleet(args) as servers:
+            rows.append(measure(servers, name, requests, args))
+    ratios(rows, ("round_robin",))
+    path = save(
+        result_name("prefix_affinity", args.engine),
+        rows,
+        engine=args.engine,
+        cores=cores(args.engine),
+        docs=args.docs,
+        questions_per_doc=args.questions,
+        concurrency=args.concurrency,
+        parallel_slots=PARALLEL,
+        cache_ram_mib=args.cache_ram,
+        kv_cache_tokens=None,
         model=MODELS[args.engine],
     )
     print("written to", path)

@@ -230,8 +230,8 @@ def prefix_routing(data: dict[str, Any]) -> list[str]:
         "",
     ]
     header = ["workload", "policy", "TTFT mean ms", "TTFT p95 ms", "req/s", "hit rate (server)",
-              "hit rate (predicted)", "share", "mean vs round_robin", "mean vs hash ring (tuned)",
-              "p95 vs least_outstanding", "hit rate vs round_robin"]  # fmt: skip
+              "hit rate (predicted)", "share", "mean vs round_robin", "mean vs prefix_affinity",
+              "mean vs prefix_affinity_tuned", "p95 vs least_outstanding", "hit rate vs round_robin"]  # fmt: skip
     body = []
     for r in data["results"]:
         predicted = r.get("hit_rate_predicted") or {}
@@ -241,6 +241,7 @@ def prefix_routing(data: dict[str, Any]) -> list[str]:
             " / ".join(rate(v) for v in predicted.values()) if predicted else "-",
             " / ".join(f"{v:.0%}" for v in r["share"].values()),
             f"{r.get('ttft_mean_vs_round_robin', '-')}x",
+            f"{r.get('ttft_mean_vs_prefix_affinity', '-')}x",
             f"{r.get('ttft_mean_vs_prefix_affinity_tuned', '-')}x",
             f"{r.get('ttft_p95_vs_least_outstanding', '-')}x",
             f"{r.get('hit_rate_vs_round_robin', '-')}x",
