@@ -246,7 +246,31 @@ def prefix_routing(data: dict[str, Any]) -> list[str]:
             f"{r.get('ttft_p95_vs_least_outstanding', '-')}x",
             f"{r.get('hit_rate_vs_round_robin', '-')}x",
         ])  # fmt: skip
-    return [*parts, table(header, body), "", machine(meta)]
+    verdicts = []
+    by = {(r["workload"], r["run"]): r for r in data["results"]}
+
+    def ratio(r: dict[str, Any], key: str, base: str) -> float:
+        theirs = by[(r["workload"], base)][key]
+        return round(r[key] / theirs, 3) if theirs else float("nan")
+
+    for r in data["results"]:
+        if r["run"] != "prefix_aware":
+            continue
+        if r["workload"] == "unique":
+            p95 = ratio(r, "ttft_p95_ms", "least_outstanding")
+            verdicts.append(
+                f"unique: p95 {p95}x least_outstanding (target <= 1.05x: {'met' if p95 <= 1.05 else 'missed'})"
+            )
+            continue
+        mean, ring = ratio(r, "ttft_mean_ms", "round_robin"), ratio(r, "ttft_mean_ms", "prefix_affinity")
+        hit = ratio(r, "hit_rate_measured_fleet", "round_robin")
+        verdicts.append(
+            f"{r['workload']}: mean {mean}x round_robin (target <= 0.35x: {'met' if mean <= 0.35 else 'missed'}), "
+            f"{ring}x prefix_affinity (<= 0.7x: {'met' if ring <= 0.7 else 'missed'}), hit rate {hit}x "
+            f"round_robin's (>= 1.5x: {'met' if hit >= 1.5 else 'missed'})"
+        )
+    notes = ["Targets, prefix_aware: " + "; ".join(verdicts) + "."] if verdicts else []
+    return [*parts, table(header, body), "", *notes, "", machine(meta)]
 
 
 def prefix_index_memory(data: dict[str, Any]) -> list[str]:
