@@ -48,6 +48,7 @@ ROUTER_KEYS = frozenset(
         "health",
         "fallback_to_ollama",
         "prefix_affinity",
+        "prefix_aware",
         "least_queue",
         "hedge",
         "observability",
@@ -142,6 +143,17 @@ class PrefixAffinityConfig(_Section):
     load_factor: float = Field(default=1.25, ge=1, description="no route above this times the average in flight")
 
 
+class PrefixAwareConfig(_Section):
+    """``lb_policy: prefix_aware``: what counts as a cached match, when load wins over it, the index's size."""
+
+    match_threshold: float = Field(default=0.5, gt=0, le=1, description="share of the prompt a hit must match")
+    balance_abs: float = Field(default=2.0, ge=0, description="a hit's route this much more loaded is skipped...")
+    balance_rel: float = Field(default=1.5, ge=1, description="...when it is also this many times more loaded")
+    block_chars: int = Field(default=64, ge=1, description="characters per hashed block")
+    max_blocks: int = Field(default=65_536, ge=1, description="block hashes kept per route (hard memory cap)")
+    scrape_metrics: bool = Field(default=True, description="read each server's /metrics (queue, KV, hit rate)")
+
+
 class LeastQueueConfig(_Section):
     """``lb_policy: least_queue``: how often ``/metrics`` is read and how long a reading counts."""
 
@@ -216,6 +228,7 @@ class Config(_Section):
     params: Params = Params()
     health: HealthConfig = HealthConfig()
     prefix_affinity: PrefixAffinityConfig = PrefixAffinityConfig()
+    prefix_aware: PrefixAwareConfig = PrefixAwareConfig()
     least_queue: LeastQueueConfig = LeastQueueConfig()
     hedge: HedgeConfig | None = None
     embedding: EmbeddingConfig = EmbeddingConfig()
@@ -263,6 +276,8 @@ class Config(_Section):
         """Keyword arguments for the ``lb_policy`` in use (its section, when it has one)."""
         if self.lb_policy == "prefix_affinity":
             return self.prefix_affinity.model_dump()
+        if self.lb_policy == "prefix_aware":
+            return {**self.prefix_aware.model_dump(), "stale_after": self.least_queue.stale_after}
         if self.lb_policy == "least_queue":
             return {"stale_after": self.least_queue.stale_after}
         return {}

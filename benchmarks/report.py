@@ -206,6 +206,110 @@ def prefix_affinity(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def prefix_routing(data: dict[str, Any]) -> list[str]:
+    """prefix_affinity.json since prefix_aware: three workloads, five policies, the servers' own hit rates."""
+    meta = data["meta"]
+    if "workload" not in data["results"][0]:
+        return prefix_affinity(data)
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    parts = [
+        f"## 7. Prefix-aware routing ({meta['model']}, two servers each pinned to its own core, KV cache "
+        f"{meta['kv_cache_tokens']:,} tokens each; streamed at concurrency {meta['concurrency']}; every server's "
+        "prefix cache emptied before each policy)",
+        "",
+        f"rag: {meta['docs']} contexts of about 1,200 tokens x {meta['questions_per_doc']} questions, shuffled; "
+        f"rag_many_questions: the same contexts x {meta.get('many_questions_per_doc')} questions; "
+        f"rag_shared_system: a 600-token system prompt shared by all, {meta['shared_system_docs']} contexts x "
+        f"{meta['questions_per_doc']} questions; unique: {meta['unique_requests']} prompts sharing nothing. "
+        "prefix_affinity is today's hash ring (first 2,000 characters); prefix_affinity_tuned hashes the system "
+        "prompt and 1,500 characters of the context. Hit rates are vLLM's own `prefix_cache_hits / queries` "
+        "over the fleet; predicted is prefix_aware's index, per server; share is each server's share of requests.",
+        "",
+    ]
+    header = ["workload", "policy", "TTFT mean ms", "TTFT p95 ms", "req/s", "hit rate (server)",
+              "hit rate (predicted)", "share", "mean vs round_robin", "mean vs prefix_affinity",
+              "mean vs prefix_affinity_tuned", "p95 vs least_outstanding", "hit rate vs round_robin"]  # fmt: skip
+    body = []
+    for r in data["results"]:
+        predicted = r.get("hit_rate_predicted") or {}
+        body.append([
+            r["workload"], r["run"], r["ttft_mean_ms"], r["ttft_p95_ms"], r["requests_per_s"],
+            rate(r.get("hit_rate_measured_fleet")),
+            " / ".join(rate(v) for v in predicted.values()) if predicted else "-",
+            " / ".join(f"{v:.0%}" for v in r["share"].values()),
+            f"{r.get('ttft_mean_vs_round_robin', '-')}x",
+            f"{r.get('ttft_mean_vs_prefix_affinity', '-')}x",
+            f"{r.get('ttft_mean_vs_prefix_affinity_tuned', '-')}x",
+            f"{r.get('ttft_p95_vs_least_outstanding', '-')}x",
+            f"{r.get('hit_rate_vs_round_robin', '-')}x",
+        ])  # fmt: skip
+    verdicts = []
+    by = {(r["workload"], r["run"]): r for r in data["results"]}
+
+    def ratio(r: dict[str, Any], key: str, base: str) -> float:
+        theirs = by[(r["workload"], base)][key]
+        return round(r[key] / theirs, 3) if theirs else float("nan")
+
+    for r in data["results"]:
+        if r["run"] != "prefix_aware":
+            continue
+        if r["workload"] == "unique":
+            p95 = ratio(r, "ttft_p95_ms", "least_outstanding")
+            verdicts.append(
+                f"unique: p95 {p95}x least_outstanding (target <= 1.05x: {'met' if p95 <= 1.05 else 'missed'})"
+            )
+            continue
+        mean, ring = ratio(r, "ttft_mean_ms", "round_robin"), ratio(r, "ttft_mean_ms", "prefix_affinity")
+        hit = ratio(r, "hit_rate_measured_fleet", "round_robin")
+        verdicts.append(
+            f"{r['workload']}: mean {mean}x round_robin (target <= 0.35x: {'met' if mean <= 0.35 else 'missed'}), "
+            f"{ring}x prefix_affinity (<= 0.7x: {'met' if ring <= 0.7 else 'missed'}), hit rate {hit}x "
+            f"round_robin's (>= 1.5x: {'met' if hit >= 1.5 else 'missed'})"
+        )
+    notes = ["Targets, prefix_aware: " + "; ".join(verdicts) + "."] if verdicts else []
+    return [*parts, table(header, body), "", *notes, "", machine(meta)]
+
+
+def prefix_index_memory(data: dict[str, Any]) -> list[str]:
+    r = data["results"]
+    return [
+        f"## 7c. Prefix index memory ({r['requests']:,} requests routed by prefix_aware over two routes, then "
+        f"{r['requests']:,} sessions; tracemalloc)",
+        "",
+        table(
+            [
+                "blocks held per route (cap)",
+                "index MB (peak)",
+                "bytes per block",
+                "index cap MB",
+                "sessions held (cap)",
+                "sessions MB (peak)",
+                "sessions cap MB",
+                "us per pick (untraced)",
+                "met",
+            ],
+            [
+                [
+                    json.dumps(r["index_blocks"]) + f" ({r['index_cap_blocks']:,})",
+                    f"{r['index_mb']} ({r['index_peak_mb']})",
+                    r["bytes_per_block"],
+                    r["index_cap_mb"],
+                    f"{r['sessions']:,} ({r['sessions_cap']:,})",
+                    f"{r['sessions_mb']} ({r.get('sessions_peak_mb', '-')})",
+                    r["sessions_cap_mb"],
+                    r["pick_us"],
+                    r["met"],
+                ]
+            ],
+        ),
+        "",
+        machine(data["meta"]),
+    ]
+
+
 def least_queue(data: dict[str, Any]) -> list[str]:
     meta = data["meta"]
     rows = [
@@ -394,8 +498,9 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("memory", memory),
     ("real_engine", real_engine),
     ("real_engine_llamacpp", real_engine),
-    ("prefix_affinity", prefix_affinity),
+    ("prefix_affinity", prefix_routing),
     ("prefix_affinity_llamacpp", prefix_affinity),
+    ("memory_prefix_index", prefix_index_memory),
     ("least_queue", least_queue),
     ("least_queue_fault", least_queue),
     ("hedging", hedging),

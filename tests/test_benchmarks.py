@@ -81,7 +81,7 @@ def test_prefix_affinity_benchmark_runs(tmp_path: Path) -> None:
                  results=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "prefix_affinity_llamacpp.json").read_text())["results"]
-    assert [row["policy"] for row in rows] == ["round_robin", "prefix_affinity"]
+    assert [row["policy"] for row in rows] == ["round_robin", "prefix_affinity", "prefix_aware"]
     assert all(sum(row["served"].values()) == 4 for row in rows)
 
 

@@ -327,3 +327,17 @@ def test_streaming_flag_sends_each_token_through_callbacks_once(
     # in response_metadata (the chain test above sees the custom event).
     assert message.response_metadata["failed_routes"] == ["a"] and message.response_metadata["route"] == "b"
     assert servers["b"].requests[-1]["stream"] is True and message.usage_metadata["output_tokens"] == 3
+
+
+def test_session_id_from_configurable_or_a_keyword_keeps_a_conversation_on_one_route(
+    servers: dict[str, FaultServer], llm_for: Callable[..., ChatVLLMRouted]
+) -> None:
+    llm = llm_for("a", "b")  # round robin: without a session, calls alternate
+    assert {llm.invoke("hi").content for _ in range(2)} == {"from a", "from b"}
+    session = {"configurable": {"session_id": "conv-1"}}
+    pinned = {llm.invoke("hi", config=session).content for _ in range(3)}
+    pinned |= {aggregate(list(llm.stream("hi", config=session))).content for _ in range(2)}  # type: ignore[misc]
+    pinned |= {asyncio.run(llm.ainvoke("hi", config=session)).content}
+    assert len(pinned) == 1
+    assert len({llm.invoke("hi", session_id="conv-2").content for _ in range(3)}) == 1
+    assert all("session_id" not in body for server in servers.values() for body in server.requests)

@@ -215,3 +215,12 @@ def test_settings_llm_and_unknown_route(llm_for: Callable[..., VLLMRouted], monk
     assert Settings.llm.complete("hello").text == "from a"
     with pytest.raises(ValueError, match="route 'zz' is not among"):
         llm_for("a", route="zz")
+
+
+def test_session_id_keeps_a_conversation_on_one_route(
+    servers: dict[str, FaultServer], llm_for: Callable[..., VLLMRouted]
+) -> None:
+    llm = llm_for("a", "b")
+    assert {llm.chat(ASK).message.content for _ in range(2)} == {"from a", "from b"}  # round robin
+    assert len({llm.chat(ASK, session_id="conv-1").message.content for _ in range(4)}) == 1
+    assert all("session_id" not in body for server in servers.values() for body in server.requests)

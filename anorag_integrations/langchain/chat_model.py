@@ -14,7 +14,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.load.serializable import SerializedConstructor, SerializedNotImplemented
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.output_parsers import (
     JsonOutputKeyToolsParser,
     JsonOutputParser,
@@ -22,7 +22,7 @@ from langchain_core.output_parsers import (
     PydanticToolsParser,
 )
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -92,6 +92,47 @@ class ChatVLLMRouted(Routed, BaseChatModel):
         if data["type"] == "constructor" and "api_key" not in self.model_fields_set:
             data["kwargs"].pop("api_key", None)
         return data
+
+    # --- Runnable overrides: a conversation's session_id from config["configurable"] --------------
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        return super().invoke(input, config, stop=stop, **_session(config, kwargs))
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        return await super().ainvoke(input, config, stop=stop, **_session(config, kwargs))
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        return super().stream(input, config, stop=stop, **_session(config, kwargs))
+
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        return super().astream(input, config, stop=stop, **_session(config, kwargs))
 
     # --- BaseChatModel overrides ---------------------------------------------------------------
     @property
@@ -278,3 +319,16 @@ class ChatVLLMRouted(Routed, BaseChatModel):
         else:
             params.pop("stream_usage", None)
         return params
+
+
+def _session(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's keywords, with ``session_id`` from the run's ``configurable`` when the call gave none.
+
+    ``RunnableWithMessageHistory`` and LangGraph put the conversation's id there; the router keeps a
+    conversation on one server while it is up (its prefix stays cached).
+    """
+    if "session_id" not in kwargs:
+        session = ensure_config(config).get("configurable", {}).get("session_id")
+        if session is not None:
+            return {**kwargs, "session_id": session}
+    return kwargs

@@ -26,6 +26,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from . import tracing
 from .errors import AllRoutesFailed, Attempt, InvalidRequestError, RouterClosed
 from .policies import stable_hash
+from .prefix_index import chain_blocks
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -139,6 +140,11 @@ class Call:
         deadline = seconds("deadline", params.pop("deadline", None)) or cfg.deadline
         self.deadline = None if deadline is None else self.started + deadline
         self.model: str | None = params.pop("model", None)
+        session = params.pop("session_id", None)
+        if session is not None and not isinstance(session, str | int):
+            raise InvalidRequestError(f"session_id must be text or a whole number, got {type(session).__name__}")
+        self.session_id: str | None = None if session is None else str(session)
+        """The conversation this request belongs to: it stays on one route while that route is usable."""
         self.body = {}
         self.info = CallInfo()
         self.retry_after = 0.0
@@ -151,6 +157,7 @@ class Call:
         self.continuing = False
         """Only routes with ``continue_streams: true`` may take this call (it continues a cut stream)."""
         self._prefix: tuple[int, int] | None = None
+        self._blocks: tuple[int, tuple[int, ...]] | None = None
         self.ctl = Control()
         self.span: Span | None = None
         """The call's trace span while it is recorded (see ``tracing.py``); copies share it as their parent."""
@@ -222,6 +229,7 @@ class Call:
             if isinstance(body.get(key), int):
                 body[key] = max(1, body[key] - delivered_tokens)
         twin.body = body
+        twin.forget_prefix()
         return twin
 
     def prefix_key(self, chars: int) -> int:
@@ -237,8 +245,18 @@ class Call:
             self._prefix = (chars, stable_hash("".join(parts)[:chars]))
         return self._prefix[1]
 
+    def prefix_blocks(self, block_chars: int) -> tuple[int, ...]:
+        """The chained hashes of the conversation's ``block_chars``-character blocks (computed once per call)."""
+        if self._blocks is None or self._blocks[0] != block_chars:
+            self._blocks = (block_chars, chain_blocks("".join(self._prefix_texts()), block_chars))
+        return self._blocks[1]
+
+    def forget_prefix(self) -> None:
+        """The body changed (a batch, a continuation): its prefix key and blocks are computed again."""
+        self._prefix = self._blocks = None
+
     def _prefix_texts(self) -> Iterator[str]:
-        """The pieces :meth:`prefix_key` hashes the start of: each message's role and text."""
+        """The pieces :meth:`prefix_key` and :meth:`prefix_blocks` hash: each message's role and text."""
         for message in self.body["messages"]:
             yield f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
 

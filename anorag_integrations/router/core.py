@@ -201,11 +201,19 @@ class Router:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per route: attempts, failures (and by error class), in-flight, failovers, latency and TTFT
-        percentiles (ms), tokens/s, and ``outcomes``: the calls that ended on the route, by outcome."""
+        percentiles (ms), tokens/s, ``outcomes`` (the calls that ended on the route, by outcome), and the
+        prefix-cache hit rate: ``prefix_hit_rate_predicted`` by ``prefix_aware``'s index (None under other
+        policies), ``prefix_hit_rate_measured`` from the server's ``/metrics`` when it is read and exports one."""
         ended = self.outcomes.snapshot()
+        predicted: dict[str, float | None] = {}
+        for pool in self.pools.values():
+            if (rates := getattr(pool.policy, "hit_rates", None)) is not None:
+                predicted.update(rates())
         return {
             name: {"url": r.base_url, "model": r.model, "state": str(r.breaker.state), **r.stats.snapshot(),
-                   "outcomes": {outcome: n for (route, outcome), n in ended.items() if route == name}}
+                   "outcomes": {outcome: n for (route, outcome), n in ended.items() if route == name},
+                   "prefix_hit_rate_predicted": predicted.get(name),
+                   "prefix_hit_rate_measured": r.load.prefix_hit_rate if r.load is not None else None}
             for name, r in self.routes.items()
         }  # fmt: skip
 

@@ -89,8 +89,9 @@ class EmbeddingCall(Call):
         parts = []
         for start in range(0, len(texts), self.batch_size):
             part = self.fresh()
-            part.ctl, part._prefix = Control(), None
+            part.ctl = Control()
             part.body = {**self.body, "input": texts[start : start + self.batch_size]}
+            part.forget_prefix()
             parts.append(part)
         return parts
 
@@ -102,7 +103,7 @@ class EmbeddingCall(Call):
         return await route.aembed(self.body_for(route), timeout)
 
     def _prefix_texts(self) -> Iterator[str]:
-        """What ``prefix_affinity`` hashes the start of: the batch's inputs."""
+        """What the prefix policies hash: the batch's inputs."""
         for text in self.body.get("input", ()):
             yield text + "\x1e"
 

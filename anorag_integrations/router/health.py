@@ -75,6 +75,12 @@ class CircuitBreaker:
             return self._peek()
 
     @property
+    def epoch(self) -> int:
+        """How many times the breaker has opened: a change means the route was down in between."""
+        with self._lock:
+            return self._epoch
+
+    @property
     def trial_in_flight(self) -> bool:
         """Whether a half-open trial request holds the slot now."""
         with self._lock:

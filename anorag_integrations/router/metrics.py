@@ -2,7 +2,8 @@
 
 vLLM exports ``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and
 ``vllm:kv_cache_usage_perc`` (servers before v0.10: ``vllm:gpu_cache_usage_perc``); llama.cpp's
-``--metrics`` exports ``llamacpp:requests_processing`` and ``llamacpp:requests_deferred``. Samples of
+``--metrics`` exports ``llamacpp:requests_processing`` and ``llamacpp:requests_deferred``. vLLM's
+prefix-cache counters are read too (``prefix_aware`` reports the measured hit rate). Samples of
 one name are summed over their labels (one per engine under data parallelism). Parsing is
 prometheus_client's.
 """
@@ -19,6 +20,9 @@ RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
 WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 """Each signal's metric names, newest first: the first one a server exports is used."""
+PREFIX_HITS = ("vllm:prefix_cache_hits_total",)
+PREFIX_QUERIES = ("vllm:prefix_cache_queries_total",)
+"""vLLM's automatic prefix caching, in prompt tokens since the server started (``prefix_aware``'s stats)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +39,21 @@ class LoadReport:
     kv_usage: float
     scraped_at: float
     own_in_flight: int
+    prefix_hits: float | None = None
+    prefix_queries: float | None = None
+
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        """The server's prefix-cache hit rate since it started (prompt tokens found cached), when it exports one."""
+        if self.prefix_hits is None or not self.prefix_queries:
+            return None
+        return self.prefix_hits / self.prefix_queries
 
 
 def parse_load(text: str, own_in_flight: int, now: float | None = None) -> LoadReport | None:
     """The load signals in a ``/metrics`` page, or None when it has no queue metric we know."""
     values: dict[str, float] = {}
-    wanted = set(RUNNING + WAITING + KV_USAGE)
+    wanted = set(RUNNING + WAITING + KV_USAGE + PREFIX_HITS + PREFIX_QUERIES)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in wanted:
@@ -54,6 +67,8 @@ def parse_load(text: str, own_in_flight: int, now: float | None = None) -> LoadR
         kv_usage=_first(values, KV_USAGE) or 0.0,
         scraped_at=time.monotonic() if now is None else now,
         own_in_flight=own_in_flight,
+        prefix_hits=_first(values, PREFIX_HITS),
+        prefix_queries=_first(values, PREFIX_QUERIES),
     )
 
 

@@ -5,7 +5,8 @@ The router passes every primary route, a predicate telling which may take this r
 policies that route by content); the policy returns one for which the predicate holds, or None.
 Small fleets are scanned exactly; above ``EXACT_LIMIT`` routes the load-aware policies use the
 power of two random choices (Envoy's and NGINX's answer at scale), so a pick stays O(1) with a
-thousand routes. A new policy is a new class registered with ``@register``.
+thousand routes. A new policy is a new class registered with ``@register``. The prefix-cache-aware
+policy, ``prefix_aware``, lives beside this file in ``prefix_aware.py`` with its index in ``prefix_index.py``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Request(Protocol):
 
     def prefix_key(self, chars: int) -> int:
         """A stable 64-bit hash of the conversation's first ``chars`` characters."""
+        ...
+
+    def prefix_blocks(self, block_chars: int) -> Sequence[int]:
+        """The chained hashes of the conversation's blocks of ``block_chars`` characters (see prefix_index)."""
         ...
 
 
@@ -317,3 +322,6 @@ class LeastQueue:
         if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
             return min(pair, key=lambda route: self.depth(route, now))
         return _fewest(_usable(routes, usable), lambda route: self.depth(route, now), self._turn)
+
+
+from . import prefix_aware as _prefix_aware  # noqa: E402, F401 - registers ``prefix_aware`` (it builds on the above)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from tenacity import wait_random_exponential
@@ -22,6 +22,7 @@ from .call import Call, wall_clock
 from .errors import AllRoutesFailed, RouterClosed
 from .lease import Lease
 from .policies import Policy, make_policy
+from .prefix_index import Sessions
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -32,6 +33,8 @@ BACKOFF_INITIAL_S = 0.25
 """Scale of the first wait between rounds (tenacity's random exponential)."""
 BACKOFF_MAX_S = 8.0
 """Longest wait between two rounds, unless a ``Retry-After`` asks for more."""
+MAX_SESSIONS = 100_000
+"""Conversations (``session_id``) whose route a pool remembers; the least recently used are forgotten."""
 
 _T = TypeVar("_T")
 _BACKOFF = wait_random_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
@@ -55,6 +58,8 @@ class Pool:
     primary: list[Route]
     fallback: Route | None
     policy: Policy
+    sessions: Sessions = field(default_factory=lambda: Sessions(MAX_SESSIONS))
+    """``session_id`` -> the primary route that took the conversation's last request."""
     on_fallback: bool = False
     """Whether the last call of this kind was served by the fallback route (logged once per switch)."""
 
@@ -90,14 +95,34 @@ def claim(router: Router, call: Call, tried: set[str]) -> Lease | None:
         )
 
     pool = router.pools[call.kind]
+    session = call.session_id
+    if session is not None and (lease := _session_lease(router, call, pool, session, usable)) is not None:
+        return lease
     while (route := pool.policy.pick(pool.primary, usable, call)) is not None:
         if (ticket := route.breaker.acquire()) is not None:
+            if session is not None:
+                pool.sessions.set(session, route.name)
             return Lease(call, route, ticket)
         lost.add(route.name)
     fb = pool.fallback
     if fb is not None and usable(fb) and (ticket := fb.breaker.acquire()) is not None:
         return Lease(call, fb, ticket)
     return None
+
+
+def _session_lease(
+    router: Router, call: Call, pool: Pool, session: str, usable: Callable[[Route], bool]
+) -> Lease | None:
+    """The route of the call's conversation, leased, while it is a usable primary route; else None."""
+    name = pool.sessions.get(session)
+    route = router.routes.get(name) if name is not None else None
+    if route is None or route not in pool.primary or not usable(route):
+        return None
+    if (ticket := route.breaker.acquire()) is None:
+        return None
+    if (note := getattr(pool.policy, "note", None)) is not None:
+        note(route, call)  # a prefix-aware policy records the prompt where the conversation went
+    return Lease(call, route, ticket)
 
 
 def one_round(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tuple[Lease, _T]:
