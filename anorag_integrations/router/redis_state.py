@@ -10,14 +10,15 @@ Keys (``ns`` is the namespace)::
     ns:leader:<route>  string the replica that probes the route; expires after leader_ttl unless renewed
     ns:trial:<route>   string the replica that sends the route's half-open trial; expires after leader_ttl
     ns:hedge           string the fleet's hedge tokens
-    ns:changed         pub/sub channel: a replica published a change (the message is its id)
+    ns:changed         pub/sub channel: a replica published a change ({"by": replica, "breakers": records})
 
 Two daemon threads per router. The sync thread pushes this replica's changes, reads the fleet's
 state in one pipeline (two round trips) and applies it, every ``refresh_interval`` or at once when
-woken by a local change or by a message on ``ns:changed``; the listen thread only relays those
-messages. Every call carries ``timeout``; when Redis fails the router routes on its own state
-(every replica probes, trials and hedges for itself), logs one warning, retries with backoff
-and logs one more warning when Redis is back. The request path never calls Redis.
+woken by a local change or by a message on ``ns:changed``; the listen thread adopts the breaker
+news those messages carry at once and wakes the sync thread. Every call carries ``timeout``; when
+Redis fails the router routes on its own state (every replica probes, trials and hedges for
+itself), logs one warning, retries with backoff and logs one more warning when Redis is back. The
+request path never calls Redis.
 
 Times cross processes as Unix time, so replicas on several hosts need synchronised clocks (NTP).
 """
@@ -302,11 +303,13 @@ class RedisState:
         pipe = client.pipeline(transaction=False)
         claim, release = self._scripts["claim"], self._scripts["release"]
         load_ttl_ms, lock_ttl_ms = int(self.config.load_ttl * 1000), int(self.config.leader_ttl * 1000)
+        news: dict[str, str] = {}
         for name in dirty["breakers"]:
             is_open, opened_at, _ = self.routes[name].breaker.reading()
             self._seq += 1
             at = _wall(opened_at) if is_open else now
-            pipe.hset(f"{ns}:breakers", name, json.dumps({"open": is_open, "at": at, "by": me, "n": self._seq}))
+            news[name] = json.dumps({"open": is_open, "at": at, "by": me, "n": self._seq})
+            pipe.hset(f"{ns}:breakers", name, news[name])
             if name in self._trials:  # the trial ended one way or the other: the next one is anyone's
                 release(keys=[self._key("trial", name)], args=[me], client=pipe)
                 self._trials.discard(name)
@@ -341,8 +344,8 @@ class RedisState:
         pipe.hgetall(f"{ns}:throttle")
         pipe.hgetall(f"{ns}:probes")
         pipe.zrangebyscore(f"{ns}:replicas", now - self.config.load_ttl, "+inf")
-        if any(dirty.values()):
-            pipe.publish(self._channel, me)
+        if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
+            pipe.publish(self._channel, json.dumps({"by": me, "breakers": news}))
         out.replies = pipe.execute()
         peers = [r.decode() for r in out.replies[out.reads_at + 3] if r.decode() != me]
         out.others = client.mget([self._key("load", peer) for peer in peers]) if peers else []
@@ -373,8 +376,9 @@ class RedisState:
         for name, raw in records.items():
             route = self.routes.get(name)
             record = json.loads(raw)
-            if route is None or record["by"] == self.replica or self._seen.get(name) == (record["by"], record["n"]):
-                continue
+            seen_by, seen_n = self._seen.get(name, ("", 0))
+            if route is None or record["by"] == self.replica or (seen_by == record["by"] and seen_n >= record["n"]):
+                continue  # ours, or already adopted (from the message, then from the hash)
             self._seen[name] = (record["by"], record["n"])
             at = _monotonic(record["at"])
             if record["open"]:
@@ -408,11 +412,22 @@ class RedisState:
                     latency_n += 1
             route.elsewhere = Elsewhere(in_flight, latency_sum, latency_n)
 
+    def _heard(self, data: object) -> None:
+        """Another replica's change: adopt its breaker news at once, and have the sync thread read the rest."""
+        try:
+            message = json.loads(data) if isinstance(data, bytes | str) else {}
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("by") == self.replica:
+            return
+        if self.connected:
+            self._adopt_breakers(message.get("breakers") or {})
+        self._wake.set()
+
     # --- the listen thread --------------------------------------------------------------------------
 
     def _listen(self) -> None:
         """Wake the sync thread whenever another replica publishes a change (so it is read at once)."""
-        me = self.replica.encode()
         backoff = BACKOFF_MIN_S
         while not self._stop.is_set():
             client = self._new_client()
@@ -422,8 +437,8 @@ class RedisState:
                 backoff = BACKOFF_MIN_S
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=LISTEN_POLL_S)
-                    if message is not None and message.get("data") != me:
-                        self._wake.set()
+                    if message is not None:
+                        self._heard(message.get("data"))
             except Exception as exc:  # the sync thread reports outages; this one just retries
                 log.debug("shared state: listening for changes failed: %s", self._masked(exc))
                 self._stop.wait(backoff)
