@@ -315,3 +315,39 @@ def test_the_redis_password_is_never_shown(
         assert "***@" in router.state.status()["url"]
     finally:
         close(router, refused)
+
+
+def test_state_is_local_unless_configured(two: dict[str, FaultServer]) -> None:
+    from .conftest import make_config
+
+    with Router(make_config(two), start_prober=False) as router:
+        assert router.state.status() == {"backend": "local"}
+        assert router.routes["s0"].breaker.listener is None and router.routes["s0"].listener is None
+
+
+@pytest.mark.parametrize(
+    ("state", "complaint"),
+    [
+        ({"backend": "redis"}, "needs url"),
+        ({"backend": "redis", "url": "http://:hunter2-secret@host:6379/0"}, "not a Redis URL"),
+        ({"backend": "redis", "url": "redis://:hunter2-secret@host:notaport/0"}, "bad port"),
+        ({"backend": "redis", "url": "redis://h:6379", "refresh_interval": 1, "leader_ttl": 1.5}, "leader_ttl"),
+        ({"backend": "memcached"}, "backend"),
+    ],
+)
+def test_bad_state_config_is_refused_without_echoing_the_password(
+    two: dict[str, FaultServer], state: dict[str, object], complaint: str
+) -> None:
+    from anorag_integrations.config import config_from_dict
+    from anorag_integrations.router import ConfigError
+
+    routes = {"s0": {"base_url": two["s0"].base_url, "model": MODEL}}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"llm": {"routes": routes, "state": state}}, env={})
+    assert complaint in str(caught.value) and "llm.state" in str(caught.value)
+    assert "hunter2-secret" not in str(caught.value)
+
+
+def test_rediss_urls_are_accepted(two: dict[str, FaultServer]) -> None:
+    config = shared_config(two, "rediss://:pw-123456@cache.example:6380/2", "ns")
+    assert config.state.url is not None and "pw-123456" not in repr(config)
