@@ -7,7 +7,8 @@ loopback. Each scenario runs twice, ``state: local`` then ``state: redis``, on f
 - kill: the first server is SIGKILLed at 30 % (breaker cool-down 1 s, so the run holds several
   half-open trials); failed attempts on it fleet-wide, all of them and those of requests sent after
   the kill (requests in flight at the kill fail whatever the state; target >= 4x fewer shared), and
-  failed requests (target 0 either way).
+  those sent after the first breaker in the fleet opened (what sharing can save), and failed
+  requests (target 0 either way).
 - balance: ``least_outstanding``, the third server twice as slow; server-side requests running,
   sampled from each server's ``/metrics``; spread = max/min of their means (target: closer to 1
   shared). Also requests per client CPU-second, all processes (target: shared >= 0.95x local).
@@ -42,6 +43,8 @@ from _measure import percentile
 APPS = 6
 CONCURRENCY = 4
 DELAY_S = 0.02
+FAILURE_THRESHOLD = 3
+"""``health.failure_threshold`` (the default): failures that open a replica's breaker."""
 KILL_COOLDOWN_S = 1.0
 """Breaker cool-down in the kill scenario, so a run holds several half-open trials of the dead route."""
 THROTTLE_EVERY = 150
@@ -177,13 +180,22 @@ def kill_run(backend: str, redis_url: str, seconds: float) -> dict[str, Any]:
         results, start_at = fleet(document, seconds, [(0.3, lambda: os.kill(servers[0].proc.pid, signal.SIGKILL))])
     rows = records(results)
     kill_at = start_at + 0.3 * seconds
+    first_open = min(_opened(result["records"]) for result in results)
     return {
         "state": backend,
         "requests": len(rows),
         "failed": sum(1 for r in rows if r[2] is None),
         "dead_route_attempts": sum(r[3].count("s0") for r in rows),
         "dead_route_attempts_sent_after_kill": sum(r[3].count("s0") for r in rows if r[0] > kill_at),
+        "dead_route_attempts_after_first_open": sum(r[3].count("s0") for r in rows if r[0] > first_open),
+        "first_open_s_after_kill": round(first_open - kill_at, 3),
     }
+
+
+def _opened(rows: list[list[Any]]) -> float:
+    """When one replica's breaker of s0 opened: the end of its ``FAILURE_THRESHOLD``-th failed attempt there."""
+    ends = sorted(r[0] + sum(r[4][: i + 1]) for r in rows for i, route in enumerate(r[3]) if route == "s0")
+    return ends[FAILURE_THRESHOLD - 1] if len(ends) >= FAILURE_THRESHOLD else float("inf")
 
 
 def balance_run(backend: str, redis_url: str, seconds: float) -> dict[str, Any]:
@@ -273,6 +285,9 @@ def main() -> None:
         "dead_route_attempts_local_over_shared": ratio(kl["dead_route_attempts"], ks["dead_route_attempts"]),
         "dead_route_attempts_sent_after_kill_local_over_shared": ratio(
             kl["dead_route_attempts_sent_after_kill"], ks["dead_route_attempts_sent_after_kill"]
+        ),
+        "dead_route_attempts_after_first_open_local_over_shared": ratio(
+            kl["dead_route_attempts_after_first_open"], ks["dead_route_attempts_after_first_open"]
         ),
         "spread_local": bl["spread"],
         "spread_shared": bs["spread"],
