@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from .router.errors import ConfigError
 from .router.policies import POLICIES
-from .router.secrets import clip, is_secret_key, preview, redact_repr_args
+from .router.secrets import clip, is_secret_key, preview, redact_repr_args, redact_url
 
 DEFAULT_CONFIG_PATH = "config.yaml"
 ENV_CONFIG_PATH = "ANORAG_CONFIG"
@@ -52,6 +52,7 @@ ROUTER_KEYS = frozenset(
         "least_queue",
         "hedge",
         "observability",
+        "state",
     }
 )
 OLLAMA_FALLBACK_ROUTE = "ollama"
@@ -215,6 +216,71 @@ class ObservabilityConfig(_Section):
     )
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+"""URL schemes ``state.url`` accepts (``rediss``: TLS)."""
+
+
+class StateConfig(_Section):
+    """Where routers keep what they learn about the fleet: this process only, or Redis shared by replicas.
+
+    See ``router/state.py``. A change one replica makes reaches the others within
+    ``refresh_interval + 4 * timeout`` seconds at worst (milliseconds when pub/sub delivers it).
+    """
+
+    backend: Literal["local", "redis"] = Field(default="local", description="local: each process on its own")
+    url: SecretStr | None = Field(
+        default=None, description="redis://[:password@]host:6379/0 (rediss:// for TLS); never shown"
+    )
+    namespace: str = Field(
+        default="anorag",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="prefix of every key: one per fleet of replicas sharing a config",
+    )
+    refresh_interval: float = Field(
+        default=0.1, gt=0, le=10, allow_inf_nan=False, description="seconds between reads of the fleet's state"
+    )
+    timeout: float = Field(
+        default=0.25, gt=0, le=10, allow_inf_nan=False, description="socket timeout of every Redis call (seconds)"
+    )
+    leader_ttl: float = Field(
+        default=2.0, gt=0, allow_inf_nan=False, description="a dead prober leader is replaced within this many seconds"
+    )
+    load_ttl: float = Field(
+        default=2.0, gt=0, allow_inf_nan=False, description="a crashed replica's in-flight counts expire after this"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value().strip())
+        if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.scheme == "unix"):
+            shown = preview(redact_url(value.get_secret_value()))
+            raise ValueError(f"not a Redis URL: {shown} (expected redis://host:6379/0, rediss:// or unix://)")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError(f"bad port in Redis URL {preview(redact_url(value.get_secret_value()))}") from None
+        return SecretStr(value.get_secret_value().strip())
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> StateConfig:
+        if self.backend == "redis" and self.url is None:
+            raise ValueError("backend: redis needs url: (redis://host:6379/0)")
+        for key in ("leader_ttl", "load_ttl"):
+            if getattr(self, key) <= 2 * self.refresh_interval:
+                raise ValueError(f"{key} must be more than twice refresh_interval (it is renewed every refresh)")
+        return self
+
+    @property
+    def staleness_bound_s(self) -> float:
+        """Longest a change made by one replica takes to reach another while Redis is reachable."""
+        return self.refresh_interval + 4 * self.timeout
+
+
 class Config(_Section):
     """The router's whole configuration."""
 
@@ -233,6 +299,7 @@ class Config(_Section):
     hedge: HedgeConfig | None = None
     embedding: EmbeddingConfig = EmbeddingConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
+    state: StateConfig = StateConfig()
     source: str = Field(default="<dict>", exclude=True, description="where this config was read from")
 
     @field_validator("lb_policy")

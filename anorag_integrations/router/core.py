@@ -33,6 +33,7 @@ from .hedge import Hedger, race
 from .loop import LoopThread
 from .rounds import aserve, make_pools, serve
 from .route import Route
+from .state import State, make_state
 from .stats import CallOutcomes
 from .streams import astream, stream
 from .tracing import Tracing
@@ -72,6 +73,15 @@ class Router:
                 "anorag-metrics-scraper",
             )
         self.hedger = Hedger(config.hedge) if config.hedge is not None else None
+        self.state: State = make_state(
+            config.state,
+            self.routes,
+            self.hedger,
+            config.observability.name or observability.default_name(config.source),
+        )
+        """What this router shares with the other replicas of its fleet (``state:``; local: nothing)."""
+        if config.state.backend != "local":
+            self.prober.gate = self.state.leads  # one replica probes each route; all read its results
         self._continuable = any(route.continue_streams for route in self.routes.values())
         self._loop_thread = LoopThread()
         self._live: set[Control] = set()
@@ -87,10 +97,18 @@ class Router:
         self._metrics = observability.Exports(self)
         # Nothing in the background holds the router: one that nobody holds is stopped, not leaked.
         self._finalizer = weakref.finalize(
-            self, _halt, self.prober, self.scraper, self._loop_thread, list(self.routes.values()), self._metrics
+            self,
+            _halt,
+            self.prober,
+            self.scraper,
+            self._loop_thread,
+            list(self.routes.values()),
+            self._metrics,
+            self.state,
         )
         if obs.prometheus:
             self.register_metrics()
+        self.state.start()
         if start_prober:
             self._background(Poller.start)
 
@@ -248,6 +266,7 @@ class Router:
         self._finalizer.detach()
         self._metrics.close()
         self.prober.stop()
+        self.state.stop()
         if self.scraper is not None:
             self.scraper.stop()
         self._loop_thread.stop(self.routes.values())
@@ -345,10 +364,12 @@ def _halt(
     loop_thread: LoopThread,
     routes: list[Route],
     metrics: observability.Exports,
+    state: State,
 ) -> None:
     """A router nobody holds any more: stop its threads without waiting (runs from the garbage collector)."""
     metrics.halt()
     prober.halt()
+    state.halt()
     if scraper is not None:
         scraper.halt()
     loop_thread.stop(wait=False)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .route import Route
@@ -29,10 +29,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("anorag_integrations.router")
 
 
+ADOPT_SLACK_S = 0.001
+"""Transitions of other replicas closer than this to the local one are taken as the same moment."""
+
+
 class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+class BreakerListener(Protocol):
+    """What shares a breaker's transitions with other replicas (``state.py``); both calls touch local memory only."""
+
+    def breaker_changed(self, route: str) -> None:
+        """The breaker of ``route`` opened, or closed after being open."""
+        ...
+
+    def may_trial(self, route: str, epoch: int) -> bool:
+        """Whether this replica may send the half-open trial of ``route``'s breaker in generation ``epoch``."""
+        ...
 
 
 class Ticket:
@@ -68,17 +84,22 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._epoch = 0
         self._trial_in_flight = False
+        self.name = ""
+        """The route's name, as the listener knows it."""
+        self.listener: BreakerListener | None = None
+        """Shared state told of every transition, and asked before a half-open trial (None: this process alone)."""
+
+    @property
+    def epoch(self) -> int:
+        """The breaker's generation: it grows every time the breaker opens (or adopts another replica's close), so a
+        change means the route was down in between."""
+        with self._lock:
+            return self._epoch
 
     @property
     def state(self) -> BreakerState:
         with self._lock:
             return self._peek()
-
-    @property
-    def epoch(self) -> int:
-        """How many times the breaker has opened: a change means the route was down in between."""
-        with self._lock:
-            return self._epoch
 
     @property
     def trial_in_flight(self) -> bool:
@@ -87,9 +108,23 @@ class CircuitBreaker:
             return self._trial_in_flight
 
     def _peek(self) -> BreakerState:
-        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s:
-            return BreakerState.HALF_OPEN
+        if (
+            self._state is BreakerState.OPEN
+            and self._clock() - self._opened_at >= self.cooldown_s
+            and (self.listener is None or self.listener.may_trial(self.name, self._epoch))
+        ):
+            return BreakerState.HALF_OPEN  # with shared state, only in the replica that owns the fleet's trial
         return self._state
+
+    def wants_trial(self) -> bool:
+        """Open with its cool-down over: a trial is due, if this replica may send it (see ``may_trial``)."""
+        with self._lock:
+            return self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s
+
+    def reading(self) -> tuple[bool, float, int]:
+        """(open, monotonic time it opened, epoch): what another replica needs to adopt this breaker's state."""
+        with self._lock:
+            return self._state is not BreakerState.CLOSED, self._opened_at, self._epoch
 
     def available(self) -> bool:
         """Whether a request may be sent now, without claiming the half-open trial."""
@@ -114,9 +149,12 @@ class CircuitBreaker:
             if ticket.epoch != self._epoch:
                 return  # admitted before the breaker opened: says nothing about the server now
             if ticket.trial or self._state is BreakerState.CLOSED:
+                reopened = self._state is not BreakerState.CLOSED
                 self._state = BreakerState.CLOSED
                 self._failures = 0
                 self._trial_in_flight = False
+                if reopened and self.listener is not None:
+                    self.listener.breaker_changed(self.name)
 
     def record_failure(self, ticket: Ticket) -> bool:
         """Count a transient failure; True when this one opened the breaker."""
@@ -155,12 +193,42 @@ class CircuitBreaker:
         with self._lock:
             self._open()
 
-    def _open(self) -> None:
+    def adopt_open(self, opened_at: float) -> bool:
+        """Another replica opened this route's breaker at ``opened_at`` (monotonic, this process's clock).
+
+        A closed breaker opens as of then; an open one whose cool-down started earlier restarts it
+        from then. The listener is not told (the change came from the fleet). True when it changed.
+        """
+        with self._lock:
+            if self._state is BreakerState.CLOSED:
+                self._open(notify=False)
+                self._opened_at = min(opened_at, self._opened_at)
+                return True
+            if opened_at > self._opened_at + ADOPT_SLACK_S:
+                self._opened_at = opened_at
+                return True
+            return False
+
+    def adopt_closed(self, closed_at: float) -> bool:
+        """Another replica's trial closed this route's breaker at ``closed_at`` (monotonic): close, unless
+        this breaker opened after that. Outcomes of requests admitted before are stale from now on."""
+        with self._lock:
+            if self._state is BreakerState.CLOSED or self._opened_at > closed_at + ADOPT_SLACK_S:
+                return False
+            self._state = BreakerState.CLOSED
+            self._failures = 0
+            self._trial_in_flight = False
+            self._epoch += 1
+            return True
+
+    def _open(self, notify: bool = True) -> None:
         self._state = BreakerState.OPEN
         self._opened_at = self._clock()
         self._epoch += 1
         self._trial_in_flight = False
         self._failures = 0
+        if notify and self.listener is not None:
+            self.listener.breaker_changed(self.name)
 
 
 class Poller:
@@ -177,6 +245,8 @@ class Poller:
         self.routes = list(routes)
         self.interval_s = interval_s
         self._check, self._acheck, self._name = check, acheck, name
+        self.gate: Callable[[Route], bool] | None = None
+        """Which routes this replica checks now (None: all); shared state lets one replica probe each route."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
@@ -207,6 +277,8 @@ class Poller:
             for route in self.routes:
                 if self._stop.is_set():
                     return
+                if self.gate is not None and not self.gate(route):
+                    continue  # another replica leads this route's checks and shares their results
                 try:
                     self._check(route)
                 except Exception:  # one route's surprise must not stop the checks of every route
@@ -215,8 +287,9 @@ class Poller:
 
     async def _arun(self) -> None:
         while not self._stop.is_set():
-            results = await asyncio.gather(*(self._acheck(route) for route in self.routes), return_exceptions=True)
-            for route, result in zip(self.routes, results, strict=True):
+            routes = [route for route in self.routes if self.gate is None or self.gate(route)]
+            results = await asyncio.gather(*(self._acheck(route) for route in routes), return_exceptions=True)
+            for route, result in zip(routes, results, strict=True):
                 if isinstance(result, Exception):
                     log.error("%s: checking route %r failed: %r", self._name, route.name, result)
             await asyncio.sleep(self.interval_s)

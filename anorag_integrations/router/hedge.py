@@ -5,6 +5,10 @@ A copy goes to another route once the first has not answered within the threshol
 slowest few percent of requests are hedged. A token bucket bounds the extra load: every request
 adds ``max_rate`` tokens (up to ``BURST``), a copy costs one, so over time at most ``max_rate`` of
 requests are hedged however slow the fleet gets (Dean and Barroso, "The Tail at Scale").
+
+With shared state the bucket is the fleet's, kept in Redis: a replica's requests add to it, and a
+replica holds at most one token of it at a time, taken in the background (``fleet_exchange``), so
+spending never waits on Redis and the whole fleet hedges at most ``max_rate`` of its requests.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class Hedger:
         self.min_samples = config.min_samples
         self._tokens = 1.0
         self._lock = threading.Lock()
+        self._fleet = False
+        """Whether the budget is the fleet's (shared state, Redis reachable): earnings go to it."""
+        self._earned = 0.0
+        """Earned since the last exchange with the fleet's bucket."""
 
     def delay(self, route: Route) -> float | None:
         """Seconds to wait for ``route`` before hedging; None: not enough history to know."""
@@ -45,10 +53,19 @@ class Hedger:
         assert self.quantile is not None
         return route.stats.latency_quantile(self.quantile, self.min_samples)
 
+    @property
+    def tokens(self) -> float:
+        """Hedges this replica may send now (with shared state: the fleet's tokens it holds)."""
+        with self._lock:
+            return self._tokens
+
     def earn(self) -> None:
         """A request that may be hedged has started: it adds ``max_rate`` to the budget."""
         with self._lock:
-            self._tokens = min(BURST, self._tokens + self.max_rate)
+            if self._fleet:
+                self._earned += self.max_rate
+            else:
+                self._tokens = min(BURST, self._tokens + self.max_rate)
 
     def spend(self) -> bool:
         """Take one hedge from the budget; False when it is spent."""
@@ -62,6 +79,32 @@ class Hedger:
         """A hedge that found no other route to go to gives its token back."""
         with self._lock:
             self._tokens = min(BURST, self._tokens + 1.0)
+
+    def fleet_exchange(self) -> tuple[float, bool]:
+        """(earned since the last exchange, whether a token is wanted): what goes to the fleet's bucket.
+
+        The first exchange makes the budget the fleet's: this replica's own tokens are dropped (the
+        fleet's bucket starts with one token, as a replica's does), or N replicas would bring N bursts.
+        """
+        with self._lock:
+            if not self._fleet:
+                self._fleet = True
+                self._tokens = 0.0
+            earned, self._earned = self._earned, 0.0
+            return earned, self._tokens < 1.0
+
+    def fleet_granted(self, tokens: float) -> None:
+        """The fleet's bucket gave this replica ``tokens`` (0 or 1)."""
+        with self._lock:
+            self._tokens = min(BURST, self._tokens + tokens)
+
+    def fleet_lost(self) -> None:
+        """The fleet's bucket is out of reach: the budget is this replica's own again (earnings kept)."""
+        with self._lock:
+            if self._fleet:
+                self._fleet = False
+                self._tokens = min(BURST, self._tokens + self._earned)
+                self._earned = 0.0
 
 
 async def race(call: Call, hedger: Hedger, achat: Callable[[Call], Awaitable[ChatCompletion]]) -> ChatCompletion:

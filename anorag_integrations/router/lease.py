@@ -255,7 +255,7 @@ class Lease:
             route.breaker.release(self.ticket)
         if error.retry_after is not None:
             wait = min(error.retry_after, call.router.config.params.max_retry_after)
-            route.not_before = max(route.not_before, time.monotonic() + wait)
+            route.throttle(wait)
             call.retry_after = max(call.retry_after, wait)
 
     def _end(self) -> bool:

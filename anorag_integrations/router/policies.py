@@ -178,15 +178,19 @@ class LeastLatency:
 
 def _latency_key(route: Route) -> float:
     """Measured routes by their average; an unmeasured one first, unless its first answer is pending."""
-    ewma = route.stats.ewma_latency_s
-    if ewma is not None:
-        return ewma
+    estimate = route.latency_estimate()  # the fleet's, with shared state
+    if estimate is not None:
+        return estimate
     return math.inf if route.stats.in_flight else -1.0
 
 
 @register
 class LeastOutstanding:
-    """Fewest requests in flight (divided by weight); ties rotate so no route is always first."""
+    """Fewest requests in flight (divided by weight); ties rotate so no route is always first.
+
+    With shared state the count is the fleet's (``Route.outstanding``), so six replicas do not all
+    pick the same idle-looking server.
+    """
 
     name: ClassVar[str] = "least_outstanding"
 
@@ -210,7 +214,7 @@ def _fewest(candidates: list[Route], key: Callable[[Route], Any], turn: Iterator
 
 
 def _load(route: Route) -> float:
-    return route.stats.in_flight / route.weight
+    return route.outstanding / route.weight  # with shared state, the other replicas' requests count too
 
 
 def stable_hash(text: str) -> int:

@@ -30,6 +30,7 @@ from .bounds import watched_transport
 from .errors import classify
 from .health import CircuitBreaker
 from .secrets import MASK, redact_url, split_credentials
+from .state import Elsewhere
 from .stats import RouteStats
 
 if TYPE_CHECKING:
@@ -37,6 +38,19 @@ if TYPE_CHECKING:
     from .metrics import LoadReport
 
 _C = TypeVar("_C")
+
+
+class RouteListener(Protocol):
+    """What shares a route's throttling and probe results with other replicas (``state.py``); local memory only."""
+
+    def throttled(self, route: str) -> None:
+        """``route`` sent a ``Retry-After``: its ``not_before`` moved later."""
+        ...
+
+    def probed(self, route: str) -> None:
+        """``route`` has a new ``probe_result``."""
+        ...
+
 
 SDK_HTTPX = sys.modules[openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0]]
 """The httpx package the openai SDK is built on (httpx2 in openai 3; httpx before)."""
@@ -154,6 +168,11 @@ class Route:
         self._api_key = cfg.api_key
         self._connect(cfg)
         self.breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown)
+        self.breaker.name = name
+        self.listener: RouteListener | None = None
+        """Shared state told of throttling and probe results (None: this process alone)."""
+        self.elsewhere = Elsewhere()
+        """What the fleet's other replicas report about this route (shared state only)."""
         self.stats = RouteStats()
         self.probe_result = ProbeResult()
         self.peeked = False
@@ -250,6 +269,27 @@ class Route:
             models = (await self.aclient.models.list(timeout=timeout)).data
             self.peeked_max_model_len = dict(_model_entry(m) for m in models).get(self.model)
 
+    def throttle(self, wait_s: float) -> None:
+        """Skip the route for ``wait_s`` seconds from now (it sent a ``Retry-After``); the fleet is told."""
+        self.not_before = max(self.not_before, time.monotonic() + wait_s)
+        if self.listener is not None:
+            self.listener.throttled(self.name)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests in flight on the route: this replica's, plus the other replicas' with shared state."""
+        return self.stats.in_flight + self.elsewhere.in_flight
+
+    def latency_estimate(self) -> float | None:
+        """The moving-average latency ``least_latency`` ranks by: this replica's, averaged with the fleet's."""
+        own = self.stats.ewma_latency_s
+        others = self.elsewhere
+        if not others.latency_n:
+            return own
+        if own is None:
+            return others.latency_sum / others.latency_n
+        return (own + others.latency_sum) / (1 + others.latency_n)
+
     def available(self, now: float) -> bool:
         """Whether the route may be offered to the policy now."""
         return now >= self.not_before and self.breaker.available()
@@ -316,6 +356,8 @@ class Route:
                 )
                 self.breaker.force_open()
         self.probe_result = result
+        if self.listener is not None:
+            self.listener.probed(self.name)
         return result
 
     # --- load scraping (least_queue) ---------------------------------------------------------------

@@ -1,0 +1,476 @@
+"""Fleet state in Redis (``state: {backend: redis}``): what ``state.py`` describes, kept under ``namespace``.
+
+Keys (``ns`` is the namespace)::
+
+    ns:breakers        hash   route -> {"open", "at" (Unix time), "by" (replica), "n" (its sequence)}
+    ns:throttle        hash   route -> Unix time until which the route sent a Retry-After
+    ns:probes          hash   route -> the last probe result, and the replica that probed
+    ns:replicas        zset   replica -> Unix time of its last refresh
+    ns:load:<replica>  string {route: [in flight, moving-average latency]}; expires after load_ttl
+    ns:leader:<route>  string the replica that probes the route; expires after leader_ttl unless renewed
+    ns:trial:<route>   string the replica that sends the route's half-open trial; expires after leader_ttl
+    ns:hedge           string the fleet's hedge tokens
+    ns:changed         pub/sub channel: a replica published a change ({"by": replica, "breakers": records})
+
+Two daemon threads per router. The sync thread pushes this replica's changes, reads the fleet's
+state in one pipeline (two round trips) and applies it, every ``refresh_interval`` or at once when
+woken by a local change or by a message on ``ns:changed``; the listen thread adopts the breaker
+news those messages carry at once and wakes the sync thread. Every call carries ``timeout``; when
+Redis fails the router routes on its own state (every replica probes, trials and hedges for
+itself), logs one warning, retries with backoff and logs one more warning when Redis is back. The
+request path never calls Redis.
+
+Times cross processes as Unix time, so replicas on several hosts need synchronised clocks (NTP).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+
+from .secrets import MASK, redact_url
+from .state import Elsewhere
+
+if TYPE_CHECKING:
+    from ..config import StateConfig
+    from .hedge import Hedger
+    from .route import Route
+
+log = logging.getLogger("anorag_integrations.router")
+
+BACKOFF_MIN_S = 0.1
+"""First wait before reconnecting to Redis after a failure..."""
+BACKOFF_MAX_S = 5.0
+"""...doubling up to this."""
+LISTEN_POLL_S = 0.5
+"""How long the listen thread waits for a message before checking whether it should stop."""
+HEDGE_BURST = 2.0
+"""Most tokens the fleet's hedge bucket holds (as one replica's, ``hedge.BURST``)."""
+
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+"""Take a lock with a TTL, or renew it when this replica holds it already: 1 when held."""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Drop a lock this replica holds (never one another replica took since)."""
+_HEDGE = """
+local tokens = tonumber(redis.call('GET', KEYS[1]) or '1')
+tokens = math.min(tonumber(ARGV[2]), tokens + tonumber(ARGV[1]))
+local take = 0
+if ARGV[3] == '1' and tokens >= 1 then take = 1 tokens = tokens - 1 end
+redis.call('SET', KEYS[1], tostring(tokens))
+return take
+"""
+"""Add a replica's earnings to the fleet's hedge bucket; hand it one token when it wants one and there is one."""
+
+
+class RedisState:
+    """One router's share of the fleet state (see the module docstring)."""
+
+    backend = "redis"
+
+    def __init__(self, config: StateConfig, routes: Mapping[str, Route], hedger: Hedger | None, label: str) -> None:
+        assert config.url is not None
+        self.config = config
+        self.routes = dict(routes)
+        self.hedger = hedger
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{label}:{secrets.token_hex(4)}"
+        """This router's name in the fleet: host, process, config name and a random part."""
+        url = config.url.get_secret_value()
+        self.url = redact_url(url)
+        """The Redis URL as shown (``***@`` for its credentials)."""
+        self._password = unquote(urlsplit(url).password or "")
+        ns = config.namespace
+        self._ns = ns
+        self._channel = f"{ns}:changed"
+        self._lock = threading.Lock()
+        self._dirty: dict[str, set[str]] = {"breakers": set(), "throttle": set(), "probes": set()}
+        """Routes whose breaker, Retry-After or probe result changed here and is not pushed yet."""
+        self._seen: dict[str, tuple[str, int]] = {}
+        """Per route, the other replica's breaker record last adopted (each is adopted once)."""
+        self._seq = 0
+        self._grants: dict[str, int] = {}
+        """Per route, the breaker epoch whose half-open trial this replica owns."""
+        self._trials: set[str] = set()
+        """Routes whose trial lock this replica holds."""
+        self._leading: frozenset[str] = frozenset()
+        self.connected = False
+        """Whether the last exchange with Redis succeeded (else the router runs on its own state)."""
+        self._warned = False
+        self._client: redis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        for route in self.routes.values():
+            route.breaker.listener = self
+            route.listener = self
+
+    def __repr__(self) -> str:
+        return f"RedisState(url={self.url!r}, namespace={self._ns!r}, connected={self.connected})"
+
+    # --- hooks: called on the request path, local memory only ---------------------------------------
+
+    def breaker_changed(self, route: str) -> None:
+        self._mark("breakers", route)
+
+    def throttled(self, route: str) -> None:
+        self._mark("throttle", route)
+
+    def probed(self, route: str) -> None:
+        self._mark("probes", route)
+
+    def _mark(self, kind: str, route: str) -> None:
+        with self._lock:
+            self._dirty[kind].add(route)
+        self._wake.set()
+
+    def may_trial(self, route: str, epoch: int) -> bool:
+        """Only the replica holding the route's trial lock sends its half-open trial (anyone, while Redis is down)."""
+        return not self.connected or self._grants.get(route) == epoch
+
+    def leads(self, route: Route) -> bool:
+        """Whether this replica probes ``route``: its elected leader, or every replica while Redis is down."""
+        return not self.connected or route.name in self._leading
+
+    @property
+    def staleness_bound_s(self) -> float:
+        return self.config.staleness_bound_s
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "url": self.url,
+            "namespace": self._ns,
+            "replica": self.replica,
+            "connected": self.connected,
+            "leads": sorted(self._leading) if self.connected else sorted(self.routes),
+            "staleness_bound_s": self.staleness_bound_s,
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        for target, name in ((self._run, "anorag-state-sync"), (self._listen, "anorag-state-listen")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def halt(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop both threads and give up this replica's leaderships, trials and load (bounded by ``timeout``)."""
+        self.halt()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        client, self._client = self._client, None
+        if client is not None and self.connected:
+            try:
+                pipe = client.pipeline(transaction=False)
+                for key in [
+                    *(self._key("leader", n) for n in self._leading),
+                    *(self._key("trial", n) for n in self._trials),
+                ]:
+                    self._scripts["release"](keys=[key], args=[self.replica], client=pipe)
+                pipe.delete(self._key("load", self.replica))
+                pipe.zrem(f"{self._ns}:replicas", self.replica)
+                pipe.execute()
+            except Exception as exc:  # Redis went away: the TTLs clean up instead
+                log.debug("shared state: could not give back this replica's keys: %s", self._masked(exc))
+        if client is not None:
+            client.close()
+        self.connected = False
+
+    # --- the sync thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while not self._stop.is_set():
+            try:
+                if self._client is None:
+                    self._client = self._connect()
+                self._sync(self._client)
+            except Exception as exc:  # Redis down, slow, refusing us: never the thread's end
+                self._down(exc)
+                self._stop.wait(backoff)
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+                continue
+            backoff = BACKOFF_MIN_S
+            self._up()
+            self._wake.wait(self.config.refresh_interval)
+            self._wake.clear()
+
+    def _new_client(self) -> redis.Redis:
+        assert self.config.url is not None
+        timeout = self.config.timeout
+        return redis.Redis.from_url(
+            self.config.url.get_secret_value(),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+
+    def _connect(self) -> redis.Redis:
+        client = self._new_client()
+        try:
+            client.ping()
+        except BaseException:
+            client.close()
+            raise
+        self._scripts = {
+            name: client.register_script(text)
+            for name, text in (("claim", _CLAIM), ("release", _RELEASE), ("hedge", _HEDGE))
+        }
+        return client
+
+    def _down(self, exc: BaseException) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        if self.connected or not self._warned:
+            log.warning(
+                "shared state: Redis at %s unreachable (%s); routing on this replica's own state, retrying",
+                self.url,
+                self._masked(exc),
+            )
+            self._warned = True
+        else:
+            log.debug("shared state: Redis at %s still unreachable: %s", self.url, self._masked(exc))
+        self.connected = False
+        self._leading = frozenset()
+        self._grants.clear()
+        self._trials.clear()
+        for route in self.routes.values():
+            route.elsewhere = Elsewhere()
+        if self.hedger is not None:
+            self.hedger.fleet_lost()
+
+    def _up(self) -> None:
+        if self.connected:
+            return
+        self.connected = True
+        if self._warned:
+            log.warning("shared state: Redis at %s is back; sharing the fleet's state again", self.url)
+        else:
+            log.info("shared state: connected to Redis at %s as %s", self.url, self.replica)
+
+    def _masked(self, exc: BaseException) -> str:
+        text = redact_url(f"{type(exc).__name__}: {exc}")
+        return text.replace(self._password, MASK) if self._password else text
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._ns}:{kind}:{name}"
+
+    def _sync(self, client: redis.Redis) -> None:
+        """Push this replica's changes and load, claim leaderships and trials, read and apply the fleet's state."""
+        with self._lock:
+            dirty = {kind: names for kind, names in self._dirty.items()}
+            self._dirty = {kind: set() for kind in dirty}
+        try:
+            exchange = self._exchange(client, dirty)
+        except BaseException:
+            with self._lock:  # pushed next time instead
+                for kind, names in dirty.items():
+                    self._dirty[kind] |= names
+            raise
+        self._apply(exchange)
+
+    def _exchange(self, client: redis.Redis, dirty: dict[str, set[str]]) -> _Exchange:
+        """One pipeline of writes, claims and reads (and one MGET of the other replicas' loads)."""
+        ns, me, now = self._ns, self.replica, time.time()
+        pipe = client.pipeline(transaction=False)
+        claim, release = self._scripts["claim"], self._scripts["release"]
+        load_ttl_ms, lock_ttl_ms = int(self.config.load_ttl * 1000), int(self.config.leader_ttl * 1000)
+        news: dict[str, str] = {}
+        for name in dirty["breakers"]:
+            is_open, opened_at, _ = self.routes[name].breaker.reading()
+            self._seq += 1
+            at = _wall(opened_at) if is_open else now
+            news[name] = json.dumps({"open": is_open, "at": at, "by": me, "n": self._seq})
+            pipe.hset(f"{ns}:breakers", name, news[name])
+            if name in self._trials:  # the trial ended one way or the other: the next one is anyone's
+                release(keys=[self._key("trial", name)], args=[me], client=pipe)
+                self._trials.discard(name)
+        for name in dirty["throttle"]:
+            pipe.hset(f"{ns}:throttle", name, repr(_wall(self.routes[name].not_before)))
+        for name in dirty["probes"]:
+            pipe.hset(f"{ns}:probes", name, json.dumps({**asdict(self.routes[name].probe_result), "by": me}))
+        for name in self._trials:  # a trial in flight keeps its lock; one whose replica died loses it
+            if self.routes[name].breaker.trial_in_flight:
+                claim(keys=[self._key("trial", name)], args=[me, lock_ttl_ms], client=pipe)
+        load = {name: [r.stats.in_flight, r.stats.ewma_latency_s] for name, r in self.routes.items()}
+        pipe.set(self._key("load", me), json.dumps(load), px=load_ttl_ms)
+        pipe.zadd(f"{ns}:replicas", {me: now})
+        pipe.zremrangebyscore(f"{ns}:replicas", "-inf", now - self.config.load_ttl)
+        out = _Exchange(leaders_at=len(pipe))
+        for name in self.routes:
+            claim(keys=[self._key("leader", name)], args=[me, lock_ttl_ms], client=pipe)
+        out.wanted = [
+            (name, route.breaker.epoch)
+            for name, route in self.routes.items()
+            if route.breaker.wants_trial() and self._grants.get(name) != route.breaker.epoch
+        ]
+        out.trials_at = len(pipe)
+        for name, _ in out.wanted:
+            claim(keys=[self._key("trial", name)], args=[me, lock_ttl_ms], client=pipe)
+        if self.hedger is not None:
+            earned, want = self.hedger.fleet_exchange()
+            out.hedge_at = len(pipe)
+            self._scripts["hedge"](keys=[f"{ns}:hedge"], args=[repr(earned), HEDGE_BURST, int(want)], client=pipe)
+        out.reads_at = len(pipe)
+        pipe.hgetall(f"{ns}:breakers")
+        pipe.hgetall(f"{ns}:throttle")
+        pipe.hgetall(f"{ns}:probes")
+        pipe.zrangebyscore(f"{ns}:replicas", now - self.config.load_ttl, "+inf")
+        if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
+            pipe.publish(self._channel, json.dumps({"by": me, "breakers": news}))
+        out.replies = pipe.execute()
+        peers = [r.decode() for r in out.replies[out.reads_at + 3] if r.decode() != me]
+        out.others = client.mget([self._key("load", peer) for peer in peers]) if peers else []
+        return out
+
+    def _apply(self, out: _Exchange) -> None:
+        replies = out.replies
+        leaders = replies[out.leaders_at : out.leaders_at + len(self.routes)]
+        self._leading = frozenset(name for name, held in zip(self.routes, leaders, strict=True) if held)
+        trials = replies[out.trials_at : out.trials_at + len(out.wanted)]
+        for (name, epoch), held in zip(out.wanted, trials, strict=True):
+            if held:
+                self._grants[name] = epoch
+                self._trials.add(name)
+        if self.hedger is not None and out.hedge_at is not None:
+            self.hedger.fleet_granted(float(replies[out.hedge_at]))
+        breakers, throttle, probes = (_decoded(r) for r in replies[out.reads_at : out.reads_at + 3])
+        self._adopt_breakers(breakers)
+        now = time.time()
+        for name, until in throttle.items():
+            route = self.routes.get(name)
+            if route is not None and float(until) > now:
+                route.not_before = max(route.not_before, _monotonic(float(until)))
+        self._adopt_probes(probes)
+        self._adopt_loads(out.others)
+
+    def _adopt_breakers(self, records: dict[str, str]) -> None:
+        for name, raw in records.items():
+            route = self.routes.get(name)
+            record = json.loads(raw)
+            seen_by, seen_n = self._seen.get(name, ("", 0))
+            if route is None or record["by"] == self.replica or (seen_by == record["by"] and seen_n >= record["n"]):
+                continue  # ours, or already adopted (from the message, then from the hash)
+            self._seen[name] = (record["by"], record["n"])
+            at = _monotonic(record["at"])
+            if record["open"]:
+                route.breaker.adopt_open(at)
+            else:
+                route.breaker.adopt_closed(at)
+
+    def _adopt_probes(self, records: dict[str, str]) -> None:
+        from .route import ProbeResult
+
+        for name, raw in records.items():
+            route = self.routes.get(name)
+            record = json.loads(raw)
+            if route is None or record.pop("by") == self.replica:
+                continue
+            if (record.get("checked_at") or 0) <= (route.probe_result.checked_at or 0):
+                continue
+            route.probe_result = ProbeResult(**record)
+            if record.get("healthy"):
+                route.breaker.probe_succeeded()  # the leader found it up: the cool-down ends here too
+
+    def _adopt_loads(self, others: list[Any]) -> None:
+        reports = [json.loads(raw) for raw in others if raw is not None]
+        for name, route in self.routes.items():
+            in_flight, latency_sum, latency_n = 0, 0.0, 0
+            for report in reports:
+                count, latency = report.get(name, (0, None))
+                in_flight += max(0, int(count))
+                if latency is not None:
+                    latency_sum += float(latency)
+                    latency_n += 1
+            route.elsewhere = Elsewhere(in_flight, latency_sum, latency_n)
+
+    def _heard(self, data: object) -> None:
+        """Another replica's change: adopt its breaker news at once, and have the sync thread read the rest."""
+        try:
+            message = json.loads(data) if isinstance(data, bytes | str) else {}
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("by") == self.replica:
+            return
+        if self.connected:
+            self._adopt_breakers(message.get("breakers") or {})
+        self._wake.set()
+
+    # --- the listen thread --------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        """Wake the sync thread whenever another replica publishes a change (so it is read at once)."""
+        backoff = BACKOFF_MIN_S
+        while not self._stop.is_set():
+            client = self._new_client()
+            try:
+                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub.subscribe(self._channel)
+                backoff = BACKOFF_MIN_S
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=LISTEN_POLL_S)
+                    if message is not None:
+                        self._heard(message.get("data"))
+            except Exception as exc:  # the sync thread reports outages; this one just retries
+                log.debug("shared state: listening for changes failed: %s", self._masked(exc))
+                self._stop.wait(backoff)
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+            finally:
+                client.close()
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One exchange's replies, and where in them each part's answers start."""
+
+    leaders_at: int
+    wanted: list[tuple[str, int]] = field(default_factory=list)
+    """(route, breaker epoch) whose trial lock this exchange tried to take."""
+    trials_at: int = 0
+    hedge_at: int | None = None
+    reads_at: int = 0
+    replies: list[Any] = field(default_factory=list)
+    others: list[Any] = field(default_factory=list)
+    """The other live replicas' loads (JSON, or None for one that expired since)."""
+
+
+def _wall(monotonic_at: float) -> float:
+    """A monotonic instant of this process as Unix time (what other processes can read)."""
+    return monotonic_at - time.monotonic() + time.time()
+
+
+def _monotonic(unix_at: float) -> float:
+    """A Unix time as a monotonic instant of this process."""
+    return unix_at - time.time() + time.monotonic()
+
+
+def _decoded(mapping: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {key.decode(): value.decode() for key, value in mapping.items()}

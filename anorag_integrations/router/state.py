@@ -1,0 +1,110 @@
+"""Where a router keeps what it learns about the fleet: in this process alone, or shared through Redis.
+
+Many app processes (gunicorn or uvicorn workers, pods) each run a router over the same servers.
+With ``state: {backend: local}`` (the default) each learns on its own. With ``backend: redis``
+(``redis_state.py``) they share what one replica learns with the others:
+
+=========================  ====================================================================
+breaker transitions        an open breaker opens everywhere; one replica in the fleet owns each
+                           half-open trial; the trial's success closes the breaker everywhere
+``Retry-After``            a route that throttled one replica is skipped by all until then
+probe results              one replica (the route's leader) probes each route; all read the result
+in-flight counts           each replica's own counts under a key that expires; ``least_outstanding``
+                           adds the other replicas' counts to its own
+latency estimate           ``least_latency`` averages its own estimate with the other replicas'
+hedge budget               one token bucket for the fleet (``hedge.max_rate`` of all its requests)
+=========================  ====================================================================
+
+The request path never waits on Redis: a pick reads local memory only. The hooks below record a
+change in local memory and wake a background thread, which publishes it and refreshes the fleet's
+state every ``refresh_interval`` (sooner when another replica announces a change).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..config import StateConfig
+    from .hedge import Hedger
+    from .route import Route
+
+
+@dataclass(slots=True)
+class Elsewhere:
+    """What the other replicas of the fleet report about one route (all zero with local state)."""
+
+    in_flight: int = 0
+    """Requests the other live replicas have in flight on the route."""
+    latency_sum: float = 0.0
+    """Sum of the other replicas' moving-average latencies of the route (seconds)..."""
+    latency_n: int = 0
+    """...over this many replicas that have measured it."""
+
+    def clear(self) -> None:
+        self.in_flight, self.latency_sum, self.latency_n = 0, 0.0, 0
+
+
+class State(Protocol):
+    """The router's state backend. Hooks are called on the request path and touch local memory only."""
+
+    backend: str
+
+    def start(self) -> None:
+        """Start the background work (no-op for local state)."""
+        ...
+
+    def stop(self) -> None:
+        """Stop the background work and give up what this replica holds in the fleet (leaderships)."""
+        ...
+
+    def halt(self) -> None:
+        """Ask the background work to stop without waiting (safe from a finaliser)."""
+        ...
+
+    def leads(self, route: Route) -> bool:
+        """Whether this replica probes ``route`` (the fleet elects one prober per route)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """What the backend is doing, fit to show (no credentials)."""
+        ...
+
+
+class LocalState:
+    """Today's behaviour: every replica learns on its own; nothing runs in the background."""
+
+    backend = "local"
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def halt(self) -> None:
+        pass
+
+    def leads(self, route: Route) -> bool:
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": self.backend}
+
+    def __repr__(self) -> str:
+        return "LocalState()"
+
+
+def make_state(config: StateConfig, routes: Mapping[str, Route], hedger: Hedger | None, label: str) -> State:
+    """The backend ``config`` asks for; Redis needs the ``redis`` extra (``pip install anorag-integrations[redis]``)."""
+    if config.backend == "local":
+        return LocalState()
+    try:
+        from .redis_state import RedisState
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "state.backend: redis needs the redis client: pip install 'anorag-integrations[redis]'"
+        ) from exc
+    return RedisState(config, routes, hedger, label)

@@ -1,0 +1,353 @@
+"""Shared state through a real redis-server: each shared item reaches the other replicas within the bound.
+
+Replicas here are routers in this process, each with its own state connection (they share nothing
+but Redis); ``test_shared_state_fleet.py`` runs replicas in processes of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from anorag_integrations import Router, call_info
+from anorag_integrations.router import AllRoutesFailed
+from anorag_integrations.router.health import BreakerState
+from anorag_integrations.testing import Fault, FaultServer, RedisServer
+
+from .fleet import MODEL, USER, connected, shared_config, wait_for
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace of the test's own: tests share the session's Redis, never each other's keys."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def two() -> Iterator[dict[str, FaultServer]]:
+    with FaultServer(MODEL, reply="from s0") as s0, FaultServer(MODEL, reply="from s1") as s1:
+        yield {"s0": s0, "s1": s1}
+
+
+def routers(n: int, config: object, **kwargs: object) -> list[Router]:
+    made = [Router(config, start_prober=False, **kwargs) for _ in range(n)]  # type: ignore[arg-type]
+    connected(*made)
+    return made
+
+
+def close(*made: Router) -> None:
+    for router in made:
+        router.close()
+
+
+def test_an_open_breaker_reaches_the_other_replica_within_the_staleness_bound(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    two["s0"].set_fault(Fault.STATUS, status=503)
+    config = shared_config(two, redis_server.url, namespace)
+    a, b = routers(2, config)
+    try:
+        for _ in range(3):
+            with pytest.raises(AllRoutesFailed):
+                a.chat(USER, route="s0")
+        assert a.routes["s0"].breaker.state is BreakerState.OPEN
+        took = wait_for(
+            lambda: b.routes["s0"].breaker.state is BreakerState.OPEN,
+            config.state.staleness_bound_s,
+            "b sees a's open breaker",
+        )
+        hits = two["s0"].hits
+        served = {call_info(b.chat(USER)).route for _ in range(6)}  # type: ignore[union-attr]
+        assert served == {"s1"} and two["s0"].hits == hits  # b never paid for a's discovery
+        assert took <= config.state.staleness_bound_s
+    finally:
+        close(a, b)
+
+
+def test_one_replica_in_the_fleet_sends_the_half_open_trial_and_its_success_closes_every_breaker(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    two["s0"].set_fault(Fault.STATUS, status=503)
+    config = shared_config(two, redis_server.url, namespace, health={"cooldown": 0.3})
+    a, b = routers(2, config)
+    stop = threading.Event()
+
+    def traffic(router: Router) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                router.chat(USER)
+
+    threads = []
+    try:
+        for _ in range(3):
+            with pytest.raises(AllRoutesFailed):
+                a.chat(USER, route="s0")
+        wait_for(lambda: b.routes["s0"].breaker.state is not BreakerState.CLOSED, 2, "b adopts the open breaker")
+        two["s0"].set_fault(Fault.HANG)  # the trial hangs: any second trial would show up as a second hit
+        hits = two["s0"].hits
+        threads = [threading.Thread(target=traffic, args=(r,), daemon=True) for r in (a, b, a, b)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: two["s0"].hits > hits, 3, "a trial after the cool-down")
+        trial_start = time.monotonic()
+        wait_for(lambda: time.monotonic() - trial_start > 1.0 or two["s0"].hits > hits + 1, 2, "window")
+        assert two["s0"].hits == hits + 1, "a second replica sent a trial while the first was in flight"
+        owners = [r for r in (a, b) if r.routes["s0"].breaker.state is BreakerState.HALF_OPEN]
+        assert len(owners) == 1
+        two["s0"].set_fault(None)  # the hung trial answers: its replica closes the breaker, for everyone
+        wait_for(
+            lambda: all(r.routes["s0"].breaker.state is BreakerState.CLOSED for r in (a, b)),
+            2 + config.state.staleness_bound_s,
+            "both breakers closed after the trial's success",
+        )
+    finally:
+        stop.set()
+        two["s0"].set_fault(None)
+        for thread in threads:
+            thread.join(5)
+        close(a, b)
+
+
+def test_a_retry_after_one_replica_got_keeps_every_replica_off_the_route(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    two["s0"].set_fault(Fault.STATUS, status=429, retry_after=5, times=1)
+    config = shared_config(two, redis_server.url, namespace)
+    a, b = routers(2, config)
+    try:
+        assert call_info(a.chat(USER)).route == "s1"  # type: ignore[union-attr]  # s0 said 429, a failed over
+        assert two["s0"].hits == 1
+        wait_for(
+            lambda: b.routes["s0"].not_before > time.monotonic() + 3,
+            config.state.staleness_bound_s,
+            "b learns of the Retry-After",
+        )
+        served = {call_info(b.chat(USER)).route for _ in range(6)}  # type: ignore[union-attr]
+        assert served == {"s1"} and two["s0"].hits == 1
+        assert b.health(probe=False)["s0"]["state"] == "throttled"
+    finally:
+        close(a, b)
+
+
+def test_one_replica_probes_each_route_and_every_replica_reads_its_results(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    config = shared_config(two, redis_server.url, namespace, health={"probe_interval": 0.05})
+    made = [Router(config) for _ in range(3)]
+    probes: dict[tuple[int, str], int] = {}
+    try:
+        connected(*made)
+        wait_for(
+            lambda: all(sum(r.state.leads(route) for r in made) == 1 for route in made[0].routes.values()),
+            2,
+            "one leader per route",
+        )
+        for i, router in enumerate(made):
+            for name, route in router.routes.items():
+                original = route.probe
+
+                def counted(original: object = original, key: tuple[int, str] = (i, name)) -> object:
+                    probes[key] = probes.get(key, 0) + 1
+                    return original()  # type: ignore[operator]
+
+                route.probe = counted  # type: ignore[method-assign]
+        wait_for(lambda: sum(probes.values()) >= 20, 5, "20 probes")
+        for name in ("s0", "s1"):
+            probers = {i for (i, route), n in probes.items() if route == name and n}
+            assert len(probers) == 1, f"route {name} probed by replicas {probers}, not one"
+        for router in made:  # every replica has the results, whoever probed
+            assert all(route.probe_result.healthy for route in router.routes.values())
+        two["s1"].set_fault(Fault.REFUSE)  # the leader's failed probe opens every replica's breaker
+        wait_for(
+            lambda: all(r.routes["s1"].breaker.state is BreakerState.OPEN for r in made),
+            0.05 + 2 + config.state.staleness_bound_s,
+            "every replica's breaker opened by the leader's probe",
+        )
+        assert all(r.routes["s1"].probe_result.healthy is False for r in made)
+    finally:
+        two["s1"].set_fault(None)
+        close(*made)
+
+
+def test_least_outstanding_counts_the_requests_other_replicas_have_in_flight(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    two["s0"].set_fault(Fault.HANG)
+    config = shared_config(two, redis_server.url, namespace, lb_policy="least_outstanding")
+    a, b = routers(2, config)
+    threads = [threading.Thread(target=_quiet_chat, args=(a, "s0"), daemon=True) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: b.routes["s0"].elsewhere.in_flight == 2, 2 + config.state.staleness_bound_s, "b sees 2")
+        pool = b.pools["chat"]
+        picks = [pool.policy.pick(pool.primary, lambda r: True) for _ in range(6)]  # type: ignore[misc]
+        assert {route.name for route in picks if route is not None} == {"s1"}  # local counts tie and rotate
+        two["s0"].set_fault(None)
+        wait_for(lambda: b.routes["s0"].elsewhere.in_flight == 0, 2 + config.state.staleness_bound_s, "back to 0")
+    finally:
+        two["s0"].set_fault(None)
+        for thread in threads:
+            thread.join(5)
+        close(a, b)
+
+
+def _quiet_chat(router: Router, route: str | None = None) -> None:
+    with contextlib.suppress(Exception):
+        router.chat(USER, **({"route": route} if route else {}))
+
+
+def test_least_latency_ranks_routes_this_replica_never_measured_by_the_fleets_estimate(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    two["s0"].latency = 0.2
+    config = shared_config(two, redis_server.url, namespace, lb_policy="least_latency")
+    a, b = routers(2, config)
+    try:
+        for name in ("s0", "s1", "s0", "s1"):
+            a.chat(USER, route=name)
+        wait_for(
+            lambda: all(r.elsewhere.latency_n == 1 for r in b.routes.values()),
+            config.state.staleness_bound_s,
+            "b reads a's latency estimates",
+        )
+        assert b.routes["s0"].latency_estimate() > b.routes["s1"].latency_estimate()  # type: ignore[operator]
+        served = [call_info(b.chat(USER)).route for _ in range(3)]  # type: ignore[union-attr]
+        assert served == ["s1", "s1", "s1"]  # alone, b would first try the unmeasured s0
+    finally:
+        close(a, b)
+
+
+def test_the_hedge_budget_is_the_fleets(redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]) -> None:
+    two["s0"].latency = 0.4
+    config = shared_config(two, redis_server.url, namespace, hedge={"after_ms": 50, "max_rate": 0.01})
+    made = routers(3, config)
+    try:
+        hedgers = [r.hedger for r in made]
+        wait_for(
+            lambda: sum(h.tokens for h in hedgers if h is not None) >= 1, config.state.staleness_bound_s, "a token"
+        )
+        for router in made:  # round robin's first pick is s0, slow: each request wants a hedge
+            router.chat(USER)
+        hedges = sum(r.stats()["s1"]["hedges"] for r in made)
+        assert hedges == 1, f"{hedges} hedges: alone, each of the 3 replicas would spend its own first token"
+    finally:
+        close(*made)
+
+
+def test_redis_down_then_back_one_warning_each_and_requests_never_wait(
+    namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="anorag_integrations.router")
+    with RedisServer() as redis:
+        config = shared_config(two, redis.url, namespace)
+        (router,) = routers(1, config)
+        try:
+            redis.kill()
+            _fast_requests(router, 30)
+            wait_for(lambda: not router.state.status()["connected"], 2, "the outage noticed")
+            assert all(router.state.leads(route) for route in router.routes.values())  # probing is local again
+            _fast_requests(router, 30)
+            redis.start()
+            wait_for(lambda: router.state.status()["connected"], 8, "reconnected with backoff")
+            _fast_requests(router, 10)
+            warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert len([w for w in warnings if "unreachable" in w]) == 1, warnings
+            assert len([w for w in warnings if "is back" in w]) == 1, warnings
+        finally:
+            close(router)
+
+
+def test_a_hung_redis_never_slows_a_request(namespace: str, two: dict[str, FaultServer]) -> None:
+    with RedisServer() as redis:
+        config = shared_config(two, redis.url, namespace)
+        (router,) = routers(1, config)
+        try:
+            redis.pause()  # connections stay open, nothing answers: every Redis call waits for its timeout
+            _fast_requests(router, 40)
+            wait_for(lambda: not router.state.status()["connected"], 3, "the hang noticed")
+            _fast_requests(router, 40)
+            redis.resume()
+            wait_for(lambda: router.state.status()["connected"], 8, "reconnected")
+        finally:
+            redis.resume()
+            close(router)
+
+
+def _fast_requests(router: Router, n: int) -> None:
+    """``n`` chats, none failing, none slower than a loopback answer plus scheduling noise."""
+    for _ in range(n):
+        started = time.perf_counter()
+        router.chat(USER)
+        assert time.perf_counter() - started < 0.2
+
+
+def test_the_redis_password_is_never_shown(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    assert redis_server.password
+    caplog.set_level("DEBUG", logger="anorag_integrations.router")
+    config = shared_config(two, redis_server.url, namespace)
+    wrong = redis_server.url.replace(redis_server.password, "wrong-pw-123456")
+    bad = shared_config(two, wrong, namespace)
+    (router,) = routers(1, config)
+    refused = Router(bad, start_prober=False)
+    try:
+        wait_for(lambda: any("unreachable" in r.getMessage() for r in caplog.records), 3, "auth failure logged")
+        shown = " ".join(
+            [
+                repr(router.state),
+                str(router.state.status()),
+                str(router.health(probe=False)),
+                str(router.stats()),
+                repr(router.config),
+                str(router.config.model_dump()),
+                repr(refused.state),
+                *(r.getMessage() for r in caplog.records),
+            ]
+        )
+        assert redis_server.password not in shown and "wrong-pw-123456" not in shown
+        assert "***@" in router.state.status()["url"]
+    finally:
+        close(router, refused)
+
+
+def test_state_is_local_unless_configured(two: dict[str, FaultServer]) -> None:
+    from .conftest import make_config
+
+    with Router(make_config(two), start_prober=False) as router:
+        assert router.state.status() == {"backend": "local"}
+        assert router.routes["s0"].breaker.listener is None and router.routes["s0"].listener is None
+
+
+@pytest.mark.parametrize(
+    ("state", "complaint"),
+    [
+        ({"backend": "redis"}, "needs url"),
+        ({"backend": "redis", "url": "http://:hunter2-secret@host:6379/0"}, "not a Redis URL"),
+        ({"backend": "redis", "url": "redis://:hunter2-secret@host:notaport/0"}, "bad port"),
+        ({"backend": "redis", "url": "redis://h:6379", "refresh_interval": 1, "leader_ttl": 1.5}, "leader_ttl"),
+        ({"backend": "memcached"}, "backend"),
+    ],
+)
+def test_bad_state_config_is_refused_without_echoing_the_password(
+    two: dict[str, FaultServer], state: dict[str, object], complaint: str
+) -> None:
+    from anorag_integrations.config import config_from_dict
+    from anorag_integrations.router import ConfigError
+
+    routes = {"s0": {"base_url": two["s0"].base_url, "model": MODEL}}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"llm": {"routes": routes, "state": state}}, env={})
+    assert complaint in str(caught.value) and "llm.state" in str(caught.value)
+    assert "hunter2-secret" not in str(caught.value)
+
+
+def test_rediss_urls_are_accepted(two: dict[str, FaultServer]) -> None:
+    config = shared_config(two, "rediss://:pw-123456@cache.example:6380/2", "ns")
+    assert config.state.url is not None and "pw-123456" not in repr(config)
