@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -202,3 +203,50 @@ def test_session_id_must_be_text() -> None:
     config = make_config({"a": "http://127.0.0.1:1/v1"})
     with Router(config, start_prober=False) as router, pytest.raises(InvalidRequestError, match="session_id"):
         router.chat([{"role": "user", "content": "hi"}], session_id=["x"])
+
+
+@pytest.mark.parametrize("session", [True, "", 1.5])
+def test_session_id_must_be_non_empty_text_or_a_whole_number(session: object) -> None:
+    from anorag_integrations.router.errors import InvalidRequestError
+
+    config = make_config({"a": "http://127.0.0.1:1/v1"})
+    with Router(config, start_prober=False) as router, pytest.raises(InvalidRequestError, match="session_id"):
+        router.chat([{"role": "user", "content": "hi"}], session_id=session)
+
+
+def test_a_long_session_id_is_kept_as_a_digest(servers: dict[str, FaultServer]) -> None:
+    with Router(make_config(servers, lb_policy="prefix_aware"), start_prober=False) as router:
+        for session in ("x" * 1_000_000, 10**5000, "short"):
+            router.chat([{"role": "user", "content": "hi"}], session_id=session)
+        kept = [key for pool in router.pools.values() for key in pool.sessions._routes]
+    assert sorted(len(key) for key in kept) == [5, 71, 71]  # "short", and two "sha256:" digests
+
+
+@pytest.mark.parametrize("policy", ["prefix_aware", "prefix_affinity"])
+def test_content_parts_whose_text_is_not_text_neither_raise_nor_hold_a_trial(
+    servers: dict[str, FaultServer], policy: str
+) -> None:
+    """A part with ``"text": None`` reaches the server as with any policy; a half-open trial slot is never kept."""
+    config = make_config(servers, lb_policy=policy, health={"failure_threshold": 1, "cooldown": 0.05})
+    odd = [{"role": "user", "content": [{"type": "text", "text": None}, {"type": "text", "text": 5}]}]
+    with Router(config, start_prober=False) as router:
+        router.chat([{"role": "user", "content": "pin"}], session_id="s")
+        home = router.pools["chat"].sessions.get("s")
+        assert home is not None
+        router.routes[home].breaker.force_open()
+        deadline = time.monotonic() + 5
+        while router.routes[home].breaker.state != "half_open" and time.monotonic() < deadline:
+            time.sleep(0.01)  # the cool-down is 50 ms
+        assert router.chat(odd, session_id="s").choices
+        breaker = router.routes[home].breaker
+        assert not breaker.trial_in_flight and router.routes[home].stats.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("hits", "queries", "rate"),
+    [(5, 10, 0.5), (0, 0, None), (50, 10, None), (-3, 5, None), (float("nan"), 5, None), (5, float("inf"), None)],
+)
+def test_the_measured_hit_rate_is_a_rate_or_unknown(hits: float, queries: float, rate: float | None) -> None:
+    report = LoadReport(running=0, waiting=0, kv_usage=0, scraped_at=0, own_in_flight=0)
+    report.prefix_hits, report.prefix_queries = hits, queries
+    assert report.prefix_hit_rate == rate

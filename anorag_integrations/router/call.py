@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import inspect
 import json
 import math
@@ -39,6 +40,8 @@ SDK_PARAMS = frozenset(inspect.signature(Completions.create).parameters) - {"sel
 """Keyword arguments the openai SDK accepts; any other goes into ``extra_body`` (vLLM's extras)."""
 
 _T = TypeVar("_T")
+SESSION_ID_CHARS = 256
+"""A longer session id is kept as its SHA-256 digest (the table holds ids, not megabytes)."""
 Messages = Iterable[Mapping[str, Any]]
 
 
@@ -141,9 +144,11 @@ class Call:
         self.deadline = None if deadline is None else self.started + deadline
         self.model: str | None = params.pop("model", None)
         session = params.pop("session_id", None)
-        if session is not None and not isinstance(session, str | int):
-            raise InvalidRequestError(f"session_id must be text or a whole number, got {type(session).__name__}")
-        self.session_id: str | None = None if session is None else str(session)
+        if session is not None and (type(session) not in (str, int) or session == ""):
+            raise InvalidRequestError(
+                f"session_id must be non-empty text or a whole number, got {type(session).__name__}"
+            )
+        self.session_id: str | None = None if session is None else _session_key(session)
         """The conversation this request belongs to: it stays on one route while that route is usable."""
         self.body = {}
         self.info = CallInfo()
@@ -427,10 +432,19 @@ def _check_extras(params: Mapping[str, Any]) -> None:
             raise InvalidRequestError(f"extra_headers[{name!r:.40}] contains a line break or NUL")
 
 
+def _session_key(session: str | int) -> str:
+    """A session id as the session table keeps it: short ids as given, long ones (and huge numbers) as a digest,
+    so the table's memory is bounded by its entry count whatever callers send."""
+    text = session if isinstance(session, str) else str(session) if session.bit_length() < 800 else hex(session)
+    if len(text) <= SESSION_ID_CHARS:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _text(content: Any) -> str:
     """The text of a message's content: a string, or the text parts of a list of parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if isinstance(content, list):  # a part whose text is not text (None, a number) adds nothing: the server judges it
+        return "".join(text for part in content if isinstance(part, dict) and isinstance(text := part.get("text"), str))
     return ""

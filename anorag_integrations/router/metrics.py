@@ -10,6 +10,7 @@ prometheus_client's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,9 +46,10 @@ class LoadReport:
     @property
     def prefix_hit_rate(self) -> float | None:
         """The server's prefix-cache hit rate since it started (prompt tokens found cached), when it exports one."""
-        if self.prefix_hits is None or not self.prefix_queries:
-            return None
-        return self.prefix_hits / self.prefix_queries
+        hits, queries = self.prefix_hits, self.prefix_queries
+        if hits is None or queries is None or not (0 <= hits <= queries) or not 0 < queries < math.inf:
+            return None  # nothing asked yet, or counters no cache could produce (NaN, negative, hits > queries)
+        return hits / queries
 
 
 def parse_load(text: str, own_in_flight: int, now: float | None = None) -> LoadReport | None:

@@ -121,7 +121,11 @@ def _session_lease(
     if (ticket := route.breaker.acquire()) is None:
         return None
     if (note := getattr(pool.policy, "note", None)) is not None:
-        note(route, call)  # a prefix-aware policy records the prompt where the conversation went
+        try:
+            note(route, call)  # a prefix-aware policy records the prompt where the conversation went
+        except BaseException:
+            route.breaker.release(ticket)  # never keep a (half-open trial) slot for a request not sent
+            raise
     return Lease(call, route, ticket)
 
 
