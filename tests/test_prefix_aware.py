@@ -247,6 +247,5 @@ def test_content_parts_whose_text_is_not_text_neither_raise_nor_hold_a_trial(
     [(5, 10, 0.5), (0, 0, None), (50, 10, None), (-3, 5, None), (float("nan"), 5, None), (5, float("inf"), None)],
 )
 def test_the_measured_hit_rate_is_a_rate_or_unknown(hits: float, queries: float, rate: float | None) -> None:
-    report = LoadReport(running=0, waiting=0, kv_usage=0, scraped_at=0, own_in_flight=0)
-    report.prefix_hits, report.prefix_queries = hits, queries
+    report = LoadReport(0, 0, 0, 0, 0, prefix_hits=hits, prefix_queries=queries)
     assert report.prefix_hit_rate == rate
