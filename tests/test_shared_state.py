@@ -7,6 +7,8 @@ but Redis); ``test_shared_state_fleet.py`` runs replicas in processes of their o
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import threading
 import time
 import uuid
@@ -351,3 +353,106 @@ def test_bad_state_config_is_refused_without_echoing_the_password(
 def test_rediss_urls_are_accepted(two: dict[str, FaultServer]) -> None:
     config = shared_config(two, "rediss://:pw-123456@cache.example:6380/2", "ns")
     assert config.state.url is not None and "pw-123456" not in repr(config)
+
+
+def test_a_malformed_record_is_skipped_and_sharing_goes_on(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage under the namespace (a hand edit, an older or newer replica) costs that record, not the fleet."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset(f"{namespace}:breakers", "s0", "not json")
+    client.hset(f"{namespace}:throttle", "s0", "soon")
+    client.hset(f"{namespace}:probes", "s0", '{"by": "x", "healthy": true, "checked_at": 1e18, "new_field_v2": 1}')
+    client.hset(f"{namespace}:hedge", "x", "1")  # a key of the wrong type
+    two["s1"].set_fault(Fault.STATUS, status=503)
+    config = shared_config(two, redis_server.url, namespace)
+    a, b = routers(2, config)
+    try:
+        for _ in range(3):
+            with pytest.raises(AllRoutesFailed):
+                a.chat(USER, route="s1")
+        wait_for(lambda: b.routes["s1"].breaker.state is BreakerState.OPEN, config.state.staleness_bound_s, "b hears")
+        assert a.state.status()["connected"] and b.state.status()["connected"]
+        assert b.routes["s0"].probe_result.checked_at == 1e18  # the unknown field was left out, the rest adopted
+        assert "ignoring a malformed breakers record for route 's0'" in caplog.text
+    finally:
+        close(a, b)
+        client.close()
+
+
+def test_a_retry_after_in_redis_is_bounded_like_ones_own(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset(f"{namespace}:throttle", "s0", "1e18")
+    client.hset(f"{namespace}:throttle", "s1", "inf")
+    config = shared_config(two, redis_server.url, namespace, params={"max_retry_after": 30})
+    (a,) = routers(1, config)
+    try:
+        wait_for(lambda: a.routes["s0"].not_before > time.monotonic(), config.state.staleness_bound_s, "adopted")
+        assert a.routes["s0"].not_before - time.monotonic() <= 30
+        assert a.routes["s1"].not_before <= time.monotonic()  # not a time at all: ignored
+    finally:
+        close(a)
+        client.close()
+
+
+def test_a_router_that_does_not_probe_is_never_the_fleets_prober(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    config = shared_config(two, redis_server.url, namespace, health={"probe_interval": 0.1})
+    quiet = Router(config, start_prober=False)  # e.g. `anorag-llm healthcheck` pointed at the production config
+    connected(quiet)
+    prober = Router(config)
+    try:
+        wait_for(lambda: prober.state.status()["leads"] == ["s0", "s1"], 5, "the probing router leads")
+        assert quiet.state.status()["leads"] == []
+    finally:
+        close(quiet, prober)
+
+
+def test_a_password_in_the_query_string_is_never_shown(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = shared_config(two, "redis://127.0.0.1:9/0?password=Zq9sekrit", namespace)
+    router = Router(config, start_prober=False)
+    try:
+        wait_for(lambda: "unreachable" in caplog.text, 5, "the outage warning")
+        shown = f"{router.state!r} {router.state.status()} {caplog.text} {router.health()} {router.stats()}"
+        assert "Zq9sekrit" not in shown and "password=***" in shown
+    finally:
+        close(router)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_router_built_before_fork_shares_state_afresh_in_the_child(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+) -> None:
+    """gunicorn --preload: the child gets its own replica name, connection and threads, and may send trials."""
+    config = shared_config(two, redis_server.url, namespace)
+    (parent,) = routers(1, config)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it sees, then leave without running the parent's cleanup
+        status = 1
+        try:
+            connected(parent)
+            seen = {"replica": parent.state.status()["replica"], "threads": threading.active_count()}
+            os.write(write, json.dumps(seen).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    try:
+        with os.fdopen(read) as pipe:
+            seen = json.loads(pipe.read() or "{}")
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, "the child never reconnected to Redis"
+        assert seen["replica"] != parent.state.status()["replica"]
+        assert seen["replica"].split(":")[1] == str(pid)
+    finally:
+        close(parent)

@@ -78,6 +78,7 @@ class Router:
             self.routes,
             self.hedger,
             config.observability.name or observability.default_name(config.source),
+            config.params.max_retry_after,
         )
         """What this router shares with the other replicas of its fleet (``state:``; local: nothing)."""
         if config.state.backend != "local":
@@ -119,6 +120,7 @@ class Router:
     def _background(self, start: Callable[[Poller], None]) -> None:
         """Start the health prober (when probing is on) and the metrics scraper (when there is one)."""
         if self.config.health.probe_interval > 0:
+            self.state.probing_started()
             start(self.prober)
         if self.scraper is not None:
             start(self.scraper)

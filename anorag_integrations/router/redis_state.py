@@ -13,7 +13,8 @@ Keys (``ns`` is the namespace)::
     ns:changed         pub/sub channel: a replica published a change ({"by": replica, "breakers": records})
 
 Two daemon threads per router. The sync thread pushes this replica's changes, reads the fleet's
-state in one pipeline (two round trips) and applies it, every ``refresh_interval`` or at once when
+state in one pipeline (three round trips: redis-py checks its scripts are loaded, the pipeline,
+the other replicas' loads) and applies it, every ``refresh_interval`` or at once when
 woken by a local change or by a message on ``ns:changed``; the listen thread adopts the breaker
 news those messages carry at once and wakes the sync thread. Every call carries ``timeout``; when
 Redis fails the router routes on its own state (every replica probes, trials and hedges for
@@ -27,15 +28,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 
@@ -55,6 +58,8 @@ BACKOFF_MAX_S = 5.0
 """...doubling up to this."""
 LISTEN_POLL_S = 0.5
 """How long the listen thread waits for a message before checking whether it should stop."""
+MAX_PEER_IN_FLIGHT = 1_000_000
+"""A replica's in-flight count past this is not a count (a tampered key): ignored."""
 HEDGE_BURST = 2.0
 """Most tokens the fleet's hedge bucket holds (as one replica's, ``hedge.BURST``)."""
 
@@ -72,6 +77,7 @@ return 0
 """Drop a lock this replica holds (never one another replica took since)."""
 _HEDGE = """
 local tokens = tonumber(redis.call('GET', KEYS[1]) or '1')
+if not tokens or tokens ~= tokens or tokens < 0 then tokens = 0 end
 tokens = math.min(tonumber(ARGV[2]), tokens + tonumber(ARGV[1]))
 local take = 0
 if ARGV[3] == '1' and tokens >= 1 then take = 1 tokens = tokens - 1 end
@@ -86,8 +92,19 @@ class RedisState:
 
     backend = "redis"
 
-    def __init__(self, config: StateConfig, routes: Mapping[str, Route], hedger: Hedger | None, label: str) -> None:
+    def __init__(
+        self,
+        config: StateConfig,
+        routes: Mapping[str, Route],
+        hedger: Hedger | None,
+        label: str,
+        max_retry_after: float = math.inf,
+    ) -> None:
         assert config.url is not None
+        self.max_retry_after = max_retry_after
+        """The longest Retry-After this replica honours: another replica's is bounded by it too."""
+        self._malformed: set[tuple[str, str]] = set()
+        """(kind, route) of records in Redis found malformed (each is logged once)."""
         self.config = config
         self.routes = dict(routes)
         self.hedger = hedger
@@ -96,7 +113,8 @@ class RedisState:
         url = config.url.get_secret_value()
         self.url = redact_url(url)
         """The Redis URL as shown (``***@`` for its credentials)."""
-        self._password = unquote(urlsplit(url).password or "")
+        parts = urlsplit(url)
+        self._password = unquote(parts.password or "") or next(iter(parse_qs(parts.query).get("password", [])), "")
         ns = config.namespace
         self._ns = ns
         self._channel = f"{ns}:changed"
@@ -111,6 +129,8 @@ class RedisState:
         self._trials: set[str] = set()
         """Routes whose trial lock this replica holds."""
         self._leading: frozenset[str] = frozenset()
+        self.probing = False
+        """Whether this router's prober runs (``probing_started``): only a probing replica runs for leader."""
         self.connected = False
         """Whether the last exchange with Redis succeeded (else the router runs on its own state)."""
         self._warned = False
@@ -122,6 +142,24 @@ class RedisState:
         for route in self.routes.values():
             route.breaker.listener = self
             route.listener = self
+        _LIVE.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child (gunicorn ``--preload``): a fresh replica with its own connection and threads.
+
+        The child inherits the parent's memory but none of its threads, and a connection it must not
+        share; left as it was, it would claim to be connected and never be granted a trial.
+        """
+        label = self.replica.split(":")[2] if self.replica.count(":") >= 3 else ""
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{label}:{secrets.token_hex(4)}"
+        self._lock = threading.Lock()
+        self._wake, stop = threading.Event(), self._stop
+        self._stop = threading.Event()
+        self._client, self.connected, self._warned = None, False, False
+        self._leading, self._grants, self._trials, self._seen = frozenset(), {}, set(), {}
+        started, self._threads = bool(self._threads), []
+        if started and not stop.is_set():
+            self.start()
 
     def __repr__(self) -> str:
         return f"RedisState(url={self.url!r}, namespace={self._ns!r}, connected={self.connected})"
@@ -145,6 +183,10 @@ class RedisState:
     def may_trial(self, route: str, epoch: int) -> bool:
         """Only the replica holding the route's trial lock sends its half-open trial (anyone, while Redis is down)."""
         return not self.connected or self._grants.get(route) == epoch
+
+    def probing_started(self) -> None:
+        self.probing = True
+        self._wake.set()
 
     def leads(self, route: Route) -> bool:
         """Whether this replica probes ``route``: its elected leader, or every replica while Redis is down."""
@@ -325,8 +367,10 @@ class RedisState:
         pipe.zadd(f"{ns}:replicas", {me: now})
         pipe.zremrangebyscore(f"{ns}:replicas", "-inf", now - self.config.load_ttl)
         out = _Exchange(leaders_at=len(pipe))
-        for name in self.routes:
-            claim(keys=[self._key("leader", name)], args=[me, lock_ttl_ms], client=pipe)
+        if self.probing:  # a router that does not probe (a CLI healthcheck, say) never takes a route's probing away
+            for name in self.routes:
+                claim(keys=[self._key("leader", name)], args=[me, lock_ttl_ms], client=pipe)
+            out.leader_claims = len(self.routes)
         out.wanted = [
             (name, route.breaker.epoch)
             for name, route in self.routes.items()
@@ -346,68 +390,98 @@ class RedisState:
         pipe.zrangebyscore(f"{ns}:replicas", now - self.config.load_ttl, "+inf")
         if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
             pipe.publish(self._channel, json.dumps({"by": me, "breakers": news}))
-        out.replies = pipe.execute()
-        peers = [r.decode() for r in out.replies[out.reads_at + 3] if r.decode() != me]
+        out.replies = pipe.execute(raise_on_error=False)  # a bad key fails its command alone, not the exchange
+        replicas = out.replies[out.reads_at + 3]
+        peers = [r.decode() for r in replicas if r.decode() != me] if isinstance(replicas, list) else []
         out.others = client.mget([self._key("load", peer) for peer in peers]) if peers else []
         return out
 
     def _apply(self, out: _Exchange) -> None:
         replies = out.replies
-        leaders = replies[out.leaders_at : out.leaders_at + len(self.routes)]
-        self._leading = frozenset(name for name, held in zip(self.routes, leaders, strict=True) if held)
+        leaders = replies[out.leaders_at : out.leaders_at + out.leader_claims]
+        names = list(self.routes) if out.leader_claims else []
+        self._leading = frozenset(name for name, held in zip(names, leaders, strict=True) if held == 1)
         trials = replies[out.trials_at : out.trials_at + len(out.wanted)]
         for (name, epoch), held in zip(out.wanted, trials, strict=True):
-            if held:
+            if held == 1:
                 self._grants[name] = epoch
                 self._trials.add(name)
         if self.hedger is not None and out.hedge_at is not None:
-            self.hedger.fleet_granted(float(replies[out.hedge_at]))
+            self.hedger.fleet_granted(1.0 if replies[out.hedge_at] == 1 else 0.0)
         breakers, throttle, probes = (_decoded(r) for r in replies[out.reads_at : out.reads_at + 3])
-        self._adopt_breakers(breakers)
-        now = time.time()
-        for name, until in throttle.items():
-            route = self.routes.get(name)
-            if route is not None and float(until) > now:
-                route.not_before = max(route.not_before, _monotonic(float(until)))
-        self._adopt_probes(probes)
+        for name, raw in breakers.items():
+            self._adopt("breakers", name, raw, self._adopt_breaker)
+        for name, raw in throttle.items():
+            self._adopt("throttle", name, raw, self._adopt_throttle)
+        for name, raw in probes.items():
+            self._adopt("probes", name, raw, self._adopt_probe)
         self._adopt_loads(out.others)
 
-    def _adopt_breakers(self, records: dict[str, str]) -> None:
-        for name, raw in records.items():
-            route = self.routes.get(name)
-            record = json.loads(raw)
-            seen_by, seen_n = self._seen.get(name, ("", 0))
-            if route is None or record["by"] == self.replica or (seen_by == record["by"] and seen_n >= record["n"]):
-                continue  # ours, or already adopted (from the message, then from the hash)
-            self._seen[name] = (record["by"], record["n"])
-            at = _monotonic(record["at"])
-            if record["open"]:
-                route.breaker.adopt_open(at)
-            else:
-                route.breaker.adopt_closed(at)
+    def _adopt(self, kind: str, name: str, raw: str, adopt: Callable[[Route, str], None]) -> None:
+        """Apply one record of another replica's; a malformed one is skipped (logged once), the others still count."""
+        route = self.routes.get(name)
+        if route is None:
+            return
+        try:
+            adopt(route, raw)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            if (kind, name) not in self._malformed:
+                self._malformed.add((kind, name))
+                log.warning(
+                    "shared state: ignoring a malformed %s record for route %r in Redis at %s (%s: %s)",
+                    kind, name, self.url, type(exc).__name__, str(exc)[:200],
+                )  # fmt: skip
 
-    def _adopt_probes(self, records: dict[str, str]) -> None:
+    def _adopt_throttle(self, route: Route, raw: str) -> None:
+        """Another replica's Retry-After, bounded as this replica bounds its own (``params.max_retry_after``)."""
+        until, now = float(raw), time.time()
+        if not math.isfinite(until) or until <= now:
+            return
+        route.not_before = max(route.not_before, _monotonic(min(until, now + self.max_retry_after)))
+
+    def _adopt_breaker(self, route: Route, raw: str) -> None:
+        record = json.loads(raw)
+        by, n, at, is_open = str(record["by"]), int(record["n"]), float(record["at"]), bool(record["open"])
+        if not math.isfinite(at):
+            raise ValueError(f"time {at}")
+        seen_by, seen_n = self._seen.get(route.name, ("", 0))
+        if by == self.replica or (seen_by == by and seen_n >= n):
+            return  # ours, or already adopted (from the message, then from the hash)
+        self._seen[route.name] = (by, n)
+        at = min(_monotonic(at), time.monotonic())  # a clock ahead of ours cannot open a breaker in the future
+        if is_open:
+            route.breaker.adopt_open(at)
+        else:
+            route.breaker.adopt_closed(at)
+
+    def _adopt_probe(self, route: Route, raw: str) -> None:
         from .route import ProbeResult
 
-        for name, raw in records.items():
-            route = self.routes.get(name)
-            record = json.loads(raw)
-            if route is None or record.pop("by") == self.replica:
-                continue
-            if (record.get("checked_at") or 0) <= (route.probe_result.checked_at or 0):
-                continue
-            route.probe_result = ProbeResult(**record)
-            if record.get("healthy"):
-                route.breaker.probe_succeeded()  # the leader found it up: the cool-down ends here too
+        record = json.loads(raw)
+        if record.pop("by") == self.replica:
+            return
+        known = {f.name for f in fields(ProbeResult)}  # a newer replica's extra fields are left out
+        result = ProbeResult(**{key: value for key, value in record.items() if key in known})
+        if not isinstance(result.checked_at, int | float) or (result.checked_at or 0) <= (
+            route.probe_result.checked_at or 0
+        ):
+            return
+        route.probe_result = result
+        if result.healthy is True:
+            route.breaker.probe_succeeded()  # the leader found it up: the cool-down ends here too
 
     def _adopt_loads(self, others: list[Any]) -> None:
-        reports = [json.loads(raw) for raw in others if raw is not None]
+        reports = [report for raw in others if raw is not None and isinstance(report := _load_report(raw), dict)]
         for name, route in self.routes.items():
             in_flight, latency_sum, latency_n = 0, 0.0, 0
             for report in reports:
-                count, latency = report.get(name, (0, None))
-                in_flight += max(0, int(count))
-                if latency is not None:
+                entry = report.get(name)
+                if not isinstance(entry, list) or len(entry) != 2:
+                    continue
+                count, latency = entry
+                if type(count) is int and 0 < count < MAX_PEER_IN_FLIGHT:
+                    in_flight += count
+                if type(latency) in (int, float) and 0 <= latency < math.inf:
                     latency_sum += float(latency)
                     latency_n += 1
             route.elsewhere = Elsewhere(in_flight, latency_sum, latency_n)
@@ -420,8 +494,11 @@ class RedisState:
             return
         if not isinstance(message, dict) or message.get("by") == self.replica:
             return
-        if self.connected:
-            self._adopt_breakers(message.get("breakers") or {})
+        news = message.get("breakers")
+        if self.connected and isinstance(news, dict):
+            for name, raw in news.items():
+                if isinstance(raw, str):
+                    self._adopt("breakers", str(name), raw, self._adopt_breaker)
         self._wake.set()
 
     # --- the listen thread --------------------------------------------------------------------------
@@ -447,11 +524,26 @@ class RedisState:
                 client.close()
 
 
+_LIVE: weakref.WeakSet[RedisState] = weakref.WeakSet()
+"""Every RedisState of this process, so a forked child can start each one afresh."""
+
+
+def _after_fork_in_child() -> None:
+    for state in list(_LIVE):
+        state._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @dataclass(slots=True)
 class _Exchange:
     """One exchange's replies, and where in them each part's answers start."""
 
     leaders_at: int
+    leader_claims: int = 0
+    """How many leader locks the exchange claimed (every route's when this replica probes, else none)."""
     wanted: list[tuple[str, int]] = field(default_factory=list)
     """(route, breaker epoch) whose trial lock this exchange tried to take."""
     trials_at: int = 0
@@ -472,5 +564,15 @@ def _monotonic(unix_at: float) -> float:
     return unix_at - time.time() + time.monotonic()
 
 
-def _decoded(mapping: Mapping[bytes, bytes]) -> dict[str, str]:
-    return {key.decode(): value.decode() for key, value in mapping.items()}
+def _decoded(mapping: object) -> dict[str, str]:
+    """A hash's fields as text; a command that failed (a key of another type) reads as empty."""
+    if not isinstance(mapping, Mapping):
+        return {}
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in mapping.items()}
+
+
+def _load_report(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

@@ -21,11 +21,15 @@ SECRET_SEGMENTS = frozenset({"key", "token", "auth", "pwd"})
 
 _USERINFO = re.compile(r"(^|//)[^/\s]*@")
 """``user:password@`` after ``//`` (or at the start of a scheme-less ``user:pass@host``)."""
+_SECRET_QUERY = re.compile(
+    r"([?&;](?:password|passwd|pwd|pass|secret|api[-_]?key|access[-_]?token|token|auth)=)[^&#\s'\"]*", re.IGNORECASE
+)
+"""A secret in a query string (``redis://host/0?password=...``, ``...?api_key=...``)."""
 
 
 def redact_url(text: str) -> str:
-    """``text`` with every URL's ``user:password@`` replaced by ``***@``, so it can be shown."""
-    return _USERINFO.sub(rf"\g<1>{MASK}@", text)
+    """``text`` with every URL's ``user:password@`` replaced by ``***@`` and secret query values by ``***``."""
+    return _SECRET_QUERY.sub(rf"\g<1>{MASK}", _USERINFO.sub(rf"\g<1>{MASK}@", text))
 
 
 def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:

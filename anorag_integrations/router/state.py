@@ -68,6 +68,10 @@ class State(Protocol):
         """Whether this replica probes ``route`` (the fleet elects one prober per route)."""
         ...
 
+    def probing_started(self) -> None:
+        """This router's prober runs: it may be elected to probe routes for the fleet."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """What the backend is doing, fit to show (no credentials)."""
         ...
@@ -90,6 +94,9 @@ class LocalState:
     def leads(self, route: Route) -> bool:
         return True
 
+    def probing_started(self) -> None:
+        pass
+
     def status(self) -> dict[str, Any]:
         return {"backend": self.backend}
 
@@ -97,7 +104,9 @@ class LocalState:
         return "LocalState()"
 
 
-def make_state(config: StateConfig, routes: Mapping[str, Route], hedger: Hedger | None, label: str) -> State:
+def make_state(
+    config: StateConfig, routes: Mapping[str, Route], hedger: Hedger | None, label: str, max_retry_after: float
+) -> State:
     """The backend ``config`` asks for; Redis needs the ``redis`` extra (``pip install anorag-integrations[redis]``)."""
     if config.backend == "local":
         return LocalState()
@@ -107,4 +116,4 @@ def make_state(config: StateConfig, routes: Mapping[str, Route], hedger: Hedger 
         raise ImportError(
             "state.backend: redis needs the redis client: pip install 'anorag-integrations[redis]'"
         ) from exc
-    return RedisState(config, routes, hedger, label)
+    return RedisState(config, routes, hedger, label, max_retry_after)
