@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
+from aiohttp import web
 
 from anorag_integrations import ContextOverflowError, ModelNotFoundError, Router
 from anorag_integrations.router.errors import InputTooLongError
@@ -122,3 +124,55 @@ def test_a_cut_connection_fails_over_and_counts_against_the_route(ollama: Ollama
             stats = router.stats()
     assert [item.embedding for item in response.data] == [fake_vector("one"), fake_vector("two")]
     assert stats["o"]["failures"] + stats["s"]["failures"] >= 2
+
+
+class _SlowShow(OllamaFaultServer):
+    """``/api/show`` answers only when released (a hung model registry)."""
+
+    async def _api_show(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return await super()._api_show(request)
+
+
+class _HtmlEmbed(OllamaFaultServer):
+    """``/api/embed`` answers a proxy's HTML page with status 200."""
+
+    async def _api_embed(self, request: web.Request) -> web.Response:
+        return web.Response(text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_hung_api_show_is_bounded_by_the_calls_deadline(mode: str) -> None:
+    with _SlowShow(MODEL, max_model_len=12) as server:
+        route = {"api": "ollama", "kind": "embedding", "base_url": server.base_url.removesuffix("/v1"), "timeout": 30}
+        config = make_config({"o": server.base_url}, route_overrides={"o": route}, health={"probe_timeout": 1})
+        with Router(config, start_prober=False) as router:
+            started = time.monotonic()
+            response = (
+                router.embed(["a"], deadline=8) if mode == "sync" else asyncio.run(router.aembed(["a"], deadline=8))
+            )
+            took = time.monotonic() - started
+            assert response.data[0].embedding == fake_vector("a")
+            assert took < 8, took  # the window stays unknown; the route's 30 s timeout never applied
+            assert router.routes["o"].breaker.state == "closed"
+
+
+def test_an_html_answer_is_a_malformed_response_and_fails_over() -> None:
+    from anorag_integrations.router.errors import MalformedResponse
+
+    with _HtmlEmbed(MODEL) as bad, OllamaFaultServer(MODEL) as good:
+        routes = {
+            name: {"kind": "embedding", "api": "ollama", "base_url": server.base_url.removesuffix("/v1")}
+            for name, server in (("bad", bad), ("good", good))
+        }
+        config = make_config(
+            {"bad": bad.base_url, "good": good.base_url}, route_overrides=routes, lb_policy="round_robin",
+            params={"max_retries": 1},
+        )  # fmt: skip
+        with Router(config, start_prober=False) as router:
+            with pytest.raises(MalformedResponse, match="unusable response"):
+                router.routes["bad"].embed({"model": MODEL, "input": ["x"]}, 2)
+            answers = [router.embed(["x"]) for _ in range(2)]  # round robin: one starts on "bad", fails over
+            stats = router.stats()
+    assert [a.data[0].embedding for a in answers] == [fake_vector("x")] * 2
+    assert stats["bad"]["failures"] >= 1 and set(stats["bad"]["errors"]) == {"malformed_response"}

@@ -14,6 +14,7 @@ vLLM. The context window comes from ``/api/show`` (the model's ``*.context_lengt
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -29,7 +30,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.create_embedding_response import Usage
 
 from .bounds import watched_transport
-from .errors import RouteError, TransientRouteError, status_error
+from .errors import RouteError, TransientRouteError, classify, status_error
 from .route import PerLoop, Route, checked_embeddings
 
 if TYPE_CHECKING:
@@ -119,15 +120,22 @@ class OllamaRoute(Route):
         return self._embeddings(answer, body)
 
     def peek_context_window(self, timeout: float) -> None:
-        """The model's context window from ``/api/show``; any failure leaves it unknown (no breaker effect)."""
+        """The model's context window from ``/api/show`` within ``timeout``; any failure leaves it unknown.
+
+        Through the client's own HTTP session, since ``ollama.Client.show`` takes no per-call timeout
+        and the call's deadline bounds this read (no breaker effect either way).
+        """
         self.peeked = True
         with contextlib.suppress(Exception):
-            self.peeked_max_model_len = _context_length(self._native.show(self.model))
+            shown = self._native._client.post("/api/show", json={"model": self.model}, timeout=timeout)
+            self.peeked_max_model_len = _context_length(shown.json())
 
     async def apeek_context_window(self, timeout: float) -> None:
         self.peeked = True
         with contextlib.suppress(Exception):
-            self.peeked_max_model_len = _context_length(await self._anative.get().show(self.model))
+            client = self._anative.get()._client
+            shown = await asyncio.wait_for(client.post("/api/show", json={"model": self.model}), timeout)
+            self.peeked_max_model_len = _context_length(shown.json())
 
     def _probe_models(self) -> list[tuple[str, int | None]]:
         try:
@@ -258,6 +266,8 @@ class OllamaRoute(Route):
                 exc.status_code, exc.error, model=self.model, not_found_hint=self.missing_model_hint, **where
             )
         name = type(exc).__name__
+        if isinstance(exc, ValueError | TypeError | KeyError):  # JSON or pydantic: the answer was not Ollama's
+            return classify(exc, route=self.name, url=self.base_url, model=self.model, timeout=self.timeout)
         if isinstance(exc, ConnectionError) or name == "ConnectError":  # the client wraps it, except in streams
             return TransientRouteError(
                 "cannot connect",
@@ -368,7 +378,9 @@ def _base64(vector: Any) -> Any:
 
 def _context_length(shown: Any) -> int | None:
     """``/api/show``'s ``model_info["<family>.context_length"]``, or None."""
-    info = getattr(shown, "modelinfo", None) or {}
+    info = shown.get("model_info") if isinstance(shown, dict) else None
+    if not isinstance(info, dict):
+        return None
     lengths = [v for k, v in info.items() if k.endswith(".context_length") and type(v) is int and v > 0]
     return lengths[0] if lengths else None
 
