@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from anorag_integrations.cli import _interrupted_by_termination, main, manage
-from anorag_integrations.cli.servers import LocalServer, ServerStartError, free_port, wait_all_ready
+from anorag_integrations.cli import main, manage
+from anorag_integrations.cli.servers import (
+    LocalServer,
+    ServerStartError,
+    free_port,
+    interrupted_by_termination,
+    wait_all_ready,
+)
 
 HEALTHY_THEN_DIES = """
 import http.server, sys, threading
@@ -130,7 +136,39 @@ def test_sigterm_unwinds_a_command_like_ctrl_c() -> None:
     """So `timeout anorag-llm servers start cpu` stops what it started (the except/finally blocks run)."""
     before = signal.getsignal(signal.SIGTERM)
     reached = []
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), _interrupted_by_termination():  # noqa: PT012
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), interrupted_by_termination():  # noqa: PT012
         os.kill(os.getpid(), signal.SIGTERM)  # the handler raises before the next line
         reached.append("after the signal")
     assert reached == [] and signal.getsignal(signal.SIGTERM) is before
+
+
+OWNER_KILLED = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from test_local_servers import HEALTHY_THEN_DIES, Stand
+from pathlib import Path
+from anorag_integrations.cli.servers import running
+
+with running([Stand(Path(sys.argv[1]), sys.executable, "-c", HEALTHY_THEN_DIES, "{port}", "600")]) as servers:
+    print(servers[0].process.pid, flush=True)
+    signal.pause()  # a benchmark at work, until its `timeout` sends SIGTERM
+"""
+
+
+def test_a_sigterm_to_a_script_inside_running_stops_its_servers(tmp_path: Path) -> None:
+    """A benchmark killed by `timeout` (or by pytest's cleanup) leaves no server behind."""
+    import subprocess
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER_KILLED, str(tmp_path), str(Path(__file__).parent)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert owner.stdout is not None
+    server_pid = int(owner.stdout.readline())
+    owner.send_signal(signal.SIGTERM)
+    owner.wait(30)
+    deadline = time.monotonic() + 10
+    while not _gone(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(server_pid), "the server outlived the script that started it"

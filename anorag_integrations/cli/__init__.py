@@ -12,12 +12,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .manage import EMBED_PORT
 from .presets import PRESET_NAMES, PresetError
-from .servers import DEFAULT_PORTS, ServerStartError
+from .servers import DEFAULT_PORTS, ServerStartError, interrupted_by_termination
 
 PRESET_FLAGS: dict[str, type] = {
     "--model": str,
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        with _interrupted_by_termination():
+        with interrupted_by_termination():
             return _dispatch(args)
     except KeyboardInterrupt:
         return 130
@@ -123,27 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc).strip()
         print(f"anorag-llm {args.command}: {message}", file=sys.stderr)
         return 2
-
-
-@contextlib.contextmanager
-def _interrupted_by_termination() -> Iterator[None]:
-    """SIGTERM and SIGHUP (``timeout``, systemd, a closed terminal) unwind like Ctrl-C while a command runs.
-
-    So servers being started, or run by the demo, are stopped on the way out instead of outliving it.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -66,20 +67,43 @@ def server_command() -> str:
 
 
 @contextlib.contextmanager
+def interrupted_by_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP (``timeout``, systemd, a closed terminal) unwind like Ctrl-C while a command runs.
+
+    So servers being started, or run by the demo, are stopped on the way out instead of outliving it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
 def running(servers: Sequence[_S]) -> Iterator[list[_S]]:
     """Start every server at once (they load in parallel), wait until all are ready; stop all on exit.
 
     The list yielded is the one stopped: a server the caller puts in place of one (a restart) is stopped too.
+    A SIGTERM or SIGHUP (a benchmark killed by ``timeout``) unwinds here too, so no server outlives its owner.
     """
     started = list(servers)
-    try:
-        for server in started:
-            server.start(wait=False)
-        wait_all_ready(started)
-        yield started
-    finally:
-        for server in started:
-            server.stop()
+    with interrupted_by_termination():
+        try:
+            for server in started:
+                server.start(wait=False)
+            wait_all_ready(started)
+            yield started
+        finally:
+            for server in started:
+                server.stop()
 
 
 def wait_all_ready(servers: Sequence[LocalServer], timeout: float | None = None) -> None:
