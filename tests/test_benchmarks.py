@@ -15,9 +15,21 @@ PEERS_PYTHON = BENCHMARKS.parent / ".venv-peers" / "bin" / "python"
 
 
 def run(script: str, *args: str, results: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark; if the test is interrupted (Ctrl-C, a CI timeout's SIGTERM), the script gets SIGTERM
+    and time to stop the servers it started, where ``subprocess.run`` would SIGKILL it and leave them running."""
     full_env = {**os.environ, "ANORAG_BENCH_RESULTS": str(results), **env}
-    return subprocess.run([sys.executable, script, *args], cwd=BENCHMARKS, env=full_env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    with subprocess.Popen([sys.executable, script, *args], cwd=BENCHMARKS, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=300)
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize(
