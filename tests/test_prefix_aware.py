@@ -249,3 +249,14 @@ def test_content_parts_whose_text_is_not_text_neither_raise_nor_hold_a_trial(
 def test_the_measured_hit_rate_is_a_rate_or_unknown(hits: float, queries: float, rate: float | None) -> None:
     report = LoadReport(0, 0, 0, 0, 0, prefix_hits=hits, prefix_queries=queries)
     assert report.prefix_hit_rate == rate
+
+
+def test_new_contexts_split_the_caches_by_weight() -> None:
+    """A route of weight 3 is taken to hold three times the cache: misses follow the weights."""
+    config = make_config(
+        {n: f"http://127.0.0.1:1/{n}/v1" for n in "ab"}, route_overrides={"a": {"weight": 3}, "b": {"weight": 1}}
+    )
+    with Router(config, start_prober=False) as router:
+        policy, routes = PrefixAware(), list(router.routes.values())
+        placed = Counter(pick(policy, routes, Prompt(f"unique prompt {i} " * 20)) for i in range(80))
+    assert 55 <= placed["a"] <= 65 and placed["a"] + placed["b"] == 80, placed

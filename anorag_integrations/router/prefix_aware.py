@@ -116,10 +116,11 @@ class PrefixAware:
     def _spread(self, candidates: list[Route], least: Route, loads: dict[str, tuple[float, float]], size: int) -> Route:
         """Where a miss goes: the least loaded route, unless its index (the prefixes it caches) is much
         larger than another's that is not overloaded next to it; so new contexts split the fleet's caches
-        evenly instead of following whichever server happened to be idle (SGLang's smallest tree)."""
-        sizes = {route.name: self.index.size(route.name) for route in candidates}
+        evenly instead of following whichever server happened to be idle (SGLang's smallest tree). Sizes
+        are per unit of ``weight``: a route of weight 3 is taken to hold three times the cache."""
+        sizes = {route.name: self.index.size(route.name) / route.weight for route in candidates}
         small = min(candidates, key=lambda route: sizes[route.name])
-        if small is least or sizes[least.name] < FOOTPRINT_RATIO * sizes[small.name] + size:
+        if small is least or sizes[least.name] < FOOTPRINT_RATIO * sizes[small.name] + size / least.weight:
             return least
         return least if self._overloaded(loads[small.name], loads[least.name]) else small
 
