@@ -28,6 +28,15 @@ CLIENT_CPU = 0
 __all__ = ["MODEL", "Peers", "Server", "fault_server", "pin_client", "save"]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+# A benchmark stopped by SIGTERM (`timeout`, a test's cleanup) unwinds like Ctrl-C, so the servers it
+# started in its own processes are stopped by their ``finally`` blocks instead of outliving it.
+signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _server_cpus() -> set[int]:
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
     return (cpus - {CLIENT_CPU}) or cpus
