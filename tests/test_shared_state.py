@@ -170,7 +170,11 @@ def test_one_replica_probes_each_route_and_every_replica_reads_its_results(
             0.05 + 2 + config.state.staleness_bound_s,
             "every replica's breaker opened by the leader's probe",
         )
-        assert all(r.routes["s1"].probe_result.healthy is False for r in made)
+        wait_for(  # the breaker news rides pub/sub (milliseconds); the probe record comes with the next read
+            lambda: all(r.routes["s1"].probe_result.healthy is False for r in made),
+            config.state.staleness_bound_s,
+            "every replica has the leader's failed probe",
+        )
     finally:
         two["s1"].set_fault(None)
         close(*made)
