@@ -20,6 +20,14 @@ from anorag_integrations.langchain import VLLMRoutedEmbeddings
 UNIT_CONFIG = "tests/data/unit_embeddings.yaml"
 
 
+def one_route_config(tmp: pytest.TempPathFactory, name: str, base_url: str, model: str = "minilm") -> str:
+    """A config file with one embedding route, as a user would write it; its path."""
+    path = Path(tmp.getbasetemp()) / f"{name}_embeddings.yaml"
+    route = {"base_url": base_url, "model": model, "kind": "embedding", "timeout": 60}
+    path.write_text(yaml.safe_dump({"llm": {"routes": {"minilm": route}}}))
+    return str(path)
+
+
 class TestVLLMRoutedEmbeddingsUnit(EmbeddingsUnitTests):
     @property
     def embeddings_class(self) -> type[Embeddings]:
@@ -40,10 +48,7 @@ class TestVLLMRoutedEmbeddingsIntegration(EmbeddingsIntegrationTests):
 
     @pytest.fixture(autouse=True)
     def _server(self, vllm_embedder: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
-        path = Path(tmp_path_factory.getbasetemp()) / "live_embeddings.yaml"
-        route = {"base_url": vllm_embedder.base_url, "model": vllm_embedder.alias, "kind": "embedding", "timeout": 60}
-        path.write_text(yaml.safe_dump({"llm": {"routes": {"minilm": route}}}))
-        type(self)._config = str(path)
+        type(self)._config = one_route_config(tmp_path_factory, "live", vllm_embedder.base_url, vllm_embedder.alias)
 
     @property
     def embeddings_class(self) -> type[Embeddings]:
@@ -66,10 +71,7 @@ class TestVLLMRoutedEmbeddingsCassettes(EmbeddingsIntegrationTests):
 
     @pytest.fixture(autouse=True)
     def _server(self, tmp_path_factory: pytest.TempPathFactory) -> None:
-        path = Path(tmp_path_factory.getbasetemp()) / "cassette_embeddings.yaml"
-        route = {"base_url": f"http://127.0.0.1:{CASSETTE_PORT}/v1", "model": "minilm", "kind": "embedding"}
-        path.write_text(yaml.safe_dump({"llm": {"routes": {"minilm": {**route, "timeout": 60}}}}))
-        type(self)._config = str(path)
+        type(self)._config = one_route_config(tmp_path_factory, "cassette", f"http://127.0.0.1:{CASSETTE_PORT}/v1")
 
     @property
     def embeddings_class(self) -> type[Embeddings]:
