@@ -460,3 +460,33 @@ def test_a_router_built_before_fork_shares_state_afresh_in_the_child(
         assert seen["replica"].split(":")[1] == str(pid)
     finally:
         close(parent)
+
+
+def test_a_redis_that_forgot_the_scripts_gets_them_again_and_a_sync_never_asks_whether_they_exist(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After SCRIPT FLUSH (or a failover) the next sync loads the scripts again: no outage, leadership kept.
+
+    Syncs call the scripts by SHA, never redis-py's SCRIPT EXISTS first (one round trip per sync, not two).
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    config = shared_config(two, redis_server.url, namespace, health={"probe_interval": 0.1})
+    prober = Router(config)
+    try:
+        wait_for(lambda: prober.state.status()["leads"] == ["s0", "s1"], 5, "the router leads")
+        client.config_resetstat()
+        client.script_flush()
+
+        def calls(prefix: str) -> int:
+            stats = client.info("commandstats")
+            return sum(int(v["calls"]) for k, v in stats.items() if k.startswith(f"cmdstat_{prefix}"))
+
+        wait_for(lambda: calls("evalsha") >= 40, 10, "syncs go on after the flush")
+        assert prober.state.status()["connected"] and prober.state.status()["leads"] == ["s0", "s1"]
+        assert "unreachable" not in caplog.text
+        assert 1 + 4 <= calls("script") < 10  # the flush, one load of the four scripts; no check per sync
+    finally:
+        close(prober)
+        client.close()

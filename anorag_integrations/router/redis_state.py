@@ -13,8 +13,8 @@ Keys (``ns`` is the namespace)::
     ns:changed         pub/sub channel: a replica published a change ({"by": replica, "breakers": records})
 
 Two daemon threads per router. The sync thread pushes this replica's changes, reads the fleet's
-state in one pipeline (three round trips: redis-py checks its scripts are loaded, the pipeline,
-the other replicas' loads) and applies it, every ``refresh_interval`` or at once when
+state in one pipeline (one round trip; ``redis_scripts.py`` does the multi-key work in Redis)
+and applies it, every ``refresh_interval`` or at once when
 woken by a local change or by a message on ``ns:changed``; the listen thread adopts the breaker
 news those messages carry at once and wakes the sync thread. Every call carries ``timeout``; when
 Redis fails the router routes on its own state (every replica probes, trials and hedges for
@@ -42,6 +42,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 
+from .redis_scripts import Scripts, forgotten
 from .secrets import MASK, redact_url
 from .state import Elsewhere
 
@@ -62,29 +63,6 @@ MAX_PEER_IN_FLIGHT = 1_000_000
 """A replica's in-flight count past this is not a count (a tampered key): ignored."""
 HEDGE_BURST = 2.0
 """Most tokens the fleet's hedge bucket holds (as one replica's, ``hedge.BURST``)."""
-
-_CLAIM = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0
-"""
-"""Take a lock with a TTL, or renew it when this replica holds it already: 1 when held."""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-"""Drop a lock this replica holds (never one another replica took since)."""
-_HEDGE = """
-local tokens = tonumber(redis.call('GET', KEYS[1]) or '1')
-if not tokens or tokens ~= tokens or tokens < 0 then tokens = 0 end
-tokens = math.min(tonumber(ARGV[2]), tokens + tonumber(ARGV[1]))
-local take = 0
-if ARGV[3] == '1' and tokens >= 1 then take = 1 tokens = tokens - 1 end
-redis.call('SET', KEYS[1], tostring(tokens))
-return take
-"""
-"""Add a replica's earnings to the fleet's hedge bucket; hand it one token when it wants one and there is one."""
 
 
 class RedisState:
@@ -135,7 +113,7 @@ class RedisState:
         """Whether the last exchange with Redis succeeded (else the router runs on its own state)."""
         self._warned = False
         self._client: redis.Redis | None = None
-        self._scripts: dict[str, Any] = {}
+        self._scripts: Scripts | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -227,14 +205,12 @@ class RedisState:
         for thread in self._threads:
             thread.join(timeout=5)
         client, self._client = self._client, None
-        if client is not None and self.connected:
+        if client is not None and self.connected and self._scripts is not None:
             try:
                 pipe = client.pipeline(transaction=False)
-                for key in [
-                    *(self._key("leader", n) for n in self._leading),
-                    *(self._key("trial", n) for n in self._trials),
-                ]:
-                    self._scripts["release"](keys=[key], args=[self.replica], client=pipe)
+                held = [self._key("leader", n) for n in self._leading] + [self._key("trial", n) for n in self._trials]
+                if held:
+                    self._scripts.call(pipe, "release", held, [self.replica])
                 pipe.delete(self._key("load", self.replica))
                 pipe.zrem(f"{self._ns}:replicas", self.replica)
                 pipe.execute()
@@ -277,14 +253,10 @@ class RedisState:
     def _connect(self) -> redis.Redis:
         client = self._new_client()
         try:
-            client.ping()
+            self._scripts = Scripts.load(client)
         except BaseException:
             client.close()
             raise
-        self._scripts = {
-            name: client.register_script(text)
-            for name, text in (("claim", _CLAIM), ("release", _RELEASE), ("hedge", _HEDGE))
-        }
         return client
 
     def _down(self, exc: BaseException) -> None:
@@ -328,10 +300,15 @@ class RedisState:
     def _sync(self, client: redis.Redis) -> None:
         """Push this replica's changes and load, claim leaderships and trials, read and apply the fleet's state."""
         with self._lock:
-            dirty = {kind: names for kind, names in self._dirty.items()}
-            self._dirty = {kind: set() for kind in dirty}
+            dirty, self._dirty = self._dirty, {kind: set() for kind in self._dirty}
+        hedge = self.hedger.fleet_exchange() if self.hedger is not None else None
         try:
-            exchange = self._exchange(client, dirty)
+            exchange = self._exchange(client, dirty, hedge)
+            if forgotten(exchange.replies):  # Redis lost the scripts (SCRIPT FLUSH, a failover): load them, repeat
+                self._scripts = Scripts.load(client)
+                exchange = self._exchange(client, dirty, hedge)
+                if forgotten(exchange.replies):
+                    raise redis.exceptions.NoScriptError("Redis forgets the scripts as soon as they are loaded")
         except BaseException:
             with self._lock:  # pushed next time instead
                 for kind, names in dirty.items():
@@ -339,12 +316,13 @@ class RedisState:
             raise
         self._apply(exchange)
 
-    def _exchange(self, client: redis.Redis, dirty: dict[str, set[str]]) -> _Exchange:
-        """One pipeline of writes, claims and reads (and one MGET of the other replicas' loads)."""
-        ns, me, now = self._ns, self.replica, time.time()
+    def _exchange(self, client: redis.Redis, dirty: dict[str, set[str]], hedge: tuple[float, bool] | None) -> _Exchange:
+        """One pipeline, one round trip: this replica's news and load, its claims, and the fleet's state."""
+        ns, me, now, scripts = self._ns, self.replica, time.time(), self._scripts
+        assert scripts is not None
         pipe = client.pipeline(transaction=False)
-        claim, release = self._scripts["claim"], self._scripts["release"]
-        load_ttl_ms, lock_ttl_ms = int(self.config.load_ttl * 1000), int(self.config.leader_ttl * 1000)
+        lock_ttl_ms = int(self.config.leader_ttl * 1000)
+        out = _Exchange()
         news: dict[str, str] = {}
         for name in dirty["breakers"]:
             is_open, opened_at, _ = self.routes[name].breaker.reading()
@@ -352,58 +330,54 @@ class RedisState:
             at = _wall(opened_at) if is_open else now
             news[name] = json.dumps({"open": is_open, "at": at, "by": me, "n": self._seq})
             pipe.hset(f"{ns}:breakers", name, news[name])
-            if name in self._trials:  # the trial ended one way or the other: the next one is anyone's
-                release(keys=[self._key("trial", name)], args=[me], client=pipe)
-                self._trials.discard(name)
+        out.released = [name for name in dirty["breakers"] if name in self._trials]
+        if out.released:  # the trial ended one way or the other: the next one is anyone's
+            scripts.call(pipe, "release", [self._key("trial", name) for name in out.released], [me])
         for name in dirty["throttle"]:
             pipe.hset(f"{ns}:throttle", name, repr(_wall(self.routes[name].not_before)))
         for name in dirty["probes"]:
             pipe.hset(f"{ns}:probes", name, json.dumps({**asdict(self.routes[name].probe_result), "by": me}))
-        for name in self._trials:  # a trial in flight keeps its lock; one whose replica died loses it
-            if self.routes[name].breaker.trial_in_flight:
-                claim(keys=[self._key("trial", name)], args=[me, lock_ttl_ms], client=pipe)
-        load = {name: [r.stats.in_flight, r.stats.ewma_latency_s] for name, r in self.routes.items()}
-        pipe.set(self._key("load", me), json.dumps(load), px=load_ttl_ms)
-        pipe.zadd(f"{ns}:replicas", {me: now})
-        pipe.zremrangebyscore(f"{ns}:replicas", "-inf", now - self.config.load_ttl)
-        out = _Exchange(leaders_at=len(pipe))
+        running = [n for n in self._trials if n not in out.released and self.routes[n].breaker.trial_in_flight]
+        if running:  # a trial in flight keeps its lock; one whose replica died loses it
+            scripts.call(pipe, "claim", [self._key("trial", name) for name in running], [me, lock_ttl_ms])
+        load = json.dumps({name: [r.stats.in_flight, r.stats.ewma_latency_s] for name, r in self.routes.items()})
+        load_ttl = self.config.load_ttl
+        out.peers_at = len(pipe)
+        scripts.call(
+            pipe, "peers", [f"{ns}:replicas", self._key("load", me)],
+            [me, repr(now), repr(now - load_ttl), load, int(load_ttl * 1000), f"{ns}:load:"],
+        )  # fmt: skip
         if self.probing:  # a router that does not probe (a CLI healthcheck, say) never takes a route's probing away
-            for name in self.routes:
-                claim(keys=[self._key("leader", name)], args=[me, lock_ttl_ms], client=pipe)
-            out.leader_claims = len(self.routes)
+            out.leaders, out.leaders_at = list(self.routes), len(pipe)
+            scripts.call(pipe, "claim", [self._key("leader", name) for name in out.leaders], [me, lock_ttl_ms])
         out.wanted = [
             (name, route.breaker.epoch)
             for name, route in self.routes.items()
             if route.breaker.wants_trial() and self._grants.get(name) != route.breaker.epoch
         ]
-        out.trials_at = len(pipe)
-        for name, _ in out.wanted:
-            claim(keys=[self._key("trial", name)], args=[me, lock_ttl_ms], client=pipe)
-        if self.hedger is not None:
-            earned, want = self.hedger.fleet_exchange()
+        if out.wanted:
+            out.trials_at = len(pipe)
+            scripts.call(pipe, "claim", [self._key("trial", name) for name, _ in out.wanted], [me, lock_ttl_ms])
+        if hedge is not None:
             out.hedge_at = len(pipe)
-            self._scripts["hedge"](keys=[f"{ns}:hedge"], args=[repr(earned), HEDGE_BURST, int(want)], client=pipe)
+            scripts.call(pipe, "hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
         out.reads_at = len(pipe)
         pipe.hgetall(f"{ns}:breakers")
         pipe.hgetall(f"{ns}:throttle")
         pipe.hgetall(f"{ns}:probes")
-        pipe.zrangebyscore(f"{ns}:replicas", now - self.config.load_ttl, "+inf")
         if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
             pipe.publish(self._channel, json.dumps({"by": me, "breakers": news}))
         out.replies = pipe.execute(raise_on_error=False)  # a bad key fails its command alone, not the exchange
-        replicas = out.replies[out.reads_at + 3]
-        peers = [r.decode() for r in replicas if r.decode() != me] if isinstance(replicas, list) else []
-        out.others = client.mget([self._key("load", peer) for peer in peers]) if peers else []
         return out
 
     def _apply(self, out: _Exchange) -> None:
         replies = out.replies
-        leaders = replies[out.leaders_at : out.leaders_at + out.leader_claims]
-        names = list(self.routes) if out.leader_claims else []
-        self._leading = frozenset(name for name, held in zip(names, leaders, strict=True) if held == 1)
-        trials = replies[out.trials_at : out.trials_at + len(out.wanted)]
+        leaders = _held(replies[out.leaders_at], len(out.leaders)) if out.leaders else []
+        self._leading = frozenset(name for name, held in zip(out.leaders, leaders, strict=True) if held)
+        self._trials.difference_update(out.released)
+        trials = _held(replies[out.trials_at], len(out.wanted)) if out.wanted else []
         for (name, epoch), held in zip(out.wanted, trials, strict=True):
-            if held == 1:
+            if held:
                 self._grants[name] = epoch
                 self._trials.add(name)
         if self.hedger is not None and out.hedge_at is not None:
@@ -415,7 +389,8 @@ class RedisState:
             self._adopt("throttle", name, raw, self._adopt_throttle)
         for name, raw in probes.items():
             self._adopt("probes", name, raw, self._adopt_probe)
-        self._adopt_loads(out.others)
+        others = replies[out.peers_at]
+        self._adopt_loads(others if isinstance(others, list) else [])
 
     def _adopt(self, kind: str, name: str, raw: str, adopt: Callable[[Route, str], None]) -> None:
         """Apply one record of another replica's; a malformed one is skipped (logged once), the others still count."""
@@ -541,17 +516,26 @@ if hasattr(os, "register_at_fork"):
 class _Exchange:
     """One exchange's replies, and where in them each part's answers start."""
 
-    leaders_at: int
-    leader_claims: int = 0
-    """How many leader locks the exchange claimed (every route's when this replica probes, else none)."""
+    released: list[str] = field(default_factory=list)
+    """Routes whose trial lock this exchange gave back (their breaker moved on)."""
+    peers_at: int = 0
+    """The other live replicas' loads (JSON each; one that expired is left out)."""
+    leaders: list[str] = field(default_factory=list)
+    """Routes whose leader lock the exchange claimed (every route when this replica probes, else none)."""
+    leaders_at: int = 0
     wanted: list[tuple[str, int]] = field(default_factory=list)
     """(route, breaker epoch) whose trial lock this exchange tried to take."""
     trials_at: int = 0
     hedge_at: int | None = None
     reads_at: int = 0
     replies: list[Any] = field(default_factory=list)
-    others: list[Any] = field(default_factory=list)
-    """The other live replicas' loads (JSON, or None for one that expired since)."""
+
+
+def _held(reply: object, n: int) -> list[bool]:
+    """A CLAIM reply as one flag per lock; a failed call holds none."""
+    if isinstance(reply, list) and len(reply) == n:
+        return [flag == 1 for flag in reply]
+    return [False] * n
 
 
 def _wall(monotonic_at: float) -> float:
