@@ -4,21 +4,25 @@ Six app processes (each its own Router, ``CONCURRENCY`` requests at a time for `
 three vLLM-shaped servers (own processes, ``DELAY_S`` per answer) and one real redis-server, all on
 loopback. Each scenario runs twice, ``state: local`` then ``state: redis``, on fresh servers:
 
-- kill: the first server is SIGKILLed at 30 % (breaker cool-down 1 s, so the run holds several
-  half-open trials); failed attempts on it fleet-wide, all of them and those of requests sent after
-  the kill (requests in flight at the kill fail whatever the state; target >= 4x fewer shared), and
-  those sent after the first breaker in the fleet opened (what sharing can save), and failed
-  requests (target 0 either way).
-- balance: ``least_outstanding``, the third server twice as slow; server-side requests running,
-  sampled from each server's ``/metrics``; spread = max/min of their means (target: closer to 1
-  shared). Also requests per client CPU-second, all processes (target: shared >= 0.95x local).
+- kill (``--kill-seconds``): the first server is SIGKILLed at 30 % (breaker cool-down 1 s, so the
+  run holds several half-open trials); attempts that reached it dead, fleet-wide: those of requests
+  sent after the kill (target >= 4x fewer shared), also counting the requests in flight at the kill
+  (they fail whatever the state), and those sent after the first breaker in the fleet opened (what
+  sharing can save); failed requests (target 0 either way).
+- balance (``--pairs`` runs of each, alternating): ``least_outstanding``, the third server twice as
+  slow; server-side requests running, sampled from each server's ``/metrics``; spread = max/min of
+  their means (target: closer to 1 shared). Also requests per client CPU-second, all processes
+  (target: shared >= 0.95x local; the median of the pairs' ratios, as one run's noise on 2 busy
+  cores is a few per cent).
 - throttle: the third server answers 429 with ``Retry-After: 5`` to every ``THROTTLE_EVERY``-th
   request; requests the fleet sent it in the 5 s after the first 429, past the staleness bound
   (target 0 shared).
 - redis kill (shared only): redis-server SIGKILLed at 40 %; failed requests (target 0), and
   median / p95 latency before and after the kill.
 
-Run: ``.venv/bin/python benchmarks/shared_state.py`` (about 2 minutes on 2 cores).
+Shared state uses the config's defaults (``StateConfig``) unless ``--refresh-interval`` says otherwise.
+
+Run: ``.venv/bin/python benchmarks/shared_state.py`` (about 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -49,8 +54,21 @@ KILL_COOLDOWN_S = 1.0
 """Breaker cool-down in the kill scenario, so a run holds several half-open trials of the dead route."""
 THROTTLE_EVERY = 150
 RETRY_AFTER_S = 5.0
-STATE = {"refresh_interval": 0.1, "timeout": 0.25, "leader_ttl": 2.0, "load_ttl": 2.0}
-STALENESS_BOUND_S = STATE["refresh_interval"] + 4 * STATE["timeout"]
+STATE: dict[str, float] = {}
+"""Shared-state settings other than the defaults (``--refresh-interval``)."""
+
+
+SETTINGS = ("refresh_interval", "timeout", "leader_ttl", "load_ttl")
+"""The shared-state settings recorded with the results."""
+
+
+def state_settings() -> Any:
+    """The shared-state settings the runs use: the config's defaults, updated by ``STATE``."""
+    from anorag_integrations.config import StateConfig
+
+    return StateConfig(**STATE)
+
+
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
@@ -185,8 +203,8 @@ def kill_run(backend: str, redis_url: str, seconds: float) -> dict[str, Any]:
         "state": backend,
         "requests": len(rows),
         "failed": sum(1 for r in rows if r[2] is None),
-        "dead_route_attempts": sum(r[3].count("s0") for r in rows),
         "dead_route_attempts_sent_after_kill": sum(r[3].count("s0") for r in rows if r[0] > kill_at),
+        "dead_route_attempts_with_in_flight_at_kill": sum(r[3].count("s0") for r in rows),
         "dead_route_attempts_after_first_open": sum(r[3].count("s0") for r in rows if r[0] > first_open),
         "first_open_s_after_kill": round(first_open - kill_at, 3),
     }
@@ -241,7 +259,7 @@ def throttle_run(backend: str, redis_url: str, seconds: float) -> dict[str, Any]
         "requests": len(rows),
         "failed": sum(1 for r in rows if r[2] is None),
         "sent_in_window": sent(0.0),
-        "sent_after_bound": sent(STALENESS_BOUND_S),
+        "sent_after_bound": sent(state_settings().staleness_bound_s),
     }
 
 
@@ -272,37 +290,49 @@ def main() -> None:
     from anorag_integrations.testing import RedisServer
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each run but the kill runs")
+    parser.add_argument("--kill-seconds", type=float, default=20.0, help="length of the kill runs")
+    parser.add_argument("--pairs", type=int, default=3, help="balance runs of each state, alternating")
+    parser.add_argument("--refresh-interval", type=float, help="state.refresh_interval (default: the config's)")
     args = parser.parse_args()
+    if args.refresh_interval is not None:
+        STATE["refresh_interval"] = args.refresh_interval
+    settings = state_settings()
     out: dict[str, Any] = {}
     with RedisServer(password="bench-pw") as redis:
-        out["kill"] = [kill_run(b, redis.url, args.seconds) for b in ("local", "redis")]
-        out["balance"] = [balance_run(b, redis.url, args.seconds) for b in ("local", "redis")]
+        out["kill"] = [kill_run(b, redis.url, args.kill_seconds) for b in ("local", "redis")]
+        pairs = [[balance_run(b, redis.url, args.seconds) for b in ("local", "redis")] for _ in range(args.pairs)]
+        out["balance"] = pairs
         out["throttle"] = [throttle_run(b, redis.url, args.seconds) for b in ("local", "redis")]
         out["redis_kill"] = redis_kill_run(redis, args.seconds)
-    (kl, ks), (bl, bs), (tl, ts), rk = out["kill"], out["balance"], out["throttle"], out["redis_kill"]
+    (kl, ks), (tl, ts), rk = out["kill"], out["throttle"], out["redis_kill"]
+
+    def kill_ratio(key: str) -> float | None:
+        return ratio(kl[key], ks[key])
+
+    cpu = [ratio(shared["per_cpu_s"], local["per_cpu_s"]) for local, shared in pairs]
     out["ratios"] = {
-        "dead_route_attempts_local_over_shared": ratio(kl["dead_route_attempts"], ks["dead_route_attempts"]),
-        "dead_route_attempts_sent_after_kill_local_over_shared": ratio(
-            kl["dead_route_attempts_sent_after_kill"], ks["dead_route_attempts_sent_after_kill"]
+        "dead_route_attempts_sent_after_kill_local_over_shared": kill_ratio("dead_route_attempts_sent_after_kill"),
+        "dead_route_attempts_with_in_flight_at_kill_local_over_shared": kill_ratio(
+            "dead_route_attempts_with_in_flight_at_kill"
         ),
-        "dead_route_attempts_after_first_open_local_over_shared": ratio(
-            kl["dead_route_attempts_after_first_open"], ks["dead_route_attempts_after_first_open"]
-        ),
-        "spread_local": bl["spread"],
-        "spread_shared": bs["spread"],
+        "dead_route_attempts_after_first_open_local_over_shared": kill_ratio("dead_route_attempts_after_first_open"),
+        "spread_local": statistics.median(local["spread"] or math.inf for local, _ in pairs),
+        "spread_shared": statistics.median(shared["spread"] or math.inf for _, shared in pairs),
         "throttled_route_requests_after_bound_local": tl["sent_after_bound"],
         "throttled_route_requests_after_bound_shared": ts["sent_after_bound"],
-        "per_cpu_s_shared_over_local": ratio(bs["per_cpu_s"], bl["per_cpu_s"]),
+        "per_cpu_s_shared_over_local": statistics.median(c if c is not None else 0.0 for c in cpu),
+        "per_cpu_s_shared_over_local_each_pair": cpu,
         "p50_after_over_before_redis_kill": ratio(rk["p50_after_ms"], rk["p50_before_ms"]),
     }
     for name, value in out["ratios"].items():
-        print(f"{name:48} {value}")
-    print(f"failed requests: kill {kl['failed']}/{ks['failed']}, balance {bl['failed']}/{bs['failed']}, "
-          f"throttle {tl['failed']}/{ts['failed']}, redis kill {rk['failed']}")  # fmt: skip
+        print(f"{name:61} {value}")
+    failed = [kl, ks, *(run for pair in pairs for run in pair), tl, ts, rk]
+    print("failed requests, all runs:", sum(run["failed"] for run in failed))
     path = save(
-        "shared_state", out, apps=APPS, concurrency=CONCURRENCY, seconds=args.seconds, delay_s=DELAY_S,
-        state=STATE, staleness_bound_s=STALENESS_BOUND_S, throttle_every=THROTTLE_EVERY, retry_after_s=RETRY_AFTER_S,
+        "shared_state", out, apps=APPS, concurrency=CONCURRENCY, seconds=args.seconds, kill_seconds=args.kill_seconds,
+        pairs=args.pairs, delay_s=DELAY_S, state=settings.model_dump(include=set(SETTINGS)),
+        staleness_bound_s=settings.staleness_bound_s, throttle_every=THROTTLE_EVERY, retry_after_s=RETRY_AFTER_S,
     )  # fmt: skip
     print("written to", path)
 
