@@ -490,3 +490,54 @@ def test_a_redis_that_forgot_the_scripts_gets_them_again_and_a_sync_never_asks_w
     finally:
         close(prober)
         client.close()
+
+
+def test_keys_of_another_type_under_the_namespace_are_taken_over_and_sharing_goes_on(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock, the replicas set or the hedge bucket holding the wrong type (a hand edit) never leaves a route
+    without a prober or turns sharing off: the scripts take such keys over."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset(f"{namespace}:leader:s0", "by", "someone")
+    client.set(f"{namespace}:replicas", "not a sorted set")
+    client.rpush(f"{namespace}:hedge", "not a number")
+    config = shared_config(
+        two, redis_server.url, namespace, health={"probe_interval": 0.1}, hedge={"after_ms": 50, "max_rate": 0.01}
+    )
+    prober = Router(config)
+    (quiet,) = routers(1, config)
+    try:
+        wait_for(lambda: prober.state.status()["leads"] == ["s0", "s1"], 5, "the prober leads both routes")
+        wait_for(lambda: client.zcard(f"{namespace}:replicas") == 2, 5, "both replicas listed again")
+        assert client.type(f"{namespace}:hedge") == b"string"
+        assert prober.state.status()["connected"] and quiet.state.status()["connected"]
+        assert "unreachable" not in caplog.text
+    finally:
+        close(prober, quiet)
+        client.close()
+
+
+def test_a_redis_that_refuses_the_scripts_is_an_outage_not_a_fleet_without_probers(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answering the claims with an error (an ACL without EVALSHA, a read-only replica, OOM) would grant
+    no replica a route's probing or half-open trial; each replica runs on its own state instead, as in an outage."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    user = f"u{namespace}"
+    refused = ["+@all", "-evalsha"]
+    client.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=refused)
+    config = shared_config(two, f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0", namespace)
+    router = Router(config, start_prober=False)
+    try:
+        wait_for(lambda: "unreachable" in caplog.text, 5, "the refusal reported as an outage")
+        assert not router.state.status()["connected"]
+        assert all(router.state.leads(route) for route in router.routes.values())  # probes for itself again
+        assert "NOPERM" in caplog.text or "NoPermission" in caplog.text
+    finally:
+        close(router)
+        client.acl_deluser(user)
+        client.close()

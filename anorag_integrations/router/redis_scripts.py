@@ -20,26 +20,29 @@ import redis
 CLAIM = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  local holder = redis.call('GET', key)
+  local holder = redis.pcall('GET', key)
   if holder == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]) out[i] = 1
-  elseif not holder then redis.call('SET', key, ARGV[1], 'PX', ARGV[2]) out[i] = 1
+  elseif type(holder) ~= 'string' then redis.call('SET', key, ARGV[1], 'PX', ARGV[2]) out[i] = 1
   else out[i] = 0 end
 end
 return out
 """
-"""Take each lock in KEYS for ARGV[1] with a TTL of ARGV[2] ms, or renew it when held already: 1 or 0 per key."""
+"""Take each lock in KEYS for ARGV[1] with a TTL of ARGV[2] ms, or renew it when held already: 1 or 0 per key.
+A key that is not a lock (another type) is taken over, so garbage cannot leave a route without a prober."""
 
 RELEASE = """
 local n = 0
 for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end
+  if redis.pcall('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end
 end
 return n
 """
 """Drop the locks in KEYS that ARGV[1] holds (never one another replica took since)."""
 
 HEDGE = """
-local tokens = tonumber(redis.call('GET', KEYS[1]) or '1')
+local raw = redis.pcall('GET', KEYS[1])
+local tokens = 1
+if raw then tokens = type(raw) == 'string' and tonumber(raw) end
 if not tokens or tokens ~= tokens or tokens < 0 then tokens = 0 end
 tokens = math.min(tonumber(ARGV[2]), tokens + tonumber(ARGV[1]))
 local take = 0
@@ -48,11 +51,14 @@ redis.call('SET', KEYS[1], tostring(tokens))
 return take
 """
 """Add a replica's earnings (ARGV[1]) to the fleet's hedge bucket (at most ARGV[2] tokens); hand it one
-token when it wants one (ARGV[3] == '1') and there is one."""
+token when it wants one (ARGV[3] == '1') and there is one. A bucket that is not a number starts empty."""
 
 PEERS = """
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
-redis.pcall('ZADD', KEYS[1], ARGV[2], ARGV[1])
+if type(redis.pcall('ZADD', KEYS[1], ARGV[2], ARGV[1])) == 'table' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
 redis.pcall('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 local live = redis.pcall('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
 local out = {}
@@ -67,7 +73,8 @@ return out
 """
 """Publish this replica's load (KEYS[2] = ARGV[4], expiring in ARGV[5] ms) and liveness (KEYS[1], the
 replicas zset: ARGV[1] at ARGV[2]; those older than ARGV[3] dropped); return the other live replicas'
-loads (keys ARGV[6] .. replica). A key of the wrong type reads as absent, never as an error."""
+loads (keys ARGV[6] .. replica). A load key of another type reads as absent; a replicas key of another
+type is replaced."""
 
 SOURCES = {"claim": CLAIM, "release": RELEASE, "hedge": HEDGE, "peers": PEERS}
 
@@ -87,9 +94,19 @@ class Scripts:
         shas = [sha.decode() if isinstance(sha, bytes) else str(sha) for sha in pipe.execute()]
         return cls(dict(zip(SOURCES, shas, strict=True)))
 
-    def call(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
-        """Queue script ``name`` on ``pipe`` (a pipeline, or a client for an immediate call)."""
+    def call(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> int:
+        """Queue script ``name`` on the pipeline ``pipe``; the index of its reply."""
         pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+        return len(pipe) - 1
+
+
+def failure(replies: list[Any], at: list[int]) -> Exception | None:
+    """The first error among the scripts' replies (at indices ``at``): Redis refused them (NOPERM, READONLY, OOM...).
+
+    The scripts tolerate any content, so an error here is Redis itself saying no, which leaves the
+    fleet without probers or trials as surely as an outage: the caller treats it as one.
+    """
+    return next((reply for i in at if isinstance(reply := replies[i], Exception)), None)
 
 
 def forgotten(replies: list[Any]) -> bool:

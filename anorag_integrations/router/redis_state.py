@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 
-from .redis_scripts import Scripts, forgotten
+from .redis_scripts import Scripts, failure, forgotten
 from .secrets import MASK, redact_url
 from .state import Elsewhere
 
@@ -307,8 +307,9 @@ class RedisState:
             if forgotten(exchange.replies):  # Redis lost the scripts (SCRIPT FLUSH, a failover): load them, repeat
                 self._scripts = Scripts.load(client)
                 exchange = self._exchange(client, dirty, hedge)
-                if forgotten(exchange.replies):
-                    raise redis.exceptions.NoScriptError("Redis forgets the scripts as soon as they are loaded")
+            refused = failure(exchange.replies, exchange.scripts)
+            if refused is not None:
+                raise refused
         except BaseException:
             with self._lock:  # pushed next time instead
                 for kind, names in dirty.items():
@@ -321,7 +322,7 @@ class RedisState:
         ns, me, now, scripts = self._ns, self.replica, time.time(), self._scripts
         assert scripts is not None
         pipe = client.pipeline(transaction=False)
-        lock_ttl_ms = int(self.config.leader_ttl * 1000)
+        ttl_ms = int(self.config.leader_ttl * 1000)
         out = _Exchange()
         news: dict[str, str] = {}
         for name in dirty["breakers"]:
@@ -332,35 +333,36 @@ class RedisState:
             pipe.hset(f"{ns}:breakers", name, news[name])
         out.released = [name for name in dirty["breakers"] if name in self._trials]
         if out.released:  # the trial ended one way or the other: the next one is anyone's
-            scripts.call(pipe, "release", [self._key("trial", name) for name in out.released], [me])
+            out.scripts.append(scripts.call(pipe, "release", [self._key("trial", name) for name in out.released], [me]))
         for name in dirty["throttle"]:
             pipe.hset(f"{ns}:throttle", name, repr(_wall(self.routes[name].not_before)))
         for name in dirty["probes"]:
             pipe.hset(f"{ns}:probes", name, json.dumps({**asdict(self.routes[name].probe_result), "by": me}))
         running = [n for n in self._trials if n not in out.released and self.routes[n].breaker.trial_in_flight]
         if running:  # a trial in flight keeps its lock; one whose replica died loses it
-            scripts.call(pipe, "claim", [self._key("trial", name) for name in running], [me, lock_ttl_ms])
+            out.scripts.append(scripts.call(pipe, "claim", [self._key("trial", n) for n in running], [me, ttl_ms]))
         load = json.dumps({name: [r.stats.in_flight, r.stats.ewma_latency_s] for name, r in self.routes.items()})
         load_ttl = self.config.load_ttl
-        out.peers_at = len(pipe)
-        scripts.call(
+        out.peers_at = scripts.call(
             pipe, "peers", [f"{ns}:replicas", self._key("load", me)],
             [me, repr(now), repr(now - load_ttl), load, int(load_ttl * 1000), f"{ns}:load:"],
         )  # fmt: skip
+        out.scripts.append(out.peers_at)
         if self.probing:  # a router that does not probe (a CLI healthcheck, say) never takes a route's probing away
-            out.leaders, out.leaders_at = list(self.routes), len(pipe)
-            scripts.call(pipe, "claim", [self._key("leader", name) for name in out.leaders], [me, lock_ttl_ms])
+            out.leaders = list(self.routes)
+            out.leaders_at = scripts.call(pipe, "claim", [self._key("leader", n) for n in out.leaders], [me, ttl_ms])
+            out.scripts.append(out.leaders_at)
         out.wanted = [
             (name, route.breaker.epoch)
             for name, route in self.routes.items()
             if route.breaker.wants_trial() and self._grants.get(name) != route.breaker.epoch
         ]
         if out.wanted:
-            out.trials_at = len(pipe)
-            scripts.call(pipe, "claim", [self._key("trial", name) for name, _ in out.wanted], [me, lock_ttl_ms])
+            out.trials_at = scripts.call(pipe, "claim", [self._key("trial", n) for n, _ in out.wanted], [me, ttl_ms])
+            out.scripts.append(out.trials_at)
         if hedge is not None:
-            out.hedge_at = len(pipe)
-            scripts.call(pipe, "hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
+            out.hedge_at = scripts.call(pipe, "hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
+            out.scripts.append(out.hedge_at)
         out.reads_at = len(pipe)
         pipe.hgetall(f"{ns}:breakers")
         pipe.hgetall(f"{ns}:throttle")
@@ -516,6 +518,8 @@ if hasattr(os, "register_at_fork"):
 class _Exchange:
     """One exchange's replies, and where in them each part's answers start."""
 
+    scripts: list[int] = field(default_factory=list)
+    """Where the scripts' replies are (an error there is Redis refusing us, see ``redis_scripts.failure``)."""
     released: list[str] = field(default_factory=list)
     """Routes whose trial lock this exchange gave back (their breaker moved on)."""
     peers_at: int = 0
