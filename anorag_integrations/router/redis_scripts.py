@@ -100,6 +100,13 @@ class Scripts:
         return len(pipe) - 1
 
 
+def claimed(reply: object, n: int) -> list[bool]:
+    """A CLAIM reply as one flag per lock; a failed call holds none."""
+    if isinstance(reply, list) and len(reply) == n:
+        return [flag == 1 for flag in reply]
+    return [False] * n
+
+
 def failure(replies: list[Any], at: list[int]) -> Exception | None:
     """The first error among the scripts' replies (at indices ``at``): Redis refused them (NOPERM, READONLY, OOM...).
 

@@ -36,13 +36,26 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 
-from .redis_scripts import Scripts, failure, forgotten
+from .redis_records import (
+    MALFORMED,
+    BreakerRecord,
+    decoded,
+    load_record,
+    monotonic,
+    probe_record,
+    read_loads,
+    read_probe,
+    read_throttle,
+    throttle_record,
+    wall,
+)
+from .redis_scripts import Scripts, claimed, failure, forgotten
 from .secrets import MASK, redact_url
 from .state import Elsewhere
 
@@ -59,8 +72,6 @@ BACKOFF_MAX_S = 5.0
 """...doubling up to this."""
 LISTEN_POLL_S = 0.5
 """How long the listen thread waits for a message before checking whether it should stop."""
-MAX_PEER_IN_FLIGHT = 1_000_000
-"""A replica's in-flight count past this is not a count (a tampered key): ignored."""
 HEDGE_BURST = 2.0
 """Most tokens the fleet's hedge bucket holds (as one replica's, ``hedge.BURST``)."""
 
@@ -328,20 +339,19 @@ class RedisState:
         for name in dirty["breakers"]:
             is_open, opened_at, _ = self.routes[name].breaker.reading()
             self._seq += 1
-            at = _wall(opened_at) if is_open else now
-            news[name] = json.dumps({"open": is_open, "at": at, "by": me, "n": self._seq})
+            news[name] = BreakerRecord(is_open, wall(opened_at) if is_open else now, me, self._seq).dumps()
             pipe.hset(f"{ns}:breakers", name, news[name])
         out.released = [name for name in dirty["breakers"] if name in self._trials]
         if out.released:  # the trial ended one way or the other: the next one is anyone's
             out.scripts.append(scripts.call(pipe, "release", [self._key("trial", name) for name in out.released], [me]))
         for name in dirty["throttle"]:
-            pipe.hset(f"{ns}:throttle", name, repr(_wall(self.routes[name].not_before)))
+            pipe.hset(f"{ns}:throttle", name, throttle_record(self.routes[name].not_before))
         for name in dirty["probes"]:
-            pipe.hset(f"{ns}:probes", name, json.dumps({**asdict(self.routes[name].probe_result), "by": me}))
+            pipe.hset(f"{ns}:probes", name, probe_record(self.routes[name].probe_result, me))
         running = [n for n in self._trials if n not in out.released and self.routes[n].breaker.trial_in_flight]
         if running:  # a trial in flight keeps its lock; one whose replica died loses it
             out.scripts.append(scripts.call(pipe, "claim", [self._key("trial", n) for n in running], [me, ttl_ms]))
-        load = json.dumps({name: [r.stats.in_flight, r.stats.ewma_latency_s] for name, r in self.routes.items()})
+        load = load_record(self.routes)
         load_ttl = self.config.load_ttl
         out.peers_at = scripts.call(
             pipe, "peers", [f"{ns}:replicas", self._key("load", me)],
@@ -374,17 +384,17 @@ class RedisState:
 
     def _apply(self, out: _Exchange) -> None:
         replies = out.replies
-        leaders = _held(replies[out.leaders_at], len(out.leaders)) if out.leaders else []
+        leaders = claimed(replies[out.leaders_at], len(out.leaders)) if out.leaders else []
         self._leading = frozenset(name for name, held in zip(out.leaders, leaders, strict=True) if held)
         self._trials.difference_update(out.released)
-        trials = _held(replies[out.trials_at], len(out.wanted)) if out.wanted else []
+        trials = claimed(replies[out.trials_at], len(out.wanted)) if out.wanted else []
         for (name, epoch), held in zip(out.wanted, trials, strict=True):
             if held:
                 self._grants[name] = epoch
                 self._trials.add(name)
         if self.hedger is not None and out.hedge_at is not None:
             self.hedger.fleet_granted(1.0 if replies[out.hedge_at] == 1 else 0.0)
-        breakers, throttle, probes = (_decoded(r) for r in replies[out.reads_at : out.reads_at + 3])
+        breakers, throttle, probes = (decoded(r) for r in replies[out.reads_at : out.reads_at + 3])
         for name, raw in breakers.items():
             self._adopt("breakers", name, raw, self._adopt_breaker)
         for name, raw in throttle.items():
@@ -392,7 +402,8 @@ class RedisState:
         for name, raw in probes.items():
             self._adopt("probes", name, raw, self._adopt_probe)
         others = replies[out.peers_at]
-        self._adopt_loads(others if isinstance(others, list) else [])
+        for name, elsewhere in read_loads(others if isinstance(others, list) else [], self.routes).items():
+            self.routes[name].elsewhere = elsewhere
 
     def _adopt(self, kind: str, name: str, raw: str, adopt: Callable[[Route, str], None]) -> None:
         """Apply one record of another replica's; a malformed one is skipped (logged once), the others still count."""
@@ -401,7 +412,7 @@ class RedisState:
             return
         try:
             adopt(route, raw)
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        except MALFORMED as exc:
             if (kind, name) not in self._malformed:
                 self._malformed.add((kind, name))
                 log.warning(
@@ -411,57 +422,29 @@ class RedisState:
 
     def _adopt_throttle(self, route: Route, raw: str) -> None:
         """Another replica's Retry-After, bounded as this replica bounds its own (``params.max_retry_after``)."""
-        until, now = float(raw), time.time()
-        if not math.isfinite(until) or until <= now:
-            return
-        route.not_before = max(route.not_before, _monotonic(min(until, now + self.max_retry_after)))
+        until = read_throttle(raw, self.max_retry_after)
+        if until is not None:
+            route.not_before = max(route.not_before, until)
 
     def _adopt_breaker(self, route: Route, raw: str) -> None:
-        record = json.loads(raw)
-        by, n, at, is_open = str(record["by"]), int(record["n"]), float(record["at"]), bool(record["open"])
-        if not math.isfinite(at):
-            raise ValueError(f"time {at}")
+        record = BreakerRecord.loads(raw)
         seen_by, seen_n = self._seen.get(route.name, ("", 0))
-        if by == self.replica or (seen_by == by and seen_n >= n):
+        if record.by == self.replica or (seen_by == record.by and seen_n >= record.n):
             return  # ours, or already adopted (from the message, then from the hash)
-        self._seen[route.name] = (by, n)
-        at = min(_monotonic(at), time.monotonic())  # a clock ahead of ours cannot open a breaker in the future
-        if is_open:
+        self._seen[route.name] = (record.by, record.n)
+        at = min(monotonic(record.at), time.monotonic())  # a clock ahead of ours cannot open a breaker in the future
+        if record.is_open:
             route.breaker.adopt_open(at)
         else:
             route.breaker.adopt_closed(at)
 
     def _adopt_probe(self, route: Route, raw: str) -> None:
-        from .route import ProbeResult
-
-        record = json.loads(raw)
-        if record.pop("by") == self.replica:
-            return
-        known = {f.name for f in fields(ProbeResult)}  # a newer replica's extra fields are left out
-        result = ProbeResult(**{key: value for key, value in record.items() if key in known})
-        if not isinstance(result.checked_at, int | float) or (result.checked_at or 0) <= (
-            route.probe_result.checked_at or 0
-        ):
+        by, result = read_probe(raw)
+        if by == self.replica or (result.checked_at or 0) <= (route.probe_result.checked_at or 0):
             return
         route.probe_result = result
         if result.healthy is True:
             route.breaker.probe_succeeded()  # the leader found it up: the cool-down ends here too
-
-    def _adopt_loads(self, others: list[Any]) -> None:
-        reports = [report for raw in others if raw is not None and isinstance(report := _load_report(raw), dict)]
-        for name, route in self.routes.items():
-            in_flight, latency_sum, latency_n = 0, 0.0, 0
-            for report in reports:
-                entry = report.get(name)
-                if not isinstance(entry, list) or len(entry) != 2:
-                    continue
-                count, latency = entry
-                if type(count) is int and 0 < count < MAX_PEER_IN_FLIGHT:
-                    in_flight += count
-                if type(latency) in (int, float) and 0 <= latency < math.inf:
-                    latency_sum += float(latency)
-                    latency_n += 1
-            route.elsewhere = Elsewhere(in_flight, latency_sum, latency_n)
 
     def _heard(self, data: object) -> None:
         """Another replica's change: adopt its breaker news at once, and have the sync thread read the rest."""
@@ -533,34 +516,3 @@ class _Exchange:
     hedge_at: int | None = None
     reads_at: int = 0
     replies: list[Any] = field(default_factory=list)
-
-
-def _held(reply: object, n: int) -> list[bool]:
-    """A CLAIM reply as one flag per lock; a failed call holds none."""
-    if isinstance(reply, list) and len(reply) == n:
-        return [flag == 1 for flag in reply]
-    return [False] * n
-
-
-def _wall(monotonic_at: float) -> float:
-    """A monotonic instant of this process as Unix time (what other processes can read)."""
-    return monotonic_at - time.monotonic() + time.time()
-
-
-def _monotonic(unix_at: float) -> float:
-    """A Unix time as a monotonic instant of this process."""
-    return unix_at - time.time() + time.monotonic()
-
-
-def _decoded(mapping: object) -> dict[str, str]:
-    """A hash's fields as text; a command that failed (a key of another type) reads as empty."""
-    if not isinstance(mapping, Mapping):
-        return {}
-    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in mapping.items()}
-
-
-def _load_report(raw: bytes) -> object:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
