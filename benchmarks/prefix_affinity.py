@@ -283,19 +283,28 @@ def main() -> None:
             rows += part
     for row in rows:
         print({k: v for k, v in row.items() if k in ("workload", "run", "ttft_mean_ms", "ttft_p95_ms", "share")})
+    written(
+        args,
+        rows,
+        shared_system_docs=args.shared_docs,
+        many_questions_per_doc=args.many_questions,
+        unique_requests=args.unique,
+        kv_cache_tokens=args.kv_blocks * 128,
+    )
+
+
+def written(args: argparse.Namespace, rows: list[dict[str, Any]], **meta: Any) -> None:
+    """Save ``rows`` with the settings every engine's run shares, and ``meta``."""
     path = save(
         result_name("prefix_affinity", args.engine),
         rows,
         engine=args.engine,
         cores=cores(args.engine),
         docs=args.docs,
-        shared_system_docs=args.shared_docs,
         questions_per_doc=args.questions,
-        many_questions_per_doc=args.many_questions,
-        unique_requests=args.unique,
         concurrency=args.concurrency,
-        kv_cache_tokens=args.kv_blocks * 128,
         model=MODELS[args.engine],
+        **meta,
     )
     print("written to", path)
 
@@ -311,20 +320,7 @@ def llamacpp(args: argparse.Namespace) -> None:
         with fleet(args) as servers:
             rows.append(measure(servers, name, requests, args))
     ratios(rows, ("round_robin",))
-    path = save(
-        result_name("prefix_affinity", args.engine),
-        rows,
-        engine=args.engine,
-        cores=cores(args.engine),
-        docs=args.docs,
-        questions_per_doc=args.questions,
-        concurrency=args.concurrency,
-        parallel_slots=PARALLEL,
-        cache_ram_mib=args.cache_ram,
-        kv_cache_tokens=None,
-        model=MODELS[args.engine],
-    )
-    print("written to", path)
+    written(args, rows, parallel_slots=PARALLEL, cache_ram_mib=args.cache_ram, kv_cache_tokens=None)
 
 
 if __name__ == "__main__":
