@@ -78,17 +78,7 @@ def prefix_index_memory(requests: int) -> dict[str, Any]:
     from anorag_integrations import Router
     from anorag_integrations.config import config_from_dict
     from anorag_integrations.router.prefix_aware import PrefixAware
-    from anorag_integrations.router.prefix_index import chain_blocks
-
-    class Prompt:
-        def __init__(self, text: str) -> None:
-            self.text = text
-
-        def prefix_key(self, chars: int) -> int:
-            return hash(self.text[:chars])
-
-        def prefix_blocks(self, block_chars: int) -> tuple[int, ...]:
-            return chain_blocks(self.text, block_chars)  # hashed per request, as a call does
+    from anorag_integrations.testing.prompts import TextPrompt as Prompt
 
     routes = {n: {"base_url": f"http://127.0.0.1:9/{n}/v1", "model": MODEL} for n in ("a", "b")}
     router = Router(

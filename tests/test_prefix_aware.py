@@ -13,26 +13,13 @@ from anorag_integrations import Router, call_info
 from anorag_integrations.router.metrics import LoadReport
 from anorag_integrations.router.policies import make_policy
 from anorag_integrations.router.prefix_aware import PrefixAware
-from anorag_integrations.router.prefix_index import chain_blocks
 from anorag_integrations.router.route import Route
 from anorag_integrations.testing import Fault, FaultServer
+from anorag_integrations.testing.prompts import TextPrompt as Prompt
 
 from .conftest import make_config
 
 SYSTEM = "You answer from the notes. " * 40  # about 1,000 characters shared by every prompt
-
-
-class Prompt:
-    """A request as the policy sees it: its text, hashed into blocks."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def prefix_key(self, chars: int) -> int:
-        return hash(self.text[:chars])
-
-    def prefix_blocks(self, block_chars: int) -> tuple[int, ...]:
-        return chain_blocks(self.text, block_chars)
 
 
 def rag(doc: int, question: int) -> Prompt:
