@@ -501,6 +501,7 @@ def test_keys_of_another_type_under_the_namespace_are_taken_over_and_sharing_goe
 
     client = redis.Redis.from_url(redis_server.url)
     client.hset(f"{namespace}:leader:s0", "by", "someone")
+    client.set(f"{namespace}:leader:s1", "a replica long gone")  # no TTL: no replica's lock looks like this
     client.set(f"{namespace}:replicas", "not a sorted set")
     client.rpush(f"{namespace}:hedge", "not a number")
     config = shared_config(
@@ -540,4 +541,36 @@ def test_a_redis_that_refuses_the_scripts_is_an_outage_not_a_fleet_without_probe
     finally:
         close(router)
         client.acl_deluser(user)
+        client.close()
+
+
+def test_deeply_nested_json_and_fleet_hashes_of_another_type_never_turn_sharing_off(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON nested past Python's recursion limit is a malformed record like any other; a fleet hash that is a
+    string is replaced, so a replica that joins later still reads the breakers."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.zadd(f"{namespace}:replicas", {"evil": time.time() + 3600})
+    client.set(f"{namespace}:load:evil", "[" * 200_000)
+    client.hset(f"{namespace}:probes", "s0", "[" * 200_000)
+    client.set(f"{namespace}:breakers", "not a hash")
+    two["s1"].set_fault(Fault.STATUS, status=503)
+    config = shared_config(two, redis_server.url, namespace)
+    (a,) = routers(1, config)
+    try:
+        for _ in range(3):
+            with pytest.raises(AllRoutesFailed):
+                a.chat(USER, route="s1")
+        wait_for(lambda: client.type(f"{namespace}:breakers") == b"hash", 5, "the breakers hash replaced")
+        (late,) = routers(1, config)  # joins after the news was published: reads it from the hash
+        try:
+            wait_for(lambda: late.routes["s1"].breaker.state is BreakerState.OPEN, 5, "the late replica reads it")
+        finally:
+            close(late)
+        assert a.state.status()["connected"] and "unreachable" not in caplog.text
+        assert "ignoring a malformed probes record for route 's0'" in caplog.text
+    finally:
+        close(a)
         client.close()

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 MAX_PEER_IN_FLIGHT = 1_000_000
 """A replica's in-flight count past this is not a count (a tampered key): ignored."""
 
-MALFORMED = (ValueError, TypeError, KeyError, AttributeError, OverflowError)
-"""What reading a malformed record raises."""
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError)
+"""What reading a malformed record raises (RecursionError: JSON nested deeper than Python recurses)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,5 +128,5 @@ def _json(raw: object) -> object:
         return None
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None

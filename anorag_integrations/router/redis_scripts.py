@@ -22,13 +22,15 @@ local out = {}
 for i, key in ipairs(KEYS) do
   local holder = redis.pcall('GET', key)
   if holder == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]) out[i] = 1
-  elseif type(holder) ~= 'string' then redis.call('SET', key, ARGV[1], 'PX', ARGV[2]) out[i] = 1
+  elseif type(holder) ~= 'string' or redis.call('PTTL', key) < 0 then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2]) out[i] = 1
   else out[i] = 0 end
 end
 return out
 """
 """Take each lock in KEYS for ARGV[1] with a TTL of ARGV[2] ms, or renew it when held already: 1 or 0 per key.
-A key that is not a lock (another type) is taken over, so garbage cannot leave a route without a prober."""
+A key that is not a lock (another type, or no TTL: every lock has one) is taken over, so garbage cannot
+leave a route without a prober or a half-open trial."""
 
 RELEASE = """
 local n = 0

@@ -321,6 +321,7 @@ class RedisState:
             refused = failure(exchange.replies, exchange.scripts)
             if refused is not None:
                 raise refused
+            self._replace_wrong_types(client, exchange, dirty)
         except BaseException:
             with self._lock:  # pushed next time instead
                 for kind, names in dirty.items():
@@ -381,6 +382,24 @@ class RedisState:
             pipe.publish(self._channel, json.dumps({"by": me, "breakers": news}))
         out.replies = pipe.execute(raise_on_error=False)  # a bad key fails its command alone, not the exchange
         return out
+
+    def _replace_wrong_types(self, client: redis.Redis, out: _Exchange, dirty: dict[str, set[str]]) -> None:
+        """Drop a fleet hash that is another type (a hand edit), so records reach replicas that join later again;
+        this exchange's records of that kind are pushed once more."""
+        kinds = ("breakers", "throttle", "probes")
+        wrong = [
+            kind
+            for kind, reply in zip(kinds, out.replies[out.reads_at : out.reads_at + 3], strict=True)
+            if isinstance(reply, redis.exceptions.ResponseError) and "WRONGTYPE" in str(reply)
+        ]
+        if not wrong:
+            return
+        log.warning("shared state: replacing %s in Redis at %s (not hashes)", ", ".join(wrong), self.url)
+        client.delete(*(f"{self._ns}:{kind}" for kind in wrong))
+        with self._lock:
+            for kind in wrong:
+                self._dirty[kind] |= dirty[kind]
+        self._wake.set()
 
     def _apply(self, out: _Exchange) -> None:
         replies = out.replies
@@ -450,7 +469,7 @@ class RedisState:
         """Another replica's change: adopt its breaker news at once, and have the sync thread read the rest."""
         try:
             message = json.loads(data) if isinstance(data, bytes | str) else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if not isinstance(message, dict) or message.get("by") == self.replica:
             return
