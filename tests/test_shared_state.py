@@ -368,7 +368,9 @@ def test_a_malformed_record_is_skipped_and_sharing_goes_on(
     client = redis.Redis.from_url(redis_server.url)
     client.hset(f"{namespace}:breakers", "s0", "not json")
     client.hset(f"{namespace}:throttle", "s0", "soon")
-    client.hset(f"{namespace}:probes", "s0", '{"by": "x", "healthy": true, "checked_at": 1e18, "new_field_v2": 1}')
+    probed_at = time.time()
+    client.hset(f"{namespace}:probes", "s0", json.dumps({"by": "x", "healthy": True, "checked_at": probed_at, "v2": 1}))
+    client.hset(f"{namespace}:probes", "s1", '{"by": "x", "healthy": false, "checked_at": 1e18}')  # outranks all
     client.hset(f"{namespace}:hedge", "x", "1")  # a key of the wrong type
     two["s1"].set_fault(Fault.STATUS, status=503)
     config = shared_config(two, redis_server.url, namespace)
@@ -379,7 +381,8 @@ def test_a_malformed_record_is_skipped_and_sharing_goes_on(
                 a.chat(USER, route="s1")
         wait_for(lambda: b.routes["s1"].breaker.state is BreakerState.OPEN, config.state.staleness_bound_s, "b hears")
         assert a.state.status()["connected"] and b.state.status()["connected"]
-        assert b.routes["s0"].probe_result.checked_at == 1e18  # the unknown field was left out, the rest adopted
+        assert b.routes["s0"].probe_result.checked_at == probed_at  # the unknown field was left out, the rest adopted
+        assert b.routes["s1"].probe_result.checked_at is None  # a probe from the future would outrank every real one
         assert "ignoring a malformed breakers record for route 's0'" in caplog.text
     finally:
         close(a, b)
@@ -547,13 +550,16 @@ def test_a_redis_that_refuses_the_scripts_is_an_outage_not_a_fleet_without_probe
 def test_deeply_nested_json_and_fleet_hashes_of_another_type_never_turn_sharing_off(
     redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """JSON nested past Python's recursion limit is a malformed record like any other; a fleet hash that is a
-    string is replaced, so a replica that joins later still reads the breakers."""
+    """JSON nested past Python's recursion limit is a malformed record like any other; oversized loads and
+    replicas from the future are not read; a fleet hash that is a string is replaced, so a replica that
+    joins later still reads the breakers."""
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
-    client.zadd(f"{namespace}:replicas", {"evil": time.time() + 3600})
-    client.set(f"{namespace}:load:evil", "[" * 200_000)
+    client.zadd(f"{namespace}:replicas", {"deep": time.time(), "huge": time.time()})
+    client.set(f"{namespace}:load:deep", "[" * 200_000)
+    client.set(f"{namespace}:load:huge", json.dumps({"s0": [100, 0.1], "pad": "x" * 100_000}))  # not a load record
+    client.zadd(f"{namespace}:replicas", {f"future{i}": time.time() + 3600 + i for i in range(5000)})  # never expire
     client.hset(f"{namespace}:probes", "s0", "[" * 200_000)
     client.set(f"{namespace}:breakers", "not a hash")
     two["s1"].set_fault(Fault.STATUS, status=503)
@@ -564,6 +570,8 @@ def test_deeply_nested_json_and_fleet_hashes_of_another_type_never_turn_sharing_
             with pytest.raises(AllRoutesFailed):
                 a.chat(USER, route="s1")
         wait_for(lambda: client.type(f"{namespace}:breakers") == b"hash", 5, "the breakers hash replaced")
+        assert a.routes["s0"].elsewhere.in_flight == 0  # the oversized record was not read
+        wait_for(lambda: client.zcard(f"{namespace}:replicas") <= 2, 5, "replicas from the future dropped")
         (late,) = routers(1, config)  # joins after the news was published: reads it from the hash
         try:
             wait_for(lambda: late.routes["s1"].breaker.state is BreakerState.OPEN, 5, "the late replica reads it")

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 MAX_PEER_IN_FLIGHT = 1_000_000
 """A replica's in-flight count past this is not a count (a tampered key): ignored."""
 
+MAX_CLOCK_AHEAD_S = 60.0
+"""How far ahead of this host's clock another replica's clock may be; a probe time further on is malformed."""
+
 MALFORMED = (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError)
 """What reading a malformed record raises (RecursionError: JSON nested deeper than Python recurses)."""
 
@@ -76,8 +79,11 @@ def read_probe(raw: str) -> tuple[str, ProbeResult]:
     by = str(record.pop("by"))
     known = {f.name for f in fields(ProbeResult)}
     result = ProbeResult(**{key: value for key, value in record.items() if key in known})
-    if not isinstance(result.checked_at, int | float | None):
-        raise TypeError(f"checked_at {result.checked_at!r}")
+    at = result.checked_at
+    if not isinstance(at, int | float | None):
+        raise TypeError(f"checked_at {at!r}")
+    if at is not None and not (math.isfinite(at) and at <= time.time() + MAX_CLOCK_AHEAD_S):
+        raise ValueError(f"checked_at {at} is not a time of now or before")  # it would outrank every real probe
     return by, result
 
 

@@ -62,21 +62,32 @@ if type(redis.pcall('ZADD', KEYS[1], ARGV[2], ARGV[1])) == 'table' then
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 end
 redis.pcall('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
-local live = redis.pcall('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
+redis.pcall('ZREMRANGEBYSCORE', KEYS[1], '(' .. ARGV[7], '+inf')
+local live = redis.pcall('ZRANGEBYSCORE', KEYS[1], ARGV[3], ARGV[7], 'LIMIT', 0, tonumber(ARGV[8]))
 local out = {}
 if type(live) ~= 'table' or live.err then return out end
 for _, peer in ipairs(live) do
   if peer ~= ARGV[1] then
-    local load = redis.pcall('GET', ARGV[6] .. peer)
-    if type(load) == 'string' then out[#out + 1] = load end
+    local key = ARGV[6] .. peer
+    local size = redis.pcall('STRLEN', key)
+    if type(size) == 'number' and size > 0 and size <= tonumber(ARGV[9]) then
+      local load = redis.pcall('GET', key)
+      if type(load) == 'string' then out[#out + 1] = load end
+    end
   end
 end
 return out
 """
 """Publish this replica's load (KEYS[2] = ARGV[4], expiring in ARGV[5] ms) and liveness (KEYS[1], the
-replicas zset: ARGV[1] at ARGV[2]; those older than ARGV[3] dropped); return the other live replicas'
-loads (keys ARGV[6] .. replica). A load key of another type reads as absent; a replicas key of another
-type is replaced."""
+replicas zset: ARGV[1] at ARGV[2]; those older than ARGV[3] or later than ARGV[7], a clock that cannot
+be, dropped); return the other live replicas' loads (keys ARGV[6] .. replica), at most ARGV[8] of them
+and none longer than ARGV[9] bytes, so garbage cannot make a sync slow. A load key of another type
+reads as absent; a replicas key of another type is replaced."""
+
+MAX_REPLICAS = 1000
+"""Most other replicas whose loads one sync reads."""
+MAX_LOAD_BYTES = 65_536
+"""A load record longer than this is not one (a replica writes about 40 bytes per route)."""
 
 SOURCES = {"claim": CLAIM, "release": RELEASE, "hedge": HEDGE, "peers": PEERS}
 

@@ -44,6 +44,7 @@ import redis
 
 from .redis_records import (
     MALFORMED,
+    MAX_CLOCK_AHEAD_S,
     BreakerRecord,
     decoded,
     load_record,
@@ -55,7 +56,7 @@ from .redis_records import (
     throttle_record,
     wall,
 )
-from .redis_scripts import Scripts, claimed, failure, forgotten
+from .redis_scripts import MAX_LOAD_BYTES, MAX_REPLICAS, Scripts, claimed, failure, forgotten
 from .secrets import MASK, redact_url
 from .state import Elsewhere
 
@@ -356,7 +357,8 @@ class RedisState:
         load_ttl = self.config.load_ttl
         out.peers_at = scripts.call(
             pipe, "peers", [f"{ns}:replicas", self._key("load", me)],
-            [me, repr(now), repr(now - load_ttl), load, int(load_ttl * 1000), f"{ns}:load:"],
+            [me, repr(now), repr(now - load_ttl), load, int(load_ttl * 1000), f"{ns}:load:",
+             repr(now + MAX_CLOCK_AHEAD_S), MAX_REPLICAS, MAX_LOAD_BYTES],
         )  # fmt: skip
         out.scripts.append(out.peers_at)
         if self.probing:  # a router that does not probe (a CLI healthcheck, say) never takes a route's probing away
