@@ -94,7 +94,7 @@ def load_record(routes: Mapping[str, Route]) -> str:
 
 def read_loads(raws: Iterable[Any], names: Iterable[str]) -> dict[str, Elsewhere]:
     """The other replicas' load records summed per route; entries that are not plausible counts are skipped."""
-    reports = [report for raw in raws if isinstance(report := _json(raw), dict)]
+    reports = [report for raw in raws if isinstance(report := parsed(raw), dict)]
     out = {}
     for name in names:
         in_flight, latency_sum, latency_n = 0, 0.0, 0
@@ -129,7 +129,8 @@ def monotonic(unix_at: float) -> float:
     return unix_at - time.time() + time.monotonic()
 
 
-def _json(raw: object) -> object:
+def parsed(raw: object) -> object:
+    """JSON text (str or bytes) as Python, or None for anything that is not (nesting too deep included)."""
     if not isinstance(raw, bytes | str):
         return None
     try:

@@ -49,6 +49,7 @@ from .redis_records import (
     decoded,
     load_record,
     monotonic,
+    parsed,
     probe_record,
     read_loads,
     read_probe,
@@ -324,9 +325,7 @@ class RedisState:
                 raise refused
             self._replace_wrong_types(client, exchange, dirty)
         except BaseException:
-            with self._lock:  # pushed next time instead
-                for kind, names in dirty.items():
-                    self._dirty[kind] |= names
+            self._requeue(dirty)  # pushed next time instead
             raise
         self._apply(exchange)
 
@@ -337,6 +336,12 @@ class RedisState:
         pipe = client.pipeline(transaction=False)
         ttl_ms = int(self.config.leader_ttl * 1000)
         out = _Exchange()
+
+        def script(name: str, keys: list[str], args: list[Any]) -> int:
+            """Queue a script; remember where its reply will be (see ``redis_scripts.failure``)."""
+            out.scripts.append(at := scripts.call(pipe, name, keys, args))
+            return at
+
         news: dict[str, str] = {}
         for name in dirty["breakers"]:
             is_open, opened_at, _ = self.routes[name].breaker.reading()
@@ -345,37 +350,33 @@ class RedisState:
             pipe.hset(f"{ns}:breakers", name, news[name])
         out.released = [name for name in dirty["breakers"] if name in self._trials]
         if out.released:  # the trial ended one way or the other: the next one is anyone's
-            out.scripts.append(scripts.call(pipe, "release", [self._key("trial", name) for name in out.released], [me]))
+            script("release", [self._key("trial", name) for name in out.released], [me])
         for name in dirty["throttle"]:
             pipe.hset(f"{ns}:throttle", name, throttle_record(self.routes[name].not_before))
         for name in dirty["probes"]:
             pipe.hset(f"{ns}:probes", name, probe_record(self.routes[name].probe_result, me))
         running = [n for n in self._trials if n not in out.released and self.routes[n].breaker.trial_in_flight]
         if running:  # a trial in flight keeps its lock; one whose replica died loses it
-            out.scripts.append(scripts.call(pipe, "claim", [self._key("trial", n) for n in running], [me, ttl_ms]))
+            script("claim", [self._key("trial", n) for n in running], [me, ttl_ms])
         load = load_record(self.routes)
         load_ttl = self.config.load_ttl
-        out.peers_at = scripts.call(
-            pipe, "peers", [f"{ns}:replicas", self._key("load", me)],
+        out.peers_at = script(
+            "peers", [f"{ns}:replicas", self._key("load", me)],
             [me, repr(now), repr(now - load_ttl), load, int(load_ttl * 1000), f"{ns}:load:",
              repr(now + MAX_CLOCK_AHEAD_S), MAX_REPLICAS, MAX_LOAD_BYTES],
         )  # fmt: skip
-        out.scripts.append(out.peers_at)
         if self.probing:  # a router that does not probe (a CLI healthcheck, say) never takes a route's probing away
             out.leaders = list(self.routes)
-            out.leaders_at = scripts.call(pipe, "claim", [self._key("leader", n) for n in out.leaders], [me, ttl_ms])
-            out.scripts.append(out.leaders_at)
+            out.leaders_at = script("claim", [self._key("leader", n) for n in out.leaders], [me, ttl_ms])
         out.wanted = [
             (name, route.breaker.epoch)
             for name, route in self.routes.items()
             if route.breaker.wants_trial() and self._grants.get(name) != route.breaker.epoch
         ]
         if out.wanted:
-            out.trials_at = scripts.call(pipe, "claim", [self._key("trial", n) for n, _ in out.wanted], [me, ttl_ms])
-            out.scripts.append(out.trials_at)
+            out.trials_at = script("claim", [self._key("trial", n) for n, _ in out.wanted], [me, ttl_ms])
         if hedge is not None:
-            out.hedge_at = scripts.call(pipe, "hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
-            out.scripts.append(out.hedge_at)
+            out.hedge_at = script("hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
         out.reads_at = len(pipe)
         pipe.hgetall(f"{ns}:breakers")
         pipe.hgetall(f"{ns}:throttle")
@@ -398,10 +399,14 @@ class RedisState:
             return
         log.warning("shared state: replacing %s in Redis at %s (not hashes)", ", ".join(wrong), self.url)
         client.delete(*(f"{self._ns}:{kind}" for kind in wrong))
-        with self._lock:
-            for kind in wrong:
-                self._dirty[kind] |= dirty[kind]
+        self._requeue({kind: dirty[kind] for kind in wrong})
         self._wake.set()
+
+    def _requeue(self, dirty: dict[str, set[str]]) -> None:
+        """Records an exchange did not get into Redis: pushed with the next one."""
+        with self._lock:
+            for kind, names in dirty.items():
+                self._dirty[kind] |= names
 
     def _apply(self, out: _Exchange) -> None:
         replies = out.replies
@@ -469,10 +474,7 @@ class RedisState:
 
     def _heard(self, data: object) -> None:
         """Another replica's change: adopt its breaker news at once, and have the sync thread read the rest."""
-        try:
-            message = json.loads(data) if isinstance(data, bytes | str) else {}
-        except (ValueError, RecursionError):
-            return
+        message = parsed(data)
         if not isinstance(message, dict) or message.get("by") == self.replica:
             return
         news = message.get("breakers")
