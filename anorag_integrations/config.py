@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from .router.balancing.policies import POLICIES
 from .router.errors import ConfigError
-from .router.policies import POLICIES
 from .router.secrets import clip, is_secret_key, preview, redact_repr_args, redact_url
 
 DEFAULT_CONFIG_PATH = "config.yaml"
@@ -199,7 +199,7 @@ class EmbeddingConfig(_Section):
 
 
 class ObservabilityConfig(_Section):
-    """Prometheus metrics and OpenTelemetry traces of the router (``router/observability.py``, ``tracing.py``)."""
+    """Prometheus metrics and OpenTelemetry traces of the router (``router/telemetry/``)."""
 
     prometheus: bool = Field(
         default=False, description="export metrics in prometheus_client's global registry (Router.register_metrics)"
@@ -223,7 +223,7 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 class StateConfig(_Section):
     """Where routers keep what they learn about the fleet: this process only, or Redis shared by replicas.
 
-    See ``router/state.py``. A change one replica makes reaches the others within
+    See ``router/fleet/state.py``. A change one replica makes reaches the others within
     ``refresh_interval + 4 * timeout`` seconds at worst (milliseconds when pub/sub delivers it).
     """
 

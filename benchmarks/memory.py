@@ -77,7 +77,7 @@ def prefix_index_memory(requests: int) -> dict[str, Any]:
 
     from anorag_integrations import Router
     from anorag_integrations.config import config_from_dict
-    from anorag_integrations.router.prefix_aware import PrefixAware
+    from anorag_integrations.router.balancing.prefix_aware import PrefixAware
     from anorag_integrations.testing.prompts import TextPrompt as Prompt
 
     routes = {n: {"base_url": f"http://127.0.0.1:9/{n}/v1", "model": MODEL} for n in ("a", "b")}

@@ -43,7 +43,7 @@ from _measure import percentile
 from anorag_integrations import Router, call_info
 from anorag_integrations.cli.servers import LocalServer, running
 from anorag_integrations.config import config_from_dict
-from anorag_integrations.router.metrics import parse_load
+from anorag_integrations.router.balancing.server_load import parse_load
 
 PARALLEL = 4
 TUNED_REACH = 1500

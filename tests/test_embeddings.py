@@ -37,8 +37,8 @@ from anorag_integrations import (
     call_info,
 )
 from anorag_integrations.config import config_from_dict
+from anorag_integrations.router.endpoints.route import checked_embeddings
 from anorag_integrations.router.errors import InputTooLongError, MixedEmbeddingsError, NoRouteOfKindError
-from anorag_integrations.router.route import checked_embeddings
 from anorag_integrations.testing import Fault, FaultServer
 from anorag_integrations.testing.embeddings import fake_vector
 

@@ -24,7 +24,7 @@ from anorag_integrations import (
     StreamInterruptedError,
     call_info,
 )
-from anorag_integrations.router.health import BreakerState
+from anorag_integrations.router.endpoints.health import BreakerState
 from anorag_integrations.testing import Fault, FaultServer
 
 from .conftest import USER

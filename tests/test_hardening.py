@@ -28,7 +28,7 @@ from anorag_integrations import (
     TransientRouteError,
     call_info,
 )
-from anorag_integrations.router.health import BreakerState
+from anorag_integrations.router.endpoints.health import BreakerState
 from anorag_integrations.router.shared import live_shared
 from anorag_integrations.testing import Fault, FaultServer
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from anorag_integrations import Router
-from anorag_integrations.router.health import BreakerState
+from anorag_integrations.router.endpoints.health import BreakerState
 from anorag_integrations.testing import Fault, FaultServer
 
 from .conftest import MODEL, USER, make_config

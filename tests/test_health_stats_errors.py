@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from anorag_integrations.router import errors
-from anorag_integrations.router.health import BreakerState, CircuitBreaker
-from anorag_integrations.router.stats import WINDOW, RouteStats, percentile
+from anorag_integrations.router.endpoints.health import BreakerState, CircuitBreaker
+from anorag_integrations.router.telemetry.stats import WINDOW, RouteStats, percentile
 
 
 class Clock:

@@ -11,9 +11,9 @@ import openai
 import pytest
 
 from anorag_integrations import Router, call_info
-from anorag_integrations.router.metrics import LoadReport, parse_load
-from anorag_integrations.router.policies import LeastQueue
-from anorag_integrations.router.route import Route
+from anorag_integrations.router.balancing.policies import LeastQueue
+from anorag_integrations.router.balancing.server_load import LoadReport, parse_load
+from anorag_integrations.router.endpoints.route import Route
 from anorag_integrations.testing import Fault, FaultServer
 
 from .conftest import MODEL, make_config

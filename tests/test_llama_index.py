@@ -16,7 +16,7 @@ from llama_index.core.llms import ChatMessage, MessageRole
 from anorag_integrations import Router
 from anorag_integrations.langchain import ChatVLLMRouted
 from anorag_integrations.llama_index import VLLMRouted
-from anorag_integrations.router.health import BreakerState
+from anorag_integrations.router.endpoints.health import BreakerState
 from anorag_integrations.testing import Fault, FaultServer
 
 from .conftest import MODEL

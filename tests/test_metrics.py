@@ -476,7 +476,7 @@ def test_the_grafana_dashboard_queries_only_exported_metrics_and_labels() -> Non
     import json
     import re
 
-    from anorag_integrations.router.observability import RouterCollector
+    from anorag_integrations.router.telemetry.prometheus import RouterCollector
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     exported = {f.name + s for f in RouterCollector().describe() for s in suffixes[f.type]}

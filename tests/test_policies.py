@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from anorag_integrations import Router
-from anorag_integrations.router.policies import (
+from anorag_integrations.router.balancing.policies import (
     POLICIES,
     LeastLatency,
     LeastOutstanding,
@@ -17,7 +17,7 @@ from anorag_integrations.router.policies import (
     make_policy,
     register,
 )
-from anorag_integrations.router.route import Route
+from anorag_integrations.router.endpoints.route import Route
 
 from .conftest import make_config
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from anorag_integrations import Router, call_info
-from anorag_integrations.router.policies import PrefixAffinity, make_policy
-from anorag_integrations.router.route import Route
+from anorag_integrations.router.balancing.policies import PrefixAffinity, make_policy
+from anorag_integrations.router.endpoints.route import Route
 from anorag_integrations.testing import FaultServer
 
 from .conftest import make_config

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from anorag_integrations import Router, call_info
-from anorag_integrations.router.metrics import LoadReport
-from anorag_integrations.router.policies import make_policy
-from anorag_integrations.router.prefix_aware import PrefixAware
-from anorag_integrations.router.route import Route
+from anorag_integrations.router.balancing.policies import make_policy
+from anorag_integrations.router.balancing.prefix_aware import PrefixAware
+from anorag_integrations.router.balancing.server_load import LoadReport
+from anorag_integrations.router.endpoints.route import Route
 from anorag_integrations.testing import Fault, FaultServer
 from anorag_integrations.testing.prompts import TextPrompt as Prompt
 

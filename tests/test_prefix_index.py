@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from anorag_integrations.router.prefix_index import PrefixIndex, Sessions, chain_blocks
+from anorag_integrations.router.balancing.prefix_index import PrefixIndex, Sessions, chain_blocks
 
 
 def test_blocks_are_chained_so_equal_blocks_after_different_starts_differ() -> None:

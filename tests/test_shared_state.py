@@ -18,7 +18,7 @@ import pytest
 
 from anorag_integrations import Router, call_info
 from anorag_integrations.router import AllRoutesFailed
-from anorag_integrations.router.health import BreakerState
+from anorag_integrations.router.endpoints.health import BreakerState
 from anorag_integrations.testing import Fault, FaultServer, RedisServer
 
 from .fleet import MODEL, USER, connected, shared_config, wait_for

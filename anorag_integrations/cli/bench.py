@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import config_from_dict
 from ..router import Router, RouterError
-from ..router.stats import percentile
+from ..router.telemetry.stats import percentile
 
 DEFAULT_PROMPT = "Explain in one sentence what a KV cache is."
 PROGRESS_AFTER = 50

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .balancing.policies import POLICIES, Policy, register
 from .core import CallInfo, Router, call_info
 from .errors import (
     AllRoutesFailed,
@@ -25,7 +26,6 @@ from .errors import (
     TransientRouteError,
     UnprocessableEntityError,
 )
-from .policies import POLICIES, Policy, register
 
 __all__ = [
     "POLICIES",

@@ -24,17 +24,17 @@ from openai.resources.chat.completions import Completions
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from . import tracing
+from .balancing.policies import stable_hash
+from .balancing.prefix_index import chain_blocks
 from .errors import AllRoutesFailed, Attempt, InvalidRequestError, RouterClosed
-from .policies import stable_hash
-from .prefix_index import chain_blocks
+from .telemetry import tracing
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from .core import Router
+    from .endpoints.route import Route
     from .lease import Lease
-    from .route import Route
 
 SDK_PARAMS = frozenset(inspect.signature(Completions.create).parameters) - {"self", "messages", "model", "stream"}
 """Keyword arguments the openai SDK accepts; any other goes into ``extra_body`` (vLLM's extras)."""

@@ -4,9 +4,10 @@ What happens to one request lives beside this file, one concern each: ``call.py`
 its bounds), ``rounds.py`` (picking routes, failing over, backing off), ``lease.py`` (one attempt's
 bookkeeping, its only owner), ``streams.py`` (streams and their continuation), ``hedge.py``
 (racing a slow request against a copy), ``embeddings.py`` (embedding calls split into batches) and
-``loop.py`` (the loop sync calls use when they need one). What it looks like from outside: ``observability.py``
-(Prometheus metrics read from the statistics at scrape time) and ``tracing.py`` (OpenTelemetry
-spans). ``close()`` ends every call in flight with ``RouterClosed``, and every later call raises it.
+``loop.py`` (the loop sync calls use when they need one). Below it, one concern per folder:
+``balancing/`` (choosing a route), ``endpoints/`` (one server: clients, breaker, prober), ``fleet/``
+(state shared by app replicas) and ``telemetry/`` (statistics, Prometheus metrics, OpenTelemetry spans).
+``close()`` ends every call in flight with ``RouterClosed``, and every later call raises it.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ from typing import TYPE_CHECKING, Any
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from . import embeddings, observability
+from . import embeddings
 from .call import Call, CallInfo, Control, Messages, attach, call_info, wall_clock
+from .endpoints.health import BreakerState, Poller, Prober
+from .endpoints.route import Route
 from .errors import NoRouteOfKindError, RouterClosed
-from .health import BreakerState, Poller, Prober
+from .fleet.state import State, make_state
 from .hedge import Hedger, race
 from .loop import LoopThread
 from .rounds import aserve, make_pools, serve
-from .route import Route
-from .state import State, make_state
-from .stats import CallOutcomes
 from .streams import astream, stream
-from .tracing import Tracing
+from .telemetry import prometheus
+from .telemetry.stats import CallOutcomes
+from .telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -77,7 +79,7 @@ class Router:
             config.state,
             self.routes,
             self.hedger,
-            config.observability.name or observability.default_name(config.source),
+            config.observability.name or prometheus.default_name(config.source),
             config.params.max_retry_after,
         )
         """What this router shares with the other replicas of its fleet (``state:``; local: nothing)."""
@@ -95,7 +97,7 @@ class Router:
         """Where call and attempt spans go (None: ``observability.tracing: false``)."""
         self.outcomes = CallOutcomes()
         """How calls ended, by route and outcome (``anorag_requests_total``)."""
-        self._metrics = observability.Exports(self)
+        self._metrics = prometheus.Exports(self)
         # Nothing in the background holds the router: one that nobody holds is stopped, not leaked.
         self._finalizer = weakref.finalize(
             self,
@@ -245,7 +247,7 @@ class Router:
         """
         self._metrics.register(registry)
 
-    def serve_metrics(self, port: int = observability.DEFAULT_PORT, addr: str = "127.0.0.1") -> int:
+    def serve_metrics(self, port: int = prometheus.DEFAULT_PORT, addr: str = "127.0.0.1") -> int:
         """Serve the metrics at ``http://addr:port/metrics`` in a daemon thread until ``close()``; the port.
 
         For apps without an endpoint of their own; port 0 picks a free one. The metrics of the
@@ -365,7 +367,7 @@ def _halt(
     scraper: Poller | None,
     loop_thread: LoopThread,
     routes: list[Route],
-    metrics: observability.Exports,
+    metrics: prometheus.Exports,
     state: State,
 ) -> None:
     """A router nobody holds any more: stop its threads without waiting (runs from the garbage collector)."""
@@ -382,7 +384,7 @@ def _halt(
 
 def _make_route(name: str, cfg: Any, config: Config) -> Route:
     if cfg.api == "ollama":
-        from .ollama import OllamaRoute
+        from .endpoints.ollama import OllamaRoute
 
         return OllamaRoute(name, cfg, config)
     return Route(name, cfg, config)

@@ -41,14 +41,14 @@ from openai.resources.embeddings import Embeddings
 from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
 
-from . import tracing
 from .call import Call, Control, _check_extras, attach
 from .errors import InputTooLongError, InvalidRequestError, MixedEmbeddingsError
 from .rounds import aserve, serve
+from .telemetry import tracing
 
 if TYPE_CHECKING:
     from .core import Router
-    from .route import Route
+    from .endpoints.route import Route
 
 SDK_PARAMS = frozenset(inspect.signature(Embeddings.create).parameters) - {"self", "input", "model"}
 """Keyword arguments the openai SDK's ``embeddings.create`` accepts; any other goes into ``extra_body``."""

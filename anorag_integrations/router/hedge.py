@@ -25,7 +25,7 @@ from .errors import PermanentRouteError
 
 if TYPE_CHECKING:
     from ..config import HedgeConfig
-    from .route import Route
+    from .endpoints.route import Route
 
 BURST = 2.0
 """Most hedges the bucket allows back to back after a quiet spell."""

@@ -24,9 +24,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from . import tracing
 from .bounds import WATCHDOG, Timer, Watch
 from .call import Call
+from .endpoints.health import Ticket
 from .errors import (
     Attempt,
     InvalidRequestError,
@@ -37,12 +37,12 @@ from .errors import (
     classify,
     trips_breaker,
 )
-from .health import Ticket
+from .telemetry import tracing
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from .route import Route
+    from .endpoints.route import Route
 
 log = logging.getLogger("anorag_integrations.router")
 _T = TypeVar("_T")

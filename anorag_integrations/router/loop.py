@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .errors import RouterClosed
 
 if TYPE_CHECKING:
-    from .route import Route
+    from .endpoints.route import Route
 
 _T = TypeVar("_T")
 

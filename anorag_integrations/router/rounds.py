@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, TypeVar
 
 from tenacity import wait_random_exponential
 
+from .balancing.policies import Policy, make_policy
+from .balancing.prefix_index import Sessions
 from .call import Call, wall_clock
 from .errors import AllRoutesFailed, RouterClosed
 from .lease import Lease
-from .policies import Policy, make_policy
-from .prefix_index import Sessions
 
 if TYPE_CHECKING:
     from ..config import Config
     from .core import Router
-    from .route import Route
+    from .endpoints.route import Route
 
 BACKOFF_INITIAL_S = 0.25
 """Scale of the first wait between rounds (tenacity's random exponential)."""

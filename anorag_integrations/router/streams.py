@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from openai.types.chat import ChatCompletionChunk
 
-from . import tracing
 from .call import Call, attach
 from .errors import AllRoutesFailed, RouterClosed, RouterError, StreamCut, StreamInterruptedError
 from .lease import Lease
 from .rounds import arounds, rounds
+from .telemetry import tracing
 
 if TYPE_CHECKING:
     from .core import Router
-    from .route import Route
+    from .endpoints.route import Route
 
 log = logging.getLogger("anorag_integrations.router")
 

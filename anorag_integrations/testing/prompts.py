@@ -3,7 +3,7 @@ that drive a policy without building chat requests."""
 
 from __future__ import annotations
 
-from ..router.prefix_index import chain_blocks
+from ..router.balancing.prefix_index import chain_blocks
 
 
 class TextPrompt:

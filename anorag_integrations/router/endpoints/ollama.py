@@ -29,12 +29,12 @@ from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.create_embedding_response import Usage
 
-from .bounds import watched_transport
-from .errors import RouteError, TransientRouteError, classify, status_error
+from ..bounds import watched_transport
+from ..errors import RouteError, TransientRouteError, classify, status_error
 from .route import PerLoop, Route, checked_embeddings
 
 if TYPE_CHECKING:
-    from ..config import RouteConfig
+    from ...config import RouteConfig
 
 OPTION_NAMES = {
     "temperature": "temperature",

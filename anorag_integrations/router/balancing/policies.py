@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from .route import Route
+    from ..endpoints.route import Route
 
 Usable = Callable[["Route"], bool]
 

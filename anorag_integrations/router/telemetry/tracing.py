@@ -31,7 +31,7 @@ from opentelemetry import propagate
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 
-from .errors import (
+from ..errors import (
     AllRoutesFailed,
     InvalidRequestError,
     PermanentRouteError,
@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from openai.types.chat import ChatCompletion
     from opentelemetry.context import Context
 
-    from .call import Call
-    from .lease import Lease
+    from ..call import Call
+    from ..lease import Lease
 
 INSTRUMENTATION = "anorag_integrations"
 REQUEST_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",

@@ -15,7 +15,7 @@ from .policies import STALE_AFTER_S, Request, Usable, _fewest, _usable, register
 from .prefix_index import BLOCK_CHARS, MAX_BLOCKS_PER_ROUTE, PrefixIndex
 
 if TYPE_CHECKING:
-    from .route import Route
+    from ..endpoints.route import Route
 
 
 MATCH_THRESHOLD = 0.5

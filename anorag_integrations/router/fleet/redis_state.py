@@ -42,6 +42,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 
+from ..secrets import MASK, redact_url
 from .redis_records import (
     MALFORMED,
     MAX_CLOCK_AHEAD_S,
@@ -58,13 +59,12 @@ from .redis_records import (
     wall,
 )
 from .redis_scripts import MAX_LOAD_BYTES, MAX_REPLICAS, Scripts, claimed, failure, forgotten
-from .secrets import MASK, redact_url
 from .state import Elsewhere
 
 if TYPE_CHECKING:
-    from ..config import StateConfig
-    from .hedge import Hedger
-    from .route import Route
+    from ...config import StateConfig
+    from ..endpoints.route import Route
+    from ..hedge import Hedger
 
 log = logging.getLogger("anorag_integrations.router")
 

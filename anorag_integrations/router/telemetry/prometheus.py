@@ -40,14 +40,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .health import BreakerState
+from ..endpoints.health import BreakerState
 from .stats import Histogram
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from .core import Router
-    from .route import Route
+    from ..core import Router
+    from ..endpoints.route import Route
 
 DEFAULT_PORT = 9464
 """The port OpenTelemetry's Prometheus exporter uses by convention (``anorag-llm metrics``' default)."""

@@ -26,16 +26,16 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.create_embedding_response import Usage
 
-from .bounds import watched_transport
-from .errors import classify
+from ..bounds import watched_transport
+from ..errors import classify
+from ..fleet.state import Elsewhere
+from ..secrets import MASK, redact_url, split_credentials
+from ..telemetry.stats import RouteStats
 from .health import CircuitBreaker
-from .secrets import MASK, redact_url, split_credentials
-from .state import Elsewhere
-from .stats import RouteStats
 
 if TYPE_CHECKING:
-    from ..config import Config, RouteConfig
-    from .metrics import LoadReport
+    from ...config import Config, RouteConfig
+    from ..balancing.server_load import LoadReport
 
 _C = TypeVar("_C")
 
@@ -385,7 +385,7 @@ class Route:
         return {"timeout": self.probe_timeout}
 
     def _scraped(self, text: str, in_flight: int) -> LoadReport | None:
-        from .metrics import parse_load
+        from ..balancing.server_load import parse_load
 
         try:
             self.load = parse_load(text, in_flight) if isinstance(text, str) and text else None

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ..config import StateConfig
-    from .hedge import Hedger
-    from .route import Route
+    from ...config import StateConfig
+    from ..endpoints.route import Route
+    from ..hedge import Hedger
 
 
 @dataclass(slots=True)

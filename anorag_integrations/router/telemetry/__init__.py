@@ -1,0 +1,1 @@
+"""What the router reports: per-route statistics, the Prometheus collector, OpenTelemetry spans."""
