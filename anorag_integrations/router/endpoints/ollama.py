@@ -31,7 +31,9 @@ from openai.types.create_embedding_response import Usage
 
 from ..bounds import watched_transport
 from ..errors import RouteError, TransientRouteError, classify, status_error
-from .route import PerLoop, Route, checked_embeddings
+from .answers import checked_embeddings
+from .clients import PerLoop
+from .route import Route
 
 if TYPE_CHECKING:
     from ...config import RouteConfig

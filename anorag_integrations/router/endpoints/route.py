@@ -4,40 +4,52 @@
 transport methods (``create``, ``acreate``, ``open_stream``, ``aopen_stream``; ``embed`` and
 ``aembed`` on routes of kind embedding) and ``_probe_models`` are the seam another API plugs into
 (``OllamaRoute`` in ``ollama.py``): everything above them, failover, breakers and statistics, stays
-one piece of code.
+one piece of code. Its pieces live beside it: the SDK clients (one per event loop) in ``clients.py``,
+the checks on answers in ``answers.py``, what a probe found and does in ``probe.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import math
-import sys
-import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
 from openai.types import CreateEmbeddingResponse
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from openai.types.create_embedding_response import Usage
+from openai.types.chat import ChatCompletion
 
 from ..bounds import watched_transport
-from ..errors import classify
 from ..fleet.state import Elsewhere
 from ..secrets import MASK, redact_url, split_credentials
 from ..telemetry.stats import RouteStats
+from .answers import checked, checked_embeddings
+from .clients import KEEPALIVE_S, LIMITS, SDK_HTTPX, AsyncChunkStream, ChunkStream, PerLoop
 from .health import CircuitBreaker
+from .probe import ProbeResult, model_entry, record_probe
 
 if TYPE_CHECKING:
     from ...config import Config, RouteConfig
     from ..balancing.server_load import LoadReport
 
-_C = TypeVar("_C")
+__all__ = [
+    "KEEPALIVE_S",
+    "LIMITS",
+    "MIN_MASKED_KEY",
+    "SDK_HTTPX",
+    "AsyncChunkStream",
+    "ChunkStream",
+    "PerLoop",
+    "ProbeResult",
+    "Route",
+    "RouteListener",
+    "checked",
+    "checked_embeddings",
+]
+
+MIN_MASKED_KEY = 6
+"""Shorter api keys ("EMPTY" and the like) are placeholders, not secrets: masking them would garble text."""
 
 
 class RouteListener(Protocol):
@@ -50,99 +62,6 @@ class RouteListener(Protocol):
     def probed(self, route: str) -> None:
         """``route`` has a new ``probe_result``."""
         ...
-
-
-SDK_HTTPX = sys.modules[openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0]]
-"""The httpx package the openai SDK is built on (httpx2 in openai 3; httpx before)."""
-
-KEEPALIVE_S = 2.0
-"""How long an idle pooled connection is reused. vLLM (uvicorn) and llama.cpp close idle connections
-after 5 s, the SDK's own expiry: at that boundary a request goes out on a connection the server has
-just closed and fails with "Server disconnected" (seen on llama.cpp in the prefix-affinity
-benchmark). Expiring ours well before theirs removes the race."""
-MIN_MASKED_KEY = 6
-"""Shorter api keys ("EMPTY" and the like) are placeholders, not secrets: masking them would garble text."""
-LIMITS = type(openai.DEFAULT_CONNECTION_LIMITS)(
-    max_connections=openai.DEFAULT_CONNECTION_LIMITS.max_connections,
-    max_keepalive_connections=openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
-    keepalive_expiry=KEEPALIVE_S,
-)
-
-
-class ChunkStream(Protocol):
-    """A started stream: iterate for chunks, ``close()`` to drop the connection."""
-
-    def __iter__(self) -> Iterator[ChatCompletionChunk]: ...
-    def close(self) -> None: ...
-
-
-class AsyncChunkStream(Protocol):
-    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]: ...
-    async def close(self) -> None: ...
-
-
-class PerLoop(Generic[_C]):
-    """One async client per event loop (connection pools cannot cross loops), closed with its loop.
-
-    Each client is tied to a small async generator the loop knows of: ``asyncio.run`` (and any loop
-    shut down with ``shutdown_asyncgens``) finalises it, which closes the client and forgets it, so an
-    ``asyncio.run`` per call leaks no loop, client or connection.
-    """
-
-    def __init__(self, factory: Callable[[], _C], close: Callable[[_C], Awaitable[object]]) -> None:
-        self._factory, self._close = factory, close
-        self._clients: dict[asyncio.AbstractEventLoop, tuple[_C, AsyncGenerator[None, None]]] = {}
-        self._lock = threading.Lock()
-
-    def get(self) -> _C:
-        loop = asyncio.get_running_loop()
-        entry = self._clients.get(loop)
-        if entry is None:
-            with self._lock:
-                entry = self._clients.get(loop)
-                if entry is None:
-                    self._sweep()
-                    client = self._factory()
-                    keeper = self._keeper(loop, client)
-                    with contextlib.suppress(StopIteration):
-                        keeper.asend(None).send(None)  # runs to its first yield: the loop now tracks it
-                    entry = self._clients[loop] = (client, keeper)
-        return entry[0]
-
-    async def _keeper(self, loop: asyncio.AbstractEventLoop, client: _C) -> AsyncGenerator[None, None]:
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._clients.pop(loop, None)
-            await self._close(client)
-
-    def _sweep(self) -> None:
-        """Forget clients of loops closed without shutting down their async generators."""
-        for loop in [loop for loop in self._clients if loop.is_closed()]:
-            del self._clients[loop]
-
-    async def aclose(self) -> None:
-        """Close the running loop's client now."""
-        with self._lock:
-            entry = self._clients.pop(asyncio.get_running_loop(), None)
-        if entry is not None:
-            await entry[1].aclose()
-
-    def __len__(self) -> int:
-        return len(self._clients)
-
-
-@dataclass(slots=True)
-class ProbeResult:
-    """What the last active probe of a route saw."""
-
-    healthy: bool | None = None
-    latency_ms: float | None = None
-    models: list[str] = field(default_factory=list)
-    max_model_len: int | None = None
-    error: str | None = None
-    checked_at: float | None = None
 
 
 class Route:
@@ -260,14 +179,14 @@ class Route:
         self.peeked = True
         with contextlib.suppress(Exception):
             models = self.client.models.list(timeout=timeout).data
-            self.peeked_max_model_len = dict(_model_entry(m) for m in models).get(self.model)
+            self.peeked_max_model_len = dict(model_entry(m) for m in models).get(self.model)
 
     async def apeek_context_window(self, timeout: float) -> None:
         """Async twin of :meth:`peek_context_window`."""
         self.peeked = True
         with contextlib.suppress(Exception):
             models = (await self.aclient.models.list(timeout=timeout)).data
-            self.peeked_max_model_len = dict(_model_entry(m) for m in models).get(self.model)
+            self.peeked_max_model_len = dict(model_entry(m) for m in models).get(self.model)
 
     def throttle(self, wait_s: float) -> None:
         """Skip the route for ``wait_s`` seconds from now (it sent a ``Retry-After``); the fleet is told."""
@@ -309,8 +228,8 @@ class Route:
         try:
             models = self._probe_models()
         except Exception as exc:  # whatever the server sent, the route is unhealthy, not the prober dead
-            return self._probed(started, [], exc)
-        return self._probed(started, models, None)
+            return record_probe(self, started, [], exc)
+        return record_probe(self, started, models, None)
 
     async def aprobe(self) -> ProbeResult:
         """Async twin of :meth:`probe`."""
@@ -318,47 +237,22 @@ class Route:
         try:
             models = await self._aprobe_models()
         except Exception as exc:
-            return self._probed(started, [], exc)
-        return self._probed(started, models, None)
+            return record_probe(self, started, [], exc)
+        return record_probe(self, started, models, None)
 
     def _probe_models(self) -> list[tuple[str, int | None]]:
         """``GET /health`` (``/v1/models`` answers for it when 404), then the served models."""
         options: Any = {"timeout": self.probe_timeout}
         with contextlib.suppress(openai.NotFoundError):
             self.client.get(f"{self.server_root}/health", cast_to=object, options=options)
-        return [_model_entry(m) for m in self.client.models.list(timeout=self.probe_timeout).data]
+        return [model_entry(m) for m in self.client.models.list(timeout=self.probe_timeout).data]
 
     async def _aprobe_models(self) -> list[tuple[str, int | None]]:
         options: Any = {"timeout": self.probe_timeout}
         client = self.aclient
         with contextlib.suppress(openai.NotFoundError):
             await client.get(f"{self.server_root}/health", cast_to=object, options=options)
-        return [_model_entry(m) for m in (await client.models.list(timeout=self.probe_timeout)).data]
-
-    def _probed(self, started: float, models: list[tuple[str, int | None]], exc: BaseException | None) -> ProbeResult:
-        result = ProbeResult(latency_ms=round((time.perf_counter() - started) * 1000, 2), checked_at=time.time())
-        if exc is not None:
-            result.healthy = False
-            result.error = str(
-                classify(exc, route=self.name, url=self.base_url, model=self.model, timeout=self.probe_timeout)
-            )
-            self.breaker.force_open()
-        else:
-            result.models = [name for name, _ in models]
-            result.max_model_len = next((length for name, length in models if name == self.model), None)
-            result.healthy = not result.models or self.serves(result.models)
-            if result.healthy:
-                self.breaker.probe_succeeded()
-            else:
-                result.error = (
-                    f"route {self.name!r} ({self.base_url}): server serves {result.models}, not {self.model!r} "
-                    f"(hint: {self.missing_model_hint})"
-                )
-                self.breaker.force_open()
-        self.probe_result = result
-        if self.listener is not None:
-            self.listener.probed(self.name)
-        return result
+        return [model_entry(m) for m in (await client.models.list(timeout=self.probe_timeout)).data]
 
     # --- load scraping (least_queue) ---------------------------------------------------------------
 
@@ -412,62 +306,3 @@ class Route:
     async def aclose(self) -> None:
         """Close this loop's async client (those of other loops close with their loops)."""
         await self._aclients.aclose()
-
-
-def checked(response: object) -> ChatCompletion:
-    """``response`` if it is a completion the adapters can read; else raise (a route failure)."""
-    if not isinstance(response, ChatCompletion):
-        raise ValueError(f"expected a chat completion, got {type(response).__name__}: {str(response)[:200]!r}")
-    if not isinstance(response.choices, list) or not response.choices:
-        raise ValueError("the completion has no choices")
-    for choice in response.choices:
-        if choice.message is None or not isinstance(choice.index, int):
-            raise ValueError(f"malformed choice: {str(choice)[:200]!r}")
-    return response
-
-
-def checked_embeddings(response: object, expected: int, model: str) -> CreateEmbeddingResponse:
-    """``response`` if it holds one usable vector for each of the ``expected`` inputs; else ValueError.
-
-    Usable: indices the whole numbers 0..n-1, every vector finite numbers (or the base64 text a caller
-    asked for), all of one length. A missing ``model`` becomes the route's, a missing or garbled
-    ``usage`` zero tokens, so batches always merge.
-    """
-    if not isinstance(response, CreateEmbeddingResponse):
-        raise ValueError(f"expected embeddings, got {type(response).__name__}: {str(response)[:200]!r}")
-    if not isinstance(response.data, list) or len(response.data) != expected:
-        got = len(response.data) if isinstance(response.data, list) else type(response.data).__name__
-        raise ValueError(f"expected {expected} embeddings, got {got}")
-    if any(type(item.index) is not int for item in response.data) or sorted(
-        item.index for item in response.data
-    ) != list(range(expected)):
-        raise ValueError(f"embedding indices are not the whole numbers 0..{expected - 1}")
-    lengths = set()
-    for item in response.data:
-        vector = item.embedding
-        if isinstance(vector, str) and vector:
-            continue  # base64, as the caller asked (encoding_format="base64")
-        if not isinstance(vector, list) or not vector or not all(_finite(x) for x in vector):
-            raise ValueError(f"malformed embedding at index {item.index}: {str(vector)[:100]!r}")
-        lengths.add(len(vector))
-    if len(lengths) > 1:
-        raise ValueError(f"embeddings of different lengths in one answer: {sorted(lengths)}")
-    if not isinstance(response.model, str) or not response.model:
-        response.model = model
-    usage = getattr(response, "usage", None)
-    prompt = getattr(usage, "prompt_tokens", 0)
-    total = getattr(usage, "total_tokens", prompt)
-    counts = [n if type(n) is int and n >= 0 else 0 for n in (prompt, total)]
-    response.usage = Usage(prompt_tokens=counts[0], total_tokens=counts[1])
-    return response
-
-
-def _finite(value: object) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
-
-
-def _model_entry(model: Any) -> tuple[str, int | None]:
-    """A served model's name and context window (vLLM: ``max_model_len``; llama.cpp: ``meta.n_ctx``)."""
-    extra = model.model_extra or {}
-    length = extra.get("max_model_len") or (extra.get("meta") or {}).get("n_ctx")
-    return str(model.id), int(length) if isinstance(length, int | float) else None

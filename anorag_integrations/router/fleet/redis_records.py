@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from .state import Elsewhere
 
 if TYPE_CHECKING:
-    from ..endpoints.route import ProbeResult, Route
+    from ..endpoints.probe import ProbeResult
+    from ..endpoints.route import Route
 
 MAX_PEER_IN_FLIGHT = 1_000_000
 """A replica's in-flight count past this is not a count (a tampered key): ignored."""
@@ -73,7 +74,7 @@ def probe_record(result: ProbeResult, by: str) -> str:
 
 def read_probe(raw: str) -> tuple[str, ProbeResult]:
     """(the replica that probed, its result); fields a newer replica added are left out."""
-    from ..endpoints.route import ProbeResult
+    from ..endpoints.probe import ProbeResult
 
     record = json.loads(raw)
     by = str(record.pop("by"))

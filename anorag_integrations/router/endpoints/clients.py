@@ -1,0 +1,99 @@
+"""The openai SDK clients a route speaks through: one async client per event loop, pools that never race the server.
+
+An async client's connection pool belongs to one event loop, so ``PerLoop`` keeps one per loop and
+closes it with its loop. Pooled connections expire (``KEEPALIVE_S``) before vLLM's and llama.cpp's do.
+``ChunkStream`` and ``AsyncChunkStream`` are what a started stream looks like to the router, whichever
+client (the openai SDK's, Ollama's) made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Generic, Protocol, TypeVar
+
+import openai
+from openai.types.chat import ChatCompletionChunk
+
+_C = TypeVar("_C")
+
+SDK_HTTPX = sys.modules[openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0]]
+"""The httpx package the openai SDK is built on (httpx2 in openai 3; httpx before)."""
+
+KEEPALIVE_S = 2.0
+"""How long an idle pooled connection is reused. vLLM (uvicorn) and llama.cpp close idle connections
+after 5 s, the SDK's own expiry: at that boundary a request goes out on a connection the server has
+just closed and fails with "Server disconnected" (seen on llama.cpp in the prefix-affinity
+benchmark). Expiring ours well before theirs removes the race."""
+LIMITS = type(openai.DEFAULT_CONNECTION_LIMITS)(
+    max_connections=openai.DEFAULT_CONNECTION_LIMITS.max_connections,
+    max_keepalive_connections=openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
+    keepalive_expiry=KEEPALIVE_S,
+)
+
+
+class ChunkStream(Protocol):
+    """A started stream: iterate for chunks, ``close()`` to drop the connection."""
+
+    def __iter__(self) -> Iterator[ChatCompletionChunk]: ...
+    def close(self) -> None: ...
+
+
+class AsyncChunkStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]: ...
+    async def close(self) -> None: ...
+
+
+class PerLoop(Generic[_C]):
+    """One async client per event loop (connection pools cannot cross loops), closed with its loop.
+
+    Each client is tied to a small async generator the loop knows of: ``asyncio.run`` (and any loop
+    shut down with ``shutdown_asyncgens``) finalises it, which closes the client and forgets it, so an
+    ``asyncio.run`` per call leaks no loop, client or connection.
+    """
+
+    def __init__(self, factory: Callable[[], _C], close: Callable[[_C], Awaitable[object]]) -> None:
+        self._factory, self._close = factory, close
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[_C, AsyncGenerator[None, None]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self) -> _C:
+        loop = asyncio.get_running_loop()
+        entry = self._clients.get(loop)
+        if entry is None:
+            with self._lock:
+                entry = self._clients.get(loop)
+                if entry is None:
+                    self._sweep()
+                    client = self._factory()
+                    keeper = self._keeper(loop, client)
+                    with contextlib.suppress(StopIteration):
+                        keeper.asend(None).send(None)  # runs to its first yield: the loop now tracks it
+                    entry = self._clients[loop] = (client, keeper)
+        return entry[0]
+
+    async def _keeper(self, loop: asyncio.AbstractEventLoop, client: _C) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._clients.pop(loop, None)
+            await self._close(client)
+
+    def _sweep(self) -> None:
+        """Forget clients of loops closed without shutting down their async generators."""
+        for loop in [loop for loop in self._clients if loop.is_closed()]:
+            del self._clients[loop]
+
+    async def aclose(self) -> None:
+        """Close the running loop's client now."""
+        with self._lock:
+            entry = self._clients.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()
+
+    def __len__(self) -> int:
+        return len(self._clients)
