@@ -344,3 +344,19 @@ def test_demo_runs_end_to_end(tmp_path: Path, vllm_room: None, capsys: pytest.Ca
     assert "== sync chat ==" in out and "== streamed ==" in out and "(served by local_" in out
     assert "6 requests, 0 failed, served by ['local_1'" in out
     assert "local_0  NO" in out  # the killed server shows in the health table
+
+
+def test_the_console_script_skips_the_interpreters_final_sweeps_of_the_heap(tmp_path: Path) -> None:
+    """``run()`` freezes the heap on its way out (also on an error and a SIGTERM's SystemExit): the final garbage
+    collections would otherwise walk every imported module's objects between a Ctrl-C and the exit."""
+    code = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+        "from anorag_integrations.cli import run\n"
+        "sys.argv = ['anorag-llm', 'healthcheck', '--config', sys.argv[1]]\n"
+        "run()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.yaml")], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "config file not found" in result.stderr
+    assert int(result.stdout.split()[-1]) > 10_000  # the imported modules' objects, frozen

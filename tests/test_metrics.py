@@ -446,15 +446,25 @@ def test_cli_metrics_reports_a_bad_config_without_a_traceback(tmp_path: Path) ->
     assert "Traceback" not in result.stderr  # the config error as the other commands print it, no traceback
 
 
-def test_cli_metrics_stops_on_sigterm(tmp_path: Path, servers: dict[str, FaultServer]) -> None:
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_cli_metrics_exits_within_two_seconds_of_a_signal(
+    signum: int, status: int, tmp_path: Path, servers: dict[str, FaultServer]
+) -> None:
+    """The promise to operators (Ctrl-C, ``kill``, a container's stop) is 2 s, however busy the machine.
+
+    A generous bound on wall-clock time: the exit measured 0.1 s beside two CPU hogs (it was 1-3 s before
+    the console script froze the heap on its way out, see ``test_cli.py``, which checks that cause exactly).
+    """
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"llm": {"routes": {"a": {"base_url": servers["a"].base_url, "model": MODEL}}}}))
     proc = subprocess.Popen([sys.executable, "-m", "anorag_integrations.cli", "metrics", "--config", str(path),
-                             "--port", "0"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+                             "--port", "0", "--probe-interval", "0.2"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline().startswith("serving metrics")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        proc.send_signal(signum)
+        sent = time.monotonic()
+        assert proc.wait(30) == status
+        assert time.monotonic() - sent < 2.0
     finally:
         if proc.poll() is None:
             proc.kill()

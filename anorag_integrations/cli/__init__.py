@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import signal
 import sys
@@ -108,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The console script: :func:`main`, then exit without the interpreter's final sweeps of the whole heap.
+
+    Once a command has released what it holds, the only work left is the garbage collections Python runs
+    while finalising, over every object of every imported module (openai's and pydantic's types among
+    them): 0.25-1 s on a quiet machine, seconds on a busy one, between a Ctrl-C and the exit. Frozen
+    objects are skipped, so the process ends in milliseconds.
+    """
+    try:
+        sys.exit(main())
+    finally:  # also when a SIGTERM's SystemExit ends a command
+        gc.freeze()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..router import RouterError
 
@@ -187,9 +202,6 @@ def _health_text(router: Any, rows: dict[str, dict[str, Any]], healthy: int) -> 
 
 def _metrics(args: argparse.Namespace) -> int:
     """Serve the config's router metrics at /metrics with the prober running, until Ctrl-C or SIGTERM."""
-    import signal
-    import threading
-
     from ..config import load_config
     from ..router import Router
 
@@ -200,15 +212,11 @@ def _metrics(args: argparse.Namespace) -> int:
         health = config.health.model_copy(update={"probe_interval": args.probe_interval})
         config = config.model_copy(update={"health": health})
 
-    def terminate(*_: object) -> None:
-        raise SystemExit(0)  # unwinds through the router's close
-
-    signal.signal(signal.SIGTERM, terminate)
     with Router(config) as router:
         port = router.serve_metrics(args.port, args.host)
         print(f"serving metrics of {len(router.routes)} routes at http://{args.host}:{port}/metrics", flush=True)
         print("Ctrl-C stops.", flush=True)
-        threading.Event().wait()
+        _wait_for_stop()
     return 0
 
 
@@ -279,16 +287,22 @@ def _ports(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
+def _wait_for_stop() -> None:
+    """Block until Ctrl-C (exit status 130) or SIGTERM (a requested stop: status 0), unwinding the caller's cleanup."""
+
+    def terminate(*_: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
+    threading.Event().wait()
+
+
 def _wait_then_stop(names: list[str]) -> None:
     from . import manage
 
-    def terminate(*_: object) -> None:
-        raise SystemExit(0)  # unwinds to the finally below
-
-    signal.signal(signal.SIGTERM, terminate)
     print("Ctrl-C stops them.", flush=True)
     try:
-        threading.Event().wait()
+        _wait_for_stop()
     finally:
         for name in names:
             with contextlib.suppress(ValueError):  # already stopped from another shell

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()
