@@ -1,8 +1,10 @@
-"""One request across its attempts: its body, bounds (timeout, deadline, retries) and what happened.
+"""One request across its attempts: the ``Call`` (route, bounds, retries, session) and its ``Control``.
 
 ``Call`` is built once per public call (``chat``, ``stream``, ...) from the caller's keywords and the
-config's defaults; hedged copies and stream continuations are derived from it. ``CallInfo`` is what
-the caller can read afterwards with :func:`call_info`.
+config's defaults; hedged copies and stream continuations are derived from it. Its bounds are the
+attempt timeout, the request deadline and ``max_retries``; ``Control`` lets ``Router.close()`` end it
+while it runs. What it sends is built in ``body.py``; what the caller reads afterwards
+(:class:`CallInfo`, :func:`call_info`) lives in ``info.py`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -11,22 +13,18 @@ import asyncio
 import contextlib
 import copy
 import hashlib
-import inspect
-import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Self
 
-from openai import NotGiven, Omit
-from openai.resources.chat.completions import Completions
-from openai.types import CreateEmbeddingResponse
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 
 from .balancing.policies import stable_hash
 from .balancing.prefix_index import chain_blocks
-from .errors import AllRoutesFailed, Attempt, InvalidRequestError, RouterClosed
+from .body import Messages, chat_body, continued_body, prefix_pieces, why_unsendable
+from .errors import AllRoutesFailed, InvalidRequestError, RouterClosed
+from .info import CallInfo, attach, call_info
 from .telemetry import tracing
 
 if TYPE_CHECKING:
@@ -36,43 +34,10 @@ if TYPE_CHECKING:
     from .endpoints.route import Route
     from .lease import Lease
 
-SDK_PARAMS = frozenset(inspect.signature(Completions.create).parameters) - {"self", "messages", "model", "stream"}
-"""Keyword arguments the openai SDK accepts; any other goes into ``extra_body`` (vLLM's extras)."""
+__all__ = ["Call", "CallInfo", "Control", "Messages", "attach", "call_info", "wall_clock"]
 
-_T = TypeVar("_T")
 SESSION_ID_CHARS = 256
 """A longer session id is kept as its SHA-256 digest (the table holds ids, not megabytes)."""
-Messages = Iterable[Mapping[str, Any]]
-
-
-@dataclass(slots=True)
-class CallInfo:
-    """How the router served one request: read it with :func:`call_info` on a response or chunk."""
-
-    route: str | None = None
-    attempts: list[Attempt] = field(default_factory=list)
-    rounds: int = 0
-    latency_s: float | None = None
-    ttft_s: float | None = None
-    hedge: str | None = None
-    """The route a hedged copy of the request went to (None: not hedged)."""
-    batches: list[str] = field(default_factory=list)
-    """``embed``: the route that served each batch, in input order (``route`` is the first batch's)."""
-    continued: int = 0
-    """Times a cut stream was continued on another route (``continue_streams``)."""
-
-
-_INFO_ATTR = "_anorag_call"
-
-
-def call_info(obj: ChatCompletion | ChatCompletionChunk | CreateEmbeddingResponse) -> CallInfo | None:
-    """The :class:`CallInfo` the router attached to a response (completion, embeddings) or a stream chunk, if any."""
-    return getattr(obj, _INFO_ATTR, None)
-
-
-def attach(obj: _T, info: CallInfo) -> _T:
-    object.__setattr__(obj, _INFO_ATTR, info)  # a plain attribute: model_dump() stays the SDK's
-    return obj
 
 
 def seconds(name: str, value: object) -> float | None:
@@ -103,18 +68,7 @@ class Call:
 
     def __init__(self, router: Router, messages: Messages, params: dict[str, Any], *, stream: bool) -> None:
         self._start(router, params, stream=stream)
-        for key in ("temperature", "max_tokens", "top_p"):
-            default = getattr(router.config.params, key)
-            if default is not None and key not in params:
-                params[key] = default
-        extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
-        if extra:
-            params["extra_body"] = {**extra, **(params.get("extra_body") or {})}
-        if stream:
-            params.setdefault("stream_options", {"include_usage": True})
-        params["messages"] = _messages(messages)
-        _check_extras(params)
-        self.body = params
+        self.body = chat_body(router.config.params, messages, params, stream=stream)
 
     def _start(self, router: Router, params: dict[str, Any], *, stream: bool) -> None:
         """What every kind of call takes from the caller's keywords (route, bounds, model) and starts with."""
@@ -217,23 +171,11 @@ class Call:
         return twin
 
     def continuation(self, delivered: str, delivered_tokens: int, avoid: set[str]) -> Call:
-        """The request that continues a cut stream: the delivered text as a final assistant message.
-
-        vLLM's ``continue_final_message`` (with ``add_generation_prompt: false``) makes the model go on
-        from the end of that message, so the caller's stream resumes without repeating text. Token
-        limits shrink by the content chunks already delivered (about one token each).
-        """
+        """The request that continues a cut stream on a route not in ``avoid`` (see :func:`.body.continued_body`)."""
         twin = self._twin(self.avoid | avoid)
         twin.continuing = True
         twin.role = "continuation"
-        body = dict(self.body)
-        body["messages"] = [*self.body["messages"], {"role": "assistant", "content": delivered}]
-        extra = {"continue_final_message": True, "add_generation_prompt": False}
-        body["extra_body"] = {**(body.get("extra_body") or {}), **extra}
-        for key in ("max_tokens", "max_completion_tokens"):
-            if isinstance(body.get(key), int):
-                body[key] = max(1, body[key] - delivered_tokens)
-        twin.body = body
+        twin.body = continued_body(self.body, delivered, delivered_tokens)
         twin.forget_prefix()
         return twin
 
@@ -262,22 +204,11 @@ class Call:
 
     def _prefix_texts(self) -> Iterator[str]:
         """The pieces :meth:`prefix_key` and :meth:`prefix_blocks` hash: each message's role and text."""
-        for message in self.body["messages"]:
-            yield f"{message.get('role')}\x1f{_text(message.get('content'))}\x1e"
+        return prefix_pieces(self.body["messages"])
 
     def unsendable(self) -> str | None:
-        """Why the SDK cannot serialise the body as JSON (the caller's mistake), or None when it can.
-
-        Asked only after an attempt raised a TypeError or ValueError, to tell the caller's NaN or
-        unserialisable object from a server's unusable answer; it uses the SDK's own encoder.
-        """
-        payload = {k: v for k, v in self.body.items() if k not in _NOT_BODY}
-        payload.update(self.body.get("extra_body") or {})
-        try:
-            _sdk_dumps(payload)
-        except (TypeError, ValueError) as exc:
-            return str(exc)
-        return None
+        """Why the SDK cannot serialise the body as JSON (the caller's mistake), or None when it can."""
+        return why_unsendable(self.body)
 
     def body_for(self, route: Route) -> dict[str, Any]:
         """The request body for an attempt on ``route``; a traced attempt's ``traceparent`` goes in its headers."""
@@ -388,50 +319,6 @@ def wall_clock(monotonic_at: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(time.time() + monotonic_at - time.monotonic()))
 
 
-_NOT_BODY = frozenset({"extra_headers", "extra_query", "extra_body"})
-
-try:  # the encoder the openai SDK sends bodies with (datetime, pydantic models; no NaN)
-    from openai._utils._json import openapi_dumps as _sdk_dumps
-except ImportError:  # pragma: no cover - older SDKs: the same rules, by hand
-
-    def _sdk_dumps(obj: Any) -> bytes:
-        return json.dumps(obj, allow_nan=False, default=_plain).encode()
-
-    def _plain(value: Any) -> Any:
-        if hasattr(value, "model_dump"):
-            return value.model_dump(mode="json", exclude_unset=True, by_alias=True)
-        if hasattr(value, "isoformat"):
-            return value.isoformat()
-        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _messages(messages: Any) -> list[Any]:
-    """The caller's messages as a list of mappings, or InvalidRequestError saying what is wrong."""
-    try:
-        listed = list(messages)
-    except TypeError:
-        raise InvalidRequestError(
-            f"messages must be a list of {{'role': ..., 'content': ...}} mappings, got {type(messages).__name__}"
-        ) from None
-    for index, message in enumerate(listed):
-        if not isinstance(message, Mapping):
-            raise InvalidRequestError(f"messages[{index}] must be a mapping with role and content, got {message!r:.80}")
-    return listed
-
-
-def _check_extras(params: Mapping[str, Any]) -> None:
-    """The SDK's extra_* keywords must be mappings; header names and values text without line breaks."""
-    for key in _NOT_BODY:
-        value = params.get(key)
-        if value is not None and not isinstance(value, Mapping):
-            raise InvalidRequestError(f"{key} must be a mapping, got {type(value).__name__}")
-    for name, value in (params.get("extra_headers") or {}).items():
-        if not isinstance(name, str) or not isinstance(value, str | None | Omit | NotGiven):
-            raise InvalidRequestError(f"extra_headers must map text to text, got {name!r:.40}: {value!r:.40}")
-        if any(c in name + (value if isinstance(value, str) else "") for c in "\r\n\0"):
-            raise InvalidRequestError(f"extra_headers[{name!r:.40}] contains a line break or NUL")
-
-
 def _session_key(session: str | int) -> str:
     """A session id as the session table keeps it: short ids as given, long ones (and huge numbers) as a digest,
     so the table's memory is bounded by its entry count whatever callers send."""
@@ -439,12 +326,3 @@ def _session_key(session: str | int) -> str:
     if len(text) <= SESSION_ID_CHARS:
         return text
     return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _text(content: Any) -> str:
-    """The text of a message's content: a string, or the text parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # a part whose text is not text (None, a number) adds nothing: the server judges it
-        return "".join(text for part in content if isinstance(part, dict) and isinstance(text := part.get("text"), str))
-    return ""

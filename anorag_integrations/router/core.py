@@ -1,12 +1,12 @@
 """Router: the public calls over the configured routes, and the router's lifecycle.
 
-What happens to one request lives beside this file, one concern each: ``call.py`` (the request and
-its bounds), ``rounds.py`` (picking routes, failing over, backing off), ``lease.py`` (one attempt's
-bookkeeping, its only owner), ``streams.py`` (streams and their continuation), ``hedge.py``
-(racing a slow request against a copy), ``embeddings.py`` (embedding calls split into batches) and
-``loop.py`` (the loop sync calls use when they need one). Below it, one concern per folder:
-``balancing/`` (choosing a route), ``endpoints/`` (one server: clients, breaker, prober), ``fleet/``
-(state shared by app replicas) and ``telemetry/`` (statistics, Prometheus metrics, OpenTelemetry spans).
+What happens to one request lives beside this file, one concern each: ``call.py`` (the request, its bounds, its
+``Control``), ``body.py`` (what it sends), ``info.py`` (``CallInfo``: what the caller reads), ``rounds.py`` (picking
+routes, failing over, backing off), ``lease.py`` (one attempt's bookkeeping, its only owner), ``streams.py``
+(streams and their continuation), ``hedge.py`` (racing a slow request against a copy), ``embeddings.py`` (embedding
+calls split into batches) and ``loop.py`` (the loop sync calls use when they need one). Below it, one concern per
+folder: ``balancing/`` (choosing a route), ``endpoints/`` (one server: clients, breaker, prober), ``fleet/`` (state
+shared by app replicas) and ``telemetry/`` (statistics, Prometheus metrics, OpenTelemetry spans).
 ``close()`` ends every call in flight with ``RouterClosed``, and every later call raises it.
 """
 
@@ -27,12 +27,13 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from . import embeddings
-from .call import Call, CallInfo, Control, Messages, attach, call_info, wall_clock
+from .call import Call, Control, Messages, wall_clock
 from .endpoints.health import BreakerState, Poller, Prober
 from .endpoints.route import Route
 from .errors import NoRouteOfKindError, RouterClosed
 from .fleet.state import State, make_state
 from .hedge import Hedger, race
+from .info import CallInfo, attach, call_info
 from .loop import LoopThread
 from .rounds import aserve, make_pools, serve
 from .streams import astream, stream

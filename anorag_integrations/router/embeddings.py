@@ -41,8 +41,10 @@ from openai.resources.embeddings import Embeddings
 from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
 
-from .call import Call, Control, _check_extras, attach
+from .body import check_extras
+from .call import Call, Control
 from .errors import InputTooLongError, InvalidRequestError, MixedEmbeddingsError
+from .info import attach
 from .rounds import aserve, serve
 from .telemetry import tracing
 
@@ -74,7 +76,7 @@ class EmbeddingCall(Call):
             raise InvalidRequestError(f"truncate must be True or False, got {truncate!r}")
         self.truncate: bool = cfg.truncate if truncate is None else truncate
         extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
-        _check_extras(params)
+        check_extras(params)
         extra_body = {**extra, **(params.get("extra_body") or {})}
         if self.truncate:
             extra_body.setdefault("truncate_prompt_tokens", TRUNCATE_TO_WINDOW)

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from openai.types.chat import ChatCompletion
 
-from .call import Call, attach
+from .call import Call
 from .errors import PermanentRouteError
+from .info import attach
 
 if TYPE_CHECKING:
     from ..config import HedgeConfig
