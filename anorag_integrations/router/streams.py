@@ -11,20 +11,23 @@ whole stream stays within the request deadline.
 
 from __future__ import annotations
 
+import enum
 import functools
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from openai.types.chat import ChatCompletionChunk
 
-from .call import Call, attach
+from .call import Call
+from .chunks import Tally, cut, has_payload, opens
 from .errors import AllRoutesFailed, RouterClosed, RouterError, StreamCut, StreamInterruptedError
+from .info import attach
 from .lease import Lease
 from .rounds import arounds, rounds
-from .telemetry import tracing
 
 if TYPE_CHECKING:
     from .core import Router
@@ -42,65 +45,58 @@ class Opened:
     ttft_s: float
 
 
-def has_payload(chunk: ChatCompletionChunk) -> bool:
-    """Whether a chunk carries something the caller must see (text, reasoning, tools, finish, usage)."""
-    return chunk.usage is not None or opens(chunk)
+class Opening:
+    """A stream being opened on a route: its chunks up to the first with content, and when it was sent."""
 
+    __slots__ = ("body", "pending", "route", "t0")
 
-def opens(chunk: ChatCompletionChunk) -> bool:
-    """Whether a chunk starts the answer (text, reasoning, tools, finish): from here on, no invisible failover.
+    def __init__(self, call: Call, route: Route) -> None:
+        self.t0 = time.perf_counter()
+        self.route = route
+        self.body = call.body_for(route)
+        self.pending: list[ChatCompletionChunk] = []
 
-    Usage alone does not: a stream that sends only usage has answered nothing.
-    """
-    for choice in chunk.choices:
-        delta = choice.delta
-        extra = delta.model_extra or {}
-        if (
-            choice.finish_reason
-            or delta.content
-            or delta.tool_calls
-            or extra.get("reasoning")
-            or extra.get("reasoning_content")
-        ):
-            return True
-    return False
+    def add(self, chunk: ChatCompletionChunk) -> bool:
+        """Keep a chunk read while opening; True when it starts the answer (the stream is open)."""
+        self.pending.append(chunk)
+        return opens(chunk)
+
+    def opened(self, stream: Any) -> Opened:
+        return Opened(stream, self.pending, time.perf_counter() - self.t0)
+
+    def empty(self) -> StreamCut:
+        """What a stream that ended before any content is: a cut (the route's transient failure)."""
+        return cut(self.route, "before any content")
 
 
 def _open(call: Call, route: Route, timeout: float) -> Opened:
     """Start a stream on ``route`` and read up to its first chunk with content (inside the lease's bound)."""
-    import time
-
-    t0 = time.perf_counter()
-    stream = route.open_stream(call.body_for(route), timeout)
-    pending: list[ChatCompletionChunk] = []
+    opening = Opening(call, route)
+    stream = route.open_stream(opening.body, timeout)
     try:
         for chunk in stream:
-            pending.append(chunk)
-            if opens(chunk):
-                return Opened(stream, pending, time.perf_counter() - t0)
+            if opening.add(chunk):
+                return opening.opened(stream)
     except BaseException:
         stream.close()
         raise
     stream.close()
-    raise cut(route, "before any content")
+    raise opening.empty()
 
 
 async def _aopen(call: Call, route: Route, timeout: float) -> Opened:
-    import time
-
-    t0 = time.perf_counter()
-    stream = await route.aopen_stream(call.body_for(route), timeout)
-    pending: list[ChatCompletionChunk] = []
+    """Async twin of :func:`_open`."""
+    opening = Opening(call, route)
+    stream = await route.aopen_stream(opening.body, timeout)
     try:
         async for chunk in stream:
-            pending.append(chunk)
-            if opens(chunk):
-                return Opened(stream, pending, time.perf_counter() - t0)
+            if opening.add(chunk):
+                return opening.opened(stream)
     except BaseException:
         await stream.close()
         raise
     await stream.close()
-    raise cut(route, "before any content")
+    raise opening.empty()
 
 
 def _reads(lease: Lease, stream: Any) -> Iterator[ChatCompletionChunk]:
@@ -116,35 +112,51 @@ def _reads(lease: Lease, stream: Any) -> Iterator[ChatCompletionChunk]:
         yield chunk
 
 
+class _End(enum.Enum):
+    END = "end"
+
+
+_END = _End.END
+"""What :func:`_anext` returns when the stream has ended (any chunk, even None, is the route's to answer for)."""
+
+
+async def _anext(lease: Lease, chunks: AsyncIterator[ChatCompletionChunk]) -> ChatCompletionChunk | _End:
+    """The next chunk of an async stream, read under a fresh bound (a closed router reads nothing more)."""
+    if lease.call.ctl.aborted:
+        raise RouterClosed("the router was closed while this stream was read")
+    try:
+        with lease:
+            return await anext(chunks)
+    except StopAsyncIteration:
+        return _END
+
+
 def stream(router: Router, call: Call) -> Iterator[ChatCompletionChunk]:
-    """The caller's stream (sync): see the module docstring."""
+    """The caller's stream (sync): see the module docstring; :class:`Delivery` decides, this reads and closes."""
     with call:
         call.enter()
         try:
-            lease, opened = rounds(router, call, functools.partial(_open, call))
-            lease.opened()
-            tally = Tally()
+            now = Delivery(router, call, *rounds(router, call, functools.partial(_open, call)))
             while True:
+                lease, opened = now.lease, now.opened
                 try:
                     lease.pause()
                     for chunk in itertools.chain(opened.pending, _reads(lease, opened.stream)):
-                        tally.add(chunk)
-                        yield attach(chunk, call.info)
-                    tally.check(lease.route)
+                        yield now.deliver(chunk)
+                    now.ended()
                     break
                 except BaseException as exc:
-                    error, cause = interrupted(lease, tally, exc), exc
+                    now.interrupted(exc)
                 finally:
                     lease.unwatch()
                     opened.stream.close()
-                twin = continuation(router, call, tally, error)
+                twin = now.continuation()
                 try:
                     lease, opened = rounds(router, twin, functools.partial(_open, twin))
                 except RouterError as failed:
-                    raise not_continued(call, twin, error, failed) from cause
-                continued(call, twin, lease, opened)
-            lease.succeeded(output_tokens=tally.tokens, ttft_s=opened.ttft_s)
-            tally.traced(call)
+                    raise now.not_continued(twin, failed) from now.cause
+                now.continued(twin, lease, opened)
+            now.succeeded()
         finally:
             call.exit()
 
@@ -154,52 +166,108 @@ async def astream(router: Router, call: Call) -> AsyncIterator[ChatCompletionChu
     with call:
         call.enter()
         try:
-            lease, opened = await arounds(router, call, functools.partial(_aopen, call))
-            lease.opened()
-            tally = Tally()
+            now = Delivery(router, call, *await arounds(router, call, functools.partial(_aopen, call)))
             while True:
+                lease, opened = now.lease, now.opened
                 try:
                     for chunk in opened.pending:
-                        tally.add(chunk)
-                        yield attach(chunk, call.info)
+                        yield now.deliver(chunk)
                     chunks = aiter(opened.stream)
-                    while True:
-                        if call.ctl.aborted:
-                            raise RouterClosed("the router was closed while this stream was read")
-                        try:
-                            with lease:  # each read under a fresh bound
-                                chunk = await anext(chunks)
-                        except StopAsyncIteration:
-                            break
-                        tally.add(chunk)
-                        yield attach(chunk, call.info)
-                    tally.check(lease.route)
+                    while (read := await _anext(lease, chunks)) is not _END:
+                        yield now.deliver(read)
+                    now.ended()
                     break
                 except BaseException as exc:
-                    error, cause = interrupted(lease, tally, exc), exc
+                    now.interrupted(exc)
                 finally:
                     await opened.stream.close()
-                twin = continuation(router, call, tally, error)
+                twin = now.continuation()
                 try:
                     lease, opened = await arounds(router, twin, functools.partial(_aopen, twin))
                 except RouterError as failed:
-                    raise not_continued(call, twin, error, failed) from cause
-                continued(call, twin, lease, opened)
-            lease.succeeded(output_tokens=tally.tokens, ttft_s=opened.ttft_s)
-            tally.traced(call)
+                    raise now.not_continued(twin, failed) from now.cause
+                now.continued(twin, lease, opened)
+            now.succeeded()
         finally:
             call.exit()
 
 
-def interrupted(lease: Lease, tally: Tally, exc: BaseException) -> StreamInterruptedError:
-    """A stream broke after delivery began: what was delivered (permanent errors, cancellation and close raise)."""
-    tally.cut.add(lease.route.name)
-    route = lease.route
-    try:
-        error = lease.failed(exc)
-    except AllRoutesFailed as failed:  # the request deadline passed mid-stream
-        return _delivered(route, tally, failed).not_continued(failed.reason)
-    return _delivered(route, tally, error)
+class Delivery:
+    """The caller's stream across the routes that serve it, without I/O: what both drivers share.
+
+    It holds the attempt in progress (its lease and opened stream) and the :class:`Tally` of what was
+    delivered; when a stream breaks after delivery began, it decides whether the answer continues on
+    another route or ends in a ``StreamInterruptedError`` that says what was delivered.
+    """
+
+    __slots__ = ("call", "cause", "error", "lease", "opened", "router", "tally")
+
+    def __init__(self, router: Router, call: Call, lease: Lease, opened: Opened) -> None:
+        self.router, self.call = router, call
+        self.lease, self.opened = lease, opened
+        self.tally = Tally()
+        self.error: StreamInterruptedError | None = None
+        """Why the last stream broke, once it has (continued from, or raised)."""
+        self.cause: BaseException | None = None
+        """What broke it, as it was raised."""
+        lease.opened()
+
+    def deliver(self, chunk: ChatCompletionChunk) -> ChatCompletionChunk:
+        """A chunk for the caller, counted first (one the adapters cannot read raises: the route's failure)."""
+        self.tally.add(chunk)
+        return attach(chunk, self.call.info)
+
+    def ended(self) -> None:
+        """The route's stream ended: unless it finished, it was cut (raises ``StreamCut``)."""
+        self.tally.check(self.lease.route)
+
+    def interrupted(self, exc: BaseException) -> None:
+        """A stream broke after delivery began: what was delivered (permanent errors, cancellation and close raise)."""
+        route, tally = self.lease.route, self.tally
+        tally.cut.add(route.name)
+        try:
+            error = _delivered(route, tally, self.lease.failed(exc))
+        except AllRoutesFailed as failed:  # the request deadline passed mid-stream
+            error = _delivered(route, tally, failed).not_continued(failed.reason)
+        self.error, self.cause = error, exc
+
+    def continuation(self) -> Call:
+        """The call that continues the cut stream elsewhere; raises the stream's error when it cannot be continued."""
+        error, tally = self.error, self.tally
+        assert error is not None, "continuation() follows interrupted()"
+        if error.continuation or not self.router._continuable:
+            raise error  # no route has continue_streams: true (the default), or it is too late
+        if tally.other:
+            raise error.not_continued("reasoning or tool calls had been delivered; only text can be continued")
+        return self.call.continuation("".join(tally.text), tally.content_chunks, tally.cut)
+
+    def not_continued(self, twin: Call, failed: RouterError) -> StreamInterruptedError:
+        """The stream's error, saying why the continuation failed; the continuation's attempts join the call's."""
+        assert self.error is not None, "not_continued() follows interrupted()"
+        self.call.info.attempts += twin.info.attempts
+        reason = (
+            "no other route with continue_streams: true is available"
+            if isinstance(failed, AllRoutesFailed) and not twin.info.attempts
+            else str(failed)
+        )
+        return self.error.not_continued(reason)
+
+    def continued(self, twin: Call, lease: Lease, opened: Opened) -> None:
+        """Splice a continuation into the caller's stream: no second role chunk, the first stream's id."""
+        info = self.call.info
+        info.attempts += twin.info.attempts
+        info.continued += 1
+        lease.route.stats.continued()
+        lease.call.info = info  # the continuation's outcome is the caller's
+        lease.opened()
+        opened.pending = [chunk for chunk in opened.pending if has_payload(chunk)]
+        self.lease, self.opened = lease, opened
+        log.info("stream continued on route %r after a cut", lease.route.name)
+
+    def succeeded(self) -> None:
+        """The answer finished: the last route's attempt succeeded, and the call's span learns what the stream said."""
+        self.lease.succeeded(output_tokens=self.tally.tokens, ttft_s=self.opened.ttft_s)
+        self.tally.traced(self.call)
 
 
 def _delivered(route: Route, tally: Tally, cause: BaseException) -> StreamInterruptedError:
@@ -209,107 +277,4 @@ def _delivered(route: Route, tally: Tally, cause: BaseException) -> StreamInterr
         delivered_chunks=tally.chunks,
         delivered_text="".join(tally.text),
         cause=cause,
-    )
-
-
-def continuation(router: Router, call: Call, tally: Tally, error: StreamInterruptedError) -> Call:
-    """The call that continues a cut stream elsewhere; raises ``error`` when it cannot be continued."""
-    if error.continuation or not router._continuable:
-        raise error  # no route has continue_streams: true (the default), or it is too late
-    if tally.other:
-        raise error.not_continued("reasoning or tool calls had been delivered; only text can be continued")
-    return call.continuation("".join(tally.text), tally.content_chunks, tally.cut)
-
-
-def not_continued(call: Call, twin: Call, error: StreamInterruptedError, failed: RouterError) -> StreamInterruptedError:
-    """``error``, saying why the continuation failed; the continuation's attempts join the call's."""
-    call.info.attempts += twin.info.attempts
-    reason = (
-        "no other route with continue_streams: true is available"
-        if isinstance(failed, AllRoutesFailed) and not twin.info.attempts
-        else str(failed)
-    )
-    return error.not_continued(reason)
-
-
-def continued(call: Call, twin: Call, lease: Lease, opened: Opened) -> None:
-    """Splice a continuation into the caller's stream: no second role chunk, the first stream's id."""
-    call.info.attempts += twin.info.attempts
-    call.info.continued += 1
-    lease.route.stats.continued()
-    lease.call.info = call.info  # the continuation's outcome is the caller's
-    lease.opened()
-    opened.pending = [chunk for chunk in opened.pending if has_payload(chunk)]
-    log.info("stream continued on route %r after a cut", lease.route.name)
-
-
-class Tally:
-    """What a stream has delivered so far: chunks, text of choice 0, anything else, finish and usage.
-
-    After a continuation it also gives every chunk the first stream's id, so the caller sees one stream.
-    """
-
-    __slots__ = (
-        "chunks", "content_chunks", "cut", "finish_reasons", "finished", "input_tokens", "model", "other",
-        "stream_id", "text", "tokens",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self.chunks = 0
-        self.content_chunks = 0
-        self.text: list[str] = []
-        self.other = False
-        """Something besides text of choice 0 was delivered (reasoning, tool calls, other choices)."""
-        self.finished = False
-        self.finish_reasons: list[str] = []
-        self.tokens: int | None = None
-        self.input_tokens: int | None = None
-        self.model: str | None = None
-        self.stream_id: str | None = None
-        self.cut: set[str] = set()
-        """Routes whose stream of this answer was cut."""
-
-    def add(self, chunk: ChatCompletionChunk) -> None:
-        """Count a chunk before it is delivered; raises (the route's failure) on one the adapters cannot read."""
-        if not isinstance(chunk, ChatCompletionChunk) or not isinstance(chunk.choices, list):
-            raise ValueError(f"not a chat completion chunk: {str(chunk)[:200]!r}")
-        self.chunks += 1
-        if self.stream_id is None:
-            self.stream_id, self.model = chunk.id, chunk.model
-        elif self.cut:
-            chunk.id = self.stream_id
-        for choice in chunk.choices:
-            delta = choice.delta  # a choice without one raises here
-            if choice.index == 0 and delta.content:
-                self.text.append(delta.content)
-                self.content_chunks += 1
-            else:
-                extra = delta.model_extra or {}
-                if delta.tool_calls or delta.content or extra.get("reasoning") or extra.get("reasoning_content"):
-                    self.other = True
-            if choice.finish_reason:
-                self.finished = True
-                self.finish_reasons.append(choice.finish_reason)
-        if chunk.usage is not None:
-            self.tokens = chunk.usage.completion_tokens
-            self.input_tokens = chunk.usage.prompt_tokens
-
-    def traced(self, call: Call) -> None:
-        """Record what the whole stream said about itself on the call's span (when it is traced)."""
-        if call.span is not None:
-            call.said = tracing.response_attributes(
-                self.model, self.stream_id, self.finish_reasons, self.input_tokens, self.tokens
-            )
-
-    def check(self, route: Route) -> None:
-        if not self.finished:
-            raise cut(route, f"after {self.chunks} chunks")
-
-
-def cut(route: Route, when: str) -> StreamCut:
-    return StreamCut(
-        f"stream ended without a finish reason {when} (connection closed early)",
-        route=route.name,
-        url=route.base_url,
-        hint="the server closed the connection mid-answer; check its logs",
     )
