@@ -1,0 +1,104 @@
+"""What this replica takes from the others: their breaker, Retry-After and probe records, applied to its routes.
+
+Records come from the fleet's hashes (read by each sync) and, for breakers, from the messages other
+replicas publish (heard by the listen thread), so a record is adopted once whichever way it came
+first. A record is another process's word: a malformed one is skipped and logged once, the others
+still count, and another replica's Retry-After is bounded as this replica bounds its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .redis_records import MALFORMED, BreakerRecord, monotonic, parsed, read_probe, read_throttle
+
+if TYPE_CHECKING:
+    from ..endpoints.route import Route
+
+log = logging.getLogger("anorag_integrations.router")
+
+
+class Adopter:
+    """Applies other replicas' records to this replica's routes (see the module docstring)."""
+
+    def __init__(self, routes: Mapping[str, Route], replica: str, url: str, max_retry_after: float) -> None:
+        self.routes = routes
+        self.replica = replica
+        """This replica's name: its own records are not adopted."""
+        self.url = url
+        """The Redis URL as shown, for the logs."""
+        self.max_retry_after = max_retry_after
+        """The longest Retry-After this replica honours: another replica's is bounded by it too."""
+        self._malformed: set[tuple[str, str]] = set()
+        """(kind, route) of records in Redis found malformed (each is logged once)."""
+        self._seen: dict[str, tuple[str, int]] = {}
+        """Per route, the other replica's breaker record last adopted (each is adopted once)."""
+
+    def renew(self, replica: str) -> None:
+        """In a forked child: a replica of another name, which has adopted nothing yet."""
+        self.replica = replica
+        self._seen = {}
+
+    def heard(self, data: object, connected: bool) -> bool:
+        """A message on the fleet's channel: adopt the breaker news it carries (while ``connected``).
+
+        Whether it was another replica's (then the sync thread should read the rest at once).
+        """
+        message = parsed(data)
+        if not isinstance(message, dict) or message.get("by") == self.replica:
+            return False
+        news = message.get("breakers")
+        if connected and isinstance(news, dict):
+            for name, raw in news.items():
+                if isinstance(raw, str):
+                    self.adopt("breakers", str(name), raw)
+        return True
+
+    def adopt(self, kind: str, name: str, raw: str) -> None:
+        """Apply one record of another replica's; a malformed one is skipped (logged once), the others still count."""
+        route = self.routes.get(name)
+        if route is None:
+            return
+        try:
+            if kind == "breakers":
+                self._adopt_breaker(route, raw)
+            elif kind == "throttle":
+                self._adopt_throttle(route, raw)
+            else:
+                self._adopt_probe(route, raw)
+        except MALFORMED as exc:
+            if (kind, name) not in self._malformed:
+                self._malformed.add((kind, name))
+                log.warning(
+                    "shared state: ignoring a malformed %s record for route %r in Redis at %s (%s: %s)",
+                    kind, name, self.url, type(exc).__name__, str(exc)[:200],
+                )  # fmt: skip
+
+    def _adopt_throttle(self, route: Route, raw: str) -> None:
+        """Another replica's Retry-After, bounded as this replica bounds its own (``params.max_retry_after``)."""
+        until = read_throttle(raw, self.max_retry_after)
+        if until is not None:
+            route.not_before = max(route.not_before, until)
+
+    def _adopt_breaker(self, route: Route, raw: str) -> None:
+        record = BreakerRecord.loads(raw)
+        seen_by, seen_n = self._seen.get(route.name, ("", 0))
+        if record.by == self.replica or (seen_by == record.by and seen_n >= record.n):
+            return  # ours, or already adopted (from the message, then from the hash)
+        self._seen[route.name] = (record.by, record.n)
+        at = min(monotonic(record.at), time.monotonic())  # a clock ahead of ours cannot open a breaker in the future
+        if record.is_open:
+            route.breaker.adopt_open(at)
+        else:
+            route.breaker.adopt_closed(at)
+
+    def _adopt_probe(self, route: Route, raw: str) -> None:
+        by, result = read_probe(raw)
+        if by == self.replica or (result.checked_at or 0) <= (route.probe_result.checked_at or 0):
+            return
+        route.probe_result = result
+        if result.healthy is True:
+            route.breaker.probe_succeeded()  # the leader found it up: the cool-down ends here too

@@ -1,0 +1,254 @@
+"""One sync with Redis: push this replica's changes and load, claim its locks, read and apply the fleet's state.
+
+``Sync`` keeps what the exchange needs between two syncs: the changes not pushed yet (the request
+path marks them, in local memory only) and the locks this replica holds (the routes it probes as
+leader, the half-open trials it owns). Each sync is one pipeline, one round trip; the multi-key work
+runs in Redis (``redis_scripts.py``), the records are written and read by ``redis_records.py``, and
+other replicas' records are applied by ``redis_adopt.py``. A command that fails alone (a key of the
+wrong type) fails the exchange for that kind only; a script Redis refuses fails it whole, as an outage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from .redis_records import (
+    MAX_CLOCK_AHEAD_S,
+    BreakerRecord,
+    decoded,
+    load_record,
+    probe_record,
+    read_loads,
+    throttle_record,
+    wall,
+)
+from .redis_scripts import MAX_LOAD_BYTES, MAX_REPLICAS, claimed, failure, forgotten
+
+if TYPE_CHECKING:
+    from ...config import StateConfig
+    from ..endpoints.route import Route
+    from ..hedge import Hedger
+    from .redis_adopt import Adopter
+    from .redis_link import RedisLink
+
+log = logging.getLogger("anorag_integrations.router")
+
+HEDGE_BURST = 2.0
+"""Most tokens the fleet's hedge bucket holds (as one replica's, ``hedge.BURST``)."""
+KINDS = ("breakers", "throttle", "probes")
+"""The kinds of record a replica pushes when they change, each kept in the fleet hash of that name."""
+
+
+class Sync:
+    """This replica's side of the exchange with Redis (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: StateConfig,
+        routes: Mapping[str, Route],
+        hedger: Hedger | None,
+        replica: str,
+        link: RedisLink,
+        adopter: Adopter,
+    ) -> None:
+        self.config = config
+        self.routes = routes
+        self.hedger = hedger
+        self.replica = replica
+        self._link = link
+        self._adopter = adopter
+        self._ns = config.namespace
+        self.channel = f"{self._ns}:changed"
+        """Where a replica publishes its breaker news (``ns:changed``)."""
+        self._lock = threading.Lock()
+        self._dirty: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        """Routes whose breaker, Retry-After or probe result changed here and is not pushed yet."""
+        self._seq = 0
+        self.grants: dict[str, int] = {}
+        """Per route, the breaker epoch whose half-open trial this replica owns."""
+        self._trials: set[str] = set()
+        """Routes whose trial lock this replica holds."""
+        self.leading: frozenset[str] = frozenset()
+        """Routes whose leader lock this replica holds: it probes them for the fleet."""
+        self.probing = False
+        """Whether this router's prober runs: only a probing replica runs for leader."""
+
+    def mark(self, kind: str, route: str) -> None:
+        """``route``'s record of ``kind`` changed here: pushed with the next sync (local memory only)."""
+        with self._lock:
+            self._dirty[kind].add(route)
+
+    def renew(self, replica: str) -> None:
+        """In a forked child: a replica of another name, holding no lock (the parent's stay the parent's)."""
+        self.replica = replica
+        self._lock = threading.Lock()
+        self.leading, self.grants, self._trials = frozenset(), {}, set()
+
+    def lost(self) -> None:
+        """Redis is out of reach: the locks this replica held are as good as gone."""
+        self.leading = frozenset()
+        self.grants.clear()
+        self._trials.clear()
+
+    def give_back(self, pipe: Any) -> None:
+        """Queue on ``pipe`` the release of this replica's locks and the removal of its load (it is leaving)."""
+        scripts = self._link.scripts
+        assert scripts is not None
+        held = [self._key("leader", n) for n in self.leading] + [self._key("trial", n) for n in self._trials]
+        if held:
+            scripts.call(pipe, "release", held, [self.replica])
+        pipe.delete(self._key("load", self.replica))
+        pipe.zrem(f"{self._ns}:replicas", self.replica)
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._ns}:{kind}:{name}"
+
+    def sync(self, client: redis.Redis) -> bool:
+        """Push this replica's changes and load, claim leaderships and trials, read and apply the fleet's state.
+
+        Whether to sync again at once (a fleet hash of the wrong type was replaced: its records go again).
+        """
+        with self._lock:
+            dirty, self._dirty = self._dirty, {kind: set() for kind in self._dirty}
+        hedge = self.hedger.fleet_exchange() if self.hedger is not None else None
+        try:
+            exchange = self._exchange(client, dirty, hedge)
+            if forgotten(exchange.replies):  # Redis lost the scripts (SCRIPT FLUSH, a failover): load them, repeat
+                self._link.load_scripts(client)
+                exchange = self._exchange(client, dirty, hedge)
+            refused = failure(exchange.replies, exchange.scripts)
+            if refused is not None:
+                raise refused
+            again = self._replace_wrong_types(client, exchange, dirty)
+        except BaseException:
+            self._requeue(dirty)  # pushed next time instead
+            raise
+        self._apply(exchange)
+        return again
+
+    def _exchange(self, client: redis.Redis, dirty: dict[str, set[str]], hedge: tuple[float, bool] | None) -> _Exchange:
+        """One pipeline, one round trip: this replica's news and load, its claims, and the fleet's state."""
+        ns, me, now, scripts = self._ns, self.replica, time.time(), self._link.scripts
+        assert scripts is not None
+        pipe = client.pipeline(transaction=False)
+        ttl_ms = int(self.config.leader_ttl * 1000)
+        out = _Exchange()
+
+        def script(name: str, keys: list[str], args: list[Any]) -> int:
+            """Queue a script; remember where its reply will be (see ``redis_scripts.failure``)."""
+            out.scripts.append(at := scripts.call(pipe, name, keys, args))
+            return at
+
+        news: dict[str, str] = {}
+        for name in dirty["breakers"]:
+            is_open, opened_at, _ = self.routes[name].breaker.reading()
+            self._seq += 1
+            news[name] = BreakerRecord(is_open, wall(opened_at) if is_open else now, me, self._seq).dumps()
+            pipe.hset(f"{ns}:breakers", name, news[name])
+        out.released = [name for name in dirty["breakers"] if name in self._trials]
+        if out.released:  # the trial ended one way or the other: the next one is anyone's
+            script("release", [self._key("trial", name) for name in out.released], [me])
+        for name in dirty["throttle"]:
+            pipe.hset(f"{ns}:throttle", name, throttle_record(self.routes[name].not_before))
+        for name in dirty["probes"]:
+            pipe.hset(f"{ns}:probes", name, probe_record(self.routes[name].probe_result, me))
+        running = [n for n in self._trials if n not in out.released and self.routes[n].breaker.trial_in_flight]
+        if running:  # a trial in flight keeps its lock; one whose replica died loses it
+            script("claim", [self._key("trial", n) for n in running], [me, ttl_ms])
+        load = load_record(self.routes)
+        load_ttl = self.config.load_ttl
+        out.peers_at = script(
+            "peers", [f"{ns}:replicas", self._key("load", me)],
+            [me, repr(now), repr(now - load_ttl), load, int(load_ttl * 1000), f"{ns}:load:",
+             repr(now + MAX_CLOCK_AHEAD_S), MAX_REPLICAS, MAX_LOAD_BYTES],
+        )  # fmt: skip
+        if self.probing:  # a router that does not probe (a CLI healthcheck, say) never takes a route's probing away
+            out.leaders = list(self.routes)
+            out.leaders_at = script("claim", [self._key("leader", n) for n in out.leaders], [me, ttl_ms])
+        out.wanted = [
+            (name, route.breaker.epoch)
+            for name, route in self.routes.items()
+            if route.breaker.wants_trial() and self.grants.get(name) != route.breaker.epoch
+        ]
+        if out.wanted:
+            out.trials_at = script("claim", [self._key("trial", n) for n, _ in out.wanted], [me, ttl_ms])
+        if hedge is not None:
+            out.hedge_at = script("hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
+        out.reads_at = len(pipe)
+        pipe.hgetall(f"{ns}:breakers")
+        pipe.hgetall(f"{ns}:throttle")
+        pipe.hgetall(f"{ns}:probes")
+        if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
+            pipe.publish(self.channel, json.dumps({"by": me, "breakers": news}))
+        out.replies = pipe.execute(raise_on_error=False)  # a bad key fails its command alone, not the exchange
+        return out
+
+    def _replace_wrong_types(self, client: redis.Redis, out: _Exchange, dirty: dict[str, set[str]]) -> bool:
+        """Drop a fleet hash that is another type (a hand edit), so records reach replicas that join later again;
+        this exchange's records of that kind are pushed once more. Whether any was dropped."""
+        wrong = [
+            kind
+            for kind, reply in zip(KINDS, out.replies[out.reads_at : out.reads_at + 3], strict=True)
+            if isinstance(reply, redis.exceptions.ResponseError) and "WRONGTYPE" in str(reply)
+        ]
+        if not wrong:
+            return False
+        log.warning("shared state: replacing %s in Redis at %s (not hashes)", ", ".join(wrong), self._link.url)
+        client.delete(*(f"{self._ns}:{kind}" for kind in wrong))
+        self._requeue({kind: dirty[kind] for kind in wrong})
+        return True
+
+    def _requeue(self, dirty: dict[str, set[str]]) -> None:
+        """Records an exchange did not get into Redis: pushed with the next one."""
+        with self._lock:
+            for kind, names in dirty.items():
+                self._dirty[kind] |= names
+
+    def _apply(self, out: _Exchange) -> None:
+        replies = out.replies
+        leaders = claimed(replies[out.leaders_at], len(out.leaders)) if out.leaders else []
+        self.leading = frozenset(name for name, held in zip(out.leaders, leaders, strict=True) if held)
+        self._trials.difference_update(out.released)
+        trials = claimed(replies[out.trials_at], len(out.wanted)) if out.wanted else []
+        for (name, epoch), held in zip(out.wanted, trials, strict=True):
+            if held:
+                self.grants[name] = epoch
+                self._trials.add(name)
+        if self.hedger is not None and out.hedge_at is not None:
+            self.hedger.fleet_granted(1.0 if replies[out.hedge_at] == 1 else 0.0)
+        reads = [decoded(reply) for reply in replies[out.reads_at : out.reads_at + 3]]
+        for kind, records in zip(KINDS, reads, strict=True):
+            for name, raw in records.items():
+                self._adopter.adopt(kind, name, raw)
+        others = replies[out.peers_at]
+        for name, elsewhere in read_loads(others if isinstance(others, list) else [], self.routes).items():
+            self.routes[name].elsewhere = elsewhere
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One exchange's replies, and where in them each part's answers start."""
+
+    scripts: list[int] = field(default_factory=list)
+    """Where the scripts' replies are (an error there is Redis refusing us, see ``redis_scripts.failure``)."""
+    released: list[str] = field(default_factory=list)
+    """Routes whose trial lock this exchange gave back (their breaker moved on)."""
+    peers_at: int = 0
+    """The other live replicas' loads (JSON each; one that expired is left out)."""
+    leaders: list[str] = field(default_factory=list)
+    """Routes whose leader lock the exchange claimed (every route when this replica probes, else none)."""
+    leaders_at: int = 0
+    wanted: list[tuple[str, int]] = field(default_factory=list)
+    """(route, breaker epoch) whose trial lock this exchange tried to take."""
+    trials_at: int = 0
+    hedge_at: int | None = None
+    reads_at: int = 0
+    replies: list[Any] = field(default_factory=list)
