@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .bounds import WATCHDOG, Timer, Watch
 from .call import Call
+from .classify import classify, trips_breaker
 from .endpoints.health import Ticket
 from .errors import (
     Attempt,
@@ -34,8 +35,6 @@ from .errors import (
     RouteError,
     RouterClosed,
     TransientRouteError,
-    classify,
-    trips_breaker,
 )
 from .telemetry import tracing
 

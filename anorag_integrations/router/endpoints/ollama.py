@@ -30,7 +30,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.create_embedding_response import Usage
 
 from ..bounds import watched_transport
-from ..errors import RouteError, TransientRouteError, classify, status_error
+from ..classify import classify, status_error
+from ..errors import RouteError, TransientRouteError
 from .answers import checked_embeddings
 from .clients import PerLoop
 from .route import Route

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import classify
+from ..classify import classify
 
 if TYPE_CHECKING:
     from .route import Route

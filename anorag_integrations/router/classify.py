@@ -1,0 +1,188 @@
+"""How a failed call becomes a typed error: the openai SDK's exceptions and HTTP statuses mapped onto ``errors.py``.
+
+The router acts on the class it gets back (fail over, raise at once, count against the breaker), so
+one place decides it for every API a route speaks: ``classify`` for an exception from the SDK (or
+from parsing its answer), ``status_error`` for a bare HTTP status (Ollama's native API), and
+``trips_breaker`` for whether the failure is the route's own. ``Retry-After`` is read here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    AuthenticationError,
+    BadRequestError,
+    ContextOverflowError,
+    MalformedResponse,
+    ModelNotFoundError,
+    RouteError,
+    TransientRouteError,
+    UnprocessableEntityError,
+)
+
+_OVERFLOW_MARKERS = (
+    "maximum context length",  # vLLM, OpenAI
+    "exceed_context_size",  # llama.cpp's error type
+    "exceeds the available context size",  # llama.cpp
+    "exceeds the context length",  # Ollama's /api/embed
+)
+_TRANSIENT_STATUSES = frozenset({408, 409, 429})
+
+
+def _error_fields(body: object) -> tuple[str | None, str | None, int | None]:
+    """(message, type, code) from an OpenAI/vLLM error body, whichever nesting it uses."""
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    if not isinstance(body, dict):
+        return None, None, None
+    code = body.get("code")
+    message, kind = body.get("message"), body.get("type")
+    return (
+        message if isinstance(message, str) else None,
+        kind if isinstance(kind, str) else None,
+        code if isinstance(code, int) else None,
+    )
+
+
+def parse_retry_after(headers: object) -> float | None:
+    """Seconds from ``retry-after-ms`` / ``retry-after`` (seconds or HTTP date), if present and sane.
+
+    Negative values count as 0; ``inf`` and values past a day count as a day (the router caps them
+    further with ``params.max_retry_after``); ``nan`` and garbage are ignored.
+    """
+    import email.utils
+    import math
+    import time
+
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+
+    def bounded(seconds: float) -> float | None:
+        if math.isnan(seconds):
+            return None
+        return min(max(0.0, seconds), RETRY_AFTER_CEILING_S)
+
+    raw_ms = get("retry-after-ms")
+    if raw_ms:
+        try:
+            return bounded(float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = get("retry-after")
+    if not raw:
+        return None
+    try:
+        return bounded(float(raw))
+    except ValueError:
+        try:
+            parsed = email.utils.parsedate_tz(raw)
+            return None if parsed is None else bounded(email.utils.mktime_tz(parsed) - time.time())
+        except (ValueError, OverflowError, TypeError):
+            return None
+
+
+RETRY_AFTER_CEILING_S = 86400.0
+"""No ``Retry-After`` is taken as longer than a day, whatever the server says."""
+
+
+def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: float | None) -> RouteError:
+    """Turn an exception from one call to a route into the typed error the router acts on."""
+    import openai
+
+    if isinstance(exc, RouteError):
+        return exc
+    where: dict[str, Any] = {"route": route, "url": url}
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientRouteError(
+            f"timed out after {timeout}s" if timeout else "timed out",
+            hint="the server may be overloaded or hung; raise this route's `timeout` (or params.timeout) "
+            "if long generations are expected",
+            error_class="timeout",
+            **where,
+        )
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        if "Connect" in type(cause).__name__:  # httpx ConnectError: refused, unreachable, DNS
+            return TransientRouteError(
+                f"cannot connect: {cause}",
+                hint=f"is the server started and listening at {url}? check host and port "
+                f"(try: curl {url.rstrip('/')}/models)",
+                error_class="connect_error",
+                **where,
+            )
+        return TransientRouteError(
+            f"connection dropped: {type(cause).__name__}: {cause}",
+            hint="the server closed or reset the connection mid-request; check its logs (crash, restart, proxy)",
+            error_class="connection_dropped",
+            **where,
+        )
+    if isinstance(exc, openai.APIStatusError):
+        message, kind, _ = _error_fields(exc.body)
+        retry_after = parse_retry_after(exc.response.headers)
+        return status_error(
+            exc.status_code, message or exc.message, kind=kind, retry_after=retry_after, model=model, **where
+        )
+    if isinstance(exc, openai.APIError):
+        # An error event inside an HTTP 200 stream: vLLM puts the status in body.code.
+        message, kind, code = _error_fields(exc.body)
+        message = message or str(exc)
+        if code is not None:
+            return status_error(code, f"error event in stream: {message}", kind=kind, model=model, **where)
+        return TransientRouteError(
+            f"error event in stream: {message}", hint="server-side error", error_class="error_event", **where
+        )
+    if isinstance(exc, ValueError | TypeError | AttributeError | KeyError | IndexError):
+        return MalformedResponse(
+            f"unusable response: {type(exc).__name__}: {_short(exc)}",
+            hint="the server (or a proxy in front of it) answered something that is not an OpenAI-shaped "
+            "completion; check what is listening at this URL",
+            **where,
+        )
+    return TransientRouteError(f"{type(exc).__name__}: {_short(exc)}", **where)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text, capped: a parser's error can quote a whole response body."""
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def status_error(
+    status: int,
+    message: str,
+    *,
+    route: str,
+    url: str,
+    model: str,
+    kind: str | None = None,
+    retry_after: float | None = None,
+    not_found_hint: str | None = None,
+) -> RouteError:
+    """The typed error for an HTTP error status, whichever API answered it."""
+    where: dict[str, Any] = {"route": route, "url": url, "status": status}
+    if status in _TRANSIENT_STATUSES or status >= 500:
+        hint = "the server asks to slow down" if status == 429 else "server-side error; retried elsewhere"
+        return TransientRouteError(message, hint=hint, retry_after=retry_after, **where)
+    if status in (401, 403):
+        hint = "check this route's api_key (or VLLM_API_KEY); it must match the server's --api-key"
+        return AuthenticationError(message, hint=hint, **where)
+    if status == 404:
+        hint = not_found_hint or (
+            f"the server does not serve model {model!r}: compare the route's `model` with the "
+            "server's --served-model-name (GET /v1/models lists them)"
+        )
+        return ModelNotFoundError(message, hint=hint, **where)
+    if status == 422:
+        return UnprocessableEntityError(message, hint="check the request parameters", **where)
+    lowered = f"{kind or ''} {message}".lower()
+    if status == 400 and any(marker in lowered for marker in _OVERFLOW_MARKERS):
+        hint = "shorten the prompt or lower max_tokens (embeddings: split the text, or truncate=True)"
+        return ContextOverflowError(message, hint=hint, **where)
+    return BadRequestError(message, hint="check the request parameters", **where)
+
+
+def trips_breaker(error: RouteError) -> bool:
+    """Whether an error counts against the route's circuit breaker."""
+    return isinstance(error, TransientRouteError | AuthenticationError | ModelNotFoundError)
