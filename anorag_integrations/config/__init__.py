@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from .router.balancing.policies import POLICIES
-from .router.errors import ConfigError
-from .router.secrets import clip, is_secret_key, preview, redact_repr_args, redact_url
+from ..router.balancing.policies import POLICIES
+from ..router.errors import ConfigError
+from ..router.secrets import clip, is_secret_key, preview, redact_repr_args, redact_url
 
 DEFAULT_CONFIG_PATH = "config.yaml"
 ENV_CONFIG_PATH = "ANORAG_CONFIG"
