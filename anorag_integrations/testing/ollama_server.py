@@ -20,7 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from . import embeddings
-from .fault_server import Fault, FaultServer, _FaultState, drop_connection
+from .fault_server import FaultServer
+from .faults import Fault, FaultState
+from .wire import drop_connection
 
 OVERFLOW = "the input length exceeds the context length"
 """Ollama's error when ``/api/embed`` gets an input past the window with ``"truncate": false``."""
@@ -61,7 +63,7 @@ class OllamaFaultServer(FaultServer):
             info["bert.context_length"] = self.max_model_len  # type: ignore[assignment]
         return web.json_response({"modelfile": "", "details": {"family": "bert"}, "model_info": info})
 
-    async def _preamble(self, body: dict[str, Any], state: _FaultState) -> web.Response | None:
+    async def _preamble(self, body: dict[str, Any], state: FaultState) -> web.Response | None:
         """The answer a fault or an unknown model gives before any work, or None to go on."""
         opts = state.options
         if state.fault is Fault.STATUS:

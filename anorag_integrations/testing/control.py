@@ -1,0 +1,166 @@
+"""What a FaultServer is set to and what it counts: its settings, the fault in force, the requests it got.
+
+``ServerControl`` is the part tests touch from their own thread (``set_fault``, ``models_fault``,
+the attributes below, the counters); the request handlers build on it (``replies.py``,
+``streams.py``, ``fault_server.py``) and read the fault each request takes (``_received``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from . import embeddings
+from .faults import HELD, Fault, FaultState
+from .loop_server import LoopServer
+from .malformed import MODELS_FAULTS
+from .wire import header_value, usage
+
+PROMPTS_KEPT = 10_000
+"""How many distinct prompts the prefix-cache counters remember."""
+
+
+class ServerControl(LoopServer):
+    """Settings (vLLM's flags, as attributes), counters, kept requests and the fault switch."""
+
+    def __init__(
+        self,
+        model: str = "fake-model",
+        *,
+        reply: str = "The quick brown fox jumps over the lazy dog.",
+        max_model_len: int | None = 4096,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        health_endpoint: bool = True,
+        auto_tool_choice: bool = True,
+        keep_requests: int = 1000,
+        max_running: int | None = None,
+        metrics: str | None = "vllm",
+    ) -> None:
+        super().__init__(f"fault-server-{model}", host, port)
+        self.model = model
+        self.reply = reply
+        self.max_model_len = max_model_len
+        self.health_endpoint = health_endpoint
+        self.auto_tool_choice = auto_tool_choice
+        """As vLLM's --enable-auto-tool-choice: without it, tool_choice="auto" gets a 400."""
+        self.reasoning: str | None = None
+        """Reasoning text sent before the answer (vLLM's reasoning parser), in ``reasoning_field``."""
+        self.reasoning_field = "reasoning"
+        self.tool_arguments: Any = {}
+        """Arguments of the tool call the server makes when the request offers tools (any JSON value:
+        a small model can write ``[1, 2]`` where the schema wants an object)."""
+        self.max_running = max_running
+        """As vLLM's --max-num-seqs: requests beyond it wait (``num_requests_waiting``); None: no limit."""
+        self.metrics = metrics
+        """Metric names ``/metrics`` uses: "vllm", "vllm_old" (gpu_cache_usage_perc), "llamacpp"; None: 404."""
+        self.kv_usage = 0.0
+        """What ``/metrics`` reports as KV-cache use (0-1)."""
+        self.latency = 0.0
+        """Seconds every answer takes (a healthy server's service time), before any fault's delay."""
+        self._models_fault: str | None = None
+        self.hits = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self._prompts: set[int] = set()
+        self.structured_outputs = True
+        """As vLLM's grammar backend: answers follow ``structured_outputs.json`` (False: ignored, as a server
+        without one would)."""
+        self.running = 0
+        self.most_running = 0
+        """The most requests this server has had running at once (``max_running`` bounds it)."""
+        self.waiting = 0
+        self.embedding_dimensions = embeddings.DIMENSIONS
+        """Length of the vectors ``/v1/embeddings`` answers (see ``embeddings.fake_vector``)."""
+        self._slots: asyncio.Semaphore | None = None
+        self.requests: list[dict[str, Any]] = []
+        self.last_authorization: str | None = None
+        self.traceparents: list[str | None] = []
+        self._keep = keep_requests
+        self._state = FaultState()
+        self._lock = threading.Lock()
+
+    # --- control, from any thread ------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    @property
+    def models_fault(self) -> str | None:
+        """How ``GET /v1/models`` is malformed (None: it answers normally); chat requests don't change it.
+
+        All HTTP 200: "html" (a ``text/html`` page), "null" (``null``), "invalid" (not JSON), "string"
+        (``"x"``), "no_data" (``{"object": "list"}``, no ``data``).
+        """
+        return self._models_fault
+
+    @models_fault.setter
+    def models_fault(self, kind: str | None) -> None:
+        if kind is not None and kind not in MODELS_FAULTS:
+            raise ValueError(f"models_fault must be None or one of {', '.join(MODELS_FAULTS)}, not {kind!r}")
+        self._models_fault = kind
+
+    def set_fault(self, fault: Fault | str | None, *, times: int | None = None, **options: Any) -> None:
+        """Switch the fault for the next ``times`` chat requests (all when None); None clears it.
+
+        ``every=N`` among the options applies it to every Nth chat request only (an occasional fault).
+        """
+        fault = Fault(fault or Fault.NONE)
+        if fault is Fault.STATUS and options.get("retry_after") is not None:
+            header_value(options["retry_after"])  # fail here, not as a dropped connection later
+        previous = self._state.fault
+        with self._lock:
+            self._state = FaultState(fault, times, options)
+        if previous in HELD and fault is not previous:
+            self._call(self._wake_hung())  # hung requests answer, trickling ones send the rest at once
+        if fault is Fault.REFUSE and previous is not Fault.REFUSE:
+            self._call(self._stop_listening())
+        elif previous is Fault.REFUSE and fault is not Fault.REFUSE:
+            self._call(self._listen())
+
+    # --- on the server's loop ----------------------------------------------------------------------
+
+    def _starting(self) -> None:
+        if self.max_running is not None:
+            self._slots = asyncio.Semaphore(self.max_running)
+
+    def _received(self, request: web.Request, body: dict[str, Any]) -> FaultState:
+        """Count and keep a chat request; the fault that applies to it."""
+        self.hits += 1
+        if "messages" in body:
+            self._count_prefix(body)
+        self.last_authorization = request.headers.get("Authorization")
+        self.requests.append(body)
+        del self.requests[: -self._keep]
+        self.traceparents.append(request.headers.get("traceparent"))
+        del self.traceparents[: -self._keep]
+        return self._take_fault()
+
+    def _count_prefix(self, body: Mapping[str, Any]) -> None:
+        """vLLM's prefix-cache counters, roughly: a prompt seen before is all hits."""
+        tokens = usage(body, 0)["prompt_tokens"]
+        key = hash(json.dumps(body.get("messages"), sort_keys=True, default=str))
+        self.prefix_queries += tokens
+        if key in self._prompts:
+            self.prefix_hits += tokens
+        elif len(self._prompts) < PROMPTS_KEPT:
+            self._prompts.add(key)
+
+    def _take_fault(self) -> FaultState:
+        with self._lock:
+            state = self._state
+            every = int(state.options.get("every", 1))
+            if every > 1 and self.hits % every:
+                return FaultState()
+            if state.remaining is None:
+                return state
+            if state.remaining <= 0:
+                return FaultState()
+            state.remaining -= 1
+            return FaultState(state.fault, None, state.options)
