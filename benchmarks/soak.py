@@ -1,10 +1,11 @@
-"""Soak: many requests at high concurrency over three routes, one flapping through the whole fault corpus.
+"""Soak: many requests at high concurrency over three routes, one flapping through the fault corpus.
 
-Routes ``a`` and ``b`` stay healthy; ``c`` changes fault every few tens of milliseconds (HTTP errors,
-hangs, refused connections, cuts, error events, every malformed answer, trickles, a broken
-``/v1/models``). Async calls (``achat``/``astream``) and sync threads (``chat``/``stream``) run at
-once. Pass means: no request lost, every in-flight count back to zero, open files and threads back
-to where they were before it started, and memory growth small. The healthy servers run in their own
+Routes ``a`` and ``b`` stay healthy; ``c`` changes fault every few tens of milliseconds, through the
+corpus's transient faults (``anorag_integrations.testing.corpus``: HTTP errors, hangs, refused
+connections, cuts, error events, every malformed answer, trickles, stalls) and a broken ``/v1/models``.
+Async calls (``achat``/``astream``) and sync threads (``chat``/``stream``) run at once. Pass means: no
+request lost, every in-flight count back to zero, open files and threads back to where they were
+before it started, and memory growth small. The healthy servers run in their own
 processes (a healthy route must be able to keep up); the flapping one runs in this process, where
 its faults are switched. Run: ``.venv/bin/python benchmarks/soak.py`` (10,000 requests at 256).
 """
@@ -20,35 +21,15 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Any
 
 from _common import MODEL, fault_server, pin_client, save
 from memory import rss_mb
 
 from anorag_integrations import Router, RouterError
 from anorag_integrations.config import config_from_dict
-from anorag_integrations.testing import Fault, FaultServer
+from anorag_integrations.testing import MODELS_FAULT_CORPUS, TRANSIENT_FAULTS, FaultServer
 
 MESSAGES = [{"role": "user", "content": "hello"}]
-CORPUS: list[tuple[Fault | None, dict[str, Any]]] = [
-    (Fault.STATUS, {"status": 503}),
-    (Fault.STATUS, {"status": 429, "retry_after": "inf"}),
-    (Fault.HANG, {}),
-    (Fault.REFUSE, {}),
-    (Fault.CUT, {"after_chunks": 2}),
-    (Fault.ERROR_EVENT, {"after_chunks": 2}),
-    (Fault.HTML, {}),
-    (Fault.TRUNCATED_JSON, {}),
-    (Fault.INVALID_JSON, {}),
-    (Fault.STRING_BODY, {}),
-    (Fault.NO_CHOICES, {}),
-    (Fault.SSE_NOISE, {}),
-    (Fault.TRICKLE, {"interval": 0.01}),
-    (Fault.STALL, {"after_chunks": 1}),
-    (Fault.SLOW_FIRST_TOKEN, {"delay": 0.3}),
-    (None, {}),
-]
-MODELS_FAULTS = ["html", "null", "invalid", None]
 
 
 def open_fds() -> int:
@@ -72,12 +53,16 @@ def build(urls: dict[str, str]) -> Router:
 
 
 def flap(server: FaultServer, stop: threading.Event, period: float) -> int:
-    """Cycle ``server`` through the corpus until ``stop``; how many faults it went through."""
+    """Cycle ``server`` through the corpus until ``stop``; how many faults it went through.
+
+    Only transient faults: a permanent one (a 400) is raised to the caller, and this run loses no request.
+    """
     changes = 0
-    for (fault, options), models in zip(itertools.cycle(CORPUS), itertools.cycle(MODELS_FAULTS), strict=False):
+    faults = zip(itertools.cycle(TRANSIENT_FAULTS), itertools.cycle(MODELS_FAULT_CORPUS), strict=False)
+    for case, models in faults:
         if stop.wait(period):
             break
-        server.set_fault(fault, **options)
+        case.apply(server)
         server.models_fault = models
         changes += 1
     server.set_fault(None)

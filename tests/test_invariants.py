@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from anorag_integrations import Router, RouterClosed, RouterError
-from anorag_integrations.testing import Fault, FaultServer
+from anorag_integrations.testing import FAULT_CORPUS, FaultCase, FaultServer
 
 from .conftest import USER, make_config, three_fault_servers
 
@@ -34,27 +34,6 @@ NAMES = ("a", "b", "c")
 COOLDOWN = 0.2
 REPLIES = {f"from {name}" for name in NAMES}
 
-FAULTS: list[tuple[Fault, dict[str, Any]]] = [
-    (Fault.NONE, {}),
-    (Fault.STATUS, {"status": 500}),
-    (Fault.STATUS, {"status": 503, "retry_after": "0.1"}),
-    (Fault.STATUS, {"status": 429, "retry_after": "inf"}),
-    (Fault.STATUS, {"status": 429, "retry_after": "nan"}),
-    (Fault.STATUS, {"status": 400}),
-    (Fault.REFUSE, {}),
-    (Fault.HANG, {}),
-    (Fault.CUT, {"after_chunks": 1}),
-    (Fault.ERROR_EVENT, {"after_chunks": 1}),
-    (Fault.HTML, {}),
-    (Fault.TRUNCATED_JSON, {"after_chunks": 1}),
-    (Fault.INVALID_JSON, {"after_chunks": 0}),
-    (Fault.STRING_BODY, {}),
-    (Fault.NO_CHOICES, {}),
-    (Fault.SSE_NOISE, {}),
-    (Fault.TRICKLE, {"interval": 0.02}),
-    (Fault.STALL, {"after_chunks": 1}),
-    (Fault.DELAY, {"delay": 0.05}),
-]
 MODES = ["chat", "achat", "stream", "astream"]
 
 
@@ -95,10 +74,9 @@ class RouterMachine(RuleBasedStateMachine):
     def _check(self, outcome: str) -> None:
         assert outcome.startswith("error:") or any(outcome.startswith(reply) for reply in REPLIES), outcome
 
-    @rule(name=st.sampled_from(NAMES), fault=st.sampled_from(FAULTS))
-    def set_fault(self, name: str, fault: tuple[Fault, dict[str, Any]]) -> None:
-        kind, options = fault
-        self.servers[name].set_fault(None if kind is Fault.NONE else kind, **options)
+    @rule(name=st.sampled_from(NAMES), case=st.sampled_from(FAULT_CORPUS))
+    def set_fault(self, name: str, case: FaultCase) -> None:
+        case.apply(self.servers[name])
 
     @rule(mode=st.sampled_from(MODES), deadline=st.sampled_from([None, 0.3, 2.0]))
     def call(self, mode: str, deadline: float | None) -> None:
