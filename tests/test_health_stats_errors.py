@@ -8,6 +8,7 @@ import httpx2
 import openai
 import pytest
 
+import anorag_integrations.router.classify as mapping
 from anorag_integrations.router import errors
 from anorag_integrations.router.endpoints.health import BreakerState, CircuitBreaker
 from anorag_integrations.router.telemetry.stats import WINDOW, RouteStats, percentile
@@ -168,7 +169,7 @@ def status_error(
 
 
 def classify(exc: BaseException) -> errors.RouteError:
-    return errors.classify(exc, route="gpt20_a", url="http://gpu1:8000/v1", model="gpt-oss", timeout=30)
+    return mapping.classify(exc, route="gpt20_a", url="http://gpu1:8000/v1", model="gpt-oss", timeout=30)
 
 
 CASES = [
@@ -215,11 +216,11 @@ def test_error_mapping(exc: BaseException, cls: type[errors.RouteError], hint: s
 
 
 def test_breaker_counts_transient_and_misconfiguration_only() -> None:
-    assert errors.trips_breaker(classify(status_error(503, "x")))
-    assert errors.trips_breaker(classify(status_error(401, "x")))
-    assert errors.trips_breaker(classify(status_error(404, "x")))
-    assert not errors.trips_breaker(classify(status_error(400, "x")))
-    assert not errors.trips_breaker(classify(status_error(422, "x")))
+    assert mapping.trips_breaker(classify(status_error(503, "x")))
+    assert mapping.trips_breaker(classify(status_error(401, "x")))
+    assert mapping.trips_breaker(classify(status_error(404, "x")))
+    assert not mapping.trips_breaker(classify(status_error(400, "x")))
+    assert not mapping.trips_breaker(classify(status_error(422, "x")))
 
 
 @pytest.mark.parametrize(

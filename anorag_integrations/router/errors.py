@@ -35,14 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .classify import RETRY_AFTER_CEILING_S as RETRY_AFTER_CEILING_S
-    from .classify import classify as classify
-    from .classify import parse_retry_after as parse_retry_after
-    from .classify import status_error as status_error
-    from .classify import trips_breaker as trips_breaker
 
 
 class RouterError(Exception):
@@ -263,16 +255,3 @@ class InputTooLongError(ContextOverflowError, InvalidRequestError):
             "the server cut it to the context window",
             error_class="input_too_long",
         )
-
-
-_CLASSIFY_NAMES = frozenset({"RETRY_AFTER_CEILING_S", "classify", "parse_retry_after", "status_error", "trips_breaker"})
-"""Names that lived here before the mapping moved to ``classify.py``; still importable from this module."""
-
-
-def __getattr__(name: str) -> Any:
-    """The mapping's names, from ``classify.py`` on first use (it imports this module: no import-time cycle)."""
-    if name in _CLASSIFY_NAMES:
-        from . import classify as mapping
-
-        return getattr(mapping, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

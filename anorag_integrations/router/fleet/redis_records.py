@@ -1,4 +1,6 @@
-"""The records replicas leave in Redis, written and read in one place (``redis_state.py`` decides what to do with them).
+"""The records replicas leave in Redis, written and read in one place.
+
+``redis_sync.py`` and ``redis_adopt.py`` decide what to do with them.
 
 Every reader checks what it reads: a record is another process's word (another version, a hand
 edit), so a malformed one raises ``ValueError``/``TypeError``/``KeyError`` for the caller to skip,

@@ -1,4 +1,4 @@
-"""The Lua scripts ``redis_state.py`` runs in Redis, loaded once per connection and called by SHA.
+"""The Lua scripts a sync (``redis_sync.py``) runs in Redis, loaded once per connection and called by SHA.
 
 Each script does server-side what would otherwise be several commands, so one sync is one pipeline
 (one round trip) whatever the number of routes and replicas. They are called with ``EVALSHA`` from
