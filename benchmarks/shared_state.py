@@ -46,6 +46,7 @@ from _common import MODEL, fault_server, save
 from _measure import percentile
 
 APPS = 6
+"""App processes per run (``--apps``; the test suite's smoke run uses 2: each costs an interpreter's start)."""
 CONCURRENCY = 4
 DELAY_S = 0.02
 FAILURE_THRESHOLD = 3
@@ -287,14 +288,17 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def main() -> None:
+    global APPS
     from anorag_integrations.testing import RedisServer
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each run but the kill runs")
     parser.add_argument("--kill-seconds", type=float, default=20.0, help="length of the kill runs")
     parser.add_argument("--pairs", type=int, default=3, help="balance runs of each state, alternating")
+    parser.add_argument("--apps", type=int, default=APPS, help=f"app processes per run (default {APPS})")
     parser.add_argument("--refresh-interval", type=float, help="state.refresh_interval (default: the config's)")
     args = parser.parse_args()
+    APPS = args.apps
     if args.refresh_interval is not None:
         STATE["refresh_interval"] = args.refresh_interval
     settings = state_settings()

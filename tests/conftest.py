@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         cls = getattr(item, "cls", None)
         name = getattr(item, "originalname", item.name)
         if name in (xfails := getattr(cls, "xfail_reasons", {})):
-            item.add_marker(pytest.mark.xfail(reason=xfails[name], strict=False))
+            item.add_marker(pytest.mark.xfail(reason=xfails[name], strict=False, run=getattr(cls, "xfail_run", True)))
         if name in (skips := getattr(cls, "skip_reasons", {})):
             item.add_marker(pytest.mark.skip(reason=skips[name]))
 

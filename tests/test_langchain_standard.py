@@ -114,6 +114,10 @@ class TestChatVLLMRoutedIntegration(ChatModelIntegrationTests):
     }
     """Read by conftest.pytest_collection_modifyitems: one xfail per test the small model cannot pass."""
 
+    xfail_run: ClassVar[bool] = False
+    """Live, those are not run: each spent 20-60 s of CPU to watch the model fail again. The cassette suite
+    below replays what the model did (recorded by `make record`), so their requests and conversion still run."""
+
     @property
     def has_tool_choice(self) -> bool:
         return True
@@ -136,6 +140,8 @@ CASSETTE_PORTS = (8211, 8212)
 @pytest.mark.vcr
 class TestChatVLLMRoutedCassettes(TestChatVLLMRoutedIntegration):
     """The same suite replayed from cassettes/ (recorded from two real vLLM servers): no network."""
+
+    xfail_run: ClassVar[bool] = True
 
     @pytest.fixture(autouse=True)
     def _servers(self, tmp_path_factory: pytest.TempPathFactory) -> None:  # type: ignore[override]

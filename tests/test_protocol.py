@@ -37,7 +37,7 @@ class Target:
         return client.post(f"{self.root_url}/v1/chat/completions", json=payload)
 
 
-@pytest.fixture(params=["FaultServer", "vLLM"], scope="module")
+@pytest.fixture(params=["FaultServer", pytest.param("vLLM", marks=pytest.mark.live)], scope="module")
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     if request.param == "vLLM":
         server = request.getfixturevalue("vllm_fleet").ensure()[0]
@@ -198,7 +198,7 @@ class Embedder:
         return "hello " * (self.max_model_len + 50)
 
 
-@pytest.fixture(params=["FaultServer", "vLLM"], scope="module")
+@pytest.fixture(params=["FaultServer", pytest.param("vLLM", marks=pytest.mark.live)], scope="module")
 def embedder(request: pytest.FixtureRequest) -> Iterator[Embedder]:
     if request.param == "vLLM":
         server = request.getfixturevalue("vllm_embedder")
