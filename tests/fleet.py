@@ -103,6 +103,8 @@ class Replica:
 def replicas(document: dict[str, Any], n: int) -> Iterator[list[Replica]]:
     started = [Replica(document) for _ in range(n)]
     try:
+        for replica in started:  # each answers once it has imported and built its router: the tests' time
+            replica.ask("status")  # bounds then cover what they name (a sync, a breaker), not interpreter starts
         yield started
     finally:
         for replica in started:

@@ -66,7 +66,9 @@ def test_hedge_budget_bounds_extra_requests(router_for: Callable[..., Router], s
     hedged = sum(1 for i in infos if i is not None and i.hedge is not None)
     # The bucket starts with one token and earns 0.05 per request: at most 1 + 20 * 0.05 = 2 hedges.
     assert 1 <= hedged <= 2
-    assert servers["a"].hits + servers["b"].hits == 20 + hedged
+    # Every request reached a server, and at most one copy per hedge on top: a copy can lose the race before
+    # it reaches b (its primary answered first and it was cancelled), which a busy machine makes happen.
+    assert 20 <= servers["a"].hits + servers["b"].hits <= 20 + hedged
 
 
 def test_percentile_threshold_needs_history(router_for: Callable[..., Router], servers: dict[str, FaultServer]) -> None:
