@@ -27,8 +27,7 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
         └── NoRouteOfKindError      no route serves the call's kind (embed() with no
                                     kind: embedding route, chat() with only those)
 
-Which of these an SDK exception or HTTP status becomes is decided in ``classify.py`` beside this module
-(its names, ``classify`` and ``status_error`` among them, can also be imported from here).
+Which of these an SDK exception or HTTP status becomes is decided in ``classify.py`` beside this module.
 """
 
 from __future__ import annotations
