@@ -229,7 +229,15 @@ class VllmServer(LocalServer):
         return command
 
     def environment(self) -> dict[str, str]:
+        """vLLM's variables for a CPU server; its model worker runs inside the engine process.
+
+        vLLM's default spawns the worker as a process of its own that exchanges every step with the
+        engine over shared memory, polling: on 2 cores that was 600 MB more, a start 7 s slower (28 s,
+        not 21) and decoding a third slower. ``VLLM_ENABLE_V1_MULTIPROCESSING`` in the caller's
+        environment wins.
+        """
         return {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             **os.environ,
             "HF_HUB_OFFLINE": "1",
             "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
