@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import random
 import threading
@@ -44,9 +45,9 @@ Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 """A client's "embed these texts": one vector per text, in order."""
 
 
-def make_chunks(count: int) -> list[str]:
+def make_chunks(count: int, words: int = WORDS_PER_CHUNK) -> list[str]:
     rng = random.Random(4711)
-    return [" ".join(rng.choice(WORDS) for _ in range(WORDS_PER_CHUNK)) for _ in range(count)]
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(count)]
 
 
 def router_over(urls: list[str], alias: str, batch_size: int, concurrency: int) -> Router:
@@ -109,13 +110,18 @@ def measure(name: str, make: Callable[[], Embed], chunks: list[str], reference: 
     """One client's run over all ``chunks``; its vectors are checked against ``reference``.
 
     The client is built inside the run's own event loop (an async client's connections belong to
-    the loop that opened them), before the clock starts.
+    the loop that opened them), before the clock starts, and collected before that loop closes.
     """
 
     async def timed() -> tuple[list[list[float]], float]:
         embed = make()
         started = time.perf_counter()
-        return await embed(chunks), time.perf_counter() - started
+        vectors = await embed(chunks)
+        wall = time.perf_counter() - started
+        del embed  # the peers never close their clients: their finalisers' close tasks run in this loop, not the next
+        gc.collect()
+        await asyncio.sleep(0.1)
+        return vectors, wall
 
     vectors, wall = asyncio.run(timed())
     assert len(vectors) == len(chunks), f"{name}: {len(vectors)} vectors for {len(chunks)} chunks"
@@ -166,8 +172,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="turns each client takes; its best counts")
+    parser.add_argument("--words", type=int, default=WORDS_PER_CHUNK, help="words (tokens) a chunk; smoke runs use few")
     args = parser.parse_args()
-    chunks = make_chunks(args.chunks)
+    chunks = make_chunks(args.chunks, args.words)
     size, conc = args.batch_size, args.concurrency
     with running([embedding_server(free_port(), cpu=i) for i in range(2)]) as servers:
         urls, alias = [s.base_url for s in servers], servers[0].alias
