@@ -37,7 +37,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark single tests of a standard suite xfail or skip, with the reason the suite class gives."""
+    """Mark single tests of a standard suite xfail or skip, with the reason the suite class gives; run the
+    tests that stop the session's vLLM servers (``vllm_room``) last, so those servers start once, not after each."""
+    items.sort(key=needs_room)
     for item in items:
         cls = getattr(item, "cls", None)
         name = getattr(item, "originalname", item.name)
@@ -45,6 +47,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xfail(reason=xfails[name], strict=False, run=getattr(cls, "xfail_run", True)))
         if name in (skips := getattr(cls, "skip_reasons", {})):
             item.add_marker(pytest.mark.skip(reason=skips[name]))
+
+
+def needs_room(item: pytest.Item) -> bool:
+    return "vllm_room" in getattr(item, "fixturenames", ())
+
+
+def uses_servers(item: pytest.Item) -> bool:
+    """A live test, or one that asks for the session's pooling server."""
+    return item.get_closest_marker("live") is not None or "vllm_embedder" in getattr(item, "fixturenames", ())
 
 
 CASSETTES = Path(__file__).parent.parent / "cassettes"
@@ -256,19 +267,23 @@ def vllm_pair(vllm_fleet: VllmFleet) -> list[Any]:
 
 
 @pytest.fixture
-def vllm_room(vllm_fleet: VllmFleet) -> Iterator[None]:
+def vllm_room(vllm_fleet: VllmFleet, request: pytest.FixtureRequest) -> Iterator[None]:
     """Room for a test that starts up to three vLLM servers itself: the session's servers stop meanwhile.
 
-    The next test that asks for ``vllm_pair`` starts the pair again; a pooling server the session
-    runs (``vllm_embedder``) is started again right after the test, since its users hold it.
+    The next test that asks for ``vllm_pair`` starts the pair again. A pooling server the session runs
+    (``vllm_embedder``) is started again right after the test when a live test still to run may use it
+    (its users hold it); these tests run last, so normally none does.
     """
     vllm_fleet.stop()
     paused = [server for server in EMBEDDERS if server.process is not None]
     for server in paused:
         server.stop()
     yield
-    for server in paused:
-        server.start()
+    items = request.session.items
+    later = items[items.index(request.node) + 1 :] if request.node in items else items
+    if any(uses_servers(item) and not needs_room(item) for item in later):
+        for server in paused:
+            server.start()
 
 
 EMBEDDERS: list[Any] = []
