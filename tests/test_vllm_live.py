@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -179,9 +180,19 @@ def test_least_queue_reads_the_real_vllm_queue(vllm_pair: list[Any]) -> None:
     """Another client keeps one server busy: the router sees it in vllm:num_requests_running and goes elsewhere."""
     config = vllm_config(vllm_pair, lb_policy="least_queue", least_queue={"interval": 0.2, "stale_after": 5})
     busy = vllm_pair[0]
-    body = {"model": busy.alias, "messages": COUNT, "max_tokens": 300, "temperature": 0}
+    body = {"model": busy.alias, "messages": COUNT, "max_tokens": 300, "temperature": 0, "stream": True}
+    done = threading.Event()
+
+    def occupy() -> None:
+        """One streamed answer, read until the test is done (closing it makes vLLM abort the request)."""
+        with httpx.stream("POST", f"{busy.base_url}/chat/completions", json=body, timeout=120) as answer:
+            answer.raise_for_status()
+            for _ in answer.iter_lines():
+                if done.is_set():
+                    return
+
     with Router(config) as router, ThreadPoolExecutor(3) as load:
-        jobs = [load.submit(httpx.post, f"{busy.base_url}/chat/completions", json=body, timeout=120) for _ in range(3)]
+        jobs = [load.submit(occupy) for _ in range(3)]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             report = router.routes["vllm0"].load
@@ -191,6 +202,7 @@ def test_least_queue_reads_the_real_vllm_queue(vllm_pair: list[Any]) -> None:
         assert report is not None and report.running >= 1, "the scraper never saw the busy server's queue"
         served = [call_info(router.chat(ASK)).route for _ in range(3)]  # type: ignore[union-attr]
         assert served == ["vllm1"] * 3
+        done.set()
         for job in jobs:
             job.result()
 
