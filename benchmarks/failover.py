@@ -121,10 +121,10 @@ def seconds(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-async def run_all(peers: Peers, requests: int, concurrency: int) -> list[dict[str, Any]]:
-    """Every client without and with faults, in one event loop (the clients close with it)."""
+async def run_all(peers: Peers, requests: int, concurrency: int, clients: list[str]) -> list[dict[str, Any]]:
+    """Each client without and with faults, in one event loop (the clients close with it)."""
     rows = []
-    for client in CLIENTS:
+    for client in clients:
         baseline = await run_client(client, peers, False, requests, concurrency)
         faulted = await run_client(client, peers, True, requests, concurrency)
         if baseline is None or faulted is None:
@@ -153,11 +153,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS), help="default: all")
     args = parser.parse_args()
     cores = pin_client()
     with Peers() as peers:
         peer_versions = peers.ask(op="versions") or {}
-        rows = asyncio.run(run_all(peers, args.requests, args.concurrency))
+        rows = asyncio.run(run_all(peers, args.requests, args.concurrency, args.clients))
     path = save(
         "failover",
         rows,

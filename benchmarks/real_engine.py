@@ -3,13 +3,15 @@
 Two real vLLM servers on CPU (SmolLM2-135M-Instruct, each pinned to its own core; ``--engine
 llamacpp``: two ``llama-server`` processes on Gemma 3 270M, one thread and PARALLEL slots each); the
 same streamed requests go to one server alone and then through the router over both.
-Run: ``.venv/bin/python benchmarks/real_engine.py [--engine vllm|llamacpp]``.
+Run: ``.venv/bin/python benchmarks/real_engine.py [--engine vllm|llamacpp]``; ``--urls A,B --model NAME``
+measures two servers already running instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -73,10 +75,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--engine", choices=ENGINES, default="vllm")
+    parser.add_argument(
+        "--urls", help="two running servers' base URLs (comma-separated), measured instead of starting two"
+    )
+    parser.add_argument("--model", help="the model the --urls servers serve")
     args = parser.parse_args()
-    with running(start_servers(args.engine, parallel=PARALLEL)) as servers:
-        urls = [s.base_url for s in servers]
-        model = servers[0].alias
+    given = args.urls.split(",") if args.urls else []
+    if args.urls and (len(given) != 2 or not args.model):
+        parser.error("--urls takes two base URLs, comma-separated, and needs --model")
+    with contextlib.ExitStack() as stack:
+        if given:
+            urls, model = given, args.model
+        else:
+            servers = stack.enter_context(running(start_servers(args.engine, parallel=PARALLEL)))
+            urls, model = [s.base_url for s in servers], servers[0].alias
         asyncio.run(run(urls, model, 8, args.concurrency, args.max_tokens))  # warm both servers
         rows = [asyncio.run(run(u, model, args.requests, args.concurrency, args.max_tokens)) for u in (urls[:1], urls)]
     one, two = rows
@@ -91,7 +103,7 @@ def main() -> None:
         result_name("real_engine", args.engine),
         {"rows": rows, "ratios": ratios},
         engine=args.engine,
-        cores=cores(args.engine),
+        cores="the --urls servers, as they run" if given else cores(args.engine),
         requests=args.requests,
         concurrency=args.concurrency,
         max_tokens=args.max_tokens,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,8 +69,9 @@ def test_benchmark_runs(script: str, args: list[str], tmp_path: Path) -> None:
 
 
 def test_failover_smoke_run_loses_no_request(tmp_path: Path) -> None:
-    result = run("failover.py", "--requests", "40", "--concurrency", "4", results=tmp_path,
-                 ANORAG_PEERS_PYTHON=str(tmp_path / "no-peers"))  # fmt: skip
+    # ours only: the test asserts on ours, and each peer's two runs took 10 s more
+    result = run("failover.py", "--requests", "40", "--concurrency", "4", "--clients", "Router.achat",
+                 results=tmp_path, ANORAG_PEERS_PYTHON=str(tmp_path / "no-peers"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     ours = next(
         r for r in json.loads((tmp_path / "failover.json").read_text())["results"] if r["client"] == "Router.achat"
@@ -79,8 +81,11 @@ def test_failover_smoke_run_loses_no_request(tmp_path: Path) -> None:
 
 
 @pytest.mark.live
-def test_real_engine_benchmark_runs_on_vllm(tmp_path: Path, vllm_room: None) -> None:
-    result = run("real_engine.py", "--requests", "4", "--concurrency", "2", "--max-tokens", "4", results=tmp_path)
+def test_real_engine_benchmark_runs_on_vllm(tmp_path: Path, vllm_pair: list[Any]) -> None:
+    """On the session's two servers (--urls): starting two more cost half a minute (embeddings.py starts its own)."""
+    urls = ",".join(server.base_url for server in vllm_pair)
+    result = run("real_engine.py", "--requests", "4", "--concurrency", "2", "--max-tokens", "4", "--urls", urls,
+                 "--model", vllm_pair[0].alias, results=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "real_engine.json").read_text())["results"]["rows"]
     assert [row["servers"] for row in rows] == [1, 2]
