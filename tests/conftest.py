@@ -222,8 +222,15 @@ class VllmFleet:
     def __init__(self) -> None:
         self.servers = [vllm_on(free_port()) for _ in range(2)]
 
+    def start_soon(self) -> None:
+        """Start the pair without waiting: it loads while the tests before the first that needs it run."""
+        for server in self.servers:
+            if server.process is None:
+                server.start(wait=False)
+
     def ensure(self) -> list[Any]:
-        """The pair, every server up: those down (never started, stopped or killed) start in parallel."""
+        """The pair, every server up: those down (never started, stopped or killed) start in parallel,
+        and those still loading (:meth:`start_soon`) are waited for."""
         down = [i for i, s in enumerate(self.servers) if s.process is None or s.process.poll() is not None]
         for i in down:
             self.servers[i].stop()
@@ -232,7 +239,7 @@ class VllmFleet:
             undo.callback(self.stop)  # a server that fails to start stops the others too
             for i in down:
                 self.servers[i].start(wait=False)
-            wait_all_ready([self.servers[i] for i in down])
+            wait_all_ready(self.servers)
             undo.pop_all()
         return self.servers
 
@@ -302,18 +309,49 @@ def vllm_embedder() -> Iterator[Any]:
     try:
         if (missing := vllm.available()) is not None:
             raise vllm.SetupError("vLLM environment", missing, "make vllm")
-        server = vllm.embedding_server(free_port())
+        server = EMBEDDERS[0] if EMBEDDERS else vllm.embedding_server(free_port())  # started soon, or new
     except vllm.SetupError as exc:
         if os.environ.get("CI"):
             pytest.fail(str(exc))
         pytest.skip(str(exc))
-    server.start()
-    EMBEDDERS.append(server)
+    if not EMBEDDERS:
+        EMBEDDERS.append(server)
     try:
+        server.start(wait=False)  # nothing to do for one started soon (see _start_soon)
+        server.wait_ready()
         yield server
     finally:
-        EMBEDDERS.remove(server)
+        if server in EMBEDDERS:
+            EMBEDDERS.remove(server)
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_soon(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The vLLM servers the session's tests will ask for start loading at once, without waiting.
+
+    They load (about 25 s, mostly one core) while the tests before the first that needs them run,
+    instead of in front of it. Stopped with the session; nothing starts where vLLM is missing.
+    """
+    from anorag_integrations.cli import vllm
+
+    wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    if vllm.available() is not None or request.config.getoption("collectonly"):
+        yield
+        return
+    soon: list[Any] = []
+    if wanted & {"vllm_pair", "vllm_server"}:
+        fleet = request.getfixturevalue("vllm_fleet")
+        fleet.start_soon()
+    if "vllm_embedder" in wanted and not EMBEDDERS:
+        with contextlib.suppress(vllm.SetupError):  # the fixture reports it, for the tests that need it
+            soon.append(vllm.embedding_server(free_port()).start(wait=False))
+            EMBEDDERS.extend(soon)
+    try:
+        yield
+    finally:
+        for server in soon:
+            server.stop()
 
 
 def vllm_on(port: int) -> Any:
