@@ -21,6 +21,8 @@ import time
 from types import ModuleType
 from typing import Any
 
+from . import forks
+
 COMPACT_ABOVE = 8192
 """Heap size past which stale entries are swept out (they are otherwise dropped when their time comes)."""
 
@@ -43,7 +45,7 @@ class Watch:
         self.queued: tuple[float, int] = (float("inf"), -1)
         """The watchdog's live entry for this watch (time, sequence); older entries are stale."""
         self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
 
     def attach(self, sock: socket.socket) -> None:
         with self._lock:
@@ -91,9 +93,13 @@ class Watchdog:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Watch]] = []
         self._order = itertools.count()
-        self._cond = threading.Condition()
+        self._cond = forks.condition()
         self._thread: threading.Thread | None = None
         self._compact_at = COMPACT_ABOVE
+
+    def renew_after_fork(self) -> None:
+        """In a forked child: the timer thread is gone and the armed watches are the parent's calls'."""
+        self._heap, self._thread = [], None
 
     def arm(self, watch: Watch) -> None:
         """Schedule ``watch`` to fire at ``watch.at`` (again, after moving ``at`` earlier)."""
@@ -148,6 +154,7 @@ def _live(entry: tuple[float, int, Watch]) -> bool:
 
 
 WATCHDOG = Watchdog()
+forks.renew_in_child(WATCHDOG)
 
 
 # --- the transport -------------------------------------------------------------------------------------

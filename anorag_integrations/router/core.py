@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from . import embeddings
+from . import embeddings, forks
 from .call import Call, Control, Messages, wall_clock
 from .endpoints.health import BreakerState, Poller, Prober
 from .endpoints.route import Route
@@ -34,7 +33,7 @@ from .errors import NoRouteOfKindError, RouterClosed
 from .fleet.state import State, make_state
 from .hedge import Hedger, race
 from .info import CallInfo, attach, call_info
-from .loop import LoopThread
+from .loop import LoopThread, Overdue
 from .rounds import aserve, make_pools, serve
 from .streams import astream, stream
 from .telemetry import prometheus
@@ -90,7 +89,7 @@ class Router:
         self._loop_thread = LoopThread()
         self._live: set[Control] = set()
         """Calls in flight, so that close() can end them."""
-        self._closing = threading.Event()
+        self._closing = forks.event()
         self.is_shared = False
         """Handed out by :meth:`shared`: its users drop it rather than close it (see providers)."""
         obs = config.observability
@@ -115,6 +114,22 @@ class Router:
         self.state.start()
         if start_prober:
             self._background(Poller.start)
+        forks.renew_in_child(self)  # after the state, which renews itself first
+
+    def renew_after_fork(self) -> None:
+        """In a forked child (gunicorn ``--preload``): new clients and event loop, the prober running again.
+
+        The calls in flight at the fork are the parent's; the shared state renews itself (``fleet/``).
+        """
+        self._live.clear()
+        for route in self.routes.values():
+            route.renew_after_fork()
+        self._loop_thread.renew_after_fork()
+        self._metrics.renew_after_fork()
+        if not self.closed:
+            self.prober.renew_after_fork()
+            if self.scraper is not None:
+                self.scraper.renew_after_fork()
 
     @property
     def closed(self) -> bool:
@@ -171,7 +186,10 @@ class Router:
             return call.answered(attach(response, call.info))
 
     def _hedged(self, call: Call) -> ChatCompletion:
-        return self._loop_thread.run(self._ahedged(call))
+        try:
+            return self._loop_thread.run(self._ahedged(call), within=call.left())
+        except Overdue:
+            raise call.exhausted("deadline exceeded") from None
 
     async def achat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """Async twin of :meth:`chat` on the routes' async clients."""

@@ -14,12 +14,12 @@ spending never waits on Redis and the whole fleet hedges at most ``max_rate`` of
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from openai.types.chat import ChatCompletion
 
+from . import forks
 from .call import Call
 from .errors import PermanentRouteError
 from .info import attach
@@ -41,7 +41,7 @@ class Hedger:
         self.max_rate = config.max_rate
         self.min_samples = config.min_samples
         self._tokens = 1.0
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._fleet = False
         """Whether the budget is the fleet's (shared state, Redis reachable): earnings go to it."""
         self._earned = 0.0

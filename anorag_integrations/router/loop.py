@@ -16,6 +16,7 @@ import threading
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import forks
 from .errors import RouterClosed
 
 if TYPE_CHECKING:
@@ -23,12 +24,19 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
+OVERDUE_GRACE_S = 1.0
+"""How long past a call's deadline :meth:`LoopThread.run` waits for the coroutine's own deadline error."""
+
+
+class Overdue(Exception):
+    """The router's loop did not finish the work within the call's deadline (the caller raises its own error)."""
+
 
 class LoopThread:
     """An event loop in a daemon thread, started on first use, stopped once by :meth:`stop`."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._started: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
         self._stopped = False
 
@@ -43,11 +51,17 @@ class LoopThread:
                 self._started = (loop, thread)
             return self._started[0]
 
-    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+    def renew_after_fork(self) -> None:
+        """In a forked child: the loop's thread is gone, so a new loop starts on first use (unless stopped)."""
+        self._started = None
+
+    def run(self, coro: Coroutine[Any, Any, _T], within: float | None = None) -> _T:
         """Run ``coro`` on the loop and wait for its result (from a thread that is not the loop's).
 
         An exception in the waiting thread (KeyboardInterrupt) cancels the coroutine; a coroutine
-        cancelled by :meth:`stop` raises ``RouterClosed``.
+        cancelled by :meth:`stop` raises ``RouterClosed``. ``within``: the call's time left (None: no
+        bound); when the coroutine has not ended a second past it (its own deadline error comes first),
+        it is cancelled and :class:`Overdue` raised, so no caller waits forever on a loop nobody runs.
         """
         try:
             loop = self.loop()
@@ -56,7 +70,10 @@ class LoopThread:
             raise
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
-            return future.result()
+            return future.result(None if within is None else max(within, 0.0) + OVERDUE_GRACE_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise Overdue() from None
         except concurrent.futures.CancelledError:
             raise RouterClosed("the router was closed while this call was in flight") from None
         except BaseException:

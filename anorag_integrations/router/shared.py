@@ -9,16 +9,17 @@ the next request for its key.
 from __future__ import annotations
 
 import hashlib
-import threading
 import weakref
 from os import PathLike
 from typing import TYPE_CHECKING
+
+from . import forks
 
 if TYPE_CHECKING:
     from .core import Router
 
 _SHARED: weakref.WeakValueDictionary[tuple[object, ...], Router] = weakref.WeakValueDictionary()
-_LOCK = threading.Lock()
+_LOCK = forks.lock()
 
 
 def _fingerprint(secret: str | None) -> str | None:

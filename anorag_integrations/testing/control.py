@@ -61,6 +61,8 @@ class ServerControl(LoopServer):
         """Metric names ``/metrics`` uses: "vllm", "vllm_old" (gpu_cache_usage_perc), "llamacpp"; None: 404."""
         self.kv_usage = 0.0
         """What ``/metrics`` reports as KV-cache use (0-1)."""
+        self.echo = False
+        """Answer "echo: <the last message's text>" instead of ``reply``, so a test can tell whose answer it got."""
         self.latency = 0.0
         """Seconds every answer takes (a healthy server's service time), before any fault's delay."""
         self._models_fault: str | None = None

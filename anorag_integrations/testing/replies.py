@@ -80,6 +80,8 @@ class Replies(ServerControl):
         """The reply; with ``continue_final_message``, the rest of it after the final assistant message."""
         messages = body.get("messages") or [{}]
         last = messages[-1]
+        if self.echo:
+            return f"echo: {last.get('content')}"
         if body.get("continue_final_message") and last.get("role") == "assistant":
             prefix = str(last.get("content") or "")
             return self.reply[len(prefix) :] if self.reply.startswith(prefix) else self.reply

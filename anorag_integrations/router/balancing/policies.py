@@ -16,10 +16,11 @@ import hashlib
 import itertools
 import math
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+
+from .. import forks
 
 if TYPE_CHECKING:
     from ..endpoints.route import Route
@@ -100,7 +101,7 @@ class RoundRobin:
     name: ClassVar[str] = "round_robin"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._current: dict[str, float] = {}
         self._cursor = itertools.count()
         self._equal: tuple[int, int, bool] | None = None

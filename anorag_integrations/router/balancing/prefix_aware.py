@@ -6,11 +6,11 @@ Registered by ``policies.py`` (which imports this module last); see :class:`Pref
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+from .. import forks
 from .policies import STALE_AFTER_S, Request, Usable, _fewest, _usable, register
 from .prefix_index import BLOCK_CHARS, MAX_BLOCKS_PER_ROUTE, PrefixIndex
 
@@ -80,7 +80,7 @@ class PrefixAware:
         self.stale_after = stale_after
         self._clock = clock
         self._turn = itertools.count()
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._epochs: dict[str, int] = {}
         self._blocks: dict[str, list[int]] = {}
         """Per route: [blocks predicted cached, blocks sent]."""

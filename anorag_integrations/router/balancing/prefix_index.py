@@ -22,9 +22,10 @@ no operation awaits.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+
+from .. import forks
 
 BLOCK_CHARS = 64
 """Characters per hashed block (llm-d's block size; about 16 tokens of English)."""
@@ -57,7 +58,7 @@ class PrefixIndex:
         if max_blocks < 1:
             raise ValueError("max_blocks must be >= 1")
         self.max_blocks = max_blocks
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._routes: dict[str, OrderedDict[int, None]] = {}
 
     def depth(self, route: str, blocks: Sequence[int]) -> int:
@@ -125,7 +126,7 @@ class Sessions:
 
     def __init__(self, max_sessions: int) -> None:
         self.max_sessions = max_sessions
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._routes: OrderedDict[str, str] = OrderedDict()
 
     def get(self, session: str) -> str | None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import os
 import sys
-import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 import openai
 from openai.types.chat import ChatCompletionChunk
+
+from .. import forks
 
 _C = TypeVar("_C")
 
@@ -33,6 +36,35 @@ LIMITS = type(openai.DEFAULT_CONNECTION_LIMITS)(
     max_keepalive_connections=openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
     keepalive_expiry=KEEPALIVE_S,
 )
+
+
+def prepared(client: _C) -> _C:
+    """A client just built (under ``forks.building()``), with what its first request imports lazily imported now.
+
+    A module half-imported by another thread when the process forks stays broken in the child (seen:
+    "unknown encoding: idna" on every probe of a child forked during the first probe).
+    """
+    for resource in ("chat", "embeddings", "models"):  # the SDK imports each resource on first access
+        getattr(client, resource, None)
+    "localhost".encode("idna")  # host names are encoded with it: imports encodings.idna and stringprep
+    with contextlib.suppress(ImportError):  # the async transport's event-loop backend
+        importlib.import_module("anyio._backends._asyncio")
+    return client
+
+
+def _settle_sdk() -> None:
+    """Before ``fork()``: the openai SDK's once-a-process platform detection for its headers, done now.
+
+    It runs on a client's first request, under locks of the standard library's cached properties
+    (``platform``); a fork while the prober's first probe held one left the child waiting on it forever.
+    Done here, the forking thread waits for a thread that is doing it, and later forks find it cached.
+    """
+    with openai.OpenAI(api_key="-", base_url="http://127.0.0.1/v1", max_retries=0) as client:
+        client.default_headers  # noqa: B018  # computed and cached for the process
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_settle_sdk)  # registered after forks.py's hooks: runs before them
 
 
 class ChunkStream(Protocol):
@@ -58,7 +90,7 @@ class PerLoop(Generic[_C]):
     def __init__(self, factory: Callable[[], _C], close: Callable[[_C], Awaitable[object]]) -> None:
         self._factory, self._close = factory, close
         self._clients: dict[asyncio.AbstractEventLoop, tuple[_C, AsyncGenerator[None, None]]] = {}
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
 
     def get(self) -> _C:
         loop = asyncio.get_running_loop()
@@ -68,7 +100,8 @@ class PerLoop(Generic[_C]):
                 entry = self._clients.get(loop)
                 if entry is None:
                     self._sweep()
-                    client = self._factory()
+                    with forks.building():
+                        client = prepared(self._factory())
                     keeper = self._keeper(loop, client)
                     with contextlib.suppress(StopIteration):
                         keeper.asend(None).send(None)  # runs to its first yield: the loop now tracks it
@@ -82,6 +115,10 @@ class PerLoop(Generic[_C]):
             with self._lock:
                 self._clients.pop(loop, None)
             await self._close(client)
+
+    def renew_after_fork(self) -> None:
+        """In a forked child: forget the parent's clients unclosed (closing would end the parent's connections)."""
+        self._clients = {}
 
     def _sweep(self) -> None:
         """Forget clients of loops closed without shutting down their async generators."""

@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from .. import forks
+
 if TYPE_CHECKING:
     from .route import Route
 
@@ -78,7 +80,7 @@ class CircuitBreaker:
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
@@ -100,6 +102,10 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         with self._lock:
             return self._peek()
+
+    def renew_after_fork(self) -> None:
+        """In a forked child: a half-open trial in flight is the parent's, so the child's calls may send one."""
+        self._trial_in_flight = False
 
     @property
     def trial_in_flight(self) -> bool:
@@ -247,7 +253,7 @@ class Poller:
         self._check, self._acheck, self._name = check, acheck, name
         self.gate: Callable[[Route], bool] | None = None
         """Which routes this replica checks now (None: all); shared state lets one replica probe each route."""
-        self._stop = threading.Event()
+        self._stop = forks.event()
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -271,6 +277,13 @@ class Poller:
             return
         self._stop.clear()
         self._task = asyncio.get_running_loop().create_task(self._arun(), name=self._name)
+
+    def renew_after_fork(self) -> None:
+        """In a forked child: a thread that ran in the parent runs again; a task (of the parent's loop) is forgotten."""
+        ran = self._thread is not None and not self._stop.is_set()
+        self._thread = self._task = None
+        if ran:
+            self.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -69,15 +69,23 @@ class OllamaRoute(Route):
         self._ollama = ollama
         self.options = dict(cfg.options)
         self.keep_alive = cfg.keep_alive
-        # the watched transport lets the router cut a trickling answer at the attempt's bound (see bounds.py)
-        self._native = ollama.Client(
-            host=self._url, timeout=self.timeout, auth=self._auth, transport=watched_transport(httpx)
-        )
+        self._native = self._native_client()
         self._anative = PerLoop(
             lambda: ollama.AsyncClient(host=self._url, timeout=self.timeout, auth=self._auth),
             lambda client: client._client.aclose(),
         )
         self.missing_model_hint = "run `ollama pull MODEL` on that host (`ollama list` shows what it has)"
+
+    def _native_client(self) -> Any:
+        # the watched transport lets the router cut a trickling answer at the attempt's bound (see bounds.py)
+        return self._ollama.Client(
+            host=self._url, timeout=self.timeout, auth=self._auth, transport=watched_transport(httpx)
+        )
+
+    def _renew_async_clients(self) -> None:
+        """The native clients too (the inherited OpenAI client still reads ``/metrics`` for least_queue)."""
+        self._native = self._native_client()
+        self._anative.renew_after_fork()
 
     @property
     def server_root(self) -> str:

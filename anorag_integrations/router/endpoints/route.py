@@ -11,7 +11,6 @@ the checks on answers in ``answers.py``, what a probe found and does in ``probe.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -20,12 +19,13 @@ import openai
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
+from .. import forks
 from ..bounds import watched_transport
 from ..fleet.state import Elsewhere
 from ..secrets import MASK, redact_url, split_credentials
 from ..telemetry.stats import RouteStats
 from .answers import checked, checked_embeddings
-from .clients import KEEPALIVE_S, LIMITS, SDK_HTTPX, AsyncChunkStream, ChunkStream, PerLoop
+from .clients import KEEPALIVE_S, LIMITS, SDK_HTTPX, AsyncChunkStream, ChunkStream, PerLoop, prepared
 from .health import CircuitBreaker
 from .probe import ProbeResult, model_entry, record_probe
 
@@ -85,6 +85,7 @@ class Route:
         self.configured_max_model_len = cfg.max_model_len
         self.probe_timeout = config.health.probe_timeout
         self._api_key = cfg.api_key
+        self._client: openai.OpenAI | None = None
         self._connect(cfg)
         self.breaker = CircuitBreaker(config.health.failure_threshold, config.health.cooldown)
         self.breaker.name = name
@@ -122,9 +123,18 @@ class Route:
             lambda client: client.close(),
         )
 
-    @functools.cached_property
+    @property
     def client(self) -> openai.OpenAI:
-        """The sync client, kept for the route's life so its connections are pooled."""
+        """The sync client, built on first use and kept for the route's life so its connections are pooled."""
+        client = self._client
+        if client is None:
+            with forks.building():
+                if self._client is None:
+                    self._client = prepared(self._sync_client())
+                client = self._client
+        return client
+
+    def _sync_client(self) -> openai.OpenAI:
         key = self._api_key.get_secret_value()
         return openai.OpenAI(
             base_url=self._url,
@@ -299,9 +309,20 @@ class Route:
 
     # --- lifecycle -------------------------------------------------------------------------------
 
+    def renew_after_fork(self) -> None:
+        """In a forked child: new clients (no pooled connection read by both processes), and none of the
+        parent's calls in flight: no in-flight count, no half-open trial held."""
+        self._client = None  # the sync client, built again on first use
+        self._renew_async_clients()
+        self.stats.renew_after_fork()
+        self.breaker.renew_after_fork()
+
+    def _renew_async_clients(self) -> None:
+        self._aclients.renew_after_fork()
+
     def close(self) -> None:
-        if "client" in self.__dict__:  # built only if it was used
-            self.client.close()
+        if self._client is not None:  # built only if it was used
+            self._client.close()
 
     async def aclose(self) -> None:
         """Close this loop's async client (those of other loops close with their loops)."""

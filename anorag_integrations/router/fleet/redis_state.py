@@ -36,10 +36,10 @@ import os
 import secrets
 import socket
 import threading
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .. import forks
 from .redis_adopt import Adopter
 from .redis_link import BACKOFF_MAX_S, BACKOFF_MIN_S, LISTEN_POLL_S, Backoff, RedisLink
 from .redis_sync import HEDGE_BURST, Sync
@@ -77,20 +77,20 @@ class RedisState:
         self._ns = config.namespace
         self._adopter = Adopter(self.routes, self.replica, self.url, max_retry_after)
         self._sync = Sync(config, self.routes, hedger, self.replica, self._link, self._adopter)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._wake = forks.event()
+        self._stop = forks.event()
         self._threads: list[threading.Thread] = []
         for route in self.routes.values():
             route.breaker.listener = self
             route.listener = self
-        _LIVE.add(self)
+        forks.renew_in_child(self)
 
     @property
     def connected(self) -> bool:
         """Whether the last exchange with Redis succeeded (else the router runs on its own state)."""
         return self._link.connected
 
-    def _after_fork(self) -> None:
+    def renew_after_fork(self) -> None:
         """In a forked child (gunicorn ``--preload``): a fresh replica with its own connection and threads.
 
         The child inherits the parent's memory but none of its threads, and a connection it must not
@@ -101,8 +101,8 @@ class RedisState:
         self._link.renew()
         self._sync.renew(self.replica)
         self._adopter.renew(self.replica)
-        self._wake, stop = threading.Event(), self._stop
-        self._stop = threading.Event()
+        self._wake, stop = forks.event(), self._stop
+        self._stop = forks.event()
         started, self._threads = bool(self._threads), []
         if started and not stop.is_set():
             self.start()
@@ -215,16 +215,3 @@ class RedisState:
 def _replica_name(label: str) -> str:
     """A replica's name in the fleet: host, process, config name and a random part."""
     return f"{socket.gethostname()}:{os.getpid()}:{label}:{secrets.token_hex(4)}"
-
-
-_LIVE: weakref.WeakSet[RedisState] = weakref.WeakSet()
-"""Every RedisState of this process, so a forked child can start each one afresh."""
-
-
-def _after_fork_in_child() -> None:
-    for state in list(_LIVE):
-        state._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

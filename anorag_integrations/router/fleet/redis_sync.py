@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from .. import forks
 from .redis_records import (
     MAX_CLOCK_AHEAD_S,
     BreakerRecord,
@@ -68,7 +68,7 @@ class Sync:
         self._ns = config.namespace
         self.channel = f"{self._ns}:changed"
         """Where a replica publishes its breaker news (``ns:changed``)."""
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._dirty: dict[str, set[str]] = {kind: set() for kind in KINDS}
         """Routes whose breaker, Retry-After or probe result changed here and is not pushed yet."""
         self._seq = 0
@@ -89,7 +89,7 @@ class Sync:
     def renew(self, replica: str) -> None:
         """In a forked child: a replica of another name, holding no lock (the parent's stay the parent's)."""
         self.replica = replica
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self.leading, self.grants, self._trials = frozenset(), {}, set()
 
     def lost(self) -> None:

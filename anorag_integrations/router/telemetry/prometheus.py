@@ -40,6 +40,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .. import forks
 from ..endpoints.health import BreakerState
 from .stats import Histogram
 
@@ -75,7 +76,7 @@ class Exports:
         """The ``router`` label of this router's metrics."""
         self._registries: list[CollectorRegistry] = []
         self._server: tuple[WSGIServer, threading.Thread] | None = None
-        self._lock = threading.RLock()
+        self._lock = forks.rlock()
 
     def register(self, registry: CollectorRegistry | None = None) -> None:
         registry = REGISTRY if registry is None else registry
@@ -94,6 +95,11 @@ class Exports:
                     self.register(CollectorRegistry(auto_describe=True))
                 self._server = start_http_server(port, addr=addr, registry=self._registries[0])
             return int(self._server[0].server_port)
+
+    def renew_after_fork(self) -> None:
+        """In a forked child: the metrics server is the parent's (its socket too): forgotten, not stopped;
+        ``serve_metrics()`` in the child starts the child's own."""
+        self._server = None
 
     def close(self) -> None:
         """Leave every registry and stop the server."""
@@ -121,7 +127,7 @@ def _stop_server(httpd: WSGIServer, thread: threading.Thread) -> None:
 
 
 _FLEETS: weakref.WeakKeyDictionary[CollectorRegistry, RouterCollector] = weakref.WeakKeyDictionary()
-_FLEETS_LOCK = threading.Lock()
+_FLEETS_LOCK = forks.lock()
 
 
 def _fleet(registry: CollectorRegistry) -> RouterCollector:
@@ -147,7 +153,7 @@ class RouterCollector(Collector):
 
     def __init__(self) -> None:
         self._routers: dict[str, weakref.ref[Router]] = {}
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
 
     def add(self, name: str, router: weakref.ref[Router]) -> None:
         with self._lock:

@@ -10,11 +10,12 @@ A lock guards every update; updates never await, so the same object is safe from
 
 from __future__ import annotations
 
-import threading
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
+
+from .. import forks
 
 WINDOW = 2048
 """How many recent samples each percentile series keeps."""
@@ -82,7 +83,7 @@ class RouteStats:
     """
 
     def __init__(self, window: int = WINDOW) -> None:
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self.requests = 0
         self.successes = 0
         self.failures = 0
@@ -121,6 +122,10 @@ class RouteStats:
         with self._lock:
             self.hedges += 1
             self.hedges_won += won
+
+    def renew_after_fork(self) -> None:
+        """In a forked child: the requests in flight are the parent's (the history is kept)."""
+        self.in_flight = 0
 
     def started(self) -> None:
         with self._lock:
@@ -224,7 +229,7 @@ class CallOutcomes:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
         self._counts: dict[tuple[str, str], int] = {}
 
     def add(self, route: str, outcome: str) -> None:
