@@ -214,9 +214,8 @@ def _metrics(args: argparse.Namespace) -> int:
 
     with Router(config) as router:
         port = router.serve_metrics(args.port, args.host)
-        print(f"serving metrics of {len(router.routes)} routes at http://{args.host}:{port}/metrics", flush=True)
-        print("Ctrl-C stops.", flush=True)
-        _wait_for_stop()
+        _wait_for_stop(f"serving metrics of {len(router.routes)} routes at http://{args.host}:{port}/metrics",
+                       "Ctrl-C stops.")  # fmt: skip
     return 0
 
 
@@ -287,22 +286,25 @@ def _ports(text: str) -> list[int]:
     return [int(part) for part in parts]
 
 
-def _wait_for_stop() -> None:
-    """Block until Ctrl-C (exit status 130) or SIGTERM (a requested stop: status 0), unwinding the caller's cleanup."""
+def _wait_for_stop(*ready: str) -> None:
+    """Print ``ready``, then block until Ctrl-C (exit status 130) or SIGTERM (a requested stop: status 0),
+    unwinding the caller's cleanup. The SIGTERM handler is in place before anything says "ready": a stop
+    sent on reading that line is a requested stop, never taken for a Ctrl-C."""
 
     def terminate(*_: object) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, terminate)
+    for line in ready:
+        print(line, flush=True)
     threading.Event().wait()
 
 
 def _wait_then_stop(names: list[str]) -> None:
     from . import manage
 
-    print("Ctrl-C stops them.", flush=True)
     try:
-        _wait_for_stop()
+        _wait_for_stop("Ctrl-C stops them.")
     finally:
         for name in names:
             with contextlib.suppress(ValueError):  # already stopped from another shell
