@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("anorag_integrations.router")
 
@@ -26,31 +26,27 @@ class Renewable(Protocol):
         """Called in a forked child: drop what is the parent's, start what the child needs."""
 
 
-_S = TypeVar("_S", threading.Event, threading.Condition)
+_T = TypeVar("_T")
 
-_SYNC: weakref.WeakSet[object] = weakref.WeakSet()
+_SYNC: weakref.WeakSet[Any] = weakref.WeakSet()
 """Every lock, event and condition made here that is still alive."""
 _HOLDERS: weakref.WeakValueDictionary[int, Renewable] = weakref.WeakValueDictionary()
 """Registered holders by registration number (a dict keeps that order)."""
 _numbers = itertools.count()
 
 
-def lock() -> threading.Lock:
-    """A ``threading.Lock`` that a forked child gets unlocked, whoever held it at the fork."""
-    made = threading.Lock()
+def _tracked(made: _T) -> _T:
     _SYNC.add(made)
     return made
+
+
+def lock() -> threading.Lock:
+    """A ``threading.Lock`` that a forked child gets unlocked, whoever held it at the fork."""
+    return _tracked(threading.Lock())
 
 
 def rlock() -> threading.RLock:
-    made = threading.RLock()
-    _SYNC.add(made)
-    return made
-
-
-def _tracked(made: _S) -> _S:
-    _SYNC.add(made)
-    return made
+    return _tracked(threading.RLock())
 
 
 def event() -> threading.Event:
@@ -78,9 +74,9 @@ def renew_in_child(holder: Renewable) -> None:
 
 
 def _in_child() -> None:
-    _BUILDING.release()  # taken by _before in the forking thread
+    _BUILDING.release()  # taken before the fork by the forking thread (the hook below)
     for made in list(_SYNC):
-        made._at_fork_reinit()  # type: ignore[attr-defined]  # the stdlib's own reset (threading, logging)
+        made._at_fork_reinit()  # the standard library's own reset (threading, logging use it)
     for holder in list(_HOLDERS.values()):
         try:
             holder.renew_after_fork()

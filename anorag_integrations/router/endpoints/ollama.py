@@ -82,8 +82,8 @@ class OllamaRoute(Route):
             host=self._url, timeout=self.timeout, auth=self._auth, transport=watched_transport(httpx)
         )
 
-    def _renew_async_clients(self) -> None:
-        """The native clients too (the inherited OpenAI client still reads ``/metrics`` for least_queue)."""
+    def _renew_clients(self) -> None:
+        """The native clients (the OpenAI client, which reads ``/metrics`` for least_queue, is renewed too)."""
         self._native = self._native_client()
         self._anative.renew_after_fork()
 

@@ -313,11 +313,12 @@ class Route:
         """In a forked child: new clients (no pooled connection read by both processes), and none of the
         parent's calls in flight: no in-flight count, no half-open trial held."""
         self._client = None  # the sync client, built again on first use
-        self._renew_async_clients()
+        self._renew_clients()
         self.stats.renew_after_fork()
         self.breaker.renew_after_fork()
 
-    def _renew_async_clients(self) -> None:
+    def _renew_clients(self) -> None:
+        """Those :meth:`_connect` prepared (the sync client is dropped above)."""
         self._aclients.renew_after_fork()
 
     def close(self) -> None:
