@@ -15,8 +15,8 @@ import copy
 import hashlib
 import math
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Self
+from collections.abc import Coroutine, Iterator
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from openai.types.chat import ChatCompletion
 
@@ -25,6 +25,7 @@ from .balancing.prefix_index import chain_blocks
 from .body import Messages, chat_body, continued_body, prefix_pieces, why_unsendable
 from .errors import AllRoutesFailed, InvalidRequestError, RouterClosed
 from .info import CallInfo, attach, call_info
+from .loop import LoopThread, Overdue
 from .telemetry import tracing
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from .core import Router
     from .endpoints.route import Route
     from .lease import Lease
+
+_T = TypeVar("_T")
 
 __all__ = ["Call", "CallInfo", "Control", "Messages", "attach", "call_info", "wall_clock"]
 
@@ -228,6 +231,13 @@ class Call:
     def left(self) -> float | None:
         """Seconds until the deadline (None: no deadline)."""
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def on_loop(self, loop: LoopThread, coro: Coroutine[Any, Any, _T]) -> _T:
+        """``coro`` run on the router's loop thread, waited for no longer than this call's deadline."""
+        try:
+            return loop.run(coro, within=self.left())
+        except Overdue:
+            raise self.exhausted("deadline exceeded") from None
 
     def attempt_timeout(self, route: Route) -> float:
         """The bound of the next attempt on ``route``: its timeout, within the deadline."""

@@ -33,7 +33,7 @@ from .errors import NoRouteOfKindError, RouterClosed
 from .fleet.state import State, make_state
 from .hedge import Hedger, race
 from .info import CallInfo, attach, call_info
-from .loop import LoopThread, Overdue
+from .loop import LoopThread
 from .rounds import aserve, make_pools, serve
 from .streams import astream, stream
 from .telemetry import prometheus
@@ -186,10 +186,7 @@ class Router:
             return call.answered(attach(response, call.info))
 
     def _hedged(self, call: Call) -> ChatCompletion:
-        try:
-            return self._loop_thread.run(self._ahedged(call), within=call.left())
-        except Overdue:
-            raise call.exhausted("deadline exceeded") from None
+        return call.on_loop(self._loop_thread, self._ahedged(call))
 
     async def achat(self, messages: Messages, **params: Any) -> ChatCompletion:
         """Async twin of :meth:`chat` on the routes' async clients."""

@@ -45,7 +45,6 @@ from .body import check_extras
 from .call import Call, Control
 from .errors import InputTooLongError, InvalidRequestError, MixedEmbeddingsError
 from .info import attach
-from .loop import Overdue
 from .rounds import aserve, serve
 from .telemetry import tracing
 
@@ -143,18 +142,10 @@ def embed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> Cr
             if len(parts) == 1:
                 responses = [serve(router, parts[0], parts[0].send, _no_tokens)]
             else:
-                responses = _gathered(router, call, parts) if parts else []
+                responses = call.on_loop(router._loop_thread, _agather(router, call, parts)) if parts else []
         finally:
             call.gather(parts)
         return call.embedded(merged(responses, call))
-
-
-def _gathered(router: Router, call: EmbeddingCall, parts: list[EmbeddingCall]) -> list[CreateEmbeddingResponse]:
-    """The batches sent at once on the router's loop, waited for no longer than the call's deadline."""
-    try:
-        return router._loop_thread.run(_agather(router, call, parts), within=call.left())
-    except Overdue:
-        raise call.exhausted("deadline exceeded") from None
 
 
 async def aembed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> CreateEmbeddingResponse:

@@ -44,12 +44,19 @@ def prepared(client: _C) -> _C:
     A module half-imported by another thread when the process forks stays broken in the child (seen:
     "unknown encoding: idna" on every probe of a child forked during the first probe).
     """
-    for resource in ("chat", "embeddings", "models"):  # the SDK imports each resource on first access
-        getattr(client, resource, None)
-    "localhost".encode("idna")  # host names are encoded with it: imports encodings.idna and stringprep
-    with contextlib.suppress(ImportError):  # the async transport's event-loop backend
-        importlib.import_module("anyio._backends._asyncio")
+    global _imported
+    if not _imported:  # imports are the process's: once is enough (asyncio.run per call builds a client each time)
+        for resource in ("chat", "embeddings", "models"):  # the SDK imports each resource on first access
+            getattr(client, resource, None)
+        "localhost".encode("idna")  # host names are encoded with it: imports encodings.idna and stringprep
+        with contextlib.suppress(ImportError):  # the async transport's event-loop backend
+            importlib.import_module("anyio._backends._asyncio")
+        _imported = True
     return client
+
+
+_imported = False
+"""Whether :func:`prepared` has imported what a first request needs (done once a process)."""
 
 
 def _settle_sdk() -> None:
