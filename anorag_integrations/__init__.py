@@ -4,33 +4,32 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import Config, load_config
-from .router import (
-    AllRoutesFailed,
-    AuthenticationError,
-    BadRequestError,
-    CallInfo,
-    ConfigError,
-    ContextOverflowError,
-    InputTooLongError,
-    InvalidRequestError,
-    MalformedResponse,
-    MixedEmbeddingsError,
-    ModelNotFoundError,
-    NoRouteOfKindError,
-    PermanentRouteError,
-    RouteError,
-    Router,
-    RouterClosed,
-    RouterError,
-    StreamInterruptedError,
-    TransientRouteError,
-    call_info,
-)
-
 if TYPE_CHECKING:
+    from .config import Config, load_config
     from .langchain import ChatVLLMRouted, VLLMRoutedEmbeddings
     from .llama_index import VLLMRouted, VLLMRoutedEmbedding
+    from .router import (
+        AllRoutesFailed,
+        AuthenticationError,
+        BadRequestError,
+        CallInfo,
+        ConfigError,
+        ContextOverflowError,
+        InputTooLongError,
+        InvalidRequestError,
+        MalformedResponse,
+        MixedEmbeddingsError,
+        ModelNotFoundError,
+        NoRouteOfKindError,
+        PermanentRouteError,
+        RouteError,
+        Router,
+        RouterClosed,
+        RouterError,
+        StreamInterruptedError,
+        TransientRouteError,
+        call_info,
+    )
 
 __all__ = [
     "AllRoutesFailed",
@@ -62,19 +61,25 @@ __all__ = [
 ]
 
 
-_ADAPTERS = {
+_HOMES = {"Config": "config", "load_config": "config"} | {
     "ChatVLLMRouted": "langchain",
     "VLLMRoutedEmbeddings": "langchain",
     "VLLMRouted": "llama_index",
     "VLLMRoutedEmbedding": "llama_index",
 }
-"""Adapter classes and the module of this package that holds each."""
+"""The module of this package that holds each public name other than the router's."""
 
 
 def __getattr__(name: str) -> Any:
-    """Adapters import their framework on first use, so the router alone stays light to import."""
-    if name in _ADAPTERS:
+    """Each name is imported on first use: adapters bring their framework, the router the HTTP client.
+
+    So ``python -m anorag_integrations.testing`` (a fault server, started dozens of times by the
+    benchmarks) does not pay for the openai SDK's import, nor a LangChain user for LlamaIndex's.
+    """
+    if name in __all__:
         import importlib
 
-        return getattr(importlib.import_module(f".{_ADAPTERS[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_HOMES.get(name, 'router')}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,3 +30,14 @@ def test_router_imports_no_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_package_and_a_fault_server_import_nothing_they_do_not_use() -> None:
+    """Names are imported on first use: a fault server's process (the benchmarks start dozens) skips the openai SDK."""
+    code = (
+        "import sys, anorag_integrations, anorag_integrations.testing.fault_server; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'openai', 'langchain_core', 'llama_index'})); "
+        "from anorag_integrations import Router, ConfigError, load_config; print(Router.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "anorag_integrations.router.core"]
