@@ -19,6 +19,8 @@ from anorag_integrations.cli.servers import free_port, running, wait_all_ready
 from anorag_integrations.config import Config, config_from_dict
 from anorag_integrations.testing import FaultServer, RedisServer
 
+from .spans import SpanReceiver, traced_vllm, why_vllm_cannot_export
+
 MODEL = "m"
 USER = [{"role": "user", "content": "hello"}]
 
@@ -262,9 +264,30 @@ def vllm_fleet() -> Iterator[VllmFleet]:
             pytest.fail(missing)
         pytest.skip(missing)
     vllm.chat_model()  # prepared once, before two servers race for it
+    SPANS.reason = why_vllm_cannot_export()
+    SPANS.receiver = SpanReceiver() if SPANS.reason is None else None
     fleet = VllmFleet()
-    yield fleet
-    fleet.stop()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+        if SPANS.receiver is not None:
+            SPANS.receiver.close()
+
+
+class SPANS:
+    """Where the session's vLLM servers export their spans (None, with the reason, when vLLM cannot)."""
+
+    receiver: SpanReceiver | None = None
+    reason: str | None = "the session's vLLM servers have not started"
+
+
+@pytest.fixture
+def vllm_spans(vllm_pair: list[Any]) -> SpanReceiver:
+    """The receiver of the spans the session's pair exports; skips (also under CI) when vLLM cannot export any."""
+    if SPANS.receiver is None:
+        pytest.skip(SPANS.reason or "no span receiver")
+    return SPANS.receiver
 
 
 @pytest.fixture
@@ -355,10 +378,10 @@ def _start_soon(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def vllm_on(port: int) -> Any:
-    """A (not yet started) vLLM server as the live tests run them."""
+    """A (not yet started) vLLM server as the live tests run them: exporting its spans where vLLM can."""
     from anorag_integrations.cli.vllm import VllmServer
 
-    return VllmServer(port)
+    return VllmServer(port) if SPANS.receiver is None else traced_vllm(port, SPANS.receiver)
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def run(script: str, *args: str, results: Path, **env: str) -> subprocess.Comple
         ("hedging.py", ["--requests", "40", "--concurrency", "4"]),
         ("soak.py", ["--requests", "400", "--concurrency", "32", "--warmup", "50", "--sync-threads", "2"]),
         ("observability.py", ["--requests", "20", "--rounds", "1", "--concurrency", "4", "--calls", "20"]),
-        ("shared_state.py", ["--seconds", "2", "--kill-seconds", "2", "--pairs", "1", "--apps", "2"]),
+        ("shared_state.py", ["--seconds", "1", "--kill-seconds", "1.5", "--pairs", "1", "--apps", "2"]),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], tmp_path: Path) -> None:
