@@ -184,14 +184,24 @@ def test_a_closed_router_stays_closed_in_the_child(echoes: list[FaultServer]) ->
 GUNICORN_CALLS = 2000
 """Calls through gunicorn's two workers: 1,000 a worker when they share the load evenly."""
 
+WORKERS = {
+    "threads": ("gthread", "preload_app:app", "gunicorn"),  # gunicorn's default worker with --threads
+    "gevent": ("gevent", "preload_app:app", "gevent"),  # greenlets: gevent patches threads and sockets
+    "uvicorn": ("uvicorn_worker.UvicornWorker", "preload_app:asgi", "uvicorn_worker"),  # asyncio, Router.achat
+}
+"""gunicorn worker classes: (``--worker-class``, the app, the module it needs)."""
 
-def test_gunicorn_preload_workers_never_cross_answers(echoes: list[FaultServer], tmp_path: Path) -> None:
-    """gunicorn --preload, 2 workers of 4 threads, the router warmed up in the master: every answer is its own."""
+
+@pytest.mark.parametrize("worker", list(WORKERS))
+def test_gunicorn_preload_workers_never_cross_answers(echoes: list[FaultServer], tmp_path: Path, worker: str) -> None:
+    """gunicorn --preload, 2 workers, the router warmed up in the master (sync and async): every answer is its own."""
+    worker_class, app, needs = WORKERS[worker]
     pytest.importorskip("gunicorn")
+    pytest.importorskip(needs)
     port = free_port()
     env = {**os.environ, "PRELOAD_UPSTREAM": echoes[0].base_url}
-    command = [sys.executable, "-m", "gunicorn", "--preload", "--workers", "2", "--threads", "4",
-               "--bind", f"127.0.0.1:{port}", "--chdir", str(DATA), "preload_app:app"]  # fmt: skip
+    command = [sys.executable, "-m", "gunicorn", "--preload", "--workers", "2", "--worker-class", worker_class,
+               "--threads", "4", "--bind", f"127.0.0.1:{port}", "--chdir", str(DATA), app]  # fmt: skip
     log = (tmp_path / "gunicorn.log").open("w")
     with subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT) as server:
         try:
