@@ -8,15 +8,13 @@ the prompt, so an answer read by the wrong process is seen.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import select
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,9 @@ import pytest
 from anorag_integrations import Router
 from anorag_integrations.cli.servers import free_port
 from anorag_integrations.config import config_from_dict
+from anorag_integrations.router import forks
 from anorag_integrations.testing import FaultServer
+from anorag_integrations.testing.forks import check_fork, in_child
 
 from .conftest import MODEL
 from .test_health import wait_for
@@ -37,48 +37,6 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 DATA = Path(__file__).parent / "data"
 CHILD_LIMIT_S = 60.0
 """How long the parent waits for a child's report: generous, there to name a child that hangs."""
-
-
-def in_child(work: Callable[[], dict[str, Any]]) -> tuple[int, Callable[[], dict[str, Any]]]:
-    """Fork; the child runs ``work`` and writes its result (or its error) to a pipe.
-
-    Returns the child's pid and a function that waits for the report (failing the test when none
-    comes within ``CHILD_LIMIT_S``, after killing the child).
-    """
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read)
-            try:
-                report = work()
-            except BaseException as exc:
-                report = {"error": repr(exc)}
-            os.write(write, json.dumps(report).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-
-    def report() -> dict[str, Any]:
-        chunks: list[bytes] = []
-        deadline = time.monotonic() + CHILD_LIMIT_S
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                ready, _, _ = select.select([read], [], [], left)
-                if not ready:
-                    break
-                chunk = os.read(read, 65536)
-                if not chunk:
-                    os.waitpid(pid, 0)
-                    return json.loads(b"".join(chunks) or b'{"error": "the child died without a report"}')
-                chunks.append(chunk)
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"the forked child did not report within {CHILD_LIMIT_S} s: it hangs")
-        finally:
-            os.close(read)
-
-    return pid, report
 
 
 @pytest.fixture
@@ -98,30 +56,22 @@ def fleet(servers: list[FaultServer], **llm: Any) -> Router:
     return Router(config_from_dict({"llm": llm}, env={}))
 
 
-def crossed(router: Router, who: str, calls: int) -> list[str]:
-    """``calls`` chats at concurrency 4, each asking ``who-i``: the answers that were not its own echo."""
-
-    def one(i: int) -> str | None:
-        asked = f"{who}-{i}"
-        answer = router.chat([{"role": "user", "content": asked}]).choices[0].message.content
-        return None if answer == f"echo: {asked}" else f"asked {asked!r}, got {answer!r}"
-
-    with ThreadPoolExecutor(4) as pool:
-        return [wrong for wrong in pool.map(one, range(calls)) if wrong is not None]
-
-
 def test_parent_and_child_never_read_each_others_answers(echoes: list[FaultServer]) -> None:
     """The parent's pooled connections stay the parent's: the child's calls open their own."""
-    router = fleet(echoes[:1])
-    try:
-        crossed(router, "warm", 4)  # pooled connections now exist, as after a warm-up at import
-        _, report = in_child(lambda: {"crossed": crossed(router, "child", 300)})
-        ours = crossed(router, "parent", 300)
-        theirs = report()
-        assert theirs.get("crossed") == [], theirs
-        assert ours == []
-    finally:
-        router.close()
+    with fleet(echoes[:1]) as router:
+        check = check_fork(router, calls=300)  # warms up first: pooled connections, as after a warm-up at import
+    assert (check.parent, check.child) == ([], [])
+    assert check.safe
+
+
+def test_the_fork_check_sees_answers_cross_when_nothing_is_renewed(
+    echoes: list[FaultServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check users run (testing.forks.check_fork) can fail: with renewal off, the child shares the parent's pool."""
+    with fleet(echoes[:1]) as router:
+        monkeypatch.setattr(forks, "_HOLDERS", weakref.WeakValueDictionary())  # the child renews nothing
+        check = check_fork(router, calls=300)
+    assert not check.safe, "parent and child shared a pooled connection, yet every answer was its own"
 
 
 def test_a_child_runs_hedged_chats_and_batched_embeddings_on_a_loop_of_its_own(echoes: list[FaultServer]) -> None:
@@ -137,7 +87,7 @@ def test_a_child_runs_hedged_chats_and_batched_embeddings_on_a_loop_of_its_own(e
             vectors = router.embed(["a", "b", "c", "d", "e"], deadline=10).data
             return {"answer": answer, "vectors": len(vectors)}
 
-        _, report = in_child(child)
+        report = in_child(child)
         assert report() == {"answer": "echo: hedged", "vectors": 5}
     finally:
         router.close()
@@ -155,7 +105,7 @@ def test_a_child_probes_with_its_own_prober_thread(echoes: list[FaultServer]) ->
             probed = wait_for(lambda: route.probe_result.checked_at != forked)
             return {"probed": probed, "threads": [t.name for t in threading.enumerate()]}
 
-        _, report = in_child(child)
+        report = in_child(child)
         seen = report()
         assert seen.get("probed") is True, seen
         assert "anorag-health-prober" in seen["threads"]
@@ -176,7 +126,7 @@ def test_a_closed_router_stays_closed_in_the_child(echoes: list[FaultServer]) ->
             return {"error": type(exc).__name__, "threads": names}
         return {"error": None, "threads": names}
 
-    _, report = in_child(child)
+    report = in_child(child)
     seen = report()
     assert seen["error"] == "RouterClosed" and "anorag-health-prober" not in seen["threads"]
 
@@ -186,7 +136,6 @@ GUNICORN_CALLS = 2000
 
 WORKERS = {
     "threads": ("gthread", "preload_app:app", "gunicorn"),  # gunicorn's default worker with --threads
-    "gevent": ("gevent", "preload_app:app", "gevent"),  # greenlets: gevent patches threads and sockets
     "uvicorn": ("uvicorn_worker.UvicornWorker", "preload_app:asgi", "uvicorn_worker"),  # asyncio, Router.achat
 }
 """gunicorn worker classes: (``--worker-class``, the app, the module it needs)."""
@@ -238,7 +187,7 @@ def test_a_fork_while_the_first_probe_runs_leaves_a_working_child(echoes: list[F
     router = fleet(echoes, health={"probe_interval": 0.05})
     try:
         time.sleep(after_ms / 1000)  # where the fork lands in the first probe: the point of the test, not a wait
-        _, report = in_child(lambda: {"answer": router.chat([{"role": "user", "content": "c"}], deadline=5)
+        report = in_child(lambda: {"answer": router.chat([{"role": "user", "content": "c"}], deadline=5)
                                       .choices[0].message.content})  # fmt: skip
         assert report() == {"answer": "echo: c"}
     finally:
@@ -262,7 +211,7 @@ def test_the_parents_calls_in_flight_and_half_open_trial_are_not_the_childs(echo
                 answer = router.chat([{"role": "user", "content": "c"}], deadline=5).choices[0].message.content
                 return {**counted, "answer": answer, "after": route.stats.in_flight}
 
-            _, report = in_child(child)
+            report = in_child(child)
             seen = report()
             for call in calls:
                 with contextlib.suppress(Exception):  # the second found the trial taken: no route

@@ -2,7 +2,7 @@
 
 ``GET /ask?q=TEXT`` answers ``<worker pid> <the model's answer>``; the upstream is an echo server at
 ``$PRELOAD_UPSTREAM``, so the test sees whose prompt each answer belongs to. ``app`` is the WSGI app
-(sync, threaded and gevent workers, on ``Router.chat``); ``asgi`` the ASGI one (uvicorn's worker, on
+(sync and threaded workers, on ``Router.chat``); ``asgi`` the ASGI one (uvicorn's worker, on
 ``Router.achat`` in the worker's event loop).
 """
 
