@@ -38,10 +38,10 @@ def in_child(work: Callable[[], dict[str, Any]], limit_s: float = 60.0) -> Calla
         try:
             os.close(read)
             try:
-                report = work()
+                result = work()
             except BaseException as exc:
-                report = {"error": repr(exc)}
-            os.write(write, json.dumps(report).encode())
+                result = {"error": repr(exc)}
+            os.write(write, json.dumps(result).encode())
         finally:
             os._exit(0)
     os.close(write)
