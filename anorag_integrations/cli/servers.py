@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self, TypeVar
 
@@ -293,6 +294,39 @@ class LlamaServer(LocalServer):
             "-t", str(self.threads),
             *self.extra_args,
         ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Process:
+    """One line of the process table, from ``/proc/PID/stat``."""
+
+    pid: int
+    state: str
+    group: int
+    session: int
+    start_ticks: int
+
+    @property
+    def exited(self) -> bool:
+        return self.state in ("Z", "X")  # a zombie has exited; only its parent's wait is missing
+
+
+def read_process(pid: int | str) -> Process | None:
+    """The process ``pid`` now (None when there is none)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "PID (COMM) ", COMM may hold spaces and parentheses
+    return Process(int(pid), fields[0], int(fields[2]), int(fields[3]), int(fields[19]))
+
+
+def boot_id() -> str:
+    """This boot's id: a process table entry means the same process only within one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def answers(url: str) -> bool:
