@@ -41,6 +41,11 @@ class RouteConfig(_Section):
         default=False,
         description="a stream cut on another route may continue here (vLLM's continue_final_message)",
     )
+    propagate: tuple[Literal["traceparent", "baggage"], ...] = Field(
+        default=("traceparent",),
+        description="trace headers a traced attempt sends this route: traceparent (W3C trace context, with its "
+        "tracestate) and baggage (the caller's OpenTelemetry baggage); [] sends none",
+    )
 
     def __repr_args__(self) -> Any:
         """Fields for repr: credentials in ``base_url`` are masked (the key is a ``SecretStr`` already)."""
@@ -184,12 +189,13 @@ class StateConfig(_Section):
     url: SecretStr | None = Field(
         default=None, description="redis://[:password@]host:6379/0 (rediss:// for TLS); never shown"
     )
-    namespace: str = Field(
-        default="anorag",
+    namespace: str | None = Field(
+        default=None,
         min_length=1,
         max_length=100,
         pattern=r"^[A-Za-z0-9_.:-]+$",
-        description="prefix of every key: one per fleet of replicas sharing a config",
+        description="prefix of every key: replicas under one namespace share their state. Default: `anorag-` and "
+        "a hash of the routes' names, URLs and models, so replicas of one config share and other apps do not",
     )
     refresh_interval: float = Field(
         default=0.25,

@@ -2,8 +2,10 @@
 
 Records come from the fleet's hashes (read by each sync) and, for breakers, from the messages other
 replicas publish (heard by the listen thread), so a record is adopted once whichever way it came
-first. A record is another process's word: a malformed one is skipped and logged once, the others
-still count, and another replica's Retry-After is bounded as this replica bounds its own.
+first. A record is another process's word, read as strictly as config (``redis_records.py``): a
+malformed one is never adopted, the others still count; the first of each kind is logged as a
+warning (the route and what was wrong, never the Redis URL), later ones at debug level. Another
+replica's Retry-After is bounded as this replica bounds its own.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .redis_records import MALFORMED, BreakerRecord, monotonic, parsed, read_probe, read_throttle
+from .redis_records import MALFORMED, BreakerRecord, monotonic, read_message, read_probe, read_throttle, why
 
 if TYPE_CHECKING:
     from ..endpoints.route import Route
@@ -24,16 +26,14 @@ log = logging.getLogger("anorag_integrations.router")
 class Adopter:
     """Applies other replicas' records to this replica's routes (see the module docstring)."""
 
-    def __init__(self, routes: Mapping[str, Route], replica: str, url: str, max_retry_after: float) -> None:
+    def __init__(self, routes: Mapping[str, Route], replica: str, max_retry_after: float) -> None:
         self.routes = routes
         self.replica = replica
         """This replica's name: its own records are not adopted."""
-        self.url = url
-        """The Redis URL as shown, for the logs."""
         self.max_retry_after = max_retry_after
         """The longest Retry-After this replica honours: another replica's is bounded by it too."""
-        self._malformed: set[tuple[str, str]] = set()
-        """(kind, route) of records in Redis found malformed (each is logged once)."""
+        self._malformed: set[str] = set()
+        """Kinds of record found malformed in Redis (the first of each is a warning)."""
         self._seen: dict[str, tuple[str, int]] = {}
         """Per route, the other replica's breaker record last adopted (each is adopted once)."""
 
@@ -47,17 +47,19 @@ class Adopter:
 
         Whether it was another replica's (then the sync thread should read the rest at once).
         """
-        message = parsed(data)
-        if not isinstance(message, dict) or message.get("by") == self.replica:
+        try:
+            by, news = read_message(data)
+        except MALFORMED as exc:
+            self.skipped("message", "", exc)
             return False
-        news = message.get("breakers")
-        if connected and isinstance(news, dict):
+        if by == self.replica:
+            return False
+        if connected:
             for name, raw in news.items():
-                if isinstance(raw, str):
-                    self.adopt("breakers", str(name), raw)
+                self.adopt("breakers", name, raw)
         return True
 
-    def adopt(self, kind: str, name: str, raw: str) -> None:
+    def adopt(self, kind: str, name: str, raw: object) -> None:
         """Apply one record of another replica's; a malformed one is skipped (logged once), the others still count."""
         route = self.routes.get(name)
         if route is None:
@@ -70,20 +72,28 @@ class Adopter:
             else:
                 self._adopt_probe(route, raw)
         except MALFORMED as exc:
-            if (kind, name) not in self._malformed:
-                self._malformed.add((kind, name))
-                log.warning(
-                    "shared state: ignoring a malformed %s record for route %r in Redis at %s (%s: %s)",
-                    kind, name, self.url, type(exc).__name__, str(exc)[:200],
-                )  # fmt: skip
+            self.skipped(kind, name, exc)
 
-    def _adopt_throttle(self, route: Route, raw: str) -> None:
+    def skipped(self, kind: str, name: str, exc: BaseException) -> None:
+        """A malformed record of ``kind`` for route ``name`` was not adopted: a warning the first time per kind."""
+        first = kind not in self._malformed
+        if not first and not log.isEnabledFor(logging.DEBUG):
+            return  # a flood of malformed records costs no formatting
+        self._malformed.add(kind)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "shared state: ignoring a malformed %s record%s in Redis (%s)%s",
+            kind, f" for route {name!r}" if name else "", why(exc),
+            "; later ones of this kind are logged at debug level" if first else "",
+        )  # fmt: skip
+
+    def _adopt_throttle(self, route: Route, raw: object) -> None:
         """Another replica's Retry-After, bounded as this replica bounds its own (``params.max_retry_after``)."""
         until = read_throttle(raw, self.max_retry_after)
         if until is not None:
             route.not_before = max(route.not_before, until)
 
-    def _adopt_breaker(self, route: Route, raw: str) -> None:
+    def _adopt_breaker(self, route: Route, raw: object) -> None:
         record = BreakerRecord.loads(raw)
         seen_by, seen_n = self._seen.get(route.name, ("", 0))
         if record.by == self.replica or (seen_by == record.by and seen_n >= record.n):
@@ -95,7 +105,7 @@ class Adopter:
         else:
             route.breaker.adopt_closed(at)
 
-    def _adopt_probe(self, route: Route, raw: str) -> None:
+    def _adopt_probe(self, route: Route, raw: object) -> None:
         by, result = read_probe(raw)
         if by == self.replica or (result.checked_at or 0) <= (route.probe_result.checked_at or 0):
             return

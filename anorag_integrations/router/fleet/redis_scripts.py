@@ -17,6 +17,8 @@ from typing import Any
 
 import redis
 
+from .redis_peers import PEERS, READ
+
 CLAIM = """
 local out = {}
 for i, key in ipairs(KEYS) do
@@ -55,41 +57,7 @@ return take
 """Add a replica's earnings (ARGV[1]) to the fleet's hedge bucket (at most ARGV[2] tokens); hand it one
 token when it wants one (ARGV[3] == '1') and there is one. A bucket that is not a number starts empty."""
 
-PEERS = """
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
-if type(redis.pcall('ZADD', KEYS[1], ARGV[2], ARGV[1])) == 'table' then
-  redis.call('DEL', KEYS[1])
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-end
-redis.pcall('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
-redis.pcall('ZREMRANGEBYSCORE', KEYS[1], '(' .. ARGV[7], '+inf')
-local live = redis.pcall('ZRANGEBYSCORE', KEYS[1], ARGV[3], ARGV[7], 'LIMIT', 0, tonumber(ARGV[8]))
-local out = {}
-if type(live) ~= 'table' or live.err then return out end
-for _, peer in ipairs(live) do
-  if peer ~= ARGV[1] then
-    local key = ARGV[6] .. peer
-    local size = redis.pcall('STRLEN', key)
-    if type(size) == 'number' and size > 0 and size <= tonumber(ARGV[9]) then
-      local load = redis.pcall('GET', key)
-      if type(load) == 'string' then out[#out + 1] = load end
-    end
-  end
-end
-return out
-"""
-"""Publish this replica's load (KEYS[2] = ARGV[4], expiring in ARGV[5] ms) and liveness (KEYS[1], the
-replicas zset: ARGV[1] at ARGV[2]; those older than ARGV[3] or later than ARGV[7], a clock that cannot
-be, dropped); return the other live replicas' loads (keys ARGV[6] .. replica), at most ARGV[8] of them
-and none longer than ARGV[9] bytes, so garbage cannot make a sync slow. A load key of another type
-reads as absent; a replicas key of another type is replaced."""
-
-MAX_REPLICAS = 1000
-"""Most other replicas whose loads one sync reads."""
-MAX_LOAD_BYTES = 65_536
-"""A load record longer than this is not one (a replica writes about 40 bytes per route)."""
-
-SOURCES = {"claim": CLAIM, "release": RELEASE, "hedge": HEDGE, "peers": PEERS}
+SOURCES = {"claim": CLAIM, "release": RELEASE, "hedge": HEDGE, "peers": PEERS, "read": READ}
 
 
 @dataclass(slots=True)

@@ -5,10 +5,11 @@ Keys (``ns`` is the namespace)::
     ns:breakers        hash   route -> {"open", "at" (Unix time), "by" (replica), "n" (its sequence)}
     ns:throttle        hash   route -> Unix time until which the route sent a Retry-After
     ns:probes          hash   route -> the last probe result, and the replica that probed
-    ns:replicas        zset   replica -> Unix time of its last refresh
-    ns:load:<replica>  string {route: [in flight, moving-average latency]}; expires after load_ttl
+    ns:replicas        zset   replica -> Redis's time (TIME) of its last refresh
+    ns:load:<replica>  hash   route -> [in flight, moving-average latency], "@at" -> its clock; expires after load_ttl
     ns:leader:<route>  string the replica that probes the route; expires after leader_ttl unless renewed
     ns:trial:<route>   string the replica that sends the route's half-open trial; expires after leader_ttl
+                              unless renewed (while its holder runs or asks for the trial)
     ns:hedge           string the fleet's hedge tokens
     ns:changed         pub/sub channel: a replica published a change ({"by": replica, "breakers": records})
 
@@ -21,12 +22,20 @@ Redis fails the router routes on its own state (every replica probes, trials and
 itself), logs one warning, retries with backoff and logs one more warning when Redis is back. The
 request path never calls Redis.
 
-Times cross processes as Unix time, so replicas on several hosts need synchronised clocks (NTP).
+Liveness is Redis's clock and TTLs; the times in records cross processes as Unix time, so a replica
+whose clock is off Redis's is named in a warning (``redis_peers.py``).
+
+``ns`` is ``state.namespace``, or when that is not set ``anorag-`` and a hash of the routes
+(``state.fleet_namespace``): replicas of one config share, other apps on the same Redis do not.
+
+One half-open trial fleet-wide: a replica sends a route's trial only while it holds the route's
+trial lock and the lock cannot have expired; ``redis_trials.py`` says when it claims, renews and
+gives back the lock (a crashed holder's expires within ``leader_ttl``).
 
 ``RedisState`` is the router's side: the hooks, the two threads and the fall-back to this replica's
 own state. The rest lives beside it: the connection and its outages in ``redis_link.py``, one sync
-in ``redis_sync.py``, applying other replicas' records in ``redis_adopt.py``, the records themselves
-in ``redis_records.py`` and the scripts in ``redis_scripts.py``.
+in ``redis_sync.py``, applying other replicas' records in ``redis_adopt.py``, the half-open trials in
+``redis_trials.py``, the records themselves in ``redis_records.py`` and the scripts in ``redis_scripts.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from .. import forks
 from .redis_adopt import Adopter
 from .redis_link import BACKOFF_MAX_S, BACKOFF_MIN_S, LISTEN_POLL_S, Backoff, RedisLink
 from .redis_sync import HEDGE_BURST, Sync
-from .state import Elsewhere
+from .state import Elsewhere, fleet_namespace
 
 if TYPE_CHECKING:
     from ...config import StateConfig
@@ -66,6 +75,11 @@ class RedisState:
         label: str,
         max_retry_after: float = math.inf,
     ) -> None:
+        self.namespace_derived = config.namespace is None
+        """Whether the namespace was derived from the routes (``state.namespace`` not set)."""
+        if config.namespace is None:
+            derived = fleet_namespace((r.name, r.base_url, r.model) for r in routes.values())
+            config = config.model_copy(update={"namespace": derived})
         self.config = config
         self.routes = dict(routes)
         self.hedger = hedger
@@ -74,10 +88,12 @@ class RedisState:
         self._link = RedisLink(config)
         self.url = self._link.url
         """The Redis URL as shown (``***@`` for its credentials)."""
-        self._ns = config.namespace
-        self._adopter = Adopter(self.routes, self.replica, self.url, max_retry_after)
+        self.namespace: str = config.namespace or ""
+        """The prefix of every key this replica reads and writes: its fleet's."""
+        self._adopter = Adopter(self.routes, self.replica, max_retry_after)
         self._sync = Sync(config, self.routes, hedger, self.replica, self._link, self._adopter)
         self._wake = forks.event()
+        self._sync.trials.wake = self._wake_up
         self._stop = forks.event()
         self._threads: list[threading.Thread] = []
         for route in self.routes.values():
@@ -108,7 +124,7 @@ class RedisState:
             self.start()
 
     def __repr__(self) -> str:
-        return f"RedisState(url={self.url!r}, namespace={self._ns!r}, connected={self.connected})"
+        return f"RedisState(url={self.url!r}, namespace={self.namespace!r}, connected={self.connected})"
 
     # --- hooks: called on the request path, local memory only ---------------------------------------
 
@@ -121,13 +137,18 @@ class RedisState:
     def probed(self, route: str) -> None:
         self._mark("probes", route)
 
+    def _wake_up(self) -> None:
+        """Have the sync thread exchange with Redis now (it reads ``_wake`` anew: a forked child has its own)."""
+        self._wake.set()
+
     def _mark(self, kind: str, route: str) -> None:
         self._sync.mark(kind, route)
         self._wake.set()
 
     def may_trial(self, route: str, epoch: int) -> bool:
-        """Only the replica holding the route's trial lock sends its half-open trial (anyone, while Redis is down)."""
-        return not self.connected or self._sync.grants.get(route) == epoch
+        """Only the replica holding the route's trial lock sends its half-open trial, and only while the lock cannot
+        have expired (anyone, while Redis is down)."""
+        return not self.connected or self._sync.trials.allows(route, epoch)
 
     def probing_started(self) -> None:
         """This router's prober runs: only a probing replica runs for leader."""
@@ -146,10 +167,12 @@ class RedisState:
         return {
             "backend": self.backend,
             "url": self.url,
-            "namespace": self._ns,
+            "namespace": self.namespace,
+            "namespace_from": "routes" if self.namespace_derived else "config",
             "replica": self.replica,
             "connected": self.connected,
             "leads": sorted(self._sync.leading) if self.connected else sorted(self.routes),
+            "trials": self._sync.trials.live() if self.connected else [],
             "staleness_bound_s": self.staleness_bound_s,
         }
 

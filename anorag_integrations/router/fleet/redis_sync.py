@@ -3,8 +3,9 @@
 ``Sync`` keeps what the exchange needs between two syncs: the changes not pushed yet (the request
 path marks them, in local memory only) and the locks this replica holds (the routes it probes as
 leader, the half-open trials it owns). Each sync is one pipeline, one round trip; the multi-key work
-runs in Redis (``redis_scripts.py``), the records are written and read by ``redis_records.py``, and
-other replicas' records are applied by ``redis_adopt.py``. A command that fails alone (a key of the
+runs in Redis (``redis_scripts.py``), what it reads is bounded by this replica's routes
+(``redis_peers.py``), the records are written and read by ``redis_records.py``, and other
+replicas' records are applied by ``redis_adopt.py``. A command that fails alone (a key of the
 wrong type) fails the exchange for that kind only; a script Redis refuses fails it whole, as an outage.
 """
 
@@ -20,17 +21,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .. import forks
-from .redis_records import (
-    MAX_CLOCK_AHEAD_S,
-    BreakerRecord,
-    decoded,
-    load_record,
-    probe_record,
-    read_loads,
-    throttle_record,
-    wall,
-)
-from .redis_scripts import MAX_LOAD_BYTES, MAX_REPLICAS, claimed, failure, forgotten
+from .redis_peers import AT_FIELD, Clocks, peers_args, read_peers, redis_time
+from .redis_records import MAX_BYTES, BreakerRecord, load_fields, probe_record, throttle_record, wall
+from .redis_scripts import claimed, failure, forgotten
+from .redis_trials import TrialGrants
 
 if TYPE_CHECKING:
     from ...config import StateConfig
@@ -72,14 +66,14 @@ class Sync:
         self._dirty: dict[str, set[str]] = {kind: set() for kind in KINDS}
         """Routes whose breaker, Retry-After or probe result changed here and is not pushed yet."""
         self._seq = 0
-        self.grants: dict[str, int] = {}
-        """Per route, the breaker epoch whose half-open trial this replica owns."""
-        self._trials: set[str] = set()
-        """Routes whose trial lock this replica holds."""
+        self.trials = TrialGrants(routes, config.leader_ttl)
+        """The half-open trials the fleet grants this replica (``redis_trials.py``)."""
         self.leading: frozenset[str] = frozenset()
         """Routes whose leader lock this replica holds: it probes them for the fleet."""
         self.probing = False
         """Whether this router's prober runs: only a probing replica runs for leader."""
+        self.clocks = Clocks(config.timeout)
+        """Warns once about each replica whose clock is off Redis's (``redis_peers.py``)."""
 
     def mark(self, kind: str, route: str) -> None:
         """``route``'s record of ``kind`` changed here: pushed with the next sync (local memory only)."""
@@ -90,19 +84,20 @@ class Sync:
         """In a forked child: a replica of another name, holding no lock (the parent's stay the parent's)."""
         self.replica = replica
         self._lock = forks.lock()
-        self.leading, self.grants, self._trials = frozenset(), {}, set()
+        self.leading = frozenset()
+        self.trials.clear()
+        self.clocks.renew()
 
     def lost(self) -> None:
         """Redis is out of reach: the locks this replica held are as good as gone."""
         self.leading = frozenset()
-        self.grants.clear()
-        self._trials.clear()
+        self.trials.clear()
 
     def give_back(self, pipe: Any) -> None:
         """Queue on ``pipe`` the release of this replica's locks and the removal of its load (it is leaving)."""
         scripts = self._link.scripts
         assert scripts is not None
-        held = [self._key("leader", n) for n in self.leading] + [self._key("trial", n) for n in self._trials]
+        held = [self._key("leader", n) for n in self.leading] + [self._key("trial", n) for n in self.trials.held()]
         if held:
             scripts.call(pipe, "release", held, [self.replica])
         pipe.delete(self._key("load", self.replica))
@@ -153,55 +148,43 @@ class Sync:
             self._seq += 1
             news[name] = BreakerRecord(is_open, wall(opened_at) if is_open else now, me, self._seq).dumps()
             pipe.hset(f"{ns}:breakers", name, news[name])
-        out.released = [name for name in dirty["breakers"] if name in self._trials]
-        if out.released:  # the trial ended one way or the other: the next one is anyone's
+        out.released, out.renewed = self.trials.split()
+        if out.released:  # the breaker moved on, or nobody here asks for the trial: the next one is anyone's
             script("release", [self._key("trial", name) for name in out.released], [me])
         for name in dirty["throttle"]:
             pipe.hset(f"{ns}:throttle", name, throttle_record(self.routes[name].not_before))
         for name in dirty["probes"]:
             pipe.hset(f"{ns}:probes", name, probe_record(self.routes[name].probe_result, me))
-        running = [n for n in self._trials if n not in out.released and self.routes[n].breaker.trial_in_flight]
-        if running:  # a trial in flight keeps its lock; one whose replica died loses it
-            script("claim", [self._key("trial", n) for n in running], [me, ttl_ms])
-        load = load_record(self.routes)
-        load_ttl = self.config.load_ttl
-        out.peers_at = script(
-            "peers", [f"{ns}:replicas", self._key("load", me)],
-            [me, repr(now), repr(now - load_ttl), load, int(load_ttl * 1000), f"{ns}:load:",
-             repr(now + MAX_CLOCK_AHEAD_S), MAX_REPLICAS, MAX_LOAD_BYTES],
-        )  # fmt: skip
+        if out.renewed:  # a grant keeps its lock while it stands; a crashed holder's expires
+            out.renewed_at = script("claim", [self._key("trial", n) for n in out.renewed], [me, ttl_ms])
+        load = [*load_fields(self.routes), AT_FIELD, repr(now)]
+        args = peers_args(me, self.config.load_ttl, f"{ns}:load:", load, list(self.routes))
+        out.peers_at = script("peers", [f"{ns}:replicas", self._key("load", me)], args)
         if self.probing:  # a router that does not probe (a CLI healthcheck, say) never takes a route's probing away
             out.leaders = list(self.routes)
             out.leaders_at = script("claim", [self._key("leader", n) for n in out.leaders], [me, ttl_ms])
-        out.wanted = [
-            (name, route.breaker.epoch)
-            for name, route in self.routes.items()
-            if route.breaker.wants_trial() and self.grants.get(name) != route.breaker.epoch
-        ]
+        out.wanted = self.trials.wanted()
         if out.wanted:
             out.trials_at = script("claim", [self._key("trial", n) for n, _ in out.wanted], [me, ttl_ms])
         if hedge is not None:
             out.hedge_at = script("hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
-        out.reads_at = len(pipe)
-        pipe.hgetall(f"{ns}:breakers")
-        pipe.hgetall(f"{ns}:throttle")
-        pipe.hgetall(f"{ns}:probes")
+        reads = [f"{ns}:{kind}" for kind in KINDS]  # this replica's routes only, each record within its kind's size
+        out.reads_at = script("read", reads, [*(MAX_BYTES[kind] for kind in KINDS), *self.routes])
         if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
             pipe.publish(self.channel, json.dumps({"by": me, "breakers": news}))
+        out.sent, out.sent_wall = time.monotonic(), time.time()  # locks taken or renewed expire after sent + ttl
         out.replies = pipe.execute(raise_on_error=False)  # a bad key fails its command alone, not the exchange
+        out.received_wall = time.time()
         return out
 
     def _replace_wrong_types(self, client: redis.Redis, out: _Exchange, dirty: dict[str, set[str]]) -> bool:
         """Drop a fleet hash that is another type (a hand edit), so records reach replicas that join later again;
         this exchange's records of that kind are pushed once more. Whether any was dropped."""
-        wrong = [
-            kind
-            for kind, reply in zip(KINDS, out.replies[out.reads_at : out.reads_at + 3], strict=True)
-            if isinstance(reply, redis.exceptions.ResponseError) and "WRONGTYPE" in str(reply)
-        ]
+        reads = out.replies[out.reads_at]  # READ's reply: -1 where a fleet hash is another type
+        wrong = [kind for i, kind in enumerate(KINDS) if isinstance(reads, list) and reads[i : i + 1] == [-1]]
         if not wrong:
             return False
-        log.warning("shared state: replacing %s in Redis at %s (not hashes)", ", ".join(wrong), self._link.url)
+        log.warning("shared state: replacing %s in Redis (not hashes)", ", ".join(wrong))
         client.delete(*(f"{self._ns}:{kind}" for kind in wrong))
         self._requeue({kind: dirty[kind] for kind in wrong})
         return True
@@ -216,21 +199,29 @@ class Sync:
         replies = out.replies
         leaders = claimed(replies[out.leaders_at], len(out.leaders)) if out.leaders else []
         self.leading = frozenset(name for name, held in zip(out.leaders, leaders, strict=True) if held)
-        self._trials.difference_update(out.released)
-        trials = claimed(replies[out.trials_at], len(out.wanted)) if out.wanted else []
-        for (name, epoch), held in zip(out.wanted, trials, strict=True):
-            if held:
-                self.grants[name] = epoch
-                self._trials.add(name)
+        renewals = claimed(replies[out.renewed_at], len(out.renewed)) if out.renewed else []
+        claims = claimed(replies[out.trials_at], len(out.wanted)) if out.wanted else []
+        self.trials.settle(out.renewed, renewals, out.wanted, claims, out.sent)
         if self.hedger is not None and out.hedge_at is not None:
             self.hedger.fleet_granted(1.0 if replies[out.hedge_at] == 1 else 0.0)
-        reads = [decoded(reply) for reply in replies[out.reads_at : out.reads_at + 3]]
-        for kind, records in zip(KINDS, reads, strict=True):
-            for name, raw in records.items():
-                self._adopter.adopt(kind, name, raw)
-        others = replies[out.peers_at]
-        for name, elsewhere in read_loads(others if isinstance(others, list) else [], self.routes).items():
+        self._apply_reads(replies[out.reads_at])
+        peers = replies[out.peers_at]
+        now = redis_time(peers)
+        if now is not None:  # this replica's own clock against Redis's, within half the round trip
+            mid, error = (out.sent_wall + out.received_wall) / 2, (out.received_wall - out.sent_wall) / 2
+            self.clocks.check(f"{self.replica} (this replica)", mid - now, error)
+        for name, elsewhere in read_peers(peers, list(self.routes), self.clocks, self._adopter.skipped).items():
             self.routes[name].elsewhere = elsewhere
+
+    def _apply_reads(self, reads: object) -> None:
+        """Adopt the records of the fleet hashes (``READ``'s reply: per kind, a value per route or None)."""
+        if not isinstance(reads, list) or len(reads) != len(KINDS):
+            return
+        for kind, values in zip(KINDS, reads, strict=True):
+            if isinstance(values, list) and len(values) == len(self.routes):
+                for name, raw in zip(self.routes, values, strict=True):
+                    if raw is not None:
+                        self._adopter.adopt(kind, name, raw)
 
 
 @dataclass(slots=True)
@@ -240,9 +231,12 @@ class _Exchange:
     scripts: list[int] = field(default_factory=list)
     """Where the scripts' replies are (an error there is Redis refusing us, see ``redis_scripts.failure``)."""
     released: list[str] = field(default_factory=list)
-    """Routes whose trial lock this exchange gave back (their breaker moved on)."""
+    """Routes whose trial lock this exchange gave back (their breaker moved on, or no request here asks for it)."""
+    renewed: list[str] = field(default_factory=list)
+    """Routes whose trial lock this exchange renewed (the grant still stands here)."""
+    renewed_at: int = 0
     peers_at: int = 0
-    """The other live replicas' loads (JSON each; one that expired is left out)."""
+    """Redis's time, then per other live replica its name, score and loads of this replica's routes (``PEERS``)."""
     leaders: list[str] = field(default_factory=list)
     """Routes whose leader lock the exchange claimed (every route when this replica probes, else none)."""
     leaders_at: int = 0
@@ -251,4 +245,10 @@ class _Exchange:
     trials_at: int = 0
     hedge_at: int | None = None
     reads_at: int = 0
+    """Where ``READ``'s reply is: the fleet hashes' records of this replica's routes."""
+    sent_wall: float = 0.0
+    received_wall: float = 0.0
+    """Unix time just before the exchange was sent and once its replies came: this clock against Redis's."""
+    sent: float = 0.0
+    """Monotonic time just before the exchange was sent: the locks it took or renewed outlive ``sent + leader_ttl``."""
     replies: list[Any] = field(default_factory=list)

@@ -18,13 +18,22 @@ hedge budget               one token bucket for the fleet (``hedge.max_rate`` of
 The request path never waits on Redis: a pick reads local memory only. The hooks below record a
 change in local memory and wake a background thread, which publishes it and refreshes the fleet's
 state every ``refresh_interval`` (sooner when another replica announces a change).
+
+A fleet is the replicas whose routes are the same: unless ``state.namespace`` names it, its
+namespace is derived from its routes (``fleet_namespace``), so two apps on one Redis never share a
+breaker by accident, and replicas of one config always find each other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ..secrets import redact_url
 
 if TYPE_CHECKING:
     from ...config import StateConfig
@@ -45,6 +54,43 @@ class Elsewhere:
 
     def clear(self) -> None:
         self.in_flight, self.latency_sum, self.latency_n = 0, 0.0, 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrialGrant:
+    """The fleet's half-open trial of one route, granted to this replica for one breaker generation.
+
+    ``until`` is when the grant's lock in Redis expires at the earliest (measured from before the
+    exchange that took or renewed it was sent): past it another replica may hold the lock, so this
+    one sends no trial until a renewal says the lock is still its own.
+    """
+
+    epoch: int
+    """The breaker's generation the trial belongs to."""
+    until: float
+    """Monotonic time past which the grant no longer counts here."""
+
+    def allows(self, epoch: int) -> bool:
+        """Whether this grant lets the breaker in generation ``epoch`` send its trial now."""
+        return self.epoch == epoch and time.monotonic() < self.until
+
+
+NAMESPACE_PREFIX = "anorag-"
+"""What a derived namespace starts with (``fleet_namespace``)."""
+NAMESPACE_HASH_CHARS = 12
+"""Hex digits of the routes' hash in a derived namespace (48 bits)."""
+
+
+def fleet_namespace(routes: Iterable[tuple[str, str, str]]) -> str:
+    """The namespace of the fleet whose routes are ``routes`` ((name, base URL, model) each).
+
+    ``anorag-`` and a hash of the routes sorted by name (URLs with credentials masked), stable across
+    processes, hosts and Python hash seeds: replicas of one config derive the same namespace, and
+    an app whose routes differ in any name, URL or model derives another.
+    """
+    fleet = sorted([name, redact_url(url), model] for name, url, model in routes)
+    digest = hashlib.sha256(json.dumps(fleet, separators=(",", ":")).encode()).hexdigest()
+    return NAMESPACE_PREFIX + digest[:NAMESPACE_HASH_CHARS]
 
 
 class State(Protocol):
