@@ -247,3 +247,160 @@ def test_new_contexts_split_the_caches_by_weight() -> None:
         policy, routes = PrefixAware(), list(router.routes.values())
         placed = Counter(pick(policy, routes, Prompt(f"unique prompt {i} " * 20)) for i in range(80))
     assert 55 <= placed["a"] <= 65 and placed["a"] + placed["b"] == 80, placed
+
+
+# --- multimodal prompts, and a prompt far past the hashing cap ---
+
+
+def _vision(i: int, text: str = "What is in this picture?") -> list[dict[str, Any]]:
+    import base64
+
+    pixels = base64.b64encode(bytes((i * 31 + n * 7) % 256 for n in range(24_000))).decode()
+    url = f"data:image/png;base64,iVBORw0KGgo{pixels}"  # one PNG header, distinct pixels: 32 K characters each
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+    ]
+
+
+def _audio(i: int) -> list[dict[str, Any]]:
+    import base64
+
+    data = base64.b64encode(bytes((i * 17 + n * 3) % 256 for n in range(12_000))).decode()
+    part = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
+    return [{"role": "user", "content": [part, {"type": "text", "text": "Transcribe this."}]}]
+
+
+def test_distinct_images_and_audio_spread_and_equal_ones_keep_their_route(servers: dict[str, FaultServer]) -> None:
+    """Issue 25 item 7: only text was hashed, so 20 distinct vision (or audio) prompts all went to one route."""
+    config = make_config({n: servers[n] for n in "ab"}, lb_policy="prefix_aware")
+    with Router(config, start_prober=False) as router:
+        for ask in (_vision, _audio):
+            homes = {}
+            for i in range(20):
+                info = call_info(router.chat(ask(i)))
+                assert info is not None and info.route is not None
+                homes[i] = info.route
+            spread = Counter(homes.values())
+            assert spread["a"] >= 8 and spread["b"] >= 8, (ask.__name__, spread)  # least_outstanding: 10/10
+            for i in range(20):  # the same picture or recording again: where it is cached
+                assert call_info(router.chat(ask(i))).route == homes[i]  # type: ignore[union-attr]
+
+
+def test_every_content_part_a_server_caches_is_hashed() -> None:
+    from anorag_integrations.router.balancing.prefix_index import chain_blocks, conversation_blocks
+
+    def blocks(*parts: Any) -> tuple[int, ...]:
+        return conversation_blocks([{"role": "user", "content": list(parts)}])
+
+    text = {"type": "text", "text": "Describe it."}
+    big = "data:image/jpeg;base64," + "A" * 300_000
+
+    def image(url: str) -> dict[str, Any]:
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    assert blocks(image("http://img/1.png"), text) != blocks(image("http://img/2.png"), text)
+    assert blocks(image("http://img/1.png"), text) == blocks(image("http://img/1.png"), text)
+    assert blocks(image(big + "B"), text) != blocks(image(big + "C"), text)  # differ only in the tail
+    assert blocks(image(big + "B"), text) != blocks(image(big + "BB"), text)  # or only in the length
+    assert blocks(image(big), text) == blocks(image("".join([big])), text)
+    assert len(blocks(image(big), text)) < 100  # a 300 K payload is sampled: the text after it still counts
+    audio = [{"type": "input_audio", "input_audio": {"data": d, "format": "wav"}} for d in ("UklGRg1", "UklGRg2")]
+    assert blocks(audio[0], text) != blocks(audio[1], text) and blocks(audio[0]) == blocks(dict(audio[0]))
+    video = [{"type": "video_url", "video_url": {"url": u}} for u in ("http://v/1.mp4", "http://v/2.mp4")]
+    assert blocks(video[0]) != blocks(video[1])
+    assert blocks({"type": "video_url", "video_url": {"url": "u"}, "x": 1}) == blocks(
+        {"x": 1, "video_url": {"url": "u"}, "type": "video_url"}  # canonical: key order does not matter
+    )
+    # text-only prompts hash as before: a string and its text parts alike
+    assert blocks(text) == conversation_blocks([{"role": "user", "content": "Describe it."}])
+    assert blocks(text) == chain_blocks("user\x1fDescribe it.\x1e")
+    assert blocks(text, image("http://img/1.png")) != blocks(image("http://img/1.png"), text)  # order counts
+
+
+class _Tripwire(str):
+    """A huge string that counts the characters read of it by slicing and raises if used whole."""
+
+    def __new__(cls, text: str) -> _Tripwire:
+        made = super().__new__(cls, text)
+        made.read = 0
+        return made
+
+    def __getitem__(self, key: Any) -> str:
+        piece = str.__getitem__(self, key)
+        self.read += len(piece)
+        return piece
+
+    def _whole(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the whole prompt was read")
+
+    __iter__ = __format__ = __str__ = __add__ = __radd__ = __mod__ = encode = join = split = _whole  # type: ignore[assignment]
+
+
+class _LazyParts(list):  # type: ignore[type-arg]
+    """A million content parts, made as they are read: counts how many were."""
+
+    def __init__(self, part: dict[str, Any], count: int) -> None:
+        super().__init__()
+        self.part, self.count, self.pulled = part, count, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _ in range(self.count):
+            self.pulled += 1
+            yield self.part
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def test_the_hashing_work_is_bounded_before_the_prompt_is_copied() -> None:
+    """Issue 25 item 16: a 50 MB prompt was joined whole before the cap applied. What is read is counted, not timed."""
+    from anorag_integrations.router.balancing.prefix_index import BLOCK_CHARS, MAX_HASHED_BLOCKS
+    from anorag_integrations.router.call import Call
+
+    cap = BLOCK_CHARS * MAX_HASHED_BLOCKS
+    config = make_config({"a": "http://127.0.0.1:1/a/v1", "b": "http://127.0.0.1:1/b/v1"}, lb_policy="prefix_aware")
+    with Router(config, start_prober=False) as router:
+        policy, routes = PrefixAware(), list(router.routes.values())
+        huge = _Tripwire("x" * 50_000_000)
+        call = Call(
+            router, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": huge}], {}, stream=False
+        )
+        assert len(call.prefix_blocks(BLOCK_CHARS)) == MAX_HASHED_BLOCKS
+        assert 0 < huge.read <= cap  # of 50 M characters, no more than the cap was read
+        assert policy.pick(routes, everyone, call) is not None
+        assert huge.read <= cap  # computed once per call
+
+        image = _Tripwire("data:image/png;base64," + "Q" * 20_000_000)
+        call = Call(
+            router,
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}],
+            {},
+            stream=False,
+        )
+        assert call.prefix_blocks(BLOCK_CHARS)
+        assert 0 < image.read <= 2 * 2_048 + 64  # a payload is sampled: its head and tail
+
+        parts = _LazyParts({"type": "text", "text": "a"}, 1_000_000)
+        call = Call(router, [{"role": "user", "content": parts}], {}, stream=False)
+        assert policy.pick(routes, everyone, call) is not None
+        assert parts.pulled <= 4 * MAX_HASHED_BLOCKS  # not a million: at most PIECES_PER_BLOCK (4) pieces per block
+
+        other = _LazyParts({"type": "thing", "thing": [0] * 10}, 1_000_000)  # an unknown part type, serialised
+        call = Call(router, [{"role": "user", "content": other}], {}, stream=False)
+        assert call.prefix_blocks(BLOCK_CHARS) and other.pulled <= 4 * MAX_HASHED_BLOCKS
+
+
+def test_embedding_batches_are_hashed_by_their_inputs(servers: dict[str, FaultServer]) -> None:
+    """An embed() batch has no messages: prefix_aware reads its inputs, within the same cap."""
+    from anorag_integrations.router.balancing.prefix_index import BLOCK_CHARS, MAX_HASHED_BLOCKS, text_blocks
+
+    overrides = {n: {"kind": "embedding"} for n in "bc"}
+    config = make_config(servers, lb_policy="prefix_aware", route_overrides=overrides)
+    with Router(config, start_prober=False) as router:
+        docs = [f"document {i} " * 40 for i in range(6)]
+        first = [call_info(router.embed([doc])).route for doc in docs]  # type: ignore[union-attr]
+        assert set(first) == {"b", "c"}
+        assert [call_info(router.embed([doc])).route for doc in docs] == first  # type: ignore[union-attr]
+    huge = _Tripwire("y" * 20_000_000)
+    assert len(text_blocks([huge, "more"])) == MAX_HASHED_BLOCKS and huge.read <= BLOCK_CHARS * MAX_HASHED_BLOCKS
+    assert text_blocks(["ab", "cd"], 3) == text_blocks(["abcd"], 3)

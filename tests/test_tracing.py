@@ -383,3 +383,77 @@ def test_no_span_stays_open_under_random_schedules(servers: dict[str, FaultServe
                           suppress_health_check=list(HealthCheck), derandomize=bool(os.environ.get("CI"))),
     )  # fmt: skip
     assert open_spans.started > 0  # the schedules were traced
+
+
+# --- what goes to each route: traceparent by default, baggage only where a route opts in ---
+
+
+def _headers_received(servers: dict[str, FaultServer]) -> dict[str, list[dict[str, str]]]:
+    """Per server, the headers of each chat request it receives from now on (lower-case names)."""
+    seen: dict[str, list[dict[str, str]]] = {name: [] for name in servers}
+    for name, server in servers.items():
+        received = server._received
+
+        def keep(request: Any, body: Any, name: str = name, received: Any = received) -> Any:
+            seen[name].append({k.lower(): v for k, v in request.headers.items()})
+            return received(request, body)
+
+        server._received = keep  # type: ignore[method-assign]
+    return seen
+
+
+def _ask_with_baggage(router: Router, names: str) -> None:
+    """A sync and an async call on each named route, with ``user.email`` in the caller's baggage."""
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    token = otel_context.attach(baggage.set_baggage("user.email", "alice@example.com"))
+    try:
+        for name in names:
+            router.chat(USER, route=name)
+            asyncio.run(router.achat(USER, route=name))
+    finally:
+        otel_context.detach(token)
+
+
+def test_the_callers_baggage_is_not_sent_by_default(traced: Traced, servers: dict[str, FaultServer]) -> None:
+    """Issue 25 item 12: the caller's baggage (``user.email=...``) went with ``traceparent`` to every route."""
+    seen = _headers_received(servers)
+    _ask_with_baggage(traced.router("a", "b"), "ab")
+    for name in "ab":
+        assert len(seen[name]) == 2
+        for headers in seen[name]:
+            assert headers["traceparent"].startswith("00-") and "baggage" not in headers
+    sent = {h["traceparent"] for name in "ab" for h in seen[name]}
+    assert sent == {traceparent(s) for s in traced.spans() if s.name.startswith("attempt ")}
+
+
+def test_baggage_goes_only_to_routes_that_opt_in(traced: Traced, servers: dict[str, FaultServer]) -> None:
+    seen = _headers_received(servers)
+    overrides = {"b": {"propagate": ["traceparent", "baggage"]}, "c": {"propagate": []}}
+    router = Router(
+        make_config(servers, route_overrides=overrides), tracer_provider=traced.provider, start_prober=False
+    )
+    traced.routers.append(router)
+    _ask_with_baggage(router, "abc")
+    assert [len(seen[name]) for name in "abc"] == [2, 2, 2]
+    for headers in seen["a"]:  # the default: traceparent alone
+        assert headers["traceparent"].startswith("00-") and "baggage" not in headers
+    for headers in seen["b"]:  # opted in
+        assert headers["traceparent"].startswith("00-") and "user.email=alice%40example.com" in headers["baggage"]
+    for headers in seen["c"]:  # propagate: [] sends nothing
+        assert not {"traceparent", "tracestate", "baggage"} & set(headers)
+    assert len([s for s in traced.spans() if s.name == "attempt c"]) == 2  # still traced here, just not sent
+
+
+@pytest.mark.parametrize("value", [["traceparent", "tracestate"], ["Baggage"], "baggage", [None]])
+def test_propagate_takes_only_known_header_names(value: Any) -> None:
+    from anorag_integrations.config import ConfigError
+
+    routes = {"a": {"base_url": "http://127.0.0.1:1/v1", "model": MODEL, "propagate": value}}
+    with pytest.raises(ConfigError, match=r"routes\.a\.propagate"):
+        config_from_dict({"llm": {"routes": routes}}, env={})
+    routes["a"]["propagate"] = ["baggage", "traceparent"]
+    assert config_from_dict({"llm": {"routes": routes}}, env={}).routes["a"].propagate == ("baggage", "traceparent")
+    del routes["a"]["propagate"]
+    assert config_from_dict({"llm": {"routes": routes}}, env={}).routes["a"].propagate == ("traceparent",)

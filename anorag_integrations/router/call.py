@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 from openai.types.chat import ChatCompletion
 
 from .balancing.policies import stable_hash
-from .balancing.prefix_index import chain_blocks
+from .balancing.prefix_index import conversation_blocks, text_blocks
 from .body import Messages, chat_body, continued_body, prefix_pieces, why_unsendable
 from .errors import AllRoutesFailed, InvalidRequestError, RouterClosed
 from .info import CallInfo, attach, call_info
@@ -196,9 +196,14 @@ class Call:
         return self._prefix[1]
 
     def prefix_blocks(self, block_chars: int) -> tuple[int, ...]:
-        """The chained hashes of the conversation's ``block_chars``-character blocks (computed once per call)."""
+        """The chained hashes of the conversation's ``block_chars``-character blocks, every cached part and
+        no further than the cap (see :func:`.prefix_index.conversation_blocks`); computed once per call."""
         if self._blocks is None or self._blocks[0] != block_chars:
-            self._blocks = (block_chars, chain_blocks("".join(self._prefix_texts()), block_chars))
+            messages = self.body.get("messages")
+            if messages is not None:
+                self._blocks = (block_chars, conversation_blocks(messages, block_chars))
+            else:  # an embedding batch: its inputs
+                self._blocks = (block_chars, text_blocks(self._prefix_texts(), block_chars))
         return self._blocks[1]
 
     def forget_prefix(self) -> None:
@@ -206,7 +211,8 @@ class Call:
         self._prefix = self._blocks = None
 
     def _prefix_texts(self) -> Iterator[str]:
-        """The pieces :meth:`prefix_key` and :meth:`prefix_blocks` hash: each message's role and text."""
+        """The pieces :meth:`prefix_key` hashes (and :meth:`prefix_blocks`, of a call without messages):
+        each message's role and text."""
         return prefix_pieces(self.body["messages"])
 
     def unsendable(self) -> str | None:

@@ -79,7 +79,7 @@ class Lease:
         if call.span is not None:
             self.span = tracing.start_attempt(self, call.span)
             if self.span is not None:
-                self.headers = tracing.carrier(self.span)
+                self.headers = tracing.carrier(self.span, route.propagate)
 
     # --- sending ----------------------------------------------------------------------------------
 

@@ -38,7 +38,9 @@ class PrefixAware:
     """The route that most likely holds the prompt's prefix in its KV cache, unless it is overloaded.
 
     Each route's recent prompts are kept as chained block hashes in a bounded LRU index
-    (:class:`~.prefix_index.PrefixIndex`). A request goes to the usable route with the longest
+    (:class:`~.prefix_index.PrefixIndex`); a prompt's blocks cover every part a server caches (text,
+    image and audio payloads or URLs, other parts in a canonical form), read no further than the
+    hashing cap (:func:`~.prefix_index.conversation_blocks`). A request goes to the usable route with the longest
     cached match when that match is a hit (at least ``match_threshold`` of the prompt) and that
     route is not overloaded against the least loaded one (``balance_abs`` more *and* ``balance_rel``
     times more load, or a full KV cache beside one with room); otherwise it goes to the least loaded

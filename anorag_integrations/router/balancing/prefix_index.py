@@ -1,9 +1,12 @@
 """What each route's server probably has in its prefix cache: chained block hashes in a bounded LRU.
 
-A conversation's text (each message's role and text, as ``prefix_key`` reads it) is cut into blocks
-of ``BLOCK_CHARS`` characters; block *i*'s hash covers block *i* and the hash of block *i - 1*, so
-one hash stands for the whole prefix up to it (llm-d's scheme, on characters instead of tokens: the
-router has no tokenizer, and a prefix of characters is a prefix of tokens up to the last block).
+A conversation (each message's role and content, every content part a server caches: see
+:func:`conversation_blocks`) is cut into blocks of ``BLOCK_CHARS`` characters; block *i*'s hash
+covers block *i* and the hash of block *i - 1*, so one hash stands for the whole prefix up to it
+(llm-d's scheme, on characters instead of tokens: the router has no tokenizer, and a prefix of
+characters is a prefix of tokens up to the last block). At most ``MAX_HASHED_BLOCKS`` blocks are
+hashed, and the conversation is read only as far as they reach: its parts are walked in order and
+sliced, never joined or serialised whole, so a 50 MB prompt costs what a 256 K-character one does.
 Per route an ``OrderedDict`` keeps the block hashes of prompts recently sent there, least recently
 used first, never more than ``max_blocks`` of them (the hard memory cap).
 
@@ -23,7 +26,8 @@ no operation awaits.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from .. import forks
 
@@ -49,6 +53,165 @@ def chain_blocks(text: str, block_chars: int = BLOCK_CHARS, limit: int = MAX_HAS
         h = hash((h, text[start : start + block_chars]))
         out.append(h)
     return tuple(out)
+
+
+PART_SAMPLE_CHARS = 2_048
+"""A content part's payload (an image's URL or data URI, audio's base64, any long string in another
+part) longer than twice this is hashed as its length, its first and its last this many characters:
+equal payloads hash alike and distinct ones apart (they differ in length, head or tail), and a 20 MB
+image costs what a 4 K one does, leaving the rest of the cap to the text after it."""
+PART_DEPTH = 8
+"""How deep the canonical form of an unknown part type goes into nested mappings and lists."""
+PIECES_PER_BLOCK = 4
+"""The walk of a conversation stops after this many pieces per hashed block (a message's role, its
+text, a part's payload and each separator are one each): a prompt of a million tiny parts or
+messages is matched on its start, as a long one is."""
+SORTED_KEYS = 64
+"""A mapping in an unknown part with at most this many keys is read in sorted order (its canonical
+form); a larger one in its own order (sorting would read every key, past the cap)."""
+
+
+def conversation_blocks(
+    messages: Iterable[Mapping[str, Any]], block_chars: int = BLOCK_CHARS, limit: int = MAX_HASHED_BLOCKS
+) -> tuple[int, ...]:
+    """The chained hashes of a conversation's blocks, at most ``limit`` of them: what a server caches of it.
+
+    Per message its role and content, in order: text as it is (a string, or the ``text`` of its text
+    parts: the two hash alike), an ``image_url`` part's URL or data URI, an ``input_audio`` part's
+    format and data, and any other part type (``video_url``, ``image_embeds``...) in a canonical
+    form (keys sorted, JSON-like); payloads longer than ``2 * PART_SAMPLE_CHARS`` by their length,
+    head and tail. Distinct multimodal prompts so get distinct blocks and equal ones the same.
+
+    The work is bounded before anything is copied: messages and parts are walked in order, each
+    string is sliced to what the cap still holds, and the walk stops once ``block_chars * limit``
+    characters are kept or after ``PIECES_PER_BLOCK * limit`` pieces (a million tiny parts), so only
+    those characters are joined and hashed. For text-only messages the blocks are ``chain_blocks``
+    of each message's ``role + "\\x1f" + text + "\\x1e"``, joined (within that many pieces).
+    """
+    kept = _Kept(block_chars * limit, PIECES_PER_BLOCK * limit)
+    _walk(messages, kept.add)
+    return chain_blocks("".join(kept.pieces), block_chars, limit)
+
+
+def text_blocks(
+    pieces: Iterable[str], block_chars: int = BLOCK_CHARS, limit: int = MAX_HASHED_BLOCKS
+) -> tuple[int, ...]:
+    """``chain_blocks`` of ``pieces`` joined (an embedding batch's inputs), read no further than the cap,
+    as :func:`conversation_blocks` reads a conversation."""
+    kept = _Kept(block_chars * limit, PIECES_PER_BLOCK * limit)
+    for piece in pieces:
+        if not kept.add(piece):
+            break
+    return chain_blocks("".join(kept.pieces), block_chars, limit)
+
+
+class _Kept:
+    """The pieces of a conversation kept for hashing: no more than the cap's characters, nor pieces."""
+
+    __slots__ = ("left", "pieces", "steps")
+
+    def __init__(self, chars: int, steps: int) -> None:
+        self.pieces: list[str] = []
+        self.left = chars
+        self.steps = steps
+
+    def add(self, text: str) -> bool:
+        """Keep ``text``, or as much of it as the cap holds; False once the walk must stop."""
+        size = len(text)
+        if size >= self.left:
+            self.pieces.append(text[: self.left])  # the cap: nothing past it is read
+            self.left = 0
+            return False
+        self.pieces.append(text)
+        self.left -= size
+        self.steps -= 1
+        return self.steps > 0
+
+
+def _walk(messages: Iterable[Mapping[str, Any]], add: Callable[[str], bool]) -> None:
+    """Each message's role and content, piece by piece, until ``add`` says stop."""
+    for message in messages:
+        if not isinstance(message, Mapping):
+            if not add("\x1e"):
+                return
+            continue
+        role = message.get("role")
+        if not (add(role if isinstance(role, str) else type(role).__name__) and add("\x1f")):
+            return
+        content = message.get("content")
+        if isinstance(content, str):
+            if not add(content):
+                return
+        elif isinstance(content, list | tuple):
+            for part in content:
+                if not isinstance(part, Mapping):
+                    going = add("")  # the server judges it; it still counts a piece
+                elif (kind := part.get("type", "text")) == "text":
+                    text = part.get("text")
+                    going = add(text if isinstance(text, str) else "")  # a text that is not text adds nothing
+                else:
+                    going = _part(part, kind, add)
+                if not going:
+                    return
+        if not add("\x1e"):
+            return
+
+
+def _part(part: Mapping[str, Any], kind: Any, add: Callable[[str], bool]) -> bool:
+    """A content part other than text, as a server caches it; False once the walk must stop."""
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, Mapping) else image
+        if isinstance(url, str):
+            return add("\x1dimage_url\x1f") and add(_sample(url)) and add("\x1d")
+    elif kind == "input_audio":
+        audio = part.get("input_audio")
+        data, fmt = (audio.get("data"), audio.get("format")) if isinstance(audio, Mapping) else (None, None)
+        if isinstance(data, str):
+            fmt = _sample(fmt) if isinstance(fmt, str) else ""
+            return add("\x1dinput_audio\x1f") and add(fmt) and add("\x1f") and add(_sample(data)) and add("\x1d")
+    return add("\x1d") and _canonical(part, 0, add) and add("\x1d")
+
+
+def _sample(text: str) -> str:
+    """``text``, or for a payload longer than ``2 * PART_SAMPLE_CHARS`` its length, head and tail."""
+    if len(text) <= 2 * PART_SAMPLE_CHARS:
+        return text
+    return f"{len(text)}\x1f{text[:PART_SAMPLE_CHARS]}\x1f{text[-PART_SAMPLE_CHARS:]}"
+
+
+def _key(key: Any) -> str:
+    return _sample(key) if isinstance(key, str) else type(key).__name__
+
+
+def _canonical(value: Any, depth: int, add: Callable[[str], bool]) -> bool:
+    """A JSON-like canonical form of ``value`` (keys sorted, long strings sampled); False once the walk must stop."""
+    if isinstance(value, str):
+        return add('"') and add(_sample(value)) and add('"')
+    if isinstance(value, Mapping):
+        if depth >= PART_DEPTH:
+            return add("{...}")
+        keys: Iterable[Any] = sorted(value, key=_key) if len(value) <= SORTED_KEYS else value
+        if not add("{"):
+            return False
+        for key in keys:
+            if not (add(_key(key)) and add(":") and _canonical(value[key], depth + 1, add) and add(",")):
+                return False
+        return add("}")
+    if isinstance(value, list | tuple):
+        if depth >= PART_DEPTH:
+            return add("[...]")
+        if not add("["):
+            return False
+        for item in value:
+            if not (_canonical(item, depth + 1, add) and add(",")):
+                return False
+        return add("]")
+    if value is None or isinstance(value, bool | float):
+        return add(repr(value))
+    if isinstance(value, int):
+        return add(repr(value) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>")
+    return add(f"<{type(value).__name__}>")
 
 
 class PrefixIndex:

@@ -27,7 +27,7 @@ from ..telemetry.stats import RouteStats
 from .answers import checked, checked_embeddings
 from .clients import KEEPALIVE_S, LIMITS, SDK_HTTPX, AsyncChunkStream, ChunkStream, PerLoop, prepared
 from .health import CircuitBreaker
-from .probe import ProbeResult, model_entry, record_probe
+from .probe import ProbeResult, context_window, model_entry, record_probe
 
 if TYPE_CHECKING:
     from ...config import Config, RouteConfig
@@ -103,6 +103,8 @@ class Route:
         self.load: LoadReport | None = None
         """The server's queue at the last ``/metrics`` scrape (``least_queue``); None: no data."""
         self.continue_streams = cfg.continue_streams
+        self.propagate = cfg.propagate
+        """The trace headers a traced attempt sends this route (``propagate:``; see ``tracing.carrier``)."""
 
     def __repr__(self) -> str:
         return f"Route(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
@@ -177,8 +179,16 @@ class Route:
 
     @property
     def max_model_len(self) -> int | None:
-        """Context window: what the server reported (``/v1/models``), else the configured value."""
-        return self.probe_result.max_model_len or self.peeked_max_model_len or self.configured_max_model_len
+        """Context window: what the server reported (``/v1/models``) when it is one, else the configured value.
+
+        A reported value is taken through ``context_window`` here too: a probe result adopted from
+        another replica (shared state) was never checked by this one.
+        """
+        return (
+            context_window(self, self.probe_result.max_model_len)
+            or context_window(self, self.peeked_max_model_len)
+            or self.configured_max_model_len
+        )
 
     def peek_context_window(self, timeout: float) -> None:
         """Read the context window from ``/v1/models`` once, within ``timeout``; any failure leaves it unknown.
@@ -189,14 +199,14 @@ class Route:
         self.peeked = True
         with contextlib.suppress(Exception):
             models = self.client.models.list(timeout=timeout).data
-            self.peeked_max_model_len = dict(model_entry(m) for m in models).get(self.model)
+            self.peeked_max_model_len = context_window(self, dict(model_entry(m) for m in models).get(self.model))
 
     async def apeek_context_window(self, timeout: float) -> None:
         """Async twin of :meth:`peek_context_window`."""
         self.peeked = True
         with contextlib.suppress(Exception):
             models = (await self.aclient.models.list(timeout=timeout)).data
-            self.peeked_max_model_len = dict(model_entry(m) for m in models).get(self.model)
+            self.peeked_max_model_len = context_window(self, dict(model_entry(m) for m in models).get(self.model))
 
     def throttle(self, wait_s: float) -> None:
         """Skip the route for ``wait_s`` seconds from now (it sent a ``Retry-After``); the fleet is told."""
@@ -250,14 +260,14 @@ class Route:
             return record_probe(self, started, [], exc)
         return record_probe(self, started, models, None)
 
-    def _probe_models(self) -> list[tuple[str, int | None]]:
+    def _probe_models(self) -> list[tuple[str, Any]]:
         """``GET /health`` (``/v1/models`` answers for it when 404), then the served models."""
         options: Any = {"timeout": self.probe_timeout}
         with contextlib.suppress(openai.NotFoundError):
             self.client.get(f"{self.server_root}/health", cast_to=object, options=options)
         return [model_entry(m) for m in self.client.models.list(timeout=self.probe_timeout).data]
 
-    async def _aprobe_models(self) -> list[tuple[str, int | None]]:
+    async def _aprobe_models(self) -> list[tuple[str, Any]]:
         options: Any = {"timeout": self.probe_timeout}
         client = self.aclient
         with contextlib.suppress(openai.NotFoundError):

@@ -8,7 +8,8 @@ Each attempt on a route is a child span (``attempt {route}``) that says the rout
 succeeded (the common case, kept cheap), its outcome; on failure also its error class
 (``error.type``) with an error status. A failover reads as two children in a trace. The
 attempt's W3C ``traceparent`` is sent to the server as a header, so vLLM's own spans
-(``--otlp-traces-endpoint``) join the same trace.
+(``--otlp-traces-endpoint``) join the same trace; the caller's OpenTelemetry baggage only to a
+route whose ``propagate`` names it (:func:`carrier`): baggage often carries user data.
 
 Parents are passed explicitly, never through the current context across an ``await`` or a stream's
 ``yield``: concurrent calls, hedged copies in their own tasks and streams read from other tasks keep
@@ -27,9 +28,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
 from opentelemetry import trace as otel_trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..errors import (
     AllRoutesFailed,
@@ -55,6 +58,12 @@ REQUEST_PARAMS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_toke
 """Request keywords recorded on a call's span, as ``gen_ai.request.<name>``."""
 DESCRIPTION_CHARS = 500
 """Longest error description on a span (an AllRoutesFailed lists every attempt)."""
+PROPAGATORS: dict[str, TextMapPropagator] = {
+    "traceparent": TraceContextTextMapPropagator(),
+    "baggage": W3CBaggagePropagator(),
+}
+"""What each name in a route's ``propagate`` injects: ``traceparent`` (with ``tracestate`` when the trace
+has one: W3C trace context, what vLLM reads) and ``baggage`` (the caller's OpenTelemetry baggage)."""
 
 
 class _Unknown:
@@ -248,10 +257,18 @@ def end_attempt(lease: Lease, ended: str, error: RouteError | None = None) -> No
     span.end()
 
 
-def carrier(span: Span) -> dict[str, str]:
-    """The propagation headers of ``span`` (W3C ``traceparent``, with the globally configured propagator)."""
+def carrier(span: Span, propagate: Sequence[str] = ("traceparent",)) -> dict[str, str]:
+    """The propagation headers of ``span`` a route gets: only those its ``propagate`` names (``PROPAGATORS``).
+
+    Each name has its own W3C propagator, whatever propagator is configured globally: the global one
+    (``tracecontext,baggage`` by default) would also send the caller's baggage, often user data
+    (``user.email=...``), to every route, third parties included. ``()`` sends nothing.
+    """
     headers: dict[str, str] = {}
-    propagate.inject(headers, context=otel_trace.set_span_in_context(span))
+    if propagate:
+        context = otel_trace.set_span_in_context(span)
+        for name in propagate:
+            PROPAGATORS[name].inject(headers, context=context)
     return headers
 
 
