@@ -578,3 +578,52 @@ def test_a_sendable_request_meeting_a_malformed_answer_still_fails_over(
     assert response.choices[0].message.content == "from b"
     assert servers["b"].requests[-1]["sent_at"] == "2026-11-22T01:00:00"
     idle(router)
+
+
+# --- issue 25, item 15: a page or a document where a stream's events should be -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "content_type", "start"),
+    [
+        (Fault.HTML, "text/html", "<!DOCTYPE html> <html> <head><title>***</title>"),
+        (Fault.UNSTREAMED, "application/json", '{"id": "chatcmpl-'),  # a server or proxy that ignores stream
+    ],
+    ids=["html-page", "json-document"],
+)
+@pytest.mark.parametrize("mode", STREAMS)
+def test_a_stream_answered_without_events_is_malformed_and_says_what_came(
+    router_for: Callable[..., Router],
+    servers: dict[str, FaultServer],
+    fault: Fault,
+    content_type: str,
+    start: str,
+    mode: str,
+) -> None:
+    """Not a cut ("check the server's logs"): a MalformedResponse naming the content type and the first
+    characters, the route's api key masked there (this page happens to contain it), then failover."""
+    key = "Network login required"
+    router = router_for("a", "b", route_overrides={"a": {"api_key": key}})
+    servers["a"].set_fault(fault, times=1)
+    text, info = run(router, mode)
+    assert text.startswith("from b")
+    [attempt] = info.attempts
+    error = attempt.error
+    assert isinstance(error, MalformedResponse) and attempt.route == "a"
+    assert f"content type '{content_type}" in str(error) and f"starting '{start}" in str(error)
+    assert key not in str(error) and "logs" not in str(error)
+    assert error.error_class == "malformed_response"
+    assert router.routes["a"].stats.failures == 1
+    idle(router)
+
+
+def test_streams_of_pages_on_every_route_are_all_malformed(
+    router_for: Callable[..., Router], servers: dict[str, FaultServer]
+) -> None:
+    router = router_for("a", "b")
+    for name in ("a", "b"):
+        servers[name].set_fault(Fault.HTML)
+    with pytest.raises(AllRoutesFailed) as raised:
+        list(router.stream(USER))
+    assert [type(a.error) for a in raised.value.attempts] == [MalformedResponse, MalformedResponse]
+    idle(router)

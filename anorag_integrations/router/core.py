@@ -39,6 +39,7 @@ from .streams import astream, stream
 from .telemetry import prometheus
 from .telemetry.stats import CallOutcomes
 from .telemetry.tracing import Tracing
+from .vectors import VectorLengths
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -62,6 +63,8 @@ class Router:
         self.routes: dict[str, Route] = {name: _make_route(name, rc, config) for name, rc in config.routes.items()}
         self.pools = make_pools(config, self.routes)
         """The routes of each kind ("chat", "embedding"), with their policy and fallback route."""
+        self.vector_lengths = VectorLengths()
+        """The vector length each embedding group answers: a route answering another length fails."""
         self.policy = self.pools["chat"].policy
         self.prober = Prober(self.routes.values(), config.health.probe_interval)
         self.scraper: Poller | None = None

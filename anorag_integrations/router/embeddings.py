@@ -23,8 +23,10 @@ as BERT's WordPiece makes it one ``[UNK]``. The estimate errs low: an input only
 reaches the server, whose 400 is a :class:`~.errors.ContextOverflowError`.
 
 The answers are checked (``route.checked_embeddings``: indices, finite numbers, one length per
-answer), and batches whose vectors differ in length (routes serving different models) raise
-:class:`~.errors.MixedEmbeddingsError` rather than mix two vector spaces in one index.
+answer), and so is each answer's vector length against its group's (``vectors.py``): a route serving
+another model behind the same name answers a :class:`~.errors.MalformedResponse`, counted against it,
+and the batch fails over. Batches whose vectors still differ in length (while a group's length was
+being settled) raise :class:`~.errors.MixedEmbeddingsError` rather than mix two vector spaces in one index.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class EmbeddingCall(Call):
         if extra_body:
             params["extra_body"] = extra_body
         self.body = params
+        self.lengths = router.vector_lengths
 
     def batches(self, texts: list[str]) -> list[EmbeddingCall]:
         """The request of each batch: this call's bounds, span and retries, its own attempts and control."""
@@ -98,11 +101,13 @@ class EmbeddingCall(Call):
         return parts
 
     def send(self, route: Route, timeout: float) -> CreateEmbeddingResponse:
-        """One attempt of this batch on ``route`` (sync)."""
-        return route.embed(self.body_for(route), timeout)
+        """One attempt of this batch on ``route`` (sync); vectors of another length than the group's are its failure."""
+        body = self.body_for(route)
+        return self.lengths.check(route, body, route.embed(body, timeout))
 
     async def asend(self, route: Route, timeout: float) -> CreateEmbeddingResponse:
-        return await route.aembed(self.body_for(route), timeout)
+        body = self.body_for(route)
+        return self.lengths.check(route, body, await route.aembed(body, timeout))
 
     def _prefix_texts(self) -> Iterator[str]:
         """What the prefix policies hash: the batch's inputs."""

@@ -5,12 +5,15 @@ reasoning, tool calls, a finish, usage); until then a failure moves it to anothe
 After that, a failure either continues the answer on a route with ``continue_streams`` (vLLM's
 ``continue_final_message``: one stream id, no second role chunk, nothing repeated or dropped) or
 raises ``StreamInterruptedError`` with exactly what was delivered. Every chunk is checked before it
-is delivered (a malformed one is the route's failure); each read has a fresh time bound, and the
-whole stream stays within the request deadline.
+is delivered (a malformed one is the route's failure); so is the answer itself: an HTTP 200 that is no
+event stream (a captive portal's HTML page, a JSON document) is a ``MalformedResponse`` saying what
+came back, as it is for a plain call. Each read has a fresh time bound, and the whole stream stays
+within the request deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import itertools
@@ -24,7 +27,9 @@ from openai.types.chat import ChatCompletionChunk
 
 from .call import Call
 from .chunks import Tally, cut, has_payload, opens
-from .errors import AllRoutesFailed, RouterClosed, RouterError, StreamCut, StreamInterruptedError
+from .endpoints.answers import PEEK_BYTES, is_event_stream, not_an_event_stream
+from .endpoints.clients import SDK_HTTPX
+from .errors import AllRoutesFailed, MalformedResponse, RouterClosed, RouterError, StreamCut, StreamInterruptedError
 from .info import attach
 from .lease import Lease
 from .rounds import arounds, rounds
@@ -74,6 +79,8 @@ def _open(call: Call, route: Route, timeout: float) -> Opened:
     opening = Opening(call, route)
     stream = route.open_stream(opening.body, timeout)
     try:
+        if (response := _not_events(stream)) is not None:
+            raise _malformed(route, response, _first_bytes(response.iter_bytes()))
         for chunk in stream:
             if opening.add(chunk):
                 return opening.opened(stream)
@@ -89,6 +96,8 @@ async def _aopen(call: Call, route: Route, timeout: float) -> Opened:
     opening = Opening(call, route)
     stream = await route.aopen_stream(opening.body, timeout)
     try:
+        if (response := _not_events(stream)) is not None:
+            raise _malformed(route, response, await _afirst_bytes(response.aiter_bytes()))
         async for chunk in stream:
             if opening.add(chunk):
                 return opening.opened(stream)
@@ -97,6 +106,48 @@ async def _aopen(call: Call, route: Route, timeout: float) -> Opened:
         raise
     await stream.close()
     raise opening.empty()
+
+
+def _not_events(stream: Any) -> Any:
+    """The HTTP response of a stream whose content type says it is no event stream; None when it is one, says
+    nothing (a proxy that drops the header: the chunks are checked as they come), or the stream is not the
+    openai SDK's (Ollama's native API streams lines its own client reads)."""
+    response = getattr(stream, "response", None)
+    if not isinstance(response, SDK_HTTPX.Response):
+        return None
+    content_type = response.headers.get("content-type")
+    return None if not content_type or is_event_stream(content_type) else response
+
+
+def _first_bytes(parts: Iterator[bytes]) -> bytes:
+    """The first ``PEEK_BYTES`` or so of a body: what could be read is enough to say what came back."""
+    first = b""
+    with contextlib.suppress(Exception):
+        for part in parts:
+            first += part
+            if len(first) >= PEEK_BYTES:
+                break
+    return first
+
+
+async def _afirst_bytes(parts: AsyncIterator[bytes]) -> bytes:
+    first = b""
+    with contextlib.suppress(Exception):  # not the caller's cancellation or the attempt's timer: BaseException
+        async for part in parts:
+            first += part
+            if len(first) >= PEEK_BYTES:
+                break
+    return first
+
+
+def _malformed(route: Route, response: Any, first: bytes) -> MalformedResponse:
+    return MalformedResponse(
+        not_an_event_stream(response.headers.get("content-type"), first, route.masked),
+        route=route.name,
+        url=route.base_url,
+        hint="the server (or a proxy in front of it) answered the stream with a page or a document, not "
+        "server-sent events; check what is listening at this URL",
+    )
 
 
 def _reads(lease: Lease, stream: Any) -> Iterator[ChatCompletionChunk]:

@@ -46,6 +46,10 @@ class ServerControl(LoopServer):
         self.model = model
         self.reply = reply
         self.max_model_len = max_model_len
+        self.reported_max_model_len: Any = None
+        """What ``/v1/models`` reports as ``max_model_len`` in place of ``max_model_len`` (None: that): any JSON
+        value a misconfigured or hostile server sends (-1, 0, 10**30, "4096", True, inf); requests still go by
+        ``max_model_len``."""
         self.health_endpoint = health_endpoint
         self.auto_tool_choice = auto_tool_choice
         """As vLLM's --enable-auto-tool-choice: without it, tool_choice="auto" gets a 400."""

@@ -52,6 +52,7 @@ FAULT_CORPUS: tuple[FaultCase, ...] = (
     FaultCase(Fault.TRUNCATED_JSON, {"after_chunks": 1}, "JSON cut short, the connection closed"),
     FaultCase(Fault.INVALID_JSON, {"after_chunks": 0}, "a body or an event that is not JSON"),
     FaultCase(Fault.STRING_BODY, meaning="JSON, but a bare string, not a completion"),
+    FaultCase(Fault.UNSTREAMED, meaning="a stream answered with one JSON document, no events"),
     FaultCase(Fault.NO_CHOICES, meaning="a completion without choices"),
     FaultCase(Fault.SSE_NOISE, meaning="comments, retry, id and ping events among the chunks"),
     FaultCase(Fault.TRICKLE, {"interval": 0.02}, "one byte at a time: no read times out, the whole is late"),

@@ -116,7 +116,9 @@ class FaultServer(Streams):
             "parent": None,
             "permission": [PERMISSION],
         }
-        if self.max_model_len is not None:  # servers other than vLLM may not report it
+        if self.reported_max_model_len is not None:
+            model["max_model_len"] = self.reported_max_model_len
+        elif self.max_model_len is not None:  # servers other than vLLM may not report it
             model["max_model_len"] = self.max_model_len
         return web.json_response({"object": "list", "data": [model]})
 
@@ -177,7 +179,7 @@ class FaultServer(Streams):
         if body.get("tools") and body.get("tool_choice", "auto") == "auto" and not self.auto_tool_choice:
             message = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
             return error(400, message)
-        if body.get("stream"):
+        if body.get("stream") and state.fault is not Fault.UNSTREAMED:
             return await self._stream(request, body, state)
         return await self._answer(request, self._completion(body), state, listing="choices")
 

@@ -61,6 +61,9 @@ class Fault(StrEnum):
     # Stream: `after_chunks` content chunks (default half), then nothing at all, the connection kept open,
     # until the fault is cleared (the rest follows) or the server stops. Plain requests: as HANG.
     STALL = "stall"
+    # Stream: the plain answer, one `application/json` completion, as a server or proxy that ignores
+    # `stream: true` sends (no event stream at all). Plain requests are answered normally.
+    UNSTREAMED = "unstreamed"
 
 
 DELAY_S = 1.0

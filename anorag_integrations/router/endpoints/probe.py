@@ -3,18 +3,32 @@
 ``Route.probe``/``aprobe`` ask the server (``/health``, then ``/v1/models``) through the route's
 transport seam (``_probe_models``, which ``OllamaRoute`` replaces); ``record_probe`` turns what came
 back into the route's ``ProbeResult`` the same way for every kind of server.
+
+A context window a server reports is taken only when it is one (:func:`context_window`): a whole
+number of tokens from 1 to ``MAX_CONTEXT_WINDOW``. Anything else (``-1``, ``0``, ``1e30``, ``"4096"``,
+``true``) is treated as unknown, with one warning naming the route: one server's nonsense must not
+make the router refuse every input before sending.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import forks
 from ..classify import classify
 
 if TYPE_CHECKING:
     from .route import Route
+
+log = logging.getLogger("anorag_integrations.router")
+
+MAX_CONTEXT_WINDOW = 100_000_000
+"""The largest context window taken from a server, in tokens (the largest models' today: 10 M); past it, a
+reported ``max_model_len`` is nonsense, ignored."""
 
 
 @dataclass(slots=True)
@@ -29,9 +43,7 @@ class ProbeResult:
     checked_at: float | None = None
 
 
-def record_probe(
-    route: Route, started: float, models: list[tuple[str, int | None]], exc: BaseException | None
-) -> ProbeResult:
+def record_probe(route: Route, started: float, models: list[tuple[str, Any]], exc: BaseException | None) -> ProbeResult:
     """The probe begun at ``started`` (``perf_counter``) found ``models``, or failed with ``exc``.
 
     The result becomes the route's ``probe_result`` (the fleet is told): a failure, or a server that
@@ -46,7 +58,9 @@ def record_probe(
         route.breaker.force_open()
     else:
         result.models = [name for name, _ in models]
-        result.max_model_len = next((length for name, length in models if name == route.model), None)
+        result.max_model_len = context_window(
+            route, next((length for name, length in models if name == route.model), None)
+        )
         result.healthy = not result.models or route.serves(result.models)
         if result.healthy:
             route.breaker.probe_succeeded()
@@ -62,8 +76,50 @@ def record_probe(
     return result
 
 
-def model_entry(model: Any) -> tuple[str, int | None]:
-    """A served model's name and context window (vLLM: ``max_model_len``; llama.cpp: ``meta.n_ctx``)."""
+def model_entry(model: Any) -> tuple[str, Any]:
+    """A served model's name and context window as the server reports it (vLLM: ``max_model_len``; llama.cpp:
+    ``meta.n_ctx``): any JSON value, which :func:`context_window` takes or ignores."""
     extra = model.model_extra or {}
-    length = extra.get("max_model_len") or (extra.get("meta") or {}).get("n_ctx")
-    return str(model.id), int(length) if isinstance(length, int | float) else None
+    length = extra.get("max_model_len")
+    if length is None:
+        meta = extra.get("meta")
+        length = meta.get("n_ctx") if isinstance(meta, dict) else None
+    return str(model.id), length
+
+
+def context_window(route: Route, reported: object) -> int | None:
+    """``reported`` as a context window in tokens when it is one, else None (unknown).
+
+    A whole number from 1 to ``MAX_CONTEXT_WINDOW`` (``4096.0`` counts as 4096); anything else is
+    ignored, with one warning per route.
+    """
+    if reported is None:
+        return None
+    if type(reported) is float and reported.is_integer():
+        reported = int(reported)
+    if type(reported) is int and 0 < reported <= MAX_CONTEXT_WINDOW:
+        return reported
+    with _WARNED_LOCK:
+        if route in _WARNED:
+            return None
+        _WARNED.add(route)
+    log.warning(
+        "route %r (%s): the server reports max_model_len %s, which is not a context window (a whole number of "
+        "tokens from 1 to %d); ignored: inputs are not checked against it before sending",
+        route.name,
+        route.base_url,
+        _shown(reported),
+        MAX_CONTEXT_WINDOW,
+    )
+    return None
+
+
+_WARNED: weakref.WeakSet[Route] = weakref.WeakSet()
+"""Routes whose server's nonsensical context window was warned of (once each)."""
+_WARNED_LOCK = forks.lock()
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A server's value for a log line: its repr, capped (a server may send a megabyte where a number goes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
