@@ -40,8 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark single tests of a standard suite xfail or skip, with the reason the suite class gives; run the
-    tests that stop the session's vLLM servers (``vllm_room``) last, so those servers start once, not after each."""
-    items.sort(key=needs_room)
+    tests that stop the session's vLLM servers (``vllm_room``) last, so those servers start once, not after each,
+    and just before them those that kill one of the pair (``kills_vllm``), so no later test waits for its restart."""
+    items.sort(key=lambda item: (needs_room(item), item.get_closest_marker("kills_vllm") is not None))
     for item in items:
         cls = getattr(item, "cls", None)
         name = getattr(item, "originalname", item.name)

@@ -105,26 +105,7 @@ def test_the_context_window_comes_from_the_server(router: Router) -> None:
     assert VLLMRouted(router=router).metadata.context_window == 4096
 
 
-def test_a_stream_cut_by_sigkill_continues_on_the_other_server(vllm_pair: list[Any]) -> None:
-    """The serving vLLM server is SIGKILLed mid-answer: the caller's stream goes on from the other one."""
-    with Router(vllm_config(vllm_pair, lb_policy="round_robin", params={"max_tokens": 120})) as router:
-        received: list[str] = []
-        killed: int | None = None
-        chunks = []
-        for chunk in router.stream(COUNT):
-            chunks.append(chunk)
-            received.extend(c.delta.content or "" for c in chunk.choices)
-            if killed is None and len([t for t in received if t]) >= 5:
-                killed = int(call_info(chunk).route[-1])  # type: ignore[union-attr, index]
-                vllm_pair[killed].kill()
-        info = call_info(chunks[-1])
-        assert killed is not None and info is not None
-        assert info.continued == 1 and info.route == f"vllm{1 - killed}"
-        assert any(c.choices and c.choices[0].finish_reason for c in chunks)  # the answer finished
-        assert len({c.id for c in chunks}) == 1  # one stream to the caller
-    vllm_pair[killed] = vllm_on(vllm_pair[killed].port).start()
-
-
+@pytest.mark.kills_vllm
 def test_kill_one_server_mid_run_then_restart(vllm_pair: list[Any]) -> None:
     """40 requests at concurrency 4; one vLLM server SIGKILLed after 12: none may fail. Then it comes back."""
     config = vllm_config(
@@ -144,6 +125,26 @@ def test_kill_one_server_mid_run_then_restart(vllm_pair: list[Any]) -> None:
         while time.monotonic() - restarted < 30 and (not served or served[-1] != "vllm0"):
             served.append(call_info(router.chat(ASK)).route)  # type: ignore[union-attr, arg-type]
         assert served[-1] == "vllm0", "the restarted server never came back into rotation"
+
+
+@pytest.mark.kills_vllm  # runs after the other users of the pair: nobody waits for the killed server to restart
+def test_a_stream_cut_by_sigkill_continues_on_the_other_server(vllm_pair: list[Any]) -> None:
+    """The serving vLLM server is SIGKILLed mid-answer: the caller's stream goes on from the other one."""
+    with Router(vllm_config(vllm_pair, lb_policy="round_robin", params={"max_tokens": 120})) as router:
+        received: list[str] = []
+        killed: int | None = None
+        chunks = []
+        for chunk in router.stream(COUNT):
+            chunks.append(chunk)
+            received.extend(c.delta.content or "" for c in chunk.choices)
+            if killed is None and len([t for t in received if t]) >= 5:
+                killed = int(call_info(chunk).route[-1])  # type: ignore[union-attr, index]
+                vllm_pair[killed].kill()
+        info = call_info(chunks[-1])
+        assert killed is not None and info is not None
+        assert info.continued == 1 and info.route == f"vllm{1 - killed}"
+        assert any(c.choices and c.choices[0].finish_reason for c in chunks)  # the answer finished
+        assert len({c.id for c in chunks}) == 1  # one stream to the caller
 
 
 def test_a_mixed_fleet_of_vllm_and_llama_cpp(vllm_pair: list[Any], llama_servers: list[Any]) -> None:
