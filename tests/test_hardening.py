@@ -431,12 +431,25 @@ def test_close_ends_a_sync_call_still_waiting_for_headers(
     idle(router)
 
 
+def _nested(depth: int) -> dict[str, Any]:
+    """A content part nested ``depth`` mappings deep: past the recursion limit of any JSON encoder."""
+    part: dict[str, Any] = {"type": "text", "text": "x"}
+    for _ in range(depth):
+        part = {"type": "x", "inner": part}
+    return part
+
+
+UNSENDABLE = {"an object": object(), "nested 100,000 deep": [_nested(100_000)]}
+"""Contents the SDK cannot encode; the nested one raised RecursionError and opened every route's breaker."""
+
+
+@pytest.mark.parametrize("content", list(UNSENDABLE))
 @pytest.mark.parametrize("mode", MODES)
 def test_a_message_that_cannot_be_sent_is_the_callers_error_not_the_routes(
-    router_for: Callable[..., Router], servers: dict[str, FaultServer], mode: str
+    router_for: Callable[..., Router], servers: dict[str, FaultServer], mode: str, content: str
 ) -> None:
     router = router_for("a", "b", health={"failure_threshold": 1})
-    unsendable = [{"role": "user", "content": object()}]
+    unsendable = [{"role": "user", "content": UNSENDABLE[content]}]
 
     async def drain() -> None:
         async for _ in router.astream(unsendable):

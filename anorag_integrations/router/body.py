@@ -68,8 +68,9 @@ def continued_body(body: Mapping[str, Any], delivered: str, delivered_tokens: in
 def why_unsendable(body: Mapping[str, Any]) -> str | None:
     """Why the SDK cannot serialise ``body`` as JSON (the caller's mistake), or None when it can.
 
-    Asked only after an attempt raised a TypeError or ValueError, to tell the caller's NaN or
-    unserialisable object from a server's unusable answer; it uses the SDK's own encoder.
+    Asked only after an attempt raised a TypeError, ValueError or RecursionError, to tell the caller's NaN,
+    unserialisable object or structure nested past Python's recursion limit from a server's unusable
+    answer; it uses the SDK's own encoder.
     """
     payload = {k: v for k, v in body.items() if k not in NOT_BODY}
     payload.update(body.get("extra_body") or {})
@@ -77,6 +78,8 @@ def why_unsendable(body: Mapping[str, Any]) -> str | None:
         _sdk_dumps(payload)
     except (TypeError, ValueError) as exc:
         return str(exc)
+    except RecursionError:
+        return "it is nested deeper than Python's recursion limit allows encoding"
     return None
 
 

@@ -191,7 +191,7 @@ class Lease:
         if call.ctl.aborted or call.router.closed:
             self.abandoned("closed")
             raise RouterClosed("the router was closed while this call was in flight") from exc
-        if isinstance(exc, TypeError | ValueError) and (problem := call.unsendable()) is not None:
+        if isinstance(exc, TypeError | ValueError | RecursionError) and (problem := call.unsendable()) is not None:
             self.abandoned("invalid")  # the request could not even be built: the caller's mistake, no route's
             raise InvalidRequestError(f"the request cannot be sent: {problem}") from exc
         if self.ended:  # already settled (e.g. a stream's consumer raised after the end): nothing to count
