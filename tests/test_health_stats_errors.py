@@ -47,6 +47,36 @@ def test_breaker_opens_after_threshold_then_half_opens_for_one_trial() -> None:
     assert breaker.state is BreakerState.CLOSED and breaker.acquire()
 
 
+class Grants:
+    """A breaker listener standing in for shared state: ``granted`` says whether this replica holds the trial."""
+
+    def __init__(self) -> None:
+        self.granted = True
+
+    def breaker_changed(self, route: str) -> None:
+        pass
+
+    def may_trial(self, route: str, epoch: int) -> bool:
+        return self.granted
+
+
+def test_a_trial_given_back_is_sent_again_only_while_the_fleet_still_grants_it() -> None:
+    """Half-open with its slot free asks the fleet again: the grant may have passed to another replica."""
+    clock, grants = Clock(), Grants()
+    breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)
+    breaker.listener = grants
+    _fail(breaker)
+    clock.now += 5
+    trial = breaker.acquire()
+    assert trial is not None and trial.trial
+    breaker.release(trial)  # given back (the caller's deadline, a cancellation): no outcome
+    grants.granted = False  # meanwhile another replica took the fleet's trial
+    assert breaker.acquire() is None and not breaker.available() and breaker.state is BreakerState.OPEN
+    grants.granted = True
+    again = breaker.acquire()
+    assert again is not None and again.trial
+
+
 def test_failed_trial_reopens_for_a_full_cooldown() -> None:
     clock = Clock()
     breaker = CircuitBreaker(failure_threshold=1, cooldown_s=5, clock=clock)

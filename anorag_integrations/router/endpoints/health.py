@@ -114,13 +114,17 @@ class CircuitBreaker:
             return self._trial_in_flight
 
     def _peek(self) -> BreakerState:
-        if (
-            self._state is BreakerState.OPEN
-            and self._clock() - self._opened_at >= self.cooldown_s
-            and (self.listener is None or self.listener.may_trial(self.name, self._epoch))
-        ):
-            return BreakerState.HALF_OPEN  # with shared state, only in the replica that owns the fleet's trial
+        """The state as a caller sees it now. With shared state, half-open only in the replica that holds the
+        fleet's trial: asked when the cool-down ends, and again whenever the trial slot is free (a trial given
+        back does not keep a grant that may have passed to another replica meanwhile)."""
+        if self._state is BreakerState.OPEN and self._clock() - self._opened_at >= self.cooldown_s:
+            return BreakerState.HALF_OPEN if self._may_trial() else BreakerState.OPEN
+        if self._state is BreakerState.HALF_OPEN and not self._trial_in_flight and not self._may_trial():
+            return BreakerState.OPEN
         return self._state
+
+    def _may_trial(self) -> bool:
+        return self.listener is None or self.listener.may_trial(self.name, self._epoch)
 
     def wants_trial(self) -> bool:
         """Open with its cool-down over: a trial is due, if this replica may send it (see ``may_trial``)."""
