@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,19 @@ def router_for(servers: dict[str, FaultServer]) -> Iterator[Callable[..., Router
 
 REDIS_PASSWORD = "s3cret-redis-pw"
 """The session's redis-server requires this password: every shared-state test proves passwords work."""
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A Redis namespace of the test's own: tests share the session's Redis, never each other's keys."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def two() -> Iterator[dict[str, FaultServer]]:
+    """Two fault servers, ``s0`` and ``s1``, each answering "from" its name."""
+    with FaultServer(MODEL, reply="from s0") as s0, FaultServer(MODEL, reply="from s1") as s1:
+        yield {"s0": s0, "s1": s1}
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,6 @@ import json
 import os
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,18 +21,6 @@ from anorag_integrations.router.fleet.redis_scripts import SOURCES
 from anorag_integrations.testing import Fault, FaultServer, RedisServer
 
 from .fleet import MODEL, USER, connected, shared_config, wait_for
-
-
-@pytest.fixture
-def namespace() -> str:
-    """A namespace of the test's own: tests share the session's Redis, never each other's keys."""
-    return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def two() -> Iterator[dict[str, FaultServer]]:
-    with FaultServer(MODEL, reply="from s0") as s0, FaultServer(MODEL, reply="from s1") as s1:
-        yield {"s0": s0, "s1": s1}
 
 
 def routers(n: int, config: object, **kwargs: object) -> list[Router]:

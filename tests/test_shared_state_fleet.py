@@ -18,11 +18,6 @@ from .fleet import MODEL, USER, connected, replicas, shared_config, state_docume
 
 
 @pytest.fixture
-def namespace() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
 def three() -> Iterator[dict[str, FaultServer]]:
     with FaultServer(MODEL) as s0, FaultServer(MODEL) as s1, FaultServer(MODEL) as s2:
         yield {"s0": s0, "s1": s1, "s2": s2}

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,17 +38,6 @@ IDLE_S = 2.5 * TTL_S
 """How long a grant's holder stays idle: past its lock's TTL twice, time enough for every replica to take it."""
 TRIAL_WINDOW_S = 1.0
 """How long the trial's hang is watched for a second trial."""
-
-
-@pytest.fixture
-def namespace() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def two() -> Iterator[dict[str, FaultServer]]:
-    with FaultServer(MODEL, reply="from s0") as s0, FaultServer(MODEL, reply="from s1") as s1:
-        yield {"s0": s0, "s1": s1}
 
 
 def derived(document: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,11 +57,6 @@ from anorag_integrations.testing.hostile_redis import (
 from .fleet import MODEL, ROOT, USER, Replica, connected, state_document, wait_for
 
 LOG = "anorag_integrations.router"
-
-
-@pytest.fixture
-def namespace() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
