@@ -61,7 +61,9 @@ __all__ = [
 ]
 
 
-_HOMES = {"Config": "config", "load_config": "config"} | {
+_HOMES = {
+    "Config": "config",
+    "load_config": "config",
     "ChatVLLMRouted": "langchain",
     "VLLMRoutedEmbeddings": "langchain",
     "VLLMRouted": "llama_index",

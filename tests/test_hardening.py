@@ -118,15 +118,19 @@ def test_sse_noise_ends_in_an_answer_or_a_failover(
     idle(router)
 
 
+@pytest.mark.parametrize("way", ["chat", "stream"])
 def test_only_malformed_routes_raise_a_typed_error(
-    router_for: Callable[..., Router], servers: dict[str, FaultServer]
+    router_for: Callable[..., Router], servers: dict[str, FaultServer], way: str
 ) -> None:
+    """An HTML page on every route: each attempt is a MalformedResponse, for a plain call as for a stream."""
     router = router_for("a", "b")
     for name in ("a", "b"):
         servers[name].set_fault(Fault.HTML)
     with pytest.raises(AllRoutesFailed) as raised:
-        router.chat(USER)
+        router.chat(USER) if way == "chat" else list(router.stream(USER))
     assert all(isinstance(a.error, MalformedResponse) for a in raised.value.attempts)
+    if way == "stream":
+        assert [type(a.error) for a in raised.value.attempts] == [MalformedResponse, MalformedResponse]
     idle(router)
 
 
@@ -627,16 +631,4 @@ def test_a_stream_answered_without_events_is_malformed_and_says_what_came(
     assert key not in str(error) and "logs" not in str(error)
     assert error.error_class == "malformed_response"
     assert router.routes["a"].stats.failures == 1
-    idle(router)
-
-
-def test_streams_of_pages_on_every_route_are_all_malformed(
-    router_for: Callable[..., Router], servers: dict[str, FaultServer]
-) -> None:
-    router = router_for("a", "b")
-    for name in ("a", "b"):
-        servers[name].set_fault(Fault.HTML)
-    with pytest.raises(AllRoutesFailed) as raised:
-        list(router.stream(USER))
-    assert [type(a.error) for a in raised.value.attempts] == [MalformedResponse, MalformedResponse]
     idle(router)
