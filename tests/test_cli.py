@@ -46,7 +46,7 @@ def test_healthcheck_text_all_healthy(
     assert "default route: a" in out and "total routes:  3" in out
     for name in "abc":
         assert f"[OK] {name}" in out and servers[name].base_url in out
-    assert f"served:  {MODEL} (max_model_len 4096)" in out
+    assert f"serves:  {MODEL} (max_model_len 4096)" in out and "kind:    chat" in out
     assert out.rstrip().endswith("3/3 routes healthy")
 
 
@@ -324,7 +324,7 @@ def test_healthcheck_and_bench_on_real_servers(
     path.write_text(yaml.safe_dump({"llm": {"routes": routes}}))
     assert main(["--config", str(path), "healthcheck"]) == 0
     out = capsys.readouterr().out
-    assert "2/2 routes healthy" in out and "served:  gemma3_270m (max_model_len" in out
+    assert "2/2 routes healthy" in out and "serves:  gemma3_270m (max_model_len" in out
     report_path = tmp_path / "bench.json"
     assert main(["--config", str(path), "bench", "--requests", "4", "--concurrency", "2", "--max-tokens", "4",
                  "--stream", "--out", str(report_path)]) == 0  # fmt: skip

@@ -393,7 +393,7 @@ def test_an_input_clearly_too_long_is_refused_before_anything_is_sent(
     by_chars = " ".join(["x" * 100] * 5)  # 5 words of 100 characters: at least 5 x 13 tokens
     with pytest.raises(InputTooLongError):
         router.embed([by_chars])
-    assert router.outcomes.snapshot() == {("", "invalid"): 2}
+    assert router.outcomes.snapshot() == {("", "m", "invalid"): 2}
     one_long_word = "ACGT" * 500  # 2,000 characters, but WordPiece makes it one [UNK]: not refused here
     assert len(router.embed([one_long_word]).data) == 1
     settled(router)

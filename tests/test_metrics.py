@@ -101,8 +101,10 @@ def test_a_scripted_run_is_exported_as_stats_says(
     assert value(samples, "anorag_failovers_total", **a) == 3 and value(samples, "anorag_failovers_total", **b) == 0
     assert value(samples, "anorag_breaker_state", state="open", **a) == 1
     assert value(samples, "anorag_route_healthy", **a) == 0 and value(samples, "anorag_route_healthy", **b) == 1
-    assert value(samples, "anorag_requests_total", outcome="success", **b) == 7  # 2 + 4 failed over + the stream
-    assert value(samples, "anorag_requests_total", outcome="success", **a) == 2
+    assert (
+        value(samples, "anorag_requests_total", outcome="success", model="m", **b) == 7
+    )  # 2 + 4 failed over + the stream
+    assert value(samples, "anorag_requests_total", outcome="success", model="m", **a) == 2
     assert value(samples, "anorag_time_to_first_token_seconds_count", **b) == 1
     assert value(samples, "anorag_time_to_first_token_seconds_count", **a) == 0
     assert value(samples, "anorag_output_tokens_total", **b) == 14  # "from b": two tokens, seven answers
@@ -154,8 +156,8 @@ def test_failures_without_a_route_and_exhausted_calls_are_counted(
     with pytest.raises(AllRoutesFailed):
         router.chat(USER)  # a's breaker is open: no route tried
     samples = scrape(registry)
-    assert value(samples, "anorag_requests_total", router="default", route="a", outcome="exhausted") == 1
-    assert value(samples, "anorag_requests_total", router="default", route="", outcome="exhausted") == 1
+    assert value(samples, "anorag_requests_total", router="default", route="a", model="m", outcome="exhausted") == 1
+    assert value(samples, "anorag_requests_total", router="default", route="", model="m", outcome="exhausted") == 1
     assert value(samples, "anorag_attempt_failures_total", router="default", route="a", error_class="connect_error")
     assert_matches_stats(router, samples)
 
@@ -170,7 +172,7 @@ def test_hedges_and_stream_continuations_are_exported(
     samples = scrape(registry)
     b = {"router": "default", "route": "b"}
     assert value(samples, "anorag_hedges_total", **b) == 1 and value(samples, "anorag_hedges_won_total", **b) == 1
-    assert value(samples, "anorag_requests_total", outcome="success", **b) == 1
+    assert value(samples, "anorag_requests_total", outcome="success", model="m", **b) == 1
     assert_matches_stats(hedged, samples)
     hedged.close()
 
@@ -192,7 +194,7 @@ def test_hedges_and_stream_continuations_are_exported(
         assert value(
             samples, "anorag_attempt_failures_total", router="continuing", route="c", error_class="connection_dropped"
         )
-        assert value(samples, "anorag_requests_total", outcome="success", **labels) == 1
+        assert value(samples, "anorag_requests_total", outcome="success", model="m", **labels) == 1
         assert_matches_stats(continuing, samples, "continuing")
     finally:
         continuing.close()

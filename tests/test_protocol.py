@@ -6,6 +6,10 @@ the usage chunk and ``stop_reason``, ``continue_final_message``, ``structured_ou
 ``/metrics`` names; and on a pooling server (all-MiniLM-L6-v2), ``/v1/embeddings``: vectors in
 input order, float and base64, usage, overflow and truncation. ``FaultServer`` must pass the same
 checks as the engine it imitates.
+
+Several served names and LoRA adapters need a vLLM started with an adapter: ``test_models_live.py`` checks
+that vLLM still answers as recorded (``data/vllm_lora_facts.json``), and here FaultServer is held to the
+recording, request for request.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +28,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from anorag_integrations.testing import FaultServer
+
+from .served_models import ADAPTERS, NAMES, emulated, observe, recorded
 
 
 @dataclass
@@ -79,9 +86,8 @@ def test_health_answers_200(target: Target, client: httpx.Client) -> None:
 def test_unknown_model_is_a_404_naming_it(target: Target, client: httpx.Client) -> None:
     response = target.chat(client, model="nope")
     assert response.status_code == 404
-    error = response.json()["error"]
-    assert (error["type"], error["param"], error["code"]) == ("NotFoundError", "model", 404)
-    assert error["message"].startswith("The model `nope` does not exist.") and target.model in error["message"]
+    message = f"The model `nope` does not exist. Valid aliases: {target.model}."
+    assert response.json() == {"error": {"message": message, "type": "NotFoundError", "param": "model", "code": 404}}
 
 
 def test_context_overflow_is_a_400_with_vllms_wording(target: Target, client: httpx.Client) -> None:
@@ -274,8 +280,70 @@ def test_truncate_prompt_tokens_past_the_window_is_a_400(embedder: Embedder, cli
 
 def test_embedding_errors_for_an_unknown_model_or_no_input(embedder: Embedder, client: httpx.Client) -> None:
     unknown = embedder.embed(client, ["hi"], model="nope")
-    assert unknown.status_code == 404
-    error = unknown.json()["error"]
-    assert error["type"] == "NotFoundError" and error["message"].startswith("The model `nope` does not exist.")
+    assert unknown.status_code == 404  # worded apart from the chat server's: no served names, no param
+    message = "The model `nope` does not exist."
+    assert unknown.json() == {"error": {"message": message, "type": "NotFoundError", "param": None, "code": 404}}
     empty = embedder.embed(client, [])
     assert empty.status_code == 400 and empty.json()["error"]["message"] == "You must pass at least one prompt"
+
+
+# --- several served names and LoRA adapters: FaultServer against what vLLM 0.32 answered -------------------
+
+
+def test_served_names_and_adapters_answer_as_vllm_did(client: httpx.Client, tmp_path: Path) -> None:
+    """``/v1/models`` (every served name, then each adapter with its parent), whom chats are answered as, the
+    unknown model's 404 and a run of runtime loads and unloads, good and bad: equal to the recording."""
+    with emulated(tmp_path) as (fake, paths):
+        assert observe(client, fake.root_url, paths) == recorded()
+
+
+def test_the_recording_holds_what_the_router_relies_on() -> None:
+    """Read from the recording, so a re-recording that changed these facts fails here, by name."""
+    facts = recorded()
+    listed = [(m["id"], m["parent"], m["root"], m["max_model_len"]) for m in facts["models"]["data"]]
+    assert listed == [
+        (NAMES[0], None, "<model>", 4096),
+        (NAMES[1], None, "<model>", 4096),
+        *((name, parent, "<sql>", None) for name, parent in ADAPTERS.items()),
+    ]
+    assert facts["answered_as"] == {NAMES[0]: NAMES[0], NAMES[1]: NAMES[0], "sql": "sql", "sql-chat": "sql-chat",
+                                    "": NAMES[0]}  # fmt: skip
+    after = [(m["id"], m["parent"]) for m in facts["exchanges"][-1]["answer"]["data"]]
+    assert after[-1] == ("sql", NAMES[0])  # loaded at run time: on the first served name
+
+
+def test_an_adapter_added_or_removed_at_run_time_is_listed_served_and_kept_apart(client: httpx.Client) -> None:
+    with FaultServer("m", served_names=["m-alias"]) as fake:
+        assert fake.served_names == ["m", "m-alias"] and fake.adapters == {}
+        fake.add_adapter("sql")
+        fake.add_adapter("sql-alias", "m-alias", root="/lora/sql")
+        listed = {m["id"]: (m["parent"], m["root"]) for m in client.get(f"{fake.root_url}/v1/models").json()["data"]}
+        assert listed == {"m": (None, "m"), "m-alias": (None, "m"), "sql": ("m", "/adapters/sql"),
+                          "sql-alias": ("m-alias", "/lora/sql")}  # fmt: skip
+        url = f"{fake.root_url}/v1/chat/completions"
+        asked = ["m-alias", "sql", "sql-alias"]
+        answers = [
+            client.post(url, json={"model": name, "messages": [{"role": "user", "content": "hi"}]}) for name in asked
+        ]
+        assert [a.json()["model"] for a in answers] == ["m", "sql", "sql-alias"]
+        embedded = client.post(f"{fake.root_url}/v1/embeddings", json={"model": "sql", "input": "hi"}).json()
+        assert embedded["model"] == "sql"
+        assert fake.request_models == [*asked, "sql"]
+        assert fake.remove_adapter("sql") and not fake.remove_adapter("sql")
+        assert client.post(url, json={"model": "sql", "messages": []}).status_code == 404
+        with pytest.raises(ValueError, match="conflicts with a served name"):
+            fake.add_adapter("m-alias")
+        with pytest.raises(ValueError, match="is not served"):
+            fake.add_adapter("x", "other")
+
+
+def test_runtime_lora_endpoints_are_absent_unless_switched_on(client: httpx.Client, tmp_path: Path) -> None:
+    """As vLLM without ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``: FastAPI's 404 for a path it has no route for."""
+    with FaultServer("m") as fake:
+        body = {"lora_name": "x", "lora_path": str(tmp_path)}
+        for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            response = client.post(f"{fake.root_url}{path}", json=body)
+            assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+        fake.runtime_lora = True
+        assert client.post(f"{fake.root_url}/v1/load_lora_adapter", json=body).status_code == 200
+        assert fake.adapters == {"x": "m"}

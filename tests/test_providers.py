@@ -87,8 +87,9 @@ def test_ollama_native_api_options_stream_and_errors(tmp_path: Path, ollamas: li
     assert provider.list_models() == ["llama3.2:latest"] and provider.is_available()
     stats = provider.stats()["ollama"]
     assert stats["successes"] == 2 and stats["output_tokens"] == 3  # eval_count: 1, then 2
-    with pytest.raises(ModelNotFoundError, match="ollama pull"):
-        provider.chat("hi", model="mistral")
+    with pytest.raises(ModelNotFoundError, match="ollama pull mistral"):
+        provider.chat("hi", model="mistral")  # not pulled on any host: refused before sending, saying how
+    assert provider.chat("hi", model="llama3.2:latest", max_tokens=1) == "ollama "  # the tag as listed
 
 
 def test_multi_ollama_balances_and_fails_over(tmp_path: Path, ollamas: list[OllamaFaultServer]) -> None:
@@ -211,10 +212,14 @@ def test_router_over_mixed_apis(servers: dict[str, FaultServer], ollamas: list[O
     from anorag_integrations.config import config_from_dict
 
     routes = {"vllm": {"base_url": servers["a"].base_url, "model": MODEL},
-              "ollama": {"api": "ollama", "base_url": ollamas[1].root_url, "model": "llama3.2"}}  # fmt: skip
+              "ollama": {"api": "ollama", "base_url": ollamas[1].root_url, "model": "llama3.2",
+                         "aliases": [MODEL]}}  # one model group over both engines  # fmt: skip
     with Router(config_from_dict({"llm": {"routes": routes}}, env={})) as router:
         answers = {router.chat([{"role": "user", "content": "x"}]).choices[0].message.content for _ in range(2)}
         assert answers == {"from a", "ollama two"}
+        assert ollamas[1].requests[-1]["model"] == "llama3.2"  # the alias is sent as the route's model
+        ollama_only = router.chat([{"role": "user", "content": "x"}], model="llama3.2")
+        assert ollama_only.choices[0].message.content == "ollama two"
         assert {name: row["healthy"] for name, row in router.health().items()} == {"vllm": True, "ollama": True}
 
 

@@ -457,3 +457,22 @@ def test_propagate_takes_only_known_header_names(value: Any) -> None:
     assert config_from_dict({"llm": {"routes": routes}}, env={}).routes["a"].propagate == ("baggage", "traceparent")
     del routes["a"]["propagate"]
     assert config_from_dict({"llm": {"routes": routes}}, env={}).routes["a"].propagate == ("traceparent",)
+
+
+def test_a_fallback_call_names_the_requested_model_and_each_attempt_the_model_it_sent(traced: Traced) -> None:
+    with FaultServer("small", reply="from small") as small:
+        config = make_config(
+            {"a": traced.servers["a"], "s": small},
+            route_overrides={"s": {"model": "small", "aliases": ["tiny"]}},
+            fallbacks={MODEL: ["small"]},
+        )
+        traced.servers["a"].set_fault(Fault.STATUS, status=503)
+        with Router(config, tracer_provider=traced.provider, start_prober=False) as router:
+            router.chat(USER)
+    call, attempts = traced.only_call()
+    assert attrs(call)["gen_ai.request.model"] == MODEL and attrs(call)["gen_ai.response.model"] == "small"
+    assert (attrs(call)["anorag.model_fallback"], attrs(call)["anorag.models_tried"]) == ("fallbacks", (MODEL,))
+    assert [(attrs(a)["anorag.route"], attrs(a)["gen_ai.request.model"]) for a in attempts] == [
+        ("a", MODEL),
+        ("s", "small"),
+    ]

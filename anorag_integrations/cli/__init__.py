@@ -1,4 +1,4 @@
-"""The ``anorag-llm`` console script: healthcheck, bench, servers, demo, metrics.
+"""The ``anorag-llm`` console script: healthcheck, bench, servers, demo, metrics; ``--version``.
 
 Every failure is one line that says what to do; ``--debug`` shows the traceback instead.
 """
@@ -30,6 +30,29 @@ PRESET_FLAGS: dict[str, type] = {
     "--port": int,
 }
 """Command-line overrides of a vLLM preset's fields."""
+DISTRIBUTION = "anorag-integrations"
+"""The installed package whose version ``--version`` prints."""
+
+
+def installed_version() -> str:
+    """The version pip installed (``importlib.metadata``), so a wheel and an editable install both answer."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print the installed version and exit; looked up only when asked, not on every start."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"{parser.prog} {installed_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def _global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -43,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _global_options(
         argparse.ArgumentParser(prog="anorag-llm", description="Route LLM calls over a fleet of vLLM servers.")
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the installed version and exit")
     # The same options after a (sub)command: without a default there, so one given before it survives.
     common = [_global_options(argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS))]
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,8 +213,9 @@ def _health_text(router: Any, rows: dict[str, dict[str, Any]], healthy: int) -> 
         lines += [
             f"[{'OK' if row['healthy'] else 'DOWN'}] {name}",
             f"    url:     {row['url']}",
-            f"    model:   {row['model']}",
-            f"    served:  {', '.join(row['models']) or '-'}"
+            f"    kind:    {row['kind']}   model: {row['model']}"
+            + (f"   aliases: {', '.join(row['aliases'])}" if row["aliases"] else ""),
+            f"    serves:  {_served_text(row)}"
             + (f" (max_model_len {row['max_model_len']})" if row["max_model_len"] else ""),
             f"    latency: {latency}   breaker: {row['state']}",
         ]
@@ -198,6 +223,14 @@ def _health_text(router: Any, rows: dict[str, dict[str, Any]], healthy: int) -> 
             lines.append(f"    error:   {row['error']}")
     lines.append(f"\n{healthy}/{len(rows)} routes healthy")
     return "\n".join(lines)
+
+
+def _served_text(row: dict[str, Any]) -> str:
+    """The names a route serves now, each adapter with its base model, and those its server answered 404 for."""
+    adapters = row["adapters"]
+    names = [f"{name} (LoRA of {adapters[name]})" if name in adapters else name for name in row["serves"]]
+    text = ", ".join(names) or "-"
+    return text + (f"; 404 for: {', '.join(row['dropped'])}" if row["dropped"] else "")
 
 
 def _metrics(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ def table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str], *, key:
     return "\n".join(lines)
 
 
-HEALTH_COLUMNS = ("healthy", "state", "latency_ms", "models", "max_model_len", "url")
+HEALTH_COLUMNS = ("healthy", "state", "kind", "latency_ms", "serves", "max_model_len", "url")
 STATS_COLUMNS = (
     "requests",
     "successes",

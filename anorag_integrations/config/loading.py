@@ -28,6 +28,8 @@ ROUTER_KEYS = frozenset(
         "fallback_route",
         "default_embedding_route",
         "fallback_embedding_route",
+        "fallbacks",
+        "context_window_fallbacks",
         "embedding",
         "lb_policy",
         "params",

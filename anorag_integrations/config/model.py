@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -33,6 +34,12 @@ class Config(_Section):
     default_embedding_route: str | None = None
     fallback_embedding_route: str | None = None
     lb_policy: str = "round_robin"
+    fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict, description="model -> the models a call goes on to when every route of its own failed"
+    )
+    context_window_fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict, description="model -> the models a prompt too long for its own goes on to"
+    )
     params: Params = Params()
     health: HealthConfig = HealthConfig()
     prefix_affinity: PrefixAffinityConfig = PrefixAffinityConfig()
@@ -66,6 +73,20 @@ class Config(_Section):
             if fallback is not None and len(self.route_names(kind)) == 1:
                 raise ValueError(f"{keys[1]}: needs at least one other {kind} route to fall back from")
         return self
+
+    @model_validator(mode="after")
+    def _known_models(self) -> Config:
+        for key in ("fallbacks", "context_window_fallbacks"):
+            check_fallbacks(key, getattr(self, key), self.configured_models())
+        return self
+
+    def configured_models(self) -> dict[str, str]:
+        """Every model name the config gives a route (its model, its aliases) -> that route's kind."""
+        names: dict[str, str] = {}
+        for route in self.routes.values():
+            for name in (route.model, *route.aliases):
+                names.setdefault(name, route.kind)
+        return names
 
     def route_names(self, kind: str) -> list[str]:
         """The routes of ``kind`` ("chat" or "embedding"), in config order."""
@@ -108,3 +129,52 @@ _KIND_KEYS = {
     "embedding": ("default_embedding_route", "fallback_embedding_route"),
 }
 """Each route kind's (default, fallback) keys."""
+
+
+def check_fallbacks(key: str, table: dict[str, list[str]], known: dict[str, str]) -> None:
+    """``fallbacks`` / ``context_window_fallbacks``: configured names, one kind per entry, no cycle."""
+    for name, targets in table.items():
+        for shown in (name, *targets):
+            if shown not in known:
+                close = difflib.get_close_matches(shown, list(known), n=1)
+                meant = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"{key}.{clip(name)}: {preview(shown)} is not a configured model or alias{meant}; "
+                    f"configured: {clip(', '.join(sorted(known)))}"
+                )
+            if known[shown] == "embedding":
+                raise ValueError(
+                    f"{key}.{clip(name)}: {preview(shown)} is an embedding model: embedding models never fall back "
+                    "to another model (its vectors would not compare with the ones already stored)"
+                )
+            if known[shown] != known[name]:
+                raise ValueError(
+                    f"{key}.{clip(name)}: {preview(shown)} is a {known[shown]} model, "
+                    f"{preview(name)} a {known[name]} one"
+                )
+        if name in targets:
+            raise ValueError(f"{key}.{clip(name)}: a model cannot fall back to itself")
+    cycle = _cycle(table)
+    if cycle:
+        raise ValueError(f"{key}: the fallbacks form a cycle: {' -> '.join(cycle)}")
+
+
+def _cycle(table: dict[str, list[str]]) -> list[str] | None:
+    """A cycle in the fallback graph, as the names along it (first name repeated at the end), or None."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return [*path[path.index(name) :], name]
+        if name in done:
+            return None
+        for target in table.get(name, ()):
+            if (found := visit(target, [*path, name])) is not None:
+                return found
+        done.add(name)
+        return None
+
+    for start in table:
+        if (found := visit(start, [])) is not None:
+            return found
+    return None

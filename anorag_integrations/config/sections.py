@@ -5,7 +5,7 @@ Every section forbids unknown keys and is frozen; ``model.py`` puts them togethe
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -31,6 +31,9 @@ class RouteConfig(_Section):
     )
     base_url: str
     model: str = Field(min_length=1)
+    aliases: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        default=(), description="other names callers may use for this model (the route sends `model` for them)"
+    )
     timeout: float | None = Field(default=None, gt=0, description="per-attempt seconds; default params.timeout")
     api_key: SecretStr = SecretStr("EMPTY")
     weight: float = Field(default=1.0, gt=0)
@@ -55,6 +58,8 @@ class RouteConfig(_Section):
     def _ollama_only(self) -> RouteConfig:
         if self.api != "ollama" and (self.options or self.keep_alive is not None):
             raise ValueError("options and keep_alive apply to api: ollama routes only (vLLM extras go in extra_body)")
+        if self.model in self.aliases:
+            raise ValueError(f"aliases: {preview(self.model)} is the route's model itself, not an alias")
         if self.kind == "embedding" and self.continue_streams:
             raise ValueError("continue_streams applies to chat routes only (embeddings are not streamed)")
         return self

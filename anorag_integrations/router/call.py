@@ -23,7 +23,7 @@ from openai.types.chat import ChatCompletion
 from .balancing.policies import stable_hash
 from .balancing.prefix_index import conversation_blocks, text_blocks
 from .body import Messages, chat_body, continued_body, prefix_pieces, why_unsendable
-from .errors import AllRoutesFailed, InvalidRequestError, RouterClosed
+from .errors import AllRoutesFailed, ContextOverflowError, InvalidRequestError, RouterClosed
 from .info import CallInfo, attach, call_info
 from .loop import LoopThread, Overdue
 from .telemetry import tracing
@@ -99,7 +99,21 @@ class Call:
             raise InvalidRequestError(f"max_retries must be a whole number >= 0, got {self.max_retries!r}")
         deadline = seconds("deadline", params.pop("deadline", None)) or cfg.deadline
         self.deadline = None if deadline is None else self.started + deadline
-        self.model: str | None = params.pop("model", None)
+        requested = params.pop("model", None)
+        if requested is not None and (not isinstance(requested, str) or not requested):
+            raise InvalidRequestError(f"model must be a non-empty model name, got {type(requested).__name__}")
+        self.requested_model: str | None = requested
+        """The caller's ``model=`` (None: the default route's model)."""
+        self.model: str = requested or router.models.default[self.kind] or ""
+        """The model group the call is served from now: the requested one, or a fallback model."""
+        self.resolved = self.pinned is not None
+        """Whether the call's model is known to be served (a pinned call is sent as asked)."""
+        self.tried_models: list[str] = []
+        """Models whose routes this call has given up on (``fallbacks``, ``context_window_fallbacks``)."""
+        self.next_models: list[str] = []
+        """Fallback models still to try, in order."""
+        self.first_round = 0
+        """The call's round count when its current model's rounds began (``max_retries`` counts per model)."""
         session = params.pop("session_id", None)
         if session is not None and (type(session) not in (str, int) or session == ""):
             raise InvalidRequestError(
@@ -108,7 +122,7 @@ class Call:
         self.session_id: str | None = None if session is None else _session_key(session)
         """The conversation this request belongs to: it stays on one route while that route is usable."""
         self.body = {}
-        self.info = CallInfo()
+        self.info = CallInfo(requested_model=self.model)
         self.retry_after = 0.0
         """The longest ``Retry-After`` of the current round (seconds, already capped)."""
         self.round_attempts = 0
@@ -140,7 +154,7 @@ class Call:
         info = self.info
         route = info.route or (info.attempts[-1].route if info.attempts else "")
         ended = "success" if exc is None else tracing.outcome(exc)
-        self.router.outcomes.add(route, ended)
+        self.router.outcomes.add(route, self.served_model(), ended)
         if self.span is not None:
             span, self.span = self.span, None
             tracing.end_call(self, span, ended, exc)
@@ -156,8 +170,9 @@ class Call:
     def fresh(self) -> Self:
         """A copy of this request that has not run yet (no attempts, rounds or route); same bounds and span."""
         twin = copy.copy(self)
-        twin.info, twin.retry_after, twin.active = CallInfo(), 0.0, None
+        twin.info, twin.retry_after, twin.active = CallInfo(requested_model=self.info.requested_model), 0.0, None
         twin.round_attempts, twin.failed_on = 0, None
+        twin.tried_models, twin.next_models = list(self.tried_models), list(self.next_models)
         return twin
 
     def _twin(self, avoid: frozenset[str]) -> Call:
@@ -219,9 +234,86 @@ class Call:
         """Why the SDK cannot serialise the body as JSON (the caller's mistake), or None when it can."""
         return why_unsendable(self.body)
 
+    def served_model(self) -> str:
+        """The call's model as statistics and metrics name it: a name some route serves, else "" (a caller's
+        unknown name never becomes a label)."""
+        models = self.router.models
+        return self.model if models.serves(self.kind, self.model) else ""
+
+    def sent_model(self, route: Route) -> str:
+        """The model name an attempt on ``route`` sends: an alias becomes the route's model; the fallback
+        route, taking a default-model call for a model it does not serve, gets its own; a pinned route
+        gets what the caller asked for (its own model when the caller named none)."""
+        name = self.model
+        if name == route.model or name in route.aliases:
+            return route.model
+        if route is self.pinned:
+            return route.model if self.requested_model is None else name
+        return name if name in route.served_names() else route.model
+
+    def resolve(self) -> None:
+        """Make sure some route serves the call's model, asking the servers once (sync) if none is known to:
+        else :class:`UnknownModelError`, before anything is sent."""
+        if not self.resolved:
+            self.router.models.look_up(self.kind, self.model, self.left())
+            self.resolved = True
+
+    async def aresolve(self) -> None:
+        """Async twin of :meth:`resolve`."""
+        if not self.resolved:
+            await self.router.models.alook_up(self.kind, self.model, self.left())
+            self.resolved = True
+
+    def fall_back(self, failed: BaseException) -> bool:
+        """Go on to the next fallback model after ``failed`` ended the current one's rounds; False: none left
+        (or no time, or this is a hedged copy or a continuation, which stay on their model)."""
+        if self.pinned is not None or self.role != "request" or ((left := self.left()) is not None and left <= 0):
+            return False
+        overflow = isinstance(failed, ContextOverflowError)
+        models = self.router.models
+        self.tried_models.append(self.model)
+        ahead = [m for m in models.fallback_models(self.model, overflow) if m not in self.tried_models]
+        self.next_models = ahead + [m for m in self.next_models if m not in ahead]
+        if not self.next_models:
+            return False
+        self.model = self.next_models.pop(0)
+        self.info.fallback_reason = "context_window" if overflow else "fallbacks"
+        self.info.models_tried = [*self.tried_models]
+        self.first_round = self.info.rounds
+        return True
+
+    def overflow(self) -> ContextOverflowError | None:
+        """The prompt is clearly too long for every route of the call's model (their ``max_model_len``, all
+        known): predicted before sending, asked only where ``context_window_fallbacks`` give it somewhere to go."""
+        from .embeddings import fewest_tokens  # embeddings builds on this module
+
+        models = self.router.models
+        messages = self.body.get("messages")
+        if messages is None or not models.window_fallbacks.get(self.model):
+            return None
+        group = models.group(self.kind, self.model)
+        windows = [route.max_model_len for route in group]
+        if not group or None in windows:
+            return None
+        limit = max(w for w in windows if w is not None)
+        per_token = self.router.config.embedding.chars_per_token
+        reply = self.body.get("max_tokens") or self.body.get("max_completion_tokens") or 0
+        estimate = sum(fewest_tokens(piece, per_token) for piece in prefix_pieces(messages)) + reply
+        if estimate <= limit:
+            return None
+        route = group[0]
+        return ContextOverflowError(
+            f"the prompt needs at least {estimate} tokens (with max_tokens {reply}), past model {self.model!r}'s "
+            f"context window of {limit}; nothing was sent",
+            route=route.name,
+            url=route.base_url,
+            hint="shorten the prompt or lower max_tokens",
+            error_class="context_overflow_predicted",
+        )
+
     def body_for(self, route: Route) -> dict[str, Any]:
         """The request body for an attempt on ``route``; a traced attempt's ``traceparent`` goes in its headers."""
-        body = {**self.body, "model": self.model or route.model}
+        body = {**self.body, "model": self.sent_model(route)}
         if self.span is None:
             return body
         lease = self.ctl.lease

@@ -185,4 +185,4 @@ def status_error(
 
 def trips_breaker(error: RouteError) -> bool:
     """Whether an error counts against the route's circuit breaker."""
-    return isinstance(error, TransientRouteError | AuthenticationError | ModelNotFoundError)
+    return isinstance(error, TransientRouteError | AuthenticationError)

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from .fleet.state import State, make_state
 from .hedge import Hedger, race
 from .info import CallInfo, attach, call_info
 from .loop import LoopThread
+from .models import Catalog
 from .rounds import aserve, make_pools, serve
 from .streams import astream, stream
 from .telemetry import prometheus
@@ -61,6 +62,8 @@ class Router:
         """``tracer_provider``: trace with this provider instead of OpenTelemetry's global one."""
         self.config = config
         self.routes: dict[str, Route] = {name: _make_route(name, rc, config) for name, rc in config.routes.items()}
+        self.models = Catalog(self.routes, config)
+        """Which routes serve which model name (``models.py``): a call's ``model=`` picks its group."""
         self.pools = make_pools(config, self.routes)
         """The routes of each kind ("chat", "embedding"), with their policy and fallback route."""
         self.vector_lengths = VectorLengths()
@@ -96,7 +99,7 @@ class Router:
         self.is_shared = False
         """Handed out by :meth:`shared`: its users drop it rather than close it (see providers)."""
         obs = config.observability
-        self.tracing = Tracing(tracer_provider, _sole_models(self.routes.values())) if obs.tracing else None
+        self.tracing = Tracing(tracer_provider) if obs.tracing else None
         """Where call and attempt spans go (None: ``observability.tracing: false``)."""
         self.outcomes = CallOutcomes()
         """How calls ended, by route and outcome (``anorag_requests_total``)."""
@@ -242,7 +245,8 @@ class Router:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per route: attempts, failures (and by error class), in-flight, failovers, latency and TTFT
-        percentiles (ms), tokens/s, ``outcomes`` (the calls that ended on the route, by outcome), and the
+        percentiles (ms), tokens/s, ``outcomes`` (the calls that ended on the route, by outcome; ``models``: by
+        model, then outcome), ``serves`` (the model names it serves now), and the
         prefix-cache hit rate: ``prefix_hit_rate_predicted`` by ``prefix_aware``'s index (None under other
         policies), ``prefix_hit_rate_measured`` from the server's ``/metrics`` when it is read and exports one."""
         ended = self.outcomes.snapshot()
@@ -251,8 +255,9 @@ class Router:
             if (rates := getattr(pool.policy, "hit_rates", None)) is not None:
                 predicted.update(rates())
         return {
-            name: {"url": r.base_url, "model": r.model, "state": str(r.breaker.state), **r.stats.snapshot(),
-                   "outcomes": {outcome: n for (route, outcome), n in ended.items() if route == name},
+            name: {"url": r.base_url, "model": r.model, "serves": sorted(r.served_names()),
+                   "state": str(r.breaker.state), **r.stats.snapshot(),
+                   "outcomes": _by_outcome(ended, name), "models": _by_model(ended, name),
                    "prefix_hit_rate_predicted": predicted.get(name),
                    "prefix_hit_rate_measured": r.load.prefix_hit_rate if r.load is not None else None}
             for name, r in self.routes.items()
@@ -366,6 +371,11 @@ class Router:
             "state": "throttled" if throttled and state is BreakerState.CLOSED else str(state),
             "throttled_until": time.time() + route.not_before - time.monotonic() if throttled else None,
             "latency_ms": probe.latency_ms,
+            "kind": route.kind,
+            "serves": sorted(route.served_names()),
+            "aliases": sorted(route.aliases),
+            "adapters": dict(route.parents),
+            "dropped": sorted(route.dropped),
             "models": list(probe.models),
             "max_model_len": probe.max_model_len,
             "error": error,
@@ -373,8 +383,8 @@ class Router:
         }
 
     def _hedges(self, call: Call) -> bool:
-        """Whether this request may be hedged (hedging on, more than one route, not pinned)."""
-        return self.hedger is not None and call.pinned is None and len(self.pools["chat"].primary) > 1
+        """Whether this request may be hedged (hedging on, more than one route serving its model, not pinned)."""
+        return self.hedger is not None and call.pinned is None and len(self.models.group(call.kind, call.model)) > 1
 
     async def _ahedged(self, call: Call) -> ChatCompletion:
         assert self.hedger is not None
@@ -409,12 +419,22 @@ def _make_route(name: str, cfg: Any, config: Config) -> Route:
     return Route(name, cfg, config)
 
 
-def _sole_models(routes: Iterable[Route]) -> dict[str, str]:
-    """Per route kind, the model every route of that kind serves, when they all serve one (call spans name it)."""
-    models: dict[str, set[str]] = {}
-    for route in routes:
-        models.setdefault(route.kind, set()).add(route.model)
-    return {kind: names.pop() for kind, names in models.items() if len(names) == 1}
+def _by_outcome(ended: dict[tuple[str, str, str], int], route: str) -> dict[str, int]:
+    """The calls that ended on ``route``, by outcome (all models)."""
+    counts: dict[str, int] = {}
+    for (name, _, outcome), n in ended.items():
+        if name == route:
+            counts[outcome] = counts.get(outcome, 0) + n
+    return counts
+
+
+def _by_model(ended: dict[tuple[str, str, str], int], route: str) -> dict[str, dict[str, int]]:
+    """The calls that ended on ``route``, by model, then outcome."""
+    counts: dict[str, dict[str, int]] = {}
+    for (name, model, outcome), n in ended.items():
+        if name == route:
+            counts.setdefault(model, {})[outcome] = n
+    return counts
 
 
 def _completion_tokens(response: ChatCompletion) -> int | None:

@@ -135,6 +135,7 @@ def embed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> Cr
     """``Router.embed``: see the module docstring."""
     with call:
         inputs = _inputs(texts)
+        call.resolve()
         if call.checks_lengths and inputs:
             routes = _routes(router, call)
             unknown = [route for route in routes if _unknown(route)]
@@ -157,6 +158,7 @@ async def aembed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]
     """Async twin of :func:`embed`."""
     with call:
         inputs = _inputs(texts)
+        await call.aresolve()
         if call.checks_lengths and inputs:
             routes = _routes(router, call)
             await asyncio.gather(
@@ -228,7 +230,7 @@ def merged(responses: Sequence[CreateEmbeddingResponse], call: EmbeddingCall) ->
             data.append(item)
         prompt_tokens += response.usage.prompt_tokens  # made whole numbers by route.checked_embeddings
         total_tokens += response.usage.total_tokens
-    model = responses[0].model if responses else (call.model or _default_model(call))
+    model = responses[0].model if responses else call.model
     return CreateEmbeddingResponse(
         data=data, model=model, object="list", usage=Usage(prompt_tokens=prompt_tokens, total_tokens=total_tokens)
     )
@@ -257,11 +259,11 @@ def fewest_tokens(text: str, chars_per_token: float) -> int:
 
 
 def _routes(router: Router, call: EmbeddingCall) -> list[Route]:
-    """The routes the call may go to (the pinned one, else every embedding route)."""
+    """The routes the call may go to (the pinned one, else those serving its model, and the fallback route)."""
     if call.pinned is not None:
         return [call.pinned]
-    pool = router.pools[call.kind]
-    return [*pool.primary, *([pool.fallback] if pool.fallback is not None else [])]
+    fallback = router.models.fallback_for(call.kind, call.model)
+    return [*router.models.group(call.kind, call.model), *([fallback] if fallback is not None else [])]
 
 
 def _unknown(route: Route) -> bool:
@@ -303,12 +305,6 @@ def _whole(name: str, value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidRequestError(f"{name} must be a whole number >= 1, got {value!r}")
     return value
-
-
-def _default_model(call: EmbeddingCall) -> str:
-    config = call.router.config
-    name = config.default_route_of(call.kind)
-    return config.routes[name].model if name is not None else ""
 
 
 def _no_tokens(response: CreateEmbeddingResponse) -> None:

@@ -18,6 +18,9 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     │       │                              InvalidRequestError)
     │       ├── AuthenticationError        401 / 403: wrong or missing api_key
     │       ├── ModelNotFoundError         404: the route does not serve that model
+    │       │   └── UnknownModelError      no route serves the call's model: refused before
+    │       │                              sending, naming the served ones (also an
+    │       │                              InvalidRequestError)
     │       └── UnprocessableEntityError   422: the body failed the server's validation
     ├── StreamInterruptedError      a stream broke after text was delivered; says how much
     ├── AllRoutesFailed             every route (and retry round) failed; .attempts lists them
@@ -254,3 +257,30 @@ class InputTooLongError(ContextOverflowError, InvalidRequestError):
             "the server cut it to the context window",
             error_class="input_too_long",
         )
+
+
+class UnknownModelError(ModelNotFoundError, InvalidRequestError):
+    """No route of the fleet serves the requested model: raised before any request is sent.
+
+    ``served`` lists the names the fleet's routes of that kind serve, ``closest`` the likeliest meant one.
+    """
+
+    default_class = "unknown_model"
+
+    def __init__(
+        self, model: str, kind: str, served: Sequence[str], closest: Sequence[str], fixes: Sequence[str] = ()
+    ) -> None:
+        self.model, self.kind, self.served = model, kind, list(served)
+        self.closest = closest[0] if closest else None
+        self.route, self.url, self.status, self.retry_after = "", "", None, None
+        self.error_class = self.default_class
+        shown = ", ".join(repr(name) for name in self.served[:20]) + (" ..." if len(self.served) > 20 else "")
+        self.message = f"no {kind} route serves model {model!r}; the fleet serves: {shown or 'nothing yet'}"
+        self.hint = (
+            f"did you mean {self.closest!r}?"
+            if self.closest
+            else "; ".join(
+                ["add a route serving it, an alias (routes.<name>.aliases), or load the adapter on a server", *fixes]
+            )
+        )
+        Exception.__init__(self, f"{self.message} (hint: {self.hint})")

@@ -33,6 +33,14 @@ class CallInfo:
     """``embed``: the route that served each batch, in input order (``route`` is the first batch's)."""
     continued: int = 0
     """Times a cut stream was continued on another route (``continue_streams``)."""
+    requested_model: str | None = None
+    """The model the call asked for (the default route's when it named none)."""
+    model: str | None = None
+    """The model name sent to the route that answered (an alias becomes the route's model)."""
+    models_tried: list[str] = field(default_factory=list)
+    """Models whose routes all failed before the one that answered (``fallbacks``)."""
+    fallback_reason: str | None = None
+    """Why the call left its model: "fallbacks" (its routes failed) or "context_window" (the prompt did not fit)."""
 
 
 def call_info(obj: ChatCompletion | ChatCompletionChunk | CreateEmbeddingResponse) -> CallInfo | None:

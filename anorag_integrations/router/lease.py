@@ -31,6 +31,7 @@ from .endpoints.health import Ticket
 from .errors import (
     Attempt,
     InvalidRequestError,
+    ModelNotFoundError,
     PermanentRouteError,
     RouteError,
     RouterClosed,
@@ -151,8 +152,9 @@ class Lease:
     # --- outcomes ---------------------------------------------------------------------------------
 
     def opened(self) -> None:
-        """A stream's first content arrived: the caller learns which route serves it."""
-        self.call.info.route = self.route.name
+        """A stream's first content arrived: the caller learns which route (and model) serves it."""
+        info = self.call.info
+        info.route, info.model = self.route.name, self.call.sent_model(self.route)
 
     def succeeded(self, *, output_tokens: int | None, ttft_s: float | None = None) -> None:
         if self._end():
@@ -163,6 +165,7 @@ class Lease:
         route.breaker.record_success(self.ticket)
         self.call.router._served(route)
         info.route, info.latency_s, info.ttft_s = route.name, latency, ttft_s
+        info.model = self.call.sent_model(route)
         if self.span is not None:
             tracing.end_attempt(self, "success")
 
@@ -202,11 +205,13 @@ class Lease:
             call.info.attempts.append(Attempt(self.route.name, error, time.perf_counter() - self.t0, call.info.rounds))
             raise call.exhausted("deadline exceeded") from exc
         self._end()
-        self._count(error)
+        dropped = isinstance(error, ModelNotFoundError) and self._drop_model()
+        self._count(error, trips=not dropped)
         call.info.attempts.append(Attempt(self.route.name, error, time.perf_counter() - self.t0, call.info.rounds))
         if self.span is not None:
             tracing.end_attempt(self, "failure", error)
-        if isinstance(error, PermanentRouteError):
+        elsewhere = dropped and call.router.models.serves(call.kind, call.model)  # other routes serve the model
+        if isinstance(error, PermanentRouteError) and not elsewhere:
             raise error from exc
         call.failed_on = self.route
         log.info("failing over: %s", error)
@@ -240,14 +245,29 @@ class Lease:
                 "(or params.timeout, or the call's deadline) if long generations are expected",
                 error_class="timeout",
             )
-        return classify(
-            exc, route=route.name, url=route.base_url, model=call.model or route.model, timeout=self.timeout
-        )
+        return classify(exc, route=route.name, url=route.base_url, model=call.sent_model(route), timeout=self.timeout)
 
-    def _count(self, error: RouteError) -> None:
+    def _drop_model(self) -> bool:
+        """A 404 from a route thought to serve the call's model: the route leaves that model's group (until its
+        ``/v1/models`` lists it again) and the call fails over within the group; the breaker is not touched."""
+        call = self.call
+        if call.pinned is not None:
+            return False
+        name = call.sent_model(self.route)
+        if not self.route.drop_model(name):
+            return False
+        log.warning(
+            "route %r (%s) answered 404 for model %r: out of that model's group until its /v1/models lists it",
+            self.route.name,
+            self.route.base_url,
+            name,
+        )
+        return True
+
+    def _count(self, error: RouteError, *, trips: bool = True) -> None:
         route, call = self.route, self.call
         route.stats.failed(f"{type(error).__name__}: {error.message}", error.error_class)
-        if trips_breaker(error):
+        if trips and trips_breaker(error):
             if route.breaker.record_failure(self.ticket):
                 log.warning("route %r: circuit breaker opened after: %s", route.name, error)
         else:

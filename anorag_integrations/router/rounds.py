@@ -21,13 +21,14 @@ from tenacity import wait_random_exponential
 from .balancing.policies import Policy, make_policy
 from .balancing.prefix_index import Sessions
 from .call import Call, wall_clock
-from .errors import AllRoutesFailed, RouterClosed
+from .errors import AllRoutesFailed, ContextOverflowError, ModelNotFoundError, RouterClosed
 from .lease import Lease
 
 if TYPE_CHECKING:
     from ..config import Config
     from .core import Router
     from .endpoints.route import Route
+    from .models import Group
 
 BACKOFF_INITIAL_S = 0.25
 """Scale of the first wait between rounds (tenacity's random exponential)."""
@@ -37,6 +38,8 @@ MAX_SESSIONS = 100_000
 """Conversations (``session_id``) whose route a pool remembers; the least recently used are forgotten."""
 
 _T = TypeVar("_T")
+FALL_BACK_AFTER = (AllRoutesFailed, ContextOverflowError, ModelNotFoundError)
+"""What ends a model's rounds and sends the call on to a fallback model, when it has one."""
 _BACKOFF = wait_random_exponential(multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S)
 
 
@@ -95,28 +98,29 @@ def claim(router: Router, call: Call, tried: set[str]) -> Lease | None:
         )
 
     pool = router.pools[call.kind]
+    group = router.models.group(call.kind, call.model)
     session = call.session_id
-    if session is not None and (lease := _session_lease(router, call, pool, session, usable)) is not None:
+    if session is not None and (lease := _session_lease(router, call, pool, group, session, usable)) is not None:
         return lease
-    while (route := pool.policy.pick(pool.primary, usable, call)) is not None:
+    while (route := pool.policy.pick(group, usable, call)) is not None:
         if (ticket := route.breaker.acquire()) is not None:
             if session is not None:
                 pool.sessions.set(session, route.name)
             return Lease(call, route, ticket)
         lost.add(route.name)
-    fb = pool.fallback
+    fb = router.models.fallback_for(call.kind, call.model)
     if fb is not None and usable(fb) and (ticket := fb.breaker.acquire()) is not None:
         return Lease(call, fb, ticket)
     return None
 
 
 def _session_lease(
-    router: Router, call: Call, pool: Pool, session: str, usable: Callable[[Route], bool]
+    router: Router, call: Call, pool: Pool, group: Group, session: str, usable: Callable[[Route], bool]
 ) -> Lease | None:
-    """The route of the call's conversation, leased, while it is a usable primary route; else None."""
+    """The route of the call's conversation, leased, while it is a usable primary route of its model; else None."""
     name = pool.sessions.get(session)
     route = router.routes.get(name) if name is not None else None
-    if route is None or route not in pool.primary or not usable(route):
+    if route is None or route.name not in group.members or not usable(route):
         return None
     if (ticket := route.breaker.acquire()) is None:
         return None
@@ -156,7 +160,33 @@ async def aone_round(router: Router, call: Call, send: Callable[[Route, float], 
 
 
 def rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tuple[Lease, _T]:
-    """Every round of one request until a route answers (sync)."""
+    """Every round of one request until a route answers (sync), going on to fallback models when its own fail."""
+    call.resolve()
+    while True:
+        try:
+            if (overflow := call.overflow()) is not None:
+                raise overflow
+            return _rounds(router, call, send)
+        except FALL_BACK_AFTER as failed:
+            if not call.fall_back(failed):
+                raise
+
+
+async def arounds(router: Router, call: Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Lease, _T]:
+    """Async twin of :func:`rounds`."""
+    await call.aresolve()
+    while True:
+        try:
+            if (overflow := call.overflow()) is not None:
+                raise overflow
+            return await _arounds(router, call, send)
+        except FALL_BACK_AFTER as failed:
+            if not call.fall_back(failed):
+                raise
+
+
+def _rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tuple[Lease, _T]:
+    """Every round of one request on its current model until a route answers (sync)."""
     while True:
         try:
             return one_round(router, call, send)
@@ -166,8 +196,8 @@ def rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tu
             raise RouterClosed("the router was closed while this call waited to retry")
 
 
-async def arounds(router: Router, call: Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Lease, _T]:
-    """Async twin of :func:`rounds`."""
+async def _arounds(router: Router, call: Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Lease, _T]:
+    """Async twin of :func:`_rounds`."""
     while True:
         try:
             return await aone_round(router, call, send)
@@ -215,7 +245,7 @@ async def aserve(
 
 def next_wait(call: Call, failed: AllRoutesFailed) -> float:
     """Seconds to wait before the next round; raises (``failed`` or a clearer error) when there is none."""
-    done = call.info.rounds
+    done = call.info.rounds - call.first_round
     if done > call.max_retries:
         raise failed
     wait = max(_BACKOFF(_Round(done)), call.retry_after)  # type: ignore[arg-type]

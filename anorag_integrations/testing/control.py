@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +19,7 @@ from . import embeddings
 from .faults import HELD, Fault, FaultState
 from .loop_server import LoopServer
 from .malformed import MODELS_FAULTS
+from .served import Adapter
 from .wire import header_value, usage
 
 PROMPTS_KEPT = 10_000
@@ -41,9 +42,25 @@ class ServerControl(LoopServer):
         keep_requests: int = 1000,
         max_running: int | None = None,
         metrics: str | None = "vllm",
+        served_names: Sequence[str] = (),
+        adapters: Mapping[str, str | None] | None = None,
+        runtime_lora: bool = False,
     ) -> None:
         super().__init__(f"fault-server-{model}", host, port)
+        self._lock = threading.Lock()
         self.model = model
+        """The name the server answers as; first of ``served_names``."""
+        self.served_names = [model, *(name for name in dict.fromkeys(served_names) if name != model)]
+        """Every name the model answers to, ``model`` first (vLLM's ``--served-model-name model alias...``):
+        a request naming any of them is served, and answered as ``model``."""
+        self.model_root = model
+        """What ``/v1/models`` gives as ``root`` of each served name (vLLM: the model's folder)."""
+        self._adapters: dict[str, Adapter] = {}
+        for name, parent in (adapters or {}).items():
+            self.add_adapter(name, parent)
+        self.runtime_lora = runtime_lora
+        """As vLLM with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``: ``POST /v1/load_lora_adapter`` and
+        ``/v1/unload_lora_adapter`` answer (without it, FastAPI's 404 ``{"detail": "Not Found"}``)."""
         self.reply = reply
         self.max_model_len = max_model_len
         self.reported_max_model_len: Any = None
@@ -59,6 +76,8 @@ class ServerControl(LoopServer):
         self.tool_arguments: Any = {}
         """Arguments of the tool call the server makes when the request offers tools (any JSON value:
         a small model can write ``[1, 2]`` where the schema wants an object)."""
+        self.tool_calls = 1
+        """How many calls an answer that calls tools makes at once (a model calling in parallel)."""
         self.max_running = max_running
         """As vLLM's --max-num-seqs: requests beyond it wait (``num_requests_waiting``); None: no limit."""
         self.metrics = metrics
@@ -85,11 +104,12 @@ class ServerControl(LoopServer):
         """Length of the vectors ``/v1/embeddings`` answers (see ``embeddings.fake_vector``)."""
         self._slots: asyncio.Semaphore | None = None
         self.requests: list[dict[str, Any]] = []
+        self.request_models: list[str | None] = []
+        """The ``model`` each kept request named (None: none), in step with ``requests``."""
         self.last_authorization: str | None = None
         self.traceparents: list[str | None] = []
         self._keep = keep_requests
         self._state = FaultState()
-        self._lock = threading.Lock()
 
     # --- control, from any thread ------------------------------------------------------------------
 
@@ -111,6 +131,45 @@ class ServerControl(LoopServer):
         if kind is not None and kind not in MODELS_FAULTS:
             raise ValueError(f"models_fault must be None or one of {', '.join(MODELS_FAULTS)}, not {kind!r}")
         self._models_fault = kind
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """The LoRA adapters the server holds now: name -> the served name it was loaded on (its ``parent``)."""
+        with self._lock:
+            return {name: adapter.parent for name, adapter in self._adapters.items()}
+
+    def add_adapter(self, name: str, parent: str | None = None, *, root: str | None = None) -> None:
+        """Hold a LoRA adapter named ``name`` from now on, as ``--lora-modules`` or a runtime load would.
+
+        ``parent`` is the served name it was loaded on (None: ``model``; vLLM's ``--lora-modules`` JSON form
+        can name another); ``root`` is its folder in ``/v1/models`` (None: ``/adapters/<name>``). An adapter of
+        that name is replaced. ValueError for a served name or a parent the server does not serve.
+        """
+        parent = self.model if parent is None else parent
+        if name in self.served_names:
+            raise ValueError(f"the adapter {name!r} conflicts with a served name ({', '.join(self.served_names)})")
+        if parent not in self.served_names:
+            raise ValueError(
+                f"the parent {parent!r} of adapter {name!r} is not served ({', '.join(self.served_names)})"
+            )
+        with self._lock:
+            self._adapters[name] = Adapter(parent, root or f"/adapters/{name}")
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop holding the adapter ``name``; whether it was held. Requests naming it get vLLM's 404 from now on."""
+        with self._lock:
+            return self._adapters.pop(name, None) is not None
+
+    def serves(self, name: object) -> bool:
+        """Whether a request naming ``name`` is served (vLLM: no name, or an empty one, means the model)."""
+        if name is None or name == "":
+            return True
+        return isinstance(name, str) and (name in self.served_names or name in self.adapters)
+
+    def answered_as(self, body: Mapping[str, Any]) -> str:
+        """The ``model`` of the answer to ``body``: an adapter's own name, else ``model`` (for every served name)."""
+        name = body.get("model")
+        return name if isinstance(name, str) and name in self.adapters else self.model
 
     def set_fault(self, fault: Fault | str | None, *, times: int | None = None, **options: Any) -> None:
         """Switch the fault for the next ``times`` chat requests (all when None); None clears it.
@@ -144,6 +203,8 @@ class ServerControl(LoopServer):
         self.last_authorization = request.headers.get("Authorization")
         self.requests.append(body)
         del self.requests[: -self._keep]
+        self.request_models.append(model if isinstance(model := body.get("model"), str) else None)
+        del self.request_models[: -self._keep]
         self.traceparents.append(request.headers.get("traceparent"))
         del self.traceparents[: -self._keep]
         return self._take_fault()

@@ -4,11 +4,15 @@ Real servers cannot be made to time out, answer 503 or cut a stream on demand; t
 speaks vLLM's protocol where it matters to a client (``/health``, ``/v1/models`` with
 ``max_model_len``, ``/metrics`` names, error bodies, ``stop_reason``, usage in streams only with
 ``stream_options.include_usage``) and answers with a fixed text, one word per stream chunk; on
-``/v1/embeddings`` it answers a deterministic vector per input (``embeddings.py``)::
+``/v1/embeddings`` it answers a deterministic vector per input (``embeddings.py``). Like vLLM it can
+serve one model under several names and hold LoRA adapters, listed and answered as vLLM does, loaded
+and unloaded at run time through vLLM's endpoints (``served.py``)::
 
     with FaultServer(model="m") as server:            # runs in a background thread
         server.set_fault(Fault.STATUS, status=503, times=2)
         ...  # point a route at server.base_url
+
+    FaultServer("m", served_names=["m", "m-alias"], adapters={"sql": "m"}, runtime_lora=True)
 
 This module holds the endpoints and the request pipeline (counted, queued, faulted, answered); the
 server is built in layers, each its own module: ``loop_server`` (its thread and loop), ``control``
@@ -25,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import embeddings, malformed
+from . import embeddings, malformed, served
 from .embeddings import overflow_message
 from .faults import DELAY_S, Fault, FaultState
 from .streams import Streams
@@ -36,22 +40,6 @@ __all__ = ["Fault", "FaultServer", "FaultState", "drop_connection", "schema_inst
 _Reply = Callable[[web.Request, dict[str, Any], FaultState], Awaitable[web.StreamResponse]]
 """What answers a chat or embeddings request that no fault answered first."""
 
-PERMISSION = {
-    "id": "modelperm-0",
-    "object": "model_permission",
-    "created": 0,
-    "allow_create_engine": False,
-    "allow_sampling": True,
-    "allow_logprobs": True,
-    "allow_search_indices": False,
-    "allow_view": True,
-    "allow_fine_tuning": False,
-    "organization": "*",
-    "group": None,
-    "is_blocking": False,
-}
-"""The model permission vLLM lists with every served model (its /v1/models, 0.32)."""
-
 METRIC_NAMES = {
     "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"),
     "vllm_old": ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc"),
@@ -61,7 +49,8 @@ METRIC_NAMES = {
 
 
 class FaultServer(Streams):
-    """The server; ``hits`` counts chat and embeddings requests, ``requests`` keeps their bodies (newest last).
+    """The server; ``hits`` counts chat and embeddings requests, ``requests`` keeps their bodies (newest last)
+    and ``request_models`` the model each named.
 
     ``last_authorization`` is the last ``Authorization`` header received, so tests can check a key
     reached the server while staying out of logs and errors. ``traceparents`` holds the W3C
@@ -77,6 +66,8 @@ class FaultServer(Streams):
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/load_lora_adapter", self._load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", self._unload_lora_adapter)
 
     # --- what the server is: health, version, metrics, models ---------------------------------------
 
@@ -105,22 +96,48 @@ class FaultServer(Streams):
         return web.Response(text=text, content_type="text/plain")
 
     async def _models(self, request: web.Request) -> web.Response:
+        """Each served name (``max_model_len``: the window), then each adapter (``max_model_len``: null)."""
         if self._models_fault is not None:
             return malformed.models_answer(self._models_fault)
-        model = {
-            "id": self.model,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "vllm",
-            "root": self.model,
-            "parent": None,
-            "permission": [PERMISSION],
-        }
-        if self.reported_max_model_len is not None:
-            model["max_model_len"] = self.reported_max_model_len
-        elif self.max_model_len is not None:  # servers other than vLLM may not report it
-            model["max_model_len"] = self.max_model_len
-        return web.json_response({"object": "list", "data": [model]})
+        created = int(time.time())
+        window = self.reported_max_model_len if self.reported_max_model_len is not None else self.max_model_len
+        data = []
+        for name in self.served_names:
+            card = served.model_card(name, root=self.model_root, parent=None, created=created)
+            if window is not None:  # servers other than vLLM may not report it
+                card["max_model_len"] = window
+            data.append(card)
+        with self._lock:
+            adapters = list(self._adapters.items())
+        for name, adapter in adapters:
+            card = served.model_card(name, root=adapter.root, parent=adapter.parent, created=created)
+            data.append({**card, "max_model_len": None})
+        return web.json_response({"object": "list", "data": data})
+
+    # --- runtime LoRA adapters: vLLM's endpoints with VLLM_ALLOW_RUNTIME_LORA_UPDATING -----------------
+
+    async def _load_lora_adapter(self, request: web.Request) -> web.Response:
+        if not self.runtime_lora:
+            return web.json_response(served.NOT_ROUTED, status=404)
+        raw = await request.read()
+        with self._lock:  # no await from here to the change: two loads of one name cannot both succeed
+            held = dict(self._adapters)
+        response, loaded = served.load_adapter(raw, request.content_type, self.served_names, held)
+        if loaded is not None:
+            name, adapter = loaded
+            self.add_adapter(name, adapter.parent, root=adapter.root)
+        return response
+
+    async def _unload_lora_adapter(self, request: web.Request) -> web.Response:
+        if not self.runtime_lora:
+            return web.json_response(served.NOT_ROUTED, status=404)
+        raw = await request.read()
+        with self._lock:
+            held = dict(self._adapters)
+        response, name = served.unload_adapter(raw, request.content_type, held)
+        if name is not None:
+            self.remove_adapter(name)
+        return response
 
     # --- the requests faults apply to: chat and embeddings ------------------------------------------
 
@@ -128,9 +145,9 @@ class FaultServer(Streams):
         return await self._handle(request, self._chat_reply)
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
-        return await self._handle(request, self._embedding_reply)
+        return await self._handle(request, self._embedding_reply, pooling=True)
 
-    async def _handle(self, request: web.Request, reply: _Reply) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, reply: _Reply, *, pooling: bool = False) -> web.StreamResponse:
         """A chat or embeddings request: counted, queued (``max_running``), faulted, else ``reply``."""
         body = await request.json()
         state = self._received(request, body)
@@ -156,9 +173,8 @@ class FaultServer(Streams):
                 return malformed.html_page(int(opts.get("status", 200)))
             if state.fault is Fault.DELAY or (state.fault is Fault.SLOW_FIRST_TOKEN and not body.get("stream")):
                 await asyncio.sleep(float(opts.get("delay", DELAY_S)))
-            if body.get("model") != self.model:
-                message = f"The model `{body.get('model')}` does not exist. Valid aliases: {self.model}."
-                return error(404, message, err_type="NotFoundError", param="model")
+            if not self.serves(body.get("model")):  # vLLM's pooling server words its 404 differently
+                return served.not_found(body.get("model"), self.served_names, pooling=pooling)
             return await reply(request, body, state)
         except Dropped as dropped:
             return dropped.response  # aiohttp finds the connection closed and ends the request quietly
@@ -196,5 +212,7 @@ class FaultServer(Streams):
         if state.fault is Fault.CUT:
             drop_connection(request)
             return web.Response(status=500)  # never sent: the connection is gone
-        document = embeddings.response(self.model, texts, body, self.max_model_len, self.embedding_dimensions)
+        document = embeddings.response(
+            self.answered_as(body), texts, body, self.max_model_len, self.embedding_dimensions
+        )
         return await self._answer(request, document, state, listing="data")

@@ -100,34 +100,38 @@ class Replies(ServerControl):
             return words[:limit], "length"
         return words, "stop"
 
-    def _tool(self, body: Mapping[str, Any]) -> str | None:
-        """The tool the server calls: the forced one, else the first offered (None: answer in text)."""
+    def _tools(self, body: Mapping[str, Any]) -> list[str]:
+        """The tools the server calls, ``tool_calls`` of them (one with ``parallel_tool_calls: false``): the
+        forced one, else those offered in turn; none (answer in text) when none is offered, with
+        ``tool_choice: "none"``, and with "auto" right after a tool's result, as a model that has read it."""
         tools, choice = body.get("tools") or [], body.get("tool_choice", "auto")
-        if not tools or choice == "none":
-            return None
+        last = (body.get("messages") or [{}])[-1]
+        if not tools or choice == "none" or (choice == "auto" and last.get("role") == "tool"):
+            return []
+        count = 1 if body.get("parallel_tool_calls") is False else self.tool_calls
         if isinstance(choice, dict):
-            return str(choice["function"]["name"])
-        return str(tools[0]["function"]["name"])
+            return [str(choice["function"]["name"])] * count
+        return [str(tools[i % len(tools)]["function"]["name"]) for i in range(count)]
+
+    def _call_id(self) -> str:
+        return f"chatcmpl-tool-{uuid.uuid4().hex[:8]}"
 
     def _completion(self, body: Mapping[str, Any]) -> dict[str, Any]:
         words, finish = self._words(body)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(words), "tool_calls": []}
         message[self.reasoning_field] = self.reasoning
-        if (tool := self._tool(body)) is not None:
+        if tools := self._tools(body):
             arguments = json.dumps(self.tool_arguments)
             message["content"], finish = None, "tool_calls"
             message["tool_calls"] = [
-                {
-                    "id": f"chatcmpl-tool-{uuid.uuid4().hex[:8]}",
-                    "type": "function",
-                    "function": {"name": tool, "arguments": arguments},
-                }
+                {"id": self._call_id(), "type": "function", "function": {"name": tool, "arguments": arguments}}
+                for tool in tools
             ]
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": self.model,
+            "model": self.answered_as(body),
             "choices": [
                 {
                     "index": 0,

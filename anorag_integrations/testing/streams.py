@@ -39,7 +39,7 @@ class Streams(Replies):
             write = self._trickler(request, response, opts)
         elif state.fault is Fault.SSE_NOISE:
             write = malformed.noisy(response.write)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.answered_as(body)
         stop_reason = stopped(self._text(body), body)[1]
 
         def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
@@ -47,7 +47,7 @@ class Streams(Replies):
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": self.model,
+                "model": model,
             }
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             if finish is not None:  # as vLLM: stop_reason on the finishing chunk only
@@ -63,19 +63,21 @@ class Streams(Replies):
         words, finish = self._words(body)
         for piece in (self.reasoning or "").split(" ") if self.reasoning else ():
             await write(chunk({self.reasoning_field: piece + " "}))
-        if (tool := self._tool(body)) is not None:
-            # As vLLM streams tool calls: name first with arguments null, then the arguments in pieces.
-            head = {
-                "index": 0,
-                "id": f"chatcmpl-tool-{uuid.uuid4().hex[:8]}",
-                "type": "function",
-                "function": {"name": tool, "arguments": None},
-            }
-            await write(chunk({"tool_calls": [head]}))
-            arguments = json.dumps(self.tool_arguments)
-            half = len(arguments) // 2
-            for part in (arguments[:half], arguments[half:]):
-                await write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+        if tools := self._tools(body):
+            # As vLLM streams tool calls, one after the other: name first with arguments null, then the
+            # arguments in pieces.
+            for index, tool in enumerate(tools):
+                head = {
+                    "index": index,
+                    "id": self._call_id(),
+                    "type": "function",
+                    "function": {"name": tool, "arguments": None},
+                }
+                await write(chunk({"tool_calls": [head]}))
+                arguments = json.dumps(self.tool_arguments)
+                half = len(arguments) // 2
+                for part in (arguments[:half], arguments[half:]):
+                    await write(chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]}))
             words, finish = [], "tool_calls"
         after = int(opts.get("after_chunks", len(words) // 2))
         for i, word in enumerate(words):

@@ -73,6 +73,34 @@ def make_policy(name: str, **options: Any) -> Policy:
         raise ValueError(f"unknown lb_policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
 
 
+CACHED_LISTS = 256
+"""Route lists (model groups) whose derived data (weights, a hash ring) a policy keeps; more: it starts over."""
+
+
+def list_key(routes: Sequence[Route]) -> object:
+    """What identifies a route list for a policy's caches: a model group's generation (new whenever its
+    members change), else the list's identity and length."""
+    generation = getattr(routes, "generation", None)
+    return generation if generation is not None else (id(routes), len(routes))
+
+
+class Turns:
+    """A counter per route list (model group): each group's rotation and ties take turns on their own (one
+    counter shared by 50 groups called in turn would step 50 at a time and visit 2 of a group's 20 routes)."""
+
+    def __init__(self) -> None:
+        self._counters: dict[object, Iterator[int]] = {}
+
+    def __call__(self, routes: Sequence[Route]) -> Iterator[int]:
+        key = list_key(routes)
+        counter = self._counters.get(key)
+        if counter is None:
+            if len(self._counters) >= CACHED_LISTS:
+                self._counters.clear()
+            counter = self._counters[key] = itertools.count()
+        return counter
+
+
 def _usable(routes: Sequence[Route], usable: Usable) -> list[Route]:
     return [route for route in routes if usable(route)]
 
@@ -103,19 +131,22 @@ class RoundRobin:
     def __init__(self) -> None:
         self._lock = forks.lock()
         self._current: dict[str, float] = {}
-        self._cursor = itertools.count()
-        self._equal: tuple[int, int, bool] | None = None
+        self._cursor = Turns()
+        self._equal: dict[object, bool] = {}
 
     def _equal_weights(self, routes: Sequence[Route]) -> bool:
-        """Whether all weights are equal; computed once per route list (a router's is fixed)."""
-        key = (id(routes), len(routes))
-        if self._equal is None or self._equal[:2] != key:
-            self._equal = (*key, len({route.weight for route in routes}) <= 1)
-        return self._equal[2]
+        """Whether all weights are equal; computed once per route list (a model group's members are fixed)."""
+        key = list_key(routes)
+        equal = self._equal.get(key)
+        if equal is None:
+            if len(self._equal) >= CACHED_LISTS:
+                self._equal.clear()
+            equal = self._equal[key] = len({route.weight for route in routes}) <= 1
+        return equal
 
     def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         if self._equal_weights(routes):
-            n, start = len(routes), next(self._cursor)
+            n, start = len(routes), next(self._cursor(routes))
             for i in range(n):
                 route = routes[(start + i) % n]
                 if usable(route):
@@ -196,12 +227,12 @@ class LeastOutstanding:
     name: ClassVar[str] = "least_outstanding"
 
     def __init__(self) -> None:
-        self._turn = itertools.count()
+        self._turn = Turns()
 
     def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
             return min(pair, key=_load)
-        return _fewest(_usable(routes, usable), _load, self._turn)
+        return _fewest(_usable(routes, usable), _load, self._turn(routes))
 
 
 def _fewest(candidates: list[Route], key: Callable[[Route], Any], turn: Iterator[int]) -> Route | None:
@@ -251,20 +282,23 @@ class PrefixAffinity:
             raise ValueError("prefix_affinity needs prefix_chars >= 1 and load_factor >= 1")
         self.prefix_chars = prefix_chars
         self.load_factor = load_factor
-        self._ring: tuple[int, int, list[int], list[Route]] | None = None
+        self._rings: dict[object, tuple[list[int], list[Route]]] = {}
         self._spread = LeastOutstanding()
 
     def _points(self, routes: Sequence[Route]) -> tuple[list[int], list[Route]]:
-        """The ring (sorted points, the route at each point); built once per route list."""
-        key = (id(routes), len(routes))
-        if self._ring is None or self._ring[:2] != key:
+        """The ring (sorted points, the route at each point); built once per route list (model group)."""
+        key = list_key(routes)
+        ring = self._rings.get(key)
+        if ring is None:
             points = sorted(
                 (stable_hash(f"{route.name}#{i}"), n)
                 for n, route in enumerate(routes)
                 for i in range(max(1, round(VNODES * route.weight)))
             )
-            self._ring = (*key, [p for p, _ in points], [routes[n] for _, n in points])
-        return self._ring[2], self._ring[3]
+            if len(self._rings) >= CACHED_LISTS:
+                self._rings.clear()
+            ring = self._rings[key] = ([p for p, _ in points], [routes[n] for _, n in points])
+        return ring
 
     def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         if request is None:
@@ -311,7 +345,7 @@ class LeastQueue:
     def __init__(self, stale_after: float = STALE_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.stale_after = stale_after
         self._clock = clock
-        self._turn = itertools.count()
+        self._turn = Turns()
 
     def depth(self, route: Route, now: float) -> tuple[float, float]:
         """(queue depth per weight, KV-cache use) as this policy sees the route now."""
@@ -326,7 +360,7 @@ class LeastQueue:
         now = self._clock()
         if len(routes) > EXACT_LIMIT and (pair := _sample_two(routes, usable)) is not None:
             return min(pair, key=lambda route: self.depth(route, now))
-        return _fewest(_usable(routes, usable), lambda route: self.depth(route, now), self._turn)
+        return _fewest(_usable(routes, usable), lambda route: self.depth(route, now), self._turn(routes))
 
 
 from . import prefix_aware as _prefix_aware  # noqa: E402, F401 - registers ``prefix_aware`` (it builds on the above)

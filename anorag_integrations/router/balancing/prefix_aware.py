@@ -5,13 +5,12 @@ Registered by ``policies.py`` (which imports this module last); see :class:`Pref
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import forks
-from .policies import STALE_AFTER_S, Request, Usable, _fewest, _usable, register
+from .policies import STALE_AFTER_S, Request, Turns, Usable, _fewest, _usable, register
 from .prefix_index import BLOCK_CHARS, MAX_BLOCKS_PER_ROUTE, PrefixIndex
 
 if TYPE_CHECKING:
@@ -81,7 +80,7 @@ class PrefixAware:
         self.index = PrefixIndex(max_blocks)
         self.stale_after = stale_after
         self._clock = clock
-        self._turn = itertools.count()
+        self._turn = Turns()
         self._lock = forks.lock()
         self._epochs: dict[str, int] = {}
         self._blocks: dict[str, list[int]] = {}
@@ -94,7 +93,8 @@ class PrefixAware:
         self._forget_restarted(candidates)
         now = self._clock()
         loads = {route.name: self._load(route, now) for route in candidates}
-        least = _fewest(candidates, lambda route: loads[route.name], self._turn)
+        turn = self._turn(routes)
+        least = _fewest(candidates, lambda route: loads[route.name], turn)
         assert least is not None
         blocks = request.prefix_blocks(self.block_chars) if request is not None else ()
         if not blocks:
@@ -106,7 +106,7 @@ class PrefixAware:
             if depths[least.name] == top:
                 chosen = least
             else:
-                best = _fewest([r for r in candidates if depths[r.name] == top], lambda r: loads[r.name], self._turn)
+                best = _fewest([r for r in candidates if depths[r.name] == top], lambda r: loads[r.name], turn)
                 assert best is not None
                 if not self._overloaded(loads[best.name], loads[least.name]):
                     chosen = best

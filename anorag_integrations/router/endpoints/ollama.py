@@ -21,7 +21,7 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -34,6 +34,7 @@ from ..classify import classify, status_error
 from ..errors import RouteError, TransientRouteError
 from .answers import checked_embeddings
 from .clients import PerLoop
+from .probe import Listed
 from .route import Route
 
 if TYPE_CHECKING:
@@ -148,17 +149,34 @@ class OllamaRoute(Route):
             shown = await asyncio.wait_for(client.post("/api/show", json={"model": self.model}), timeout)
             self.peeked_max_model_len = _context_length(shown.json())
 
-    def _probe_models(self) -> list[tuple[str, int | None]]:
+    def _probe_models(self) -> list[Listed]:
+        return self._list(self.probe_timeout)
+
+    async def _aprobe_models(self) -> list[Listed]:
+        return await self._alist(self.probe_timeout)
+
+    def _list(self, timeout: float) -> list[Listed]:
+        """The pulled models (``/api/tags``; the native client's own timeout applies)."""
         try:
-            return [(str(m.model), None) for m in self._native.list().models]
+            return [Listed(str(m.model)) for m in self._native.list().models]
         except Exception as exc:
             raise self._error(exc) from exc
 
-    async def _aprobe_models(self) -> list[tuple[str, int | None]]:
+    async def _alist(self, timeout: float) -> list[Listed]:
         try:
-            return [(str(m.model), None) for m in (await self._anative.get().list()).models]
+            return [Listed(str(m.model)) for m in (await self._anative.get().list()).models]
         except Exception as exc:
             raise self._error(exc) from exc
+
+    def unknown_model_fix(self, name: str) -> str | None:
+        return f"on an Ollama host: `ollama pull {name}`"
+
+    def _listed_names(self, names: Iterable[str]) -> Iterable[str]:
+        """A tag answers to its name without ``:latest`` too (``llama3`` is ``llama3:latest``)."""
+        for name in names:
+            yield name
+            if name.endswith(":latest"):
+                yield name.removesuffix(":latest")
 
     def close(self) -> None:
         self._native._client.close()

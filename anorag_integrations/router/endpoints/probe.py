@@ -16,7 +16,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import forks
 from ..classify import classify
@@ -41,9 +41,20 @@ class ProbeResult:
     max_model_len: int | None = None
     error: str | None = None
     checked_at: float | None = None
+    parents: dict[str, str] = field(default_factory=dict)
+    """Listed adapters (LoRA) and the model each adapts."""
 
 
-def record_probe(route: Route, started: float, models: list[tuple[str, Any]], exc: BaseException | None) -> ProbeResult:
+class Listed(NamedTuple):
+    """One entry of a server's model list: its name, its context window as reported (any JSON value, which
+    :func:`context_window` takes or ignores) and, for an adapter (LoRA), the model it adapts."""
+
+    name: str
+    max_model_len: Any = None
+    parent: str | None = None
+
+
+def record_probe(route: Route, started: float, models: list[Listed], exc: BaseException | None) -> ProbeResult:
     """The probe begun at ``started`` (``perf_counter``) found ``models``, or failed with ``exc``.
 
     The result becomes the route's ``probe_result`` (the fleet is told): a failure, or a server that
@@ -57,10 +68,12 @@ def record_probe(route: Route, started: float, models: list[tuple[str, Any]], ex
         )
         route.breaker.force_open()
     else:
-        result.models = [name for name, _ in models]
+        result.models = [entry.name for entry in models]
         result.max_model_len = context_window(
-            route, next((length for name, length in models if name == route.model), None)
+            route, next((entry.max_model_len for entry in models if entry.name == route.model), None)
         )
+        route.listed_models(models, result.checked_at or time.time())
+        result.parents = dict(route.parents)
         result.healthy = not result.models or route.serves(result.models)
         if result.healthy:
             route.breaker.probe_succeeded()
@@ -76,15 +89,16 @@ def record_probe(route: Route, started: float, models: list[tuple[str, Any]], ex
     return result
 
 
-def model_entry(model: Any) -> tuple[str, Any]:
-    """A served model's name and context window as the server reports it (vLLM: ``max_model_len``; llama.cpp:
-    ``meta.n_ctx``): any JSON value, which :func:`context_window` takes or ignores."""
+def model_entry(model: Any) -> Listed:
+    """A served model as the server lists it: its name, its context window (vLLM: ``max_model_len``;
+    llama.cpp: ``meta.n_ctx``) and, for a LoRA adapter, its ``parent`` (vLLM)."""
     extra = model.model_extra or {}
     length = extra.get("max_model_len")
     if length is None:
         meta = extra.get("meta")
         length = meta.get("n_ctx") if isinstance(meta, dict) else None
-    return str(model.id), length
+    parent = extra.get("parent")
+    return Listed(str(model.id), length, parent if isinstance(parent, str) and parent else None)
 
 
 def context_window(route: Route, reported: object) -> int | None:

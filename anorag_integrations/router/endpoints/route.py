@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,7 +28,7 @@ from ..telemetry.stats import RouteStats
 from .answers import checked, checked_embeddings
 from .clients import KEEPALIVE_S, LIMITS, SDK_HTTPX, AsyncChunkStream, ChunkStream, PerLoop, prepared
 from .health import CircuitBreaker
-from .probe import ProbeResult, context_window, model_entry, record_probe
+from .probe import Listed, ProbeResult, context_window, model_entry, record_probe
 
 if TYPE_CHECKING:
     from ...config import Config, RouteConfig
@@ -80,6 +81,16 @@ class Route:
         self.address = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
         """The server's host and port, without credentials (``server.address`` / ``server.port`` on spans)."""
         self.model = cfg.model
+        self.aliases = frozenset(cfg.aliases)
+        """Names callers may use for ``model`` (``aliases:``): the route sends ``model`` for them."""
+        self.listed: frozenset[str] = frozenset()
+        """The names the server listed at its last ``/v1/models`` (served-name aliases, LoRA adapters)."""
+        self.parents: dict[str, str] = {}
+        """Listed names that are adapters (LoRA), with the model each adapts (vLLM's ``parent``)."""
+        self.dropped: dict[str, float] = {}
+        """Names the server answered 404 for (wall time): out of the route's groups until listed again."""
+        self.models_changed: Callable[[], None] = _nothing
+        """Told when the names the route serves change (the router's model catalog rebuilds its groups)."""
         self.weight = cfg.weight
         self.timeout = cfg.timeout or config.params.timeout
         self.configured_max_model_len = cfg.max_model_len
@@ -198,15 +209,13 @@ class Route:
         """
         self.peeked = True
         with contextlib.suppress(Exception):
-            models = self.client.models.list(timeout=timeout).data
-            self.peeked_max_model_len = context_window(self, dict(model_entry(m) for m in models).get(self.model))
+            self.peeked_max_model_len = context_window(self, _window(self._list(timeout), self.model))
 
     async def apeek_context_window(self, timeout: float) -> None:
         """Async twin of :meth:`peek_context_window`."""
         self.peeked = True
         with contextlib.suppress(Exception):
-            models = (await self.aclient.models.list(timeout=timeout)).data
-            self.peeked_max_model_len = context_window(self, dict(model_entry(m) for m in models).get(self.model))
+            self.peeked_max_model_len = context_window(self, _window(await self._alist(timeout), self.model))
 
     def throttle(self, wait_s: float) -> None:
         """Skip the route for ``wait_s`` seconds from now (it sent a ``Retry-After``); the fleet is told."""
@@ -260,19 +269,25 @@ class Route:
             return record_probe(self, started, [], exc)
         return record_probe(self, started, models, None)
 
-    def _probe_models(self) -> list[tuple[str, Any]]:
+    def _probe_models(self) -> list[Listed]:
         """``GET /health`` (``/v1/models`` answers for it when 404), then the served models."""
         options: Any = {"timeout": self.probe_timeout}
         with contextlib.suppress(openai.NotFoundError):
             self.client.get(f"{self.server_root}/health", cast_to=object, options=options)
-        return [model_entry(m) for m in self.client.models.list(timeout=self.probe_timeout).data]
+        return self._list(self.probe_timeout)
 
-    async def _aprobe_models(self) -> list[tuple[str, Any]]:
+    async def _aprobe_models(self) -> list[Listed]:
         options: Any = {"timeout": self.probe_timeout}
-        client = self.aclient
         with contextlib.suppress(openai.NotFoundError):
-            await client.get(f"{self.server_root}/health", cast_to=object, options=options)
-        return [model_entry(m) for m in (await client.models.list(timeout=self.probe_timeout)).data]
+            await self.aclient.get(f"{self.server_root}/health", cast_to=object, options=options)
+        return await self._alist(self.probe_timeout)
+
+    def _list(self, timeout: float) -> list[Listed]:
+        """The served models (``GET /v1/models``): the seam another API replaces with its own listing."""
+        return [model_entry(m) for m in self.client.models.list(timeout=timeout).data]
+
+    async def _alist(self, timeout: float) -> list[Listed]:
+        return [model_entry(m) for m in (await self.aclient.models.list(timeout=timeout)).data]
 
     # --- load scraping (least_queue) ---------------------------------------------------------------
 
@@ -310,6 +325,58 @@ class Route:
     def serves(self, models: list[str]) -> bool:
         return self.model in models
 
+    # --- the model names the route serves (model groups, ``models.py``) ---------------------------------
+
+    def served_names(self) -> frozenset[str]:
+        """Its model, its aliases and what its server lists, less the names the server answered 404 for (the
+        aliases go with the model: they are sent as it)."""
+        names = self.aliases | self.listed | {self.model}
+        if not self.dropped:
+            return names
+        return names.difference(self.dropped, self.aliases if self.model in self.dropped else ())
+
+    def listed_models(self, listing: Sequence[Listed], at: float) -> None:
+        """The server's ``/v1/models`` (seen at wall time ``at``): its names join the route's groups, and a name
+        dropped (404) before ``at`` is back."""
+        names = frozenset(self._listed_names(entry.name for entry in listing))
+        parents = {entry.name: entry.parent for entry in listing if entry.parent and entry.parent != entry.name}
+        back = [name for name, when in self.dropped.items() if name in names and when <= at]
+        changed = names != self.listed or bool(back)
+        self.listed, self.parents = names, parents
+        for name in back:
+            self.dropped.pop(name, None)
+        if changed:
+            self.models_changed()
+
+    def _listed_names(self, names: Iterable[str]) -> Iterable[str]:
+        """The names a listing makes callable (Ollama's route adds each tag's name without ``:latest``)."""
+        return names
+
+    def unknown_model_fix(self, name: str) -> str | None:
+        """How this kind of server is made to serve ``name``, for an error saying nobody does (None: nothing
+        beyond restarting it with another ``--served-model-name``, which the error says already)."""
+        return None
+
+    def drop_model(self, name: str) -> bool:
+        """The server answered 404 for ``name``: the route leaves that name's group. False: not served anyway."""
+        if name not in self.served_names():
+            return False
+        self.dropped[name] = time.time()
+        self.models_changed()
+        return True
+
+    def list_models(self, timeout: float) -> None:
+        """Read ``/v1/models`` once for a name nobody is known to serve; never counted against the route."""
+        at = time.time()
+        with contextlib.suppress(Exception):
+            self.listed_models(self._list(timeout), at)
+
+    async def alist_models(self, timeout: float) -> None:
+        """Async twin of :meth:`list_models`."""
+        at = time.time()
+        with contextlib.suppress(Exception):
+            self.listed_models(await self._alist(timeout), at)
+
     def masked(self, text: str) -> str:
         """``text`` with this route's api key (a server may echo it in an error) and URL credentials masked."""
         key = self._api_key.get_secret_value()
@@ -338,3 +405,12 @@ class Route:
     async def aclose(self) -> None:
         """Close this loop's async client (those of other loops close with their loops)."""
         await self._aclients.aclose()
+
+
+def _window(listing: Iterable[Listed], model: str) -> object:
+    """The context window a listing reports for ``model`` (None: not listed, or not said)."""
+    return next((entry.max_model_len for entry in listing if entry.name == model), None)
+
+
+def _nothing() -> None:
+    """A route outside any router: nobody to tell that its names changed."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from ..endpoints.probe import Listed
 from .redis_records import MALFORMED, BreakerRecord, monotonic, read_message, read_probe, read_throttle, why
 
 if TYPE_CHECKING:
@@ -110,5 +111,8 @@ class Adopter:
         if by == self.replica or (result.checked_at or 0) <= (route.probe_result.checked_at or 0):
             return
         route.probe_result = result
+        if result.healthy is True and result.models:  # what the leader's probe saw the server list
+            route.listed_models([Listed(name, parent=result.parents.get(name)) for name in result.models],
+                                result.checked_at or time.time())  # fmt: skip
         if result.healthy is True:
             route.breaker.probe_succeeded()  # the leader found it up: the cool-down ends here too

@@ -5,8 +5,10 @@ Nothing is added to a request's path for Prometheus: a custom collector reads ea
 labelled ``router`` (``observability.name``, else the config file's stem) and ``route``; several
 routers share one collector per registry, so each family is written once however many there are::
 
-    anorag_requests_total{outcome}                 calls ended, by outcome (route: the one that ended
-                                                   it; "" when none was tried); see tracing.outcome
+    anorag_requests_total{model, outcome}          calls ended, by the model that served them and outcome
+                                                   (route: the one that ended it; "" when none was tried;
+                                                   model "" when the call named no served model); see
+                                                   tracing.outcome
     anorag_attempts_total                          attempts sent to the route
     anorag_attempt_failures_total{error_class}     failed attempts, by RouteError.error_class
     anorag_failovers_total                         requests that left the route after a transient failure
@@ -21,6 +23,8 @@ routers share one collector per registry, so each family is written once however
     anorag_throttled_until_timestamp_seconds       end of a Retry-After (Unix time; 0: not throttled)
     anorag_probe_duration_seconds                  the last active probe's latency
     anorag_route_info{model, kind}                 1, to join a route to the model and kind (chat, embedding) it serves
+    anorag_route_serves{model}                     1 for each name the route serves now (its model, aliases,
+                                                   the names its server lists: served-name aliases, LoRA)
 
 Histograms, not quantile gauges: the statistics keep cumulative bucket counts beside their sample
 windows (one integer increment per request), and only buckets add up across routes and replicas.
@@ -205,7 +209,9 @@ class _Families:
         def gauge(name: str, doc: str, *extra: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=(*LABELS, *extra))
 
-        self.requests = counter("anorag_requests", "Calls ended, by outcome (route: the one that ended it)", "outcome")
+        self.requests = counter(
+            "anorag_requests", "Calls ended, by model and outcome (route: the one that ended it)", "model", "outcome"
+        )
         self.attempts = counter("anorag_attempts", "Attempts sent to the route")
         self.failures = counter("anorag_attempt_failures", "Failed attempts, by error class", "error_class")
         self.failovers = counter("anorag_failovers", "Requests that left the route after a transient failure")
@@ -233,13 +239,14 @@ class _Families:
         self.info = gauge(
             "anorag_route_info", "1 for each route, labelled with the model and kind it serves", "model", "kind"
         )
+        self.serves = gauge("anorag_route_serves", "1 for each model name the route serves now", "model")
 
     def all(self) -> list[Metric]:
         return [value for value in vars(self).values() if isinstance(value, Metric)]
 
     def add_calls(self, name: str, router: Router) -> None:
-        for (route, outcome), count in sorted(router.outcomes.snapshot().items()):
-            self.requests.add_metric([name, route, outcome], count)
+        for (route, model, outcome), count in sorted(router.outcomes.snapshot().items()):
+            self.requests.add_metric([name, route, model, outcome], count)
 
     def add_route(self, name: str, route: Route, now: float, wall: float) -> None:
         labels = [name, route.name]
@@ -266,6 +273,8 @@ class _Families:
         if probe.latency_ms is not None:
             self.probe.add_metric(labels, probe.latency_ms / 1000)
         self.info.add_metric([*labels, route.model, route.kind], 1.0)
+        for model in sorted(route.served_names()):
+            self.serves.add_metric([*labels, model], 1.0)
 
 
 def _buckets(histogram: Histogram) -> Iterator[tuple[str, float]]:

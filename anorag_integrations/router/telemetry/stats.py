@@ -223,20 +223,22 @@ class RouteStats:
 
 
 class CallOutcomes:
-    """How the router's calls ended, by (route, outcome); one per router, thread-safe.
+    """How the router's calls ended, by (route, model, outcome); one per router, thread-safe.
 
-    The route is the one that served or ended the call (its last attempt), "" when no route was tried.
+    The route is the one that served or ended the call (its last attempt), "" when no route was tried; the
+    model is the one the call was served from (a configured or listed name, never a caller's free text:
+    "" for a call refused before a model was known to be served).
     """
 
     def __init__(self) -> None:
         self._lock = forks.lock()
-        self._counts: dict[tuple[str, str], int] = {}
+        self._counts: dict[tuple[str, str, str], int] = {}
 
-    def add(self, route: str, outcome: str) -> None:
-        key = (route, outcome)
+    def add(self, route: str, model: str, outcome: str) -> None:
+        key = (route, model, outcome)
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
 
-    def snapshot(self) -> dict[tuple[str, str], int]:
+    def snapshot(self) -> dict[tuple[str, str, str], int]:
         with self._lock:
             return dict(self._counts)

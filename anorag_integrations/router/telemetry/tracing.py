@@ -78,12 +78,9 @@ one attribute read, where ``trace.get_tracer_provider()`` reads ``os.environ`` o
 class Tracing:
     """The router's tracer: its own provider's, or the global one (followed when it is set later)."""
 
-    __slots__ = ("follows_global", "models", "tracer")
+    __slots__ = ("follows_global", "tracer")
 
-    def __init__(self, provider: TracerProvider | None = None, models: Mapping[str, str] | None = None) -> None:
-        self.models = dict(models or {})
-        """Per route kind, the model every route of that kind serves, when they all serve one: a call names
-        it from the start."""
+    def __init__(self, provider: TracerProvider | None = None) -> None:
         self.follows_global = provider is None
         """No provider of its own: while ``otel_global._TRACER_PROVIDER is None``, calls are not traced."""
         if provider is None:
@@ -92,12 +89,20 @@ class Tracing:
 
     def start_call(self, call: Call) -> Span | None:
         """The span of a public call, or None when it is not recorded (sampled out)."""
-        model = call.model or self.models.get(call.kind)
+        model = requested_model(call)
         attributes = _request_attributes(call, model)
         attributes["anorag.stream"] = call.stream
         name = f"{call.operation} {model}" if model else call.operation
         span = self.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
         return span if span.is_recording() else None
+
+
+def requested_model(call: Call) -> str:
+    """The model a call asks for (``gen_ai.request.model``): the caller's, else the default route's (a call
+    pinned to a route without a model asks for that route's)."""
+    if call.requested_model is None and call.pinned is not None:
+        return call.pinned.model
+    return call.requested_model or call.model
 
 
 def _version() -> str | None:
@@ -199,9 +204,9 @@ def end_call(call: Call, span: Span, ended: str, exc: BaseException | None) -> N
     if route is not None:
         attributes["anorag.route"] = route.name
         attributes["server.address"], attributes["server.port"] = route.address
-        if not call.model and call.kind not in tracing.models:  # routes of several models: named once one answered
-            span.update_name(f"{call.operation} {route.model}")
-            attributes["gen_ai.request.model"] = route.model
+    if info.fallback_reason:
+        attributes["anorag.model_fallback"] = info.fallback_reason
+        attributes["anorag.models_tried"] = info.models_tried
     if info.hedge:
         attributes["anorag.hedge_route"] = info.hedge
     if info.continued:
@@ -220,7 +225,12 @@ def start_attempt(lease: Lease, parent: Span) -> Span | None:
     """The child span of one attempt, or None when the provider does not record it."""
     call, route = lease.call, lease.route
     address, port = route.address
-    attributes: dict[str, Any] = {"anorag.route": route.name, "server.address": address, "server.port": port}
+    attributes: dict[str, Any] = {
+        "anorag.route": route.name,
+        "server.address": address,
+        "server.port": port,
+        "gen_ai.request.model": call.sent_model(route),
+    }
     if call.role != "request":
         attributes["anorag.attempt.role"] = call.role
     if call.info.rounds > 1:

@@ -1,0 +1,185 @@
+"""Model groups: which routes serve which model name, from the config and from each server's ``/v1/models``.
+
+A route serves its configured ``model``, its ``aliases`` (names callers may use; the configured name
+is sent) and every name its server lists (``--served-model-name`` aliases, LoRA adapters with their
+``parent``), as the prober or a lookup last saw them. A call's ``model=`` picks the group of routes
+serving that name (no model: the default route's model); the policy only ever sees that group. A name
+a server answered 404 for leaves that route's group until its ``/v1/models`` lists the name again,
+without touching the route's breaker. Groups are built when something changed (a version number),
+so a pick costs one dict lookup however many routes and models the fleet has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import itertools
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from . import forks
+from .errors import UnknownModelError
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .endpoints.route import Route
+
+LOOKUP_EVERY_S = 5.0
+"""A name no route is known to serve asks each route's ``/v1/models`` at most this often (a caller's typo
+repeated a thousand times costs each server one listing per interval, not a thousand)."""
+LOOKUP_WORKERS = 16
+"""Routes asked at once by a lookup (sync calls; async calls ask them all together)."""
+
+_generations = itertools.count(1)
+
+
+class Group(list["Route"]):
+    """The routes serving one model name, in config order; ``generation`` changes whenever its members do,
+    so a policy's per-list caches (a hash ring, weights) key on it instead of on ``id()``."""
+
+    __slots__ = ("generation", "members")
+
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        super().__init__(routes)
+        self.generation = next(_generations)
+        self.members = frozenset(route.name for route in self)
+
+
+EMPTY = Group()
+
+
+class Catalog:
+    """The fleet's model groups, per route kind; one per router, shared by every call (thread-safe)."""
+
+    def __init__(self, routes: Mapping[str, Route], config: Config) -> None:
+        from ..config import ROUTE_KINDS  # the config module imports the router: not at import time
+
+        self._routes = routes
+        self.fallback: dict[str, Route | None] = {}
+        """Each kind's ``fallback_route``: tried last for its default model (and for names it serves)."""
+        self.default: dict[str, str | None] = {}
+        """Each kind's default model: the one a call without ``model=`` asks for (its default route's)."""
+        for kind in ROUTE_KINDS:
+            name = config.fallback_route_of(kind)
+            self.fallback[kind] = routes[name] if name else None
+            default = config.default_route_of(kind)
+            self.default[kind] = routes[default].model if default is not None else None
+        self.fallbacks: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in config.fallbacks.items()}
+        """``fallbacks:``: the models a call goes on to when every route of its own has failed."""
+        self.window_fallbacks: dict[str, tuple[str, ...]] = {
+            k: tuple(v) for k, v in config.context_window_fallbacks.items()
+        }
+        """``context_window_fallbacks:``: the models a prompt too long for its own goes on to."""
+        self._lock = forks.lock()
+        self._version = 0
+        self._built = -1
+        self._groups: dict[tuple[str, str], Group] = {}
+        self._looked_up: dict[str, float] = {}
+        for route in routes.values():
+            route.models_changed = self._changed
+
+    def _changed(self) -> None:
+        """A route's names changed (a listing, a 404): the groups are built again before the next pick."""
+        with self._lock:
+            self._version += 1
+
+    def group(self, kind: str, name: str) -> Group:
+        """The primary routes of ``kind`` serving ``name`` (the fallback route is never among them)."""
+        if self._built != self._version:
+            self._build()
+        return self._groups.get((kind, name), EMPTY)
+
+    def _build(self) -> None:
+        with self._lock:
+            version = self._version
+            members: dict[tuple[str, str], list[Route]] = {}
+            for route in self._routes.values():
+                if route is self.fallback.get(route.kind):
+                    continue
+                for name in route.served_names():
+                    members.setdefault((route.kind, name), []).append(route)
+            old = self._groups
+            groups: dict[tuple[str, str], Group] = {}
+            for key, routes in members.items():
+                kept = old.get(key)  # unchanged members keep their generation (and the policies' caches)
+                groups[key] = kept if kept is not None and list(kept) == routes else Group(routes)
+            self._groups = groups
+            self._built = version
+
+    def fallback_for(self, kind: str, name: str) -> Route | None:
+        """The kind's fallback route when it may take a call for ``name``: the default model's calls (as
+        documented for ``fallback_route``), and those naming a model it serves."""
+        route = self.fallback.get(kind)
+        if route is None or (name != self.default.get(kind) and name not in route.served_names()):
+            return None
+        return route
+
+    def sent_name(self, route: Route, name: str) -> str:
+        """The model name an attempt for ``name`` sends to ``route``: an alias becomes the route's model;
+        the fallback route, taking a call for a model it does not serve, is sent its own."""
+        if name == route.model or name in route.aliases:
+            return route.model
+        return name if name in route.served_names() else route.model
+
+    def serves(self, kind: str, name: str) -> bool:
+        """Whether any route of ``kind`` (the fallback route included) is known to serve ``name``."""
+        return bool(self.group(kind, name)) or self.fallback_for(kind, name) is not None
+
+    def names(self, kind: str) -> list[str]:
+        """Every model name the routes of ``kind`` are known to serve, sorted."""
+        if self._built != self._version:
+            self._build()
+        names = {name for (k, name), routes in self._groups.items() if k == kind and routes}
+        fallback = self.fallback.get(kind)
+        if fallback is not None:
+            names |= fallback.served_names()
+        return sorted(names)
+
+    def unknown(self, kind: str, name: str) -> UnknownModelError:
+        served = self.names(kind)
+        fixes = sorted({fix for r in self._routes.values() if r.kind == kind and (fix := r.unknown_model_fix(name))})
+        return UnknownModelError(name, kind, served, difflib.get_close_matches(name, served, n=1), fixes)
+
+    # --- looking a name up: once within the call's time, rate-limited per route ------------------------
+
+    def _due(self, kind: str) -> list[Route]:
+        """The routes of ``kind`` whose ``/v1/models`` may be asked now (each at most every LOOKUP_EVERY_S)."""
+        now = time.monotonic()
+        due = []
+        with self._lock:
+            for route in self._routes.values():
+                if route.kind == kind and now - self._looked_up.get(route.name, -LOOKUP_EVERY_S) >= LOOKUP_EVERY_S:
+                    self._looked_up[route.name] = now
+                    due.append(route)
+        return due
+
+    def look_up(self, kind: str, name: str, left: float | None) -> None:
+        """Ask the routes' ``/v1/models`` for a name nobody is known to serve (sync); UnknownModelError if none."""
+        if not self.serves(kind, name):
+            due = self._due(kind)
+            if due:
+                with ThreadPoolExecutor(max_workers=min(LOOKUP_WORKERS, len(due))) as pool:
+                    list(pool.map(lambda route: route.list_models(_bound(route, left)), due))
+            if not self.serves(kind, name):
+                raise self.unknown(kind, name)
+
+    async def alook_up(self, kind: str, name: str, left: float | None) -> None:
+        """Async twin of :meth:`look_up`."""
+        if not self.serves(kind, name):
+            due = self._due(kind)
+            if due:
+                await asyncio.gather(*(route.alist_models(_bound(route, left)) for route in due))
+            if not self.serves(kind, name):
+                raise self.unknown(kind, name)
+
+    def fallback_models(self, name: str, overflow: bool) -> tuple[str, ...]:
+        """Where a call for ``name`` goes next: ``context_window_fallbacks`` for a prompt that does not fit,
+        else ``fallbacks``."""
+        return (self.window_fallbacks if overflow else self.fallbacks).get(name, ())
+
+
+def _bound(route: Route, left: float | None) -> float:
+    """A lookup's timeout: the route's probe timeout, within the call's time left."""
+    return route.probe_timeout if left is None else max(0.001, min(route.probe_timeout, left))
