@@ -6,8 +6,15 @@ Only conversions live here (messages and chunks to and from the openai SDK types
 
 from __future__ import annotations
 
-from ._callbacks import FAILOVER_EVENT
-from .chat_model import ChatVLLMRouted
-from .embeddings import VLLMRoutedEmbeddings
+try:
+    from ._callbacks import FAILOVER_EVENT
+    from .chat_model import ChatVLLMRouted
+    from .embeddings import VLLMRoutedEmbeddings
+except ModuleNotFoundError as missing:  # langchain-core comes with the [langchain] extra: say so
+    from .._adapters import framework_missing
+
+    if (error := framework_missing(missing, __name__)) is None:
+        raise
+    raise error from missing
 
 __all__ = ["FAILOVER_EVENT", "ChatVLLMRouted", "VLLMRoutedEmbeddings"]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .._adapters import framework_missing
 from ..router import ConfigError
 from .factory import OllamaSettings, _section, configured_provider
 
@@ -111,6 +112,16 @@ def _import(module: str, name: str) -> Any:
         raise ImportError(f"cannot import name {name!r} from {loaded.__name__!r}") from None
 
 
+def _ours(module: str, name: str) -> Any:
+    """Our adapter ``name``; when its framework is not installed, an error naming the extra that brings it."""
+    try:
+        return _import(module, name)
+    except ModuleNotFoundError as missing:
+        if (error := framework_missing(missing, name)) is None:
+            raise
+        raise error from None
+
+
 def _ollama_settings(config: str | None, kind: Kind) -> OllamaSettings:
     """``llm.ollama`` of the config; embeddings also need its ``embedding_model``."""
     settings = _section("ollama", OllamaSettings, config)
@@ -126,7 +137,7 @@ def _create(framework: Framework, kind: Kind, config: str | None, params: dict[s
     choice = _CHOICES[framework, kind]
     provider = configured_provider(config)
     if provider == "vllm_openai":
-        return _import(*choice.ours)(config_path=config, **params)
+        return _ours(*choice.ours)(config_path=config, **params)
     if provider == "ollama":
         package, module, name = choice.ollama
         try:
