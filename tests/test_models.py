@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -25,6 +29,7 @@ from anorag_integrations import (
     InvalidRequestError,
     ModelNotFoundError,
     Router,
+    StreamInterruptedError,
     call_info,
 )
 from anorag_integrations.config import config_from_dict
@@ -168,11 +173,15 @@ def test_a_typo_repeated_asks_each_server_once_per_interval(
     router = build()
     asked: list[str] = []
     for route in router.routes.values():
-        listing = route.list_models
-        monkeypatch.setattr(route, "list_models", lambda t, r=route, f=listing: (asked.append(r.name), f(t))[1])
-    for _ in range(20):
+
+        async def listing(timeout: float, route: Any = route, read: Any = route.alist_models) -> None:
+            asked.append(route.name)
+            await read(timeout)
+
+        monkeypatch.setattr(route, "alist_models", listing)
+    for i in range(20):
         with pytest.raises(UnknownModelError):
-            router.chat(USER, model="typo")
+            router.chat(USER, model="typo") if i % 2 else asyncio.run(router.achat(USER, model="typo"))
     assert sorted(asked) == ["big_a", "big_b", "small"]  # once each, not 20 times: LOOKUP_EVERY_S apart
     assert LOOKUP_EVERY_S >= 1
 
@@ -315,8 +324,13 @@ def test_fallback_route_still_serves_the_default_model(
         ({"context_window_fallbacks": {"small": ["small"]}}, "cannot fall back to itself"),
         ({"route_overrides": {"small": {"aliases": ["small"]}}}, "is the route's model itself"),
         ({"route_overrides": {"small": {"kind": "embedding"}}, "fallbacks": {"big": ["small"]}}, "embedding model"),
-        ({"route_overrides": {"small": {"kind": "embedding"}, "big_b": {"kind": "embedding"}},
-          "fallbacks": {"small": ["big"]}}, "never fall back"),  # fmt: skip
+        (
+            {
+                "route_overrides": {"small": {"kind": "embedding"}, "big_b": {"kind": "embedding"}},
+                "fallbacks": {"small": ["big"]},
+            },
+            "never fall back",
+        ),
     ],
 )
 def test_bad_fallbacks_are_config_errors(fleet: dict[str, FaultServer], llm: dict[str, Any], message: str) -> None:
@@ -449,3 +463,145 @@ def test_healthcheck_shows_kinds_aliases_and_adapters(tmp_path: Any, capsys: pyt
     out = capsys.readouterr().out
     assert "kind:    chat   model: base   aliases: b" in out
     assert "serves:  b, base, base-2, sql (LoRA of base)" in out
+
+
+# --- what the hostile review of issue 26 found -------------------------------------------------------
+
+
+def test_a_spurious_404_does_not_keep_a_route_out_for_good_without_probes(
+    fleet: dict[str, FaultServer], build: Callable[..., Router], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anorag_integrations.router.models as models
+
+    router = build()
+    fleet["big_a"].set_fault(Fault.STATUS, status=404, message="proxy: no upstream", times=1)
+    assert run(router, "chat", model="big")[0] == "from big_b"  # big_a's 404: out, failed over
+    route = router.routes["big_a"]
+    assert "big" not in route.served_names()
+    monkeypatch.setattr(models, "LOOKUP_EVERY_S", 0.0)  # the next call re-lists dropped routes in the background
+    run(router, "chat", model="big")
+    back = threading.Event()
+    route.models_changed = lambda: (router.models._changed(), back.set())  # type: ignore[func-returns-value]
+    if "big" not in route.served_names():
+        back.wait(10)
+    assert "big" in route.served_names() and route.breaker.state is BreakerState.CLOSED
+    assert {run(router, "chat", model="big")[1].route for _ in range(4)} == {"big_a", "big_b"}
+
+
+def test_concurrent_404s_on_one_route_all_fail_over(
+    fleet: dict[str, FaultServer], build: Callable[..., Router]
+) -> None:
+    router = build()
+    serve_as(fleet["big_a"], "retired")
+    fleet["big_a"].latency = 0.3  # every call sent there is in flight before the first 404 comes back
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: run(router, "chat", model="big")[0], range(8)))
+    assert answers == ["from big_b"] * 8 and router.routes["big_a"].breaker._failures == 0
+
+
+def test_fallbacks_apply_to_aliases_and_listed_names(
+    fleet: dict[str, FaultServer], build: Callable[..., Router]
+) -> None:
+    fleet["small"].served_names = ["small", "small-listed"]
+    fleet["small"].max_model_len = 64  # what its /v1/models reports
+    router = build(
+        route_overrides={"small": {"aliases": ["tiny"]}},
+        fallbacks={"small": ["big"]},
+        context_window_fallbacks={"small": ["big"]},
+    )
+    router.health()  # lists small-listed
+    long_prompt = [{"role": "user", "content": "word " * 400}]
+    for name in ("tiny", "small-listed"):
+        info = call_info(router.chat(long_prompt, model=name))
+        assert info is not None and (info.model, info.fallback_reason) == ("big", "context_window")
+    fleet["small"].set_fault(Fault.STATUS, status=503)
+    for name in ("tiny", "small-listed"):
+        assert run(router, "chat", model=name)[1].fallback_reason == "fallbacks"
+    assert fleet["small"].hits == 2  # the long prompts were never sent to it
+
+
+def test_a_fallback_model_nobody_is_known_to_serve_is_looked_up(
+    fleet: dict[str, FaultServer], build: Callable[..., Router]
+) -> None:
+    router = build(fallbacks={"big": ["small"]})
+    fleet["small"].set_fault(Fault.STATUS, status=404, message="proxy: no upstream", times=1)
+    with pytest.raises(ModelNotFoundError):
+        router.chat(USER, model="small")  # the only route of small: out, and the caller told
+    for name in ("big_a", "big_b"):
+        fleet[name].set_fault(Fault.STATUS, status=503)
+    text, info = run(router, "chat", model="big")
+    assert (text, info.model) == ("from small", "small")  # small's /v1/models listed it again on the way
+
+
+def test_a_lookup_never_runs_past_the_calls_deadline(fleet: dict[str, FaultServer]) -> None:
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen()  # accepts connections into its backlog, never answers
+    try:
+        config = fleet_config(fleet)
+        config["llm"]["routes"]["hung"] = {"base_url": f"http://127.0.0.1:{hung.getsockname()[1]}/v1", "model": "h"}
+        with Router(config_from_dict(config, env={}), start_prober=False) as router:
+            for mode in ("chat", "achat"):
+                started = time.monotonic()
+                with pytest.raises(UnknownModelError):
+                    run(router, mode, model="nobody", deadline=1.0)
+                assert time.monotonic() - started < 2.5  # the listing that never came did not hold the call
+                router.models._looked_up.clear()
+    finally:
+        hung.close()
+
+
+@pytest.mark.parametrize("max_tokens", ["5", 5.5, True, -1, None])
+def test_odd_max_tokens_never_break_the_overflow_prediction(
+    fleet: dict[str, FaultServer], build: Callable[..., Router], max_tokens: Any
+) -> None:
+    router = build(route_overrides={"small": {"max_model_len": 4096}}, context_window_fallbacks={"small": ["big"]})
+    assert run(router, "chat", model="small", max_tokens=max_tokens)[1].route == "small"
+
+
+def test_a_cut_stream_is_not_continued_by_the_fallback_routes_other_model() -> None:
+    with FaultServer("big", reply="one two three four five six") as big, FaultServer("small", reply="a b c d") as fb:
+        routes = {
+            "big_a": {"base_url": big.base_url, "model": "big", "continue_streams": True},
+            "fb": {"base_url": fb.base_url, "model": "small", "continue_streams": True},
+        }
+        config = config_from_dict({"llm": {"routes": routes, "fallback_route": "fb"}}, env={})
+        with Router(config, start_prober=False) as router:
+            big.set_fault(Fault.CUT, after_chunks=2)
+            with pytest.raises(StreamInterruptedError):
+                "".join(c.choices[0].delta.content or "" for c in router.stream(USER) if c.choices)
+    assert fb.hits == 0
+
+
+@pytest.mark.parametrize(
+    ("llm", "message"),
+    [
+        ({"route_overrides": {"small": {"aliases": ["tiny"]}}, "fallbacks": {"big": ["tiny"], "small": ["big"]}},
+         "cycle: big -> small -> big"),
+        ({"route_overrides": {"small": {"aliases": ["tiny"]}}, "fallbacks": {"tiny": ["small"]}}, "to itself"),
+    ],
+)  # fmt: skip
+def test_fallback_checks_see_through_aliases(fleet: dict[str, FaultServer], llm: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(fleet_config(fleet, **llm), env={})
+
+
+def test_a_fallback_chain_of_any_length_is_checked() -> None:
+    routes = {f"r{i}": {"base_url": f"http://127.0.0.1:{20000 + i}/v1", "model": f"m{i}"} for i in range(3000)}
+    chain = {f"m{i}": [f"m{i + 1}"] for i in range(2999)}
+    assert config_from_dict({"llm": {"routes": routes, "fallbacks": chain}}, env={}).fallbacks == chain
+    with pytest.raises(ConfigError, match="cycle"):
+        config_from_dict({"llm": {"routes": routes, "fallbacks": {**chain, "m2999": ["m0"]}}}, env={})
+
+
+def test_a_hostile_listing_is_bounded(fleet: dict[str, FaultServer], build: Callable[..., Router]) -> None:
+    from anorag_integrations.router.endpoints.probe import Listed
+    from anorag_integrations.router.endpoints.route import MAX_LISTED
+
+    router = build()
+    route = router.routes["small"]
+    route.listed_models([Listed("x" * 10_000), Listed(""), *(Listed(f"n{i}") for i in range(5000))], time.time())
+    assert len(route.listed) == MAX_LISTED and all(len(name) <= 256 for name in route.listed)
+    with pytest.raises(UnknownModelError) as raised:
+        router.chat(USER, model="y" * 1_000_000)
+    assert len(str(raised.value)) < 5_000

@@ -77,7 +77,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _known_models(self) -> Config:
         for key in ("fallbacks", "context_window_fallbacks"):
-            check_fallbacks(key, getattr(self, key), self.configured_models())
+            check_fallbacks(key, getattr(self, key), self.configured_models(), self._served_as())
         return self
 
     def configured_models(self) -> dict[str, str]:
@@ -87,6 +87,14 @@ class Config(_Section):
             for name in (route.model, *route.aliases):
                 names.setdefault(name, route.kind)
         return names
+
+    def _served_as(self) -> dict[str, set[str]]:
+        """Each configured name -> the models it is sent as (an alias: its routes' models; a model: itself)."""
+        served: dict[str, set[str]] = {}
+        for route in self.routes.values():
+            for name in (route.model, *route.aliases):
+                served.setdefault(name, set()).add(route.model)
+        return served
 
     def route_names(self, kind: str) -> list[str]:
         """The routes of ``kind`` ("chat" or "embedding"), in config order."""
@@ -131,8 +139,12 @@ _KIND_KEYS = {
 """Each route kind's (default, fallback) keys."""
 
 
-def check_fallbacks(key: str, table: dict[str, list[str]], known: dict[str, str]) -> None:
-    """``fallbacks`` / ``context_window_fallbacks``: configured names, one kind per entry, no cycle."""
+def check_fallbacks(
+    key: str, table: dict[str, list[str]], known: dict[str, str], served_as: dict[str, set[str]]
+) -> None:
+    """``fallbacks`` / ``context_window_fallbacks``: configured chat names, no model falling back to itself, no
+    cycle (aliases count as the models they are sent as: ``big -> tiny`` with ``tiny`` an alias of ``small``
+    is ``big -> small``)."""
     for name, targets in table.items():
         for shown in (name, *targets):
             if shown not in known:
@@ -147,34 +159,36 @@ def check_fallbacks(key: str, table: dict[str, list[str]], known: dict[str, str]
                     f"{key}.{clip(name)}: {preview(shown)} is an embedding model: embedding models never fall back "
                     "to another model (its vectors would not compare with the ones already stored)"
                 )
-            if known[shown] != known[name]:
-                raise ValueError(
-                    f"{key}.{clip(name)}: {preview(shown)} is a {known[shown]} model, "
-                    f"{preview(name)} a {known[name]} one"
-                )
-        if name in targets:
-            raise ValueError(f"{key}.{clip(name)}: a model cannot fall back to itself")
-    cycle = _cycle(table)
+        if any(served_as[name] & served_as[target] for target in targets):
+            raise ValueError(f"{key}.{clip(name)}: a model cannot fall back to itself (or to an alias of itself)")
+    edges: dict[str, set[str]] = {}
+    for name, targets in table.items():
+        for model in served_as[name]:
+            edges.setdefault(model, set()).update(m for target in targets for m in served_as[target])
+    cycle = _cycle(edges)
     if cycle:
         raise ValueError(f"{key}: the fallbacks form a cycle: {' -> '.join(cycle)}")
 
 
-def _cycle(table: dict[str, list[str]]) -> list[str] | None:
-    """A cycle in the fallback graph, as the names along it (first name repeated at the end), or None."""
-    done: set[str] = set()
-
-    def visit(name: str, path: list[str]) -> list[str] | None:
-        if name in path:
-            return [*path[path.index(name) :], name]
-        if name in done:
-            return None
-        for target in table.get(name, ()):
-            if (found := visit(target, [*path, name])) is not None:
-                return found
-        done.add(name)
-        return None
-
-    for start in table:
-        if (found := visit(start, [])) is not None:
-            return found
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in the graph, as the names along it (the first repeated at the end), or None; iterative, so a
+    chain of any length is checked (a recursive walk would hit Python's recursion limit)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(edges):
+        if state.get(start):
+            continue
+        path = [start]
+        stack = [iter(sorted(edges.get(start, ())))]
+        state[start] = 1
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(step) == 1:
+                return [*path[path.index(step) :], step]
+            elif not state.get(step):
+                state[step] = 1
+                path.append(step)
+                stack.append(iter(sorted(edges.get(step, ()))))
     return None

@@ -132,6 +132,8 @@ class Call:
         """The route of the attempt in progress."""
         self.continuing = False
         """Only routes with ``continue_streams: true`` may take this call (it continues a cut stream)."""
+        self.continues_model: str | None = None
+        """The model name the cut stream was sent as: the fallback route continues it only under that name."""
         self._prefix: tuple[int, int] | None = None
         self._blocks: tuple[int, tuple[int, ...]] | None = None
         self.ctl = Control()
@@ -173,6 +175,7 @@ class Call:
         twin.info, twin.retry_after, twin.active = CallInfo(requested_model=self.info.requested_model), 0.0, None
         twin.round_attempts, twin.failed_on = 0, None
         twin.tried_models, twin.next_models = list(self.tried_models), list(self.next_models)
+        twin.first_round = 0  # its rounds count from its own start (its info is new)
         return twin
 
     def _twin(self, avoid: frozenset[str]) -> Call:
@@ -192,6 +195,7 @@ class Call:
         """The request that continues a cut stream on a route not in ``avoid`` (see :func:`.body.continued_body`)."""
         twin = self._twin(self.avoid | avoid)
         twin.continuing = True
+        twin.continues_model = self.info.model
         twin.role = "continuation"
         twin.body = continued_body(self.body, delivered, delivered_tokens)
         twin.forget_prefix()
@@ -272,11 +276,12 @@ class Call:
         overflow = isinstance(failed, ContextOverflowError)
         models = self.router.models
         self.tried_models.append(self.model)
-        ahead = [m for m in models.fallback_models(self.model, overflow) if m not in self.tried_models]
-        self.next_models = ahead + [m for m in self.next_models if m not in ahead]
+        ahead = [m for m in models.fallback_models(self.kind, self.model, overflow) if m not in self.tried_models]
+        self.next_models = list(dict.fromkeys(ahead + [m for m in self.next_models if m not in ahead]))
         if not self.next_models:
             return False
         self.model = self.next_models.pop(0)
+        self.resolved = False  # the fallback model is looked up like any other, if nobody is known to serve it
         self.info.fallback_reason = "context_window" if overflow else "fallbacks"
         self.info.models_tried = [*self.tried_models]
         self.first_round = self.info.rounds
@@ -289,7 +294,7 @@ class Call:
 
         models = self.router.models
         messages = self.body.get("messages")
-        if messages is None or not models.window_fallbacks.get(self.model):
+        if messages is None or not models.window_fallback_for(self.kind, self.model):
             return None
         group = models.group(self.kind, self.model)
         windows = [route.max_model_len for route in group]
@@ -297,7 +302,10 @@ class Call:
             return None
         limit = max(w for w in windows if w is not None)
         per_token = self.router.config.embedding.chars_per_token
-        reply = self.body.get("max_tokens") or self.body.get("max_completion_tokens") or 0
+        reply = next(
+            (n for key in ("max_completion_tokens", "max_tokens") if type(n := self.body.get(key)) is int and n >= 0),
+            0,
+        )  # what vLLM counts: max_completion_tokens first; anything but a whole number is the server's to refuse
         estimate = sum(fewest_tokens(piece, per_token) for piece in prefix_pieces(messages)) + reply
         if estimate <= limit:
             return None
@@ -355,6 +363,8 @@ class Call:
     def _why_none(self) -> str:
         if self.round_attempts:
             return "every available route failed"
+        if self.pinned is None and not self.router.models.serves(self.kind, self.model):
+            return f"no route serves model {self.model!r} now (each answered 404 for it)"
         now = time.monotonic()
         throttled = [r.not_before for r in self.router.routes.values() if r.not_before > now]
         if throttled:

@@ -62,7 +62,8 @@ class Router:
         """``tracer_provider``: trace with this provider instead of OpenTelemetry's global one."""
         self.config = config
         self.routes: dict[str, Route] = {name: _make_route(name, rc, config) for name, rc in config.routes.items()}
-        self.models = Catalog(self.routes, config)
+        self._loop_thread = LoopThread()
+        self.models = Catalog(self.routes, config, self._loop_thread)
         """Which routes serve which model name (``models.py``): a call's ``model=`` picks its group."""
         self.pools = make_pools(config, self.routes)
         """The routes of each kind ("chat", "embedding"), with their policy and fallback route."""
@@ -92,7 +93,6 @@ class Router:
         if config.state.backend != "local":
             self.prober.gate = self.state.leads  # one replica probes each route; all read its results
         self._continuable = any(route.continue_streams for route in self.routes.values())
-        self._loop_thread = LoopThread()
         self._live: set[Control] = set()
         """Calls in flight, so that close() can end them."""
         self._closing = forks.event()

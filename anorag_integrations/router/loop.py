@@ -80,6 +80,16 @@ class LoopThread:
             future.cancel()
             raise
 
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` on the loop without waiting for it (background work: its result and errors are its own);
+        dropped when the loop is stopped."""
+        try:
+            loop = self.loop()
+        except RouterClosed:
+            coro.close()
+            return
+        asyncio.run_coroutine_threadsafe(coro, loop)
+
     def stop(self, routes: Iterable[Route] = (), *, wait: bool = True) -> None:
         """Cancel what still runs there, close the routes' clients of that loop, stop it."""
         with self._lock:

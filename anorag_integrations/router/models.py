@@ -12,11 +12,12 @@ so a pick costs one dict lookup however many routes and models the fleet has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import itertools
+import math
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from . import forks
@@ -25,12 +26,15 @@ from .errors import UnknownModelError
 if TYPE_CHECKING:
     from ..config import Config
     from .endpoints.route import Route
+    from .loop import LoopThread
 
 LOOKUP_EVERY_S = 5.0
 """A name no route is known to serve asks each route's ``/v1/models`` at most this often (a caller's typo
 repeated a thousand times costs each server one listing per interval, not a thousand)."""
-LOOKUP_WORKERS = 16
-"""Routes asked at once by a lookup (sync calls; async calls ask them all together)."""
+MAX_COMPARED = 2000
+"""Served names an unknown one is compared with for "did you mean" (difflib is quadratic-ish per pair)."""
+MAX_COMPARED_CHARS = 256
+"""Characters of a caller's unknown name compared and shown (a caller may send a megabyte)."""
 
 _generations = itertools.count(1)
 
@@ -53,10 +57,12 @@ EMPTY = Group()
 class Catalog:
     """The fleet's model groups, per route kind; one per router, shared by every call (thread-safe)."""
 
-    def __init__(self, routes: Mapping[str, Route], config: Config) -> None:
+    def __init__(self, routes: Mapping[str, Route], config: Config, loop: LoopThread) -> None:
         from ..config import ROUTE_KINDS  # the config module imports the router: not at import time
 
         self._routes = routes
+        self._loop = loop
+        """Where lookups run (a sync call waits for them there, bounded by its time left)."""
         self.fallback: dict[str, Route | None] = {}
         """Each kind's ``fallback_route``: tried last for its default model (and for names it serves)."""
         self.default: dict[str, str | None] = {}
@@ -139,47 +145,68 @@ class Catalog:
 
     def unknown(self, kind: str, name: str) -> UnknownModelError:
         served = self.names(kind)
+        close = difflib.get_close_matches(name[:MAX_COMPARED_CHARS], served[:MAX_COMPARED], n=1)
         fixes = sorted({fix for r in self._routes.values() if r.kind == kind and (fix := r.unknown_model_fix(name))})
-        return UnknownModelError(name, kind, served, difflib.get_close_matches(name, served, n=1), fixes)
+        return UnknownModelError(name[:MAX_COMPARED_CHARS], kind, served, close, fixes)
 
-    # --- looking a name up: once within the call's time, rate-limited per route ------------------------
+    # --- looking names up: once within the call's time, rate-limited per route ---------------------------
 
-    def _due(self, kind: str) -> list[Route]:
-        """The routes of ``kind`` whose ``/v1/models`` may be asked now (each at most every LOOKUP_EVERY_S)."""
+    def _due(self, routes: Iterable[Route]) -> list[Route]:
+        """Those of ``routes`` whose ``/v1/models`` may be asked now (each at most every LOOKUP_EVERY_S)."""
         now = time.monotonic()
         due = []
         with self._lock:
-            for route in self._routes.values():
-                if route.kind == kind and now - self._looked_up.get(route.name, -LOOKUP_EVERY_S) >= LOOKUP_EVERY_S:
+            for route in routes:
+                if now - self._looked_up.get(route.name, -LOOKUP_EVERY_S) >= LOOKUP_EVERY_S:
                     self._looked_up[route.name] = now
                     due.append(route)
         return due
 
     def look_up(self, kind: str, name: str, left: float | None) -> None:
-        """Ask the routes' ``/v1/models`` for a name nobody is known to serve (sync); UnknownModelError if none."""
+        """Make sure some route of ``kind`` serves ``name``: if none is known to, ask the routes' ``/v1/models``
+        (on the router's loop, bounded by the call's time left), then UnknownModelError if none does."""
+        self._recheck(kind)
         if not self.serves(kind, name):
-            due = self._due(kind)
-            if due:
-                with ThreadPoolExecutor(max_workers=min(LOOKUP_WORKERS, len(due))) as pool:
-                    list(pool.map(lambda route: route.list_models(_bound(route, left)), due))
+            self._loop.run(self._ask(kind, left), within=left)
             if not self.serves(kind, name):
                 raise self.unknown(kind, name)
 
     async def alook_up(self, kind: str, name: str, left: float | None) -> None:
         """Async twin of :meth:`look_up`."""
+        self._recheck(kind)
         if not self.serves(kind, name):
-            due = self._due(kind)
-            if due:
-                await asyncio.gather(*(route.alist_models(_bound(route, left)) for route in due))
+            await self._ask(kind, left)
             if not self.serves(kind, name):
                 raise self.unknown(kind, name)
 
-    def fallback_models(self, name: str, overflow: bool) -> tuple[str, ...]:
-        """Where a call for ``name`` goes next: ``context_window_fallbacks`` for a prompt that does not fit,
-        else ``fallbacks``."""
-        return (self.window_fallbacks if overflow else self.fallbacks).get(name, ())
+    async def _ask(self, kind: str, left: float | None) -> None:
+        """Every due route of ``kind`` lists its models, all at once, within the probe timeout and the time left."""
+        due = self._due(route for route in self._routes.values() if route.kind == kind)
+        if due:
+            bound = min(max(route.probe_timeout for route in due), left if left is not None else math.inf)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(r.alist_models(max(bound, 0.001)) for r in due)), bound)
 
+    def _recheck(self, kind: str) -> None:
+        """Routes out of a group after a 404 list their models again in the background, at most every
+        LOOKUP_EVERY_S: a spurious 404 (a proxy during a redeploy) does not keep a route out for good when
+        nothing probes it."""
+        dropped = [route for route in self._routes.values() if route.kind == kind and route.dropped]
+        for route in self._due(dropped):
+            self._loop.submit(route.alist_models(route.probe_timeout))
 
-def _bound(route: Route, left: float | None) -> float:
-    """A lookup's timeout: the route's probe timeout, within the call's time left."""
-    return route.probe_timeout if left is None else max(0.001, min(route.probe_timeout, left))
+    def fallback_models(self, kind: str, name: str, overflow: bool) -> tuple[str, ...]:
+        """Where a call for ``name`` goes next: ``context_window_fallbacks`` for a prompt that does not fit, else
+        ``fallbacks``; for a name the table does not list (an alias, a name a server lists), those of the model
+        its routes serve."""
+        table = self.window_fallbacks if overflow else self.fallbacks
+        if name in table:
+            return table[name]
+        for route in self.group(kind, name):
+            if route.model in table:
+                return table[route.model]
+        return ()
+
+    def window_fallback_for(self, kind: str, name: str) -> bool:
+        """Whether a prompt too long for ``name`` has somewhere to go (predicting an overflow is worth it)."""
+        return bool(self.fallback_models(kind, name, overflow=True))

@@ -109,6 +109,8 @@ def claim(router: Router, call: Call, tried: set[str]) -> Lease | None:
             return Lease(call, route, ticket)
         lost.add(route.name)
     fb = router.models.fallback_for(call.kind, call.model)
+    if call.continuing and fb is not None and call.sent_model(fb) != call.continues_model:
+        fb = None  # a cut stream is never continued by another model: two models' text in one answer
     if fb is not None and usable(fb) and (ticket := fb.breaker.acquire()) is not None:
         return Lease(call, fb, ticket)
     return None
@@ -161,9 +163,9 @@ async def aone_round(router: Router, call: Call, send: Callable[[Route, float], 
 
 def rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tuple[Lease, _T]:
     """Every round of one request until a route answers (sync), going on to fallback models when its own fail."""
-    call.resolve()
     while True:
         try:
+            call.resolve()
             if (overflow := call.overflow()) is not None:
                 raise overflow
             return _rounds(router, call, send)
@@ -174,9 +176,9 @@ def rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tu
 
 async def arounds(router: Router, call: Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Lease, _T]:
     """Async twin of :func:`rounds`."""
-    await call.aresolve()
     while True:
         try:
+            await call.aresolve()
             if (overflow := call.overflow()) is not None:
                 raise overflow
             return await _arounds(router, call, send)

@@ -98,7 +98,8 @@ def model_entry(model: Any) -> Listed:
         meta = extra.get("meta")
         length = meta.get("n_ctx") if isinstance(meta, dict) else None
     parent = extra.get("parent")
-    return Listed(str(model.id), length, parent if isinstance(parent, str) and parent else None)
+    name = model.id if isinstance(model.id, str) else ""  # a listing's non-string id is no name (left out)
+    return Listed(name, length, parent if isinstance(parent, str) and parent else None)
 
 
 def context_window(route: Route, reported: object) -> int | None:

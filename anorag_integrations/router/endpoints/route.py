@@ -11,6 +11,7 @@ the checks on answers in ``answers.py``, what a probe found and does in ``probe.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,6 +50,12 @@ __all__ = [
     "checked_embeddings",
 ]
 
+log = logging.getLogger("anorag_integrations.router")
+
+MAX_MODEL_NAME = 256
+"""Longest model name taken from a server's listing (longer ones are no names: left out)."""
+MAX_LISTED = 1024
+"""Most names taken from one server's listing (served names and adapters; the rest are left out, with a warning)."""
 MIN_MASKED_KEY = 6
 """Shorter api keys ("EMPTY" and the like) are placeholders, not secrets: masking them would garble text."""
 
@@ -88,7 +95,9 @@ class Route:
         self.parents: dict[str, str] = {}
         """Listed names that are adapters (LoRA), with the model each adapts (vLLM's ``parent``)."""
         self.dropped: dict[str, float] = {}
-        """Names the server answered 404 for (wall time): out of the route's groups until listed again."""
+        """Names the server answered 404 for (wall time): out of the route's groups until listed again (replaced
+        under ``_names_lock``, never changed in place)."""
+        self._names_lock = forks.lock()
         self.models_changed: Callable[[], None] = _nothing
         """Told when the names the route serves change (the router's model catalog rebuilds its groups)."""
         self.weight = cfg.weight
@@ -331,20 +340,26 @@ class Route:
         """Its model, its aliases and what its server lists, less the names the server answered 404 for (the
         aliases go with the model: they are sent as it)."""
         names = self.aliases | self.listed | {self.model}
-        if not self.dropped:
+        dropped = self.dropped  # replaced, never changed in place: a consistent snapshot
+        if not dropped:
             return names
-        return names.difference(self.dropped, self.aliases if self.model in self.dropped else ())
+        return names.difference(dropped, self.aliases if self.model in dropped else ())
 
     def listed_models(self, listing: Sequence[Listed], at: float) -> None:
         """The server's ``/v1/models`` (seen at wall time ``at``): its names join the route's groups, and a name
-        dropped (404) before ``at`` is back."""
-        names = frozenset(self._listed_names(entry.name for entry in listing))
-        parents = {entry.name: entry.parent for entry in listing if entry.parent and entry.parent != entry.name}
-        back = [name for name, when in self.dropped.items() if name in names and when <= at]
-        changed = names != self.listed or bool(back)
-        self.listed, self.parents = names, parents
-        for name in back:
-            self.dropped.pop(name, None)
+        dropped (404) before ``at`` is back. Names that are no names (too long, past ``MAX_LISTED``) are left out."""
+        kept = [entry for entry in listing if 0 < len(entry.name) <= MAX_MODEL_NAME][:MAX_LISTED]
+        if len(kept) < len(listing):
+            log.warning(
+                "route %r (%s): its server lists %d models; %d kept (names of 1 to %d characters, at most %d)",
+                self.name, self.base_url, len(listing), len(kept), MAX_MODEL_NAME, MAX_LISTED,
+            )  # fmt: skip
+        names = frozenset(self._listed_names(entry.name for entry in kept))
+        parents = {entry.name: entry.parent for entry in kept if entry.parent and entry.parent != entry.name}
+        with self._names_lock:
+            dropped = {name: when for name, when in self.dropped.items() if name not in names or when > at}
+            changed = names != self.listed or len(dropped) != len(self.dropped)
+            self.listed, self.parents, self.dropped = names, parents, dropped
         if changed:
             self.models_changed()
 
@@ -358,21 +373,20 @@ class Route:
         return None
 
     def drop_model(self, name: str) -> bool:
-        """The server answered 404 for ``name``: the route leaves that name's group. False: not served anyway."""
-        if name not in self.served_names():
-            return False
-        self.dropped[name] = time.time()
+        """The server answered 404 for ``name``: the route leaves that name's group (if it was not out already).
+        False: the route was never thought to serve it."""
+        with self._names_lock:
+            if name in self.dropped:
+                return True  # a concurrent request's 404 took it out first
+            if name not in self.served_names():
+                return False
+            self.dropped = {**self.dropped, name: time.time()}
         self.models_changed()
         return True
 
-    def list_models(self, timeout: float) -> None:
-        """Read ``/v1/models`` once for a name nobody is known to serve; never counted against the route."""
-        at = time.time()
-        with contextlib.suppress(Exception):
-            self.listed_models(self._list(timeout), at)
-
     async def alist_models(self, timeout: float) -> None:
-        """Async twin of :meth:`list_models`."""
+        """Read ``/v1/models`` once (a name nobody is known to serve, a name dropped a while ago); never counted
+        against the route, and any failure leaves what it serves as it was."""
         at = time.time()
         with contextlib.suppress(Exception):
             self.listed_models(await self._alist(timeout), at)
