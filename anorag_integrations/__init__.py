@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import Config, load_config
+    from .config import Config, config_from_dict, load_config
     from .langchain import ChatVLLMRouted, VLLMRoutedEmbeddings
     from .llama_index import VLLMRouted, VLLMRoutedEmbedding
     from .router import (
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         TransientRouteError,
         call_info,
     )
+    from .router.errors import EndpointNotFoundError
 
 __all__ = [
     "AllRoutesFailed",
@@ -40,6 +41,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ContextOverflowError",
+    "EndpointNotFoundError",
     "InputTooLongError",
     "MixedEmbeddingsError",
     "InvalidRequestError",
@@ -57,6 +59,7 @@ __all__ = [
     "VLLMRoutedEmbedding",
     "VLLMRoutedEmbeddings",
     "call_info",
+    "config_from_dict",
     "load_config",
 ]
 
@@ -64,6 +67,8 @@ __all__ = [
 _HOMES = {
     "Config": "config",
     "load_config": "config",
+    "config_from_dict": "config",
+    "EndpointNotFoundError": "router.errors",
     "ChatVLLMRouted": "langchain",
     "VLLMRoutedEmbeddings": "langchain",
     "VLLMRouted": "llama_index",

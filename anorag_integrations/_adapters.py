@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import sys
+import warnings
+from collections.abc import Collection
 from os import PathLike
 from typing import Any
 
 from openai.types import CreateEmbeddingResponse
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
-from .router import CallInfo, Router
+from .config.loading import validation_problems
+from .router import CallInfo, ConfigError, Router, RouterError
+from .router.secrets import clip, is_secret_key
 
 API_KEY_ENV = "VLLM_API_KEY"
 """The default route's key (applied by the config loader), and the key of a single ``base_url`` server."""
@@ -20,6 +27,34 @@ FRAMEWORK_EXTRAS = {
     "llama_index": ("llama-index-core", "llama-index"),
 }
 """Each framework an adapter builds on, by its top-level module: its package, and the extra that installs it."""
+
+
+SENT_ARGUMENTS = frozenset({"temperature", "max_tokens", "top_p", "stop", "stop_sequences", "model", "model_name"})
+"""Adapter arguments the server receives: an unknown argument that looks like one of them is sent on (with a
+warning), as ``ChatOpenAI`` does; one that looks like any other argument is a misspelling, and refused."""
+REQUEST_PARAMETERS = frozenset(
+    {
+        "top_k", "min_p", "seed", "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs",
+        "top_logprobs", "logit_bias", "user", "min_tokens", "max_completion_tokens", "stop_token_ids", "ignore_eos",
+        "response_format", "reasoning_effort", "chat_template_kwargs", "structured_outputs", "priority", "cache_salt",
+        "truncate_prompt_tokens", "use_activation", "dimensions", "encoding_format", "session_id", "deadline",
+    }
+)  # fmt: skip
+"""Request parameters of OpenAI's and vLLM's APIs (and the router's ``session_id``, ``deadline``): sent on with the
+warning, but never taken for a misspelling (``top_k`` is not a misspelt ``top_p``)."""
+MEANT_ARGUMENTS = {
+    "config": "config_path",
+    "config_file": "config_path",
+    "api_base": "base_url",
+    "openai_api_base": "base_url",
+    "openai_api_key": "api_key",
+}
+"""Names other clients use, and the argument they mean here (``difflib`` finds closer misspellings)."""
+MISSPELLING_CUTOFF = 0.75
+"""How alike (``difflib``'s ratio) an unknown argument and a known one must be to be taken for its misspelling:
+``timout`` and ``api_kye`` are, ``cache_salt`` (vLLM's) and ``cache`` (LangChain's) are not."""
+_CALLER_PACKAGES = frozenset({"anorag_integrations", "pydantic", "pydantic_core", "langchain_core", "llama_index"})
+"""Packages between a user's constructor call and the validator that warns: the warning names the user's line."""
 
 
 def framework_missing(error: ModuleNotFoundError, needed_by: str) -> ModuleNotFoundError | None:
@@ -65,14 +100,111 @@ def shared_router(
     return Router.shared(config_path, base_url=base_url, model=model, api_key=key, kind=kind)
 
 
-def embedding_route(router: Router, route: str | None) -> str | None:
-    """Check that ``route`` (when given) is an embedding route of ``router``; ValueError naming the choices."""
+def arguments_source(adapter: str) -> str:
+    """What a ``ConfigError`` about an adapter's constructor arguments names instead of a file."""
+    return f"{adapter} arguments"
+
+
+def chat_route(adapter: str, router: Router, route: str | None) -> None:
+    """Check that ``route`` (when given) is a route of ``router``; ``ConfigError`` naming the choices."""
+    if route is not None and route not in router.routes:
+        problem = f"route {clip(repr(route))} is not among the routes ({clip(', '.join(router.routes))})"
+        raise ConfigError(arguments_source(adapter), [("", problem)])
+
+
+def embedding_route(adapter: str, router: Router, route: str | None) -> str | None:
+    """Check that ``route`` (when given) is an embedding route of ``router``; ``ConfigError`` naming the choices."""
     if route is None:
         return None
     names = router.config.route_names("embedding")
     if route not in names:
-        raise ValueError(f"route {route!r} is not among the embedding routes ({', '.join(names) or 'none'})")
+        problem = f"route {clip(repr(route))} is not among the embedding routes ({clip(', '.join(names)) or 'none'})"
+        raise ConfigError(arguments_source(adapter), [("", problem)])
     return route
+
+
+def arguments_error(adapter: str, exc: ValidationError) -> RouterError:
+    """What an adapter raises for pydantic's ``exc``: the router's own error when a validator raised one (a
+    config file's ``ConfigError``, ``NoRouteOfKindError``), else a ``ConfigError`` naming each bad argument."""
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, RouterError):
+            return cause
+    return ConfigError(arguments_source(adapter), validation_problems(exc))
+
+
+def sort_arguments(adapter: str, data: dict[str, Any], known: Collection[str], extra: str) -> dict[str, Any]:
+    """``data`` with each argument ``adapter`` does not take moved into its ``extra`` dict, sent to the server.
+
+    As ``ChatOpenAI`` does, each one moved is warned of (by name: a value may be a secret). Raises a
+    ``ConfigError`` listing the arguments that cannot be meant for the server: a likely misspelling of an
+    argument that is not sent (``config=`` for ``config_path``), a name for a secret, a value that is not
+    JSON, one given both ways.
+    """
+    unknown = [name for name in data if isinstance(name, str) and name not in known]
+    given = data.get(extra)
+    if not unknown or not isinstance(given, dict | None):  # a bad extra= itself is pydantic's to report
+        return data
+    moved = dict(given or {})
+    problems: list[tuple[str, str]] = []
+    warned: list[str] = []
+    for name in unknown:
+        value = data[name]
+        meant = MEANT_ARGUMENTS.get(name) or _misspells(name, known)
+        if meant is not None and meant not in SENT_ARGUMENTS:
+            problems.append((clip(name), _misspelt(adapter, name, meant, value)))
+        elif is_secret_key(name):
+            problems.append((clip(name), f"not an argument of {adapter}; a secret is never sent (the key: api_key)"))
+        elif name in moved:
+            problems.append((clip(name), f"given twice: as an argument and in {extra}"))
+        elif not _json(value):
+            kind = type(value).__name__
+            problems.append((clip(name), f"not an argument of {adapter}, and a {kind} cannot be sent to the server"))
+        else:
+            moved[name] = value
+            warned.append(f"{name!r}" + (f" (did you mean {meant!r}?)" if meant else ""))
+    if problems:
+        raise ConfigError(arguments_source(adapter), problems)
+    warnings.warn(
+        f"{adapter}: {clip(', '.join(warned))} {'is not an argument' if len(warned) == 1 else 'are not arguments'}; "
+        f"sent to the server with every request as {extra} (pass {extra}={{...}} to say so)",
+        UserWarning,
+        stacklevel=_callers_level(),
+    )
+    return {**{k: v for k, v in data.items() if k in known}, extra: moved}
+
+
+def _misspells(name: str, known: Collection[str]) -> str | None:
+    """The known argument ``name`` likely misspells; None for a request parameter (``top_k`` is not ``top_p``)."""
+    if name in REQUEST_PARAMETERS:
+        return None
+    close = difflib.get_close_matches(name, known, n=1, cutoff=MISSPELLING_CUTOFF)
+    return close[0] if close else None
+
+
+def _misspelt(adapter: str, name: str, meant: str, value: object) -> str:
+    """The problem of an argument ``name`` that stands for ``meant``, an argument the server never sees."""
+    text = f"not an argument of {adapter}; did you mean {meant}?"
+    if meant == "config_path" and isinstance(value, dict):
+        text += f" (a config already read: {adapter}(router=Router.from_config({{...}})))"
+    return text
+
+
+def _json(value: object) -> bool:
+    """Whether ``value`` can go in a JSON request body as it is."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def _callers_level() -> int:
+    """``warnings.warn``'s stacklevel that names the first caller outside this package and the frameworks."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _CALLER_PACKAGES:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def embedding_model(router: Router, route: str | None, model: str | None) -> str:

@@ -10,7 +10,6 @@ as OpenAI's LlamaIndex LLM gives them, in ``additional_kwargs["tool_calls"]`` an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,30 +31,36 @@ from llama_index.core.base.llms.types import (
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
-    MessageRole,
-    TextBlock,
-    ToolCallBlock,
 )
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
-from llama_index.core.llms.utils import parse_partial_json
-from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageFunctionToolCall
-from openai.types.chat.chat_completion_message_function_tool_call import Function
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_serializer
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, field_serializer, model_validator
 
 from ._adapters import (
-    call_metadata,
+    arguments_error,
+    chat_route,
     embedding_model,
     embedding_params,
     embedding_route,
-    reasoning_text,
     router_params,
     shared_router,
+    sort_arguments,
     vectors,
 )
-from .router import Router, call_info
+from ._llama_convert import (
+    StreamState,
+    chat_response,
+    completion,
+    first_call_only,
+    prompt_messages,
+    to_dicts,
+    tool_request,
+    tool_selections,
+    with_user_message,
+)
+from .router import Router
 from .router.secrets import redact_repr_args
 
 if TYPE_CHECKING:
@@ -65,12 +70,14 @@ MASKED_KEY = "**********"
 """What ``to_dict``/``to_json`` store for ``api_key``: the key itself is never serialised."""
 MAX_EMBED_BATCH = 2048
 """The largest ``embed_batch_size`` LlamaIndex's ``BaseEmbedding`` accepts."""
-TOOL_MODES = ("auto", "none", "required")
-"""OpenAI's ``tool_choice`` modes; any other string names the tool to call."""
 
 
 class _Routed(BaseModel):
-    """The fields both LlamaIndex classes take to find their router, and how they serialise them."""
+    """The fields both LlamaIndex classes take to find their router, and how they serialise them.
+
+    Any problem with the arguments or the config raises ``ConfigError`` (``NoRouteOfKindError`` when the
+    config has no route of the class's kind); an unknown argument goes to ``additional_kwargs``, with a warning.
+    """
 
     _router: Router = PrivateAttr()
 
@@ -81,8 +88,26 @@ class _Routed(BaseModel):
     api_key: SecretStr | None = Field(
         default=None, description="replaces every route's key ($VLLM_API_KEY is the default route's, from config)"
     )
-    timeout: float | None = None
-    max_retries: int | None = None
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="seconds per attempt")
+    max_retries: int | None = Field(default=None, ge=0, description="extra full rounds over the routes")
+    additional_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra request parameters; unknown arguments land here too"
+    )
+
+    def __init__(self, **data: Any) -> None:
+        """Pydantic's ``ValidationError`` becomes the package's ``ConfigError``, its own message first."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise arguments_error(type(self).__name__, exc) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sort_arguments(cls, data: Any) -> Any:
+        """Unknown arguments go to ``additional_kwargs`` (warned of), or raise when not meant for the server."""
+        if not isinstance(data, dict):
+            return data
+        return sort_arguments(cls.__name__, data, set(cls.model_fields), "additional_kwargs")
 
     @field_serializer("api_key")
     def _mask_key(self, key: SecretStr | None) -> str | None:
@@ -115,18 +140,16 @@ class VLLMRouted(_Routed, FunctionCallingLLM):
     answers ``tool_choice="auto"`` with a 400 otherwise).
     """
 
-    temperature: float | None = None
-    max_tokens: int | None = None
-    top_p: float | None = None
-    context_window: int | None = Field(default=None, description="override what the servers report")
-    additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra request parameters")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    context_window: int | None = Field(default=None, gt=0, description="override what the servers report")
     strict: bool | None = Field(default=None, description="OpenAI's strict flag on every tool; default: not sent")
 
     def __init__(self, router: Router | None = None, **data: Any) -> None:
         super().__init__(**data)
         self._router = router or self._shared("chat")
-        if self.route is not None and self.route not in self._router.routes:
-            raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(self._router.routes)})")
+        chat_route(type(self).__name__, self._router, self.route)
 
     @classmethod
     def class_name(cls) -> str:
@@ -178,23 +201,23 @@ class VLLMRouted(_Routed, FunctionCallingLLM):
     # --- completion: the prompt as one user message on the chat endpoint ----------------------------
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return _completion(self._chat(_prompt(prompt), kwargs))
+        return completion(self._chat(prompt_messages(prompt), kwargs))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return _completion(await self._achat(_prompt(prompt), kwargs))
+        return completion(await self._achat(prompt_messages(prompt), kwargs))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return (_completion(r) for r in self._stream_chat(_prompt(prompt), kwargs))
+        return (completion(r) for r in self._stream_chat(prompt_messages(prompt), kwargs))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        responses = self._astream_chat(_prompt(prompt), kwargs)
+        responses = self._astream_chat(prompt_messages(prompt), kwargs)
 
         async def gen() -> CompletionResponseAsyncGen:
             async for response in responses:
-                yield _completion(response)
+                yield completion(response)
 
         return gen()
 
@@ -213,28 +236,16 @@ class VLLMRouted(_Routed, FunctionCallingLLM):
     ) -> dict[str, Any]:
         """``chat`` keywords: the tools in OpenAI's form, ``tool_choice`` ("required" with ``tool_required``,
         a tool's name forces that tool) and ``parallel_tool_calls``; ``chat_history`` is not changed."""
-        messages = list(chat_history or [])
-        if user_msg is not None:
-            messages.append(
-                ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg
-            )
-        specs = [_tool_spec(tool, self.strict if strict is None else strict) for tool in tools]
-        if not specs:
-            return {"messages": messages, **kwargs}
-        choice = _tool_choice(tool_choice, tool_required, specs)
-        tool_params = {"tools": specs, "tool_choice": choice, "parallel_tool_calls": allow_parallel_tool_calls}
-        return {"messages": messages, **tool_params, **kwargs}
+        strict = self.strict if strict is None else strict
+        tools_asked = tool_request(tools, strict, tool_choice, tool_required, allow_parallel_tool_calls)
+        return {"messages": with_user_message(chat_history, user_msg), **tools_asked, **kwargs}
 
     def _validate_chat_with_tools_response(
         self, response: ChatResponse, tools: Sequence[BaseTool], allow_parallel_tool_calls: bool = False, **kwargs: Any
     ) -> ChatResponse:
         """Without ``allow_parallel_tool_calls`` only the first call stays, whatever the server sent."""
         if not allow_parallel_tool_calls:
-            message = response.message
-            if calls := message.additional_kwargs.get("tool_calls"):
-                message.additional_kwargs["tool_calls"] = calls[:1]
-            blocks = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
-            message.blocks = [b for b in message.blocks if not isinstance(b, ToolCallBlock) or b is blocks[0]]
+            first_call_only(response.message)
         return response
 
     def get_tool_calls_from_response(
@@ -242,29 +253,23 @@ class VLLMRouted(_Routed, FunctionCallingLLM):
     ) -> list[ToolSelection]:
         """The calls in ``response`` (also a partial one from a stream); arguments that are not a JSON object
         (a small model may write ``[1, 2]``) become ``{}``, so the tool reports what is missing."""
-        calls = _tool_calls(response.message)
-        if not calls and error_on_no_tool_call:
-            raise ValueError("Expected at least one tool call, but the model answered without one.")
-        return [
-            ToolSelection(tool_id=call.tool_call_id or "", tool_name=call.tool_name, tool_kwargs=_arguments(call))
-            for call in calls
-        ]
+        return tool_selections(response.message, error_on_no_tool_call)
 
     # --- internal: undecorated, so a completion is one callback event, not two ----------------------
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
-        return _chat_response(self._router.chat(_to_dicts(messages), **self._params(kwargs)))
+        return chat_response(self._router.chat(to_dicts(messages), **self._params(kwargs)))
 
     async def _achat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
-        return _chat_response(await self._router.achat(_to_dicts(messages), **self._params(kwargs)))
+        return chat_response(await self._router.achat(to_dicts(messages), **self._params(kwargs)))
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
-        chunks = self._router.stream(_to_dicts(messages), **self._params(kwargs))
-        state = _StreamState()
+        chunks = self._router.stream(to_dicts(messages), **self._params(kwargs))
+        state = StreamState()
         return (response for chunk in chunks if (response := state.add(chunk)) is not None)
 
     async def _astream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseAsyncGen:
-        chunks = self._router.astream(_to_dicts(messages), **self._params(kwargs))
-        state = _StreamState()
+        chunks = self._router.astream(to_dicts(messages), **self._params(kwargs))
+        state = StreamState()
         async for chunk in chunks:
             if (response := state.add(chunk)) is not None:
                 yield response
@@ -283,13 +288,12 @@ class VLLMRoutedEmbedding(_Routed, BaseEmbedding):
     """
 
     truncate: bool | None = Field(default=None, description="let the server cut long inputs; default: the config's")
-    additional_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra request parameters")
 
     def __init__(self, router: Router | None = None, **data: Any) -> None:
         super().__init__(**data)
         self._router = router or self._shared("embedding")
         self._router._check_kind("embedding")  # NoRouteOfKindError now, not at the first call
-        embedding_route(self._router, self.route)
+        embedding_route(type(self).__name__, self._router, self.route)
         config = self._router.config.embedding
         if "model_name" not in self.model_fields_set:
             self.model_name = embedding_model(self._router, self.route, self.model)
@@ -328,168 +332,3 @@ class VLLMRoutedEmbedding(_Routed, BaseEmbedding):
     def _params(self) -> dict[str, Any]:
         """Router keywords: the fields that are set; a batch LlamaIndex made is one request."""
         return {**embedding_params(self, model=self.model, batch_size=self.embed_batch_size), **self.additional_kwargs}
-
-
-def _prompt(prompt: str) -> list[ChatMessage]:
-    return [ChatMessage(role=MessageRole.USER, content=prompt)]
-
-
-def _to_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """LlamaIndex messages as OpenAI chat messages: an assistant's tool calls (from ``additional_kwargs`` or
-    ``ToolCallBlock``s) as ``tool_calls``, a tool's (or function's) result as a ``tool`` message with its call's id."""
-    out = []
-    for message in messages:
-        item: dict[str, Any] = {"role": message.role.value, "content": message.content or ""}
-        extra = message.additional_kwargs
-        if message.role in (MessageRole.TOOL, MessageRole.FUNCTION) and "tool_call_id" in extra:
-            item.update(role="tool", tool_call_id=extra["tool_call_id"])
-        elif message.role is MessageRole.FUNCTION and extra.get("name"):  # the legacy function result
-            item["name"] = extra["name"]
-        if message.role is MessageRole.ASSISTANT and (calls := _tool_calls(message)):
-            item["tool_calls"] = [_wire_call(call) for call in calls]
-        out.append(item)
-    return out
-
-
-def _tool_spec(tool: BaseTool, strict: bool | None) -> dict[str, Any]:
-    """A tool in OpenAI's form; ``strict`` (OpenAI's field, kept by vLLM) only when set."""
-    spec = tool.metadata.to_openai_tool(skip_length_check=True)
-    if strict is not None:
-        spec["function"]["strict"] = strict
-    return spec
-
-
-def _tool_choice(
-    choice: str | dict[str, Any] | None, required: bool, specs: list[dict[str, Any]]
-) -> str | dict[str, Any]:
-    """OpenAI's ``tool_choice`` for LlamaIndex's: a mode or an OpenAI dict as given, a tool's name as a forced call."""
-    if choice is None:
-        return "required" if required else "auto"
-    if isinstance(choice, dict) or choice in TOOL_MODES:
-        return choice
-    names = [spec["function"]["name"] for spec in specs]
-    if choice not in names:
-        raise ValueError(f"tool_choice {choice!r} is not among the tools ({', '.join(names)})")
-    return {"type": "function", "function": {"name": choice}}
-
-
-def _tool_calls(message: ChatMessage) -> list[ToolCallBlock]:
-    """A message's tool calls: its ``ToolCallBlock``s, else ``additional_kwargs["tool_calls"]`` (OpenAI SDK
-    objects, or the plain dicts they become in a stored chat history)."""
-    if blocks := [block for block in message.blocks if isinstance(block, ToolCallBlock)]:
-        return blocks
-    calls = []
-    for call in message.additional_kwargs.get("tool_calls") or []:
-        data = call.model_dump() if isinstance(call, BaseModel) else dict(call)
-        function = data.get("function") or {}
-        if (data.get("type") or "function") == "function":  # a stream's pieces may carry type None
-            calls.append(
-                ToolCallBlock(
-                    tool_call_id=data.get("id"),
-                    tool_name=function.get("name") or "",
-                    tool_kwargs=function.get("arguments") or "",
-                )
-            )
-    return calls
-
-
-def _wire_call(call: ToolCallBlock) -> dict[str, Any]:
-    """A tool call as OpenAI's API takes it back: the arguments as the model wrote them (a JSON string)."""
-    arguments = call.tool_kwargs if isinstance(call.tool_kwargs, str) else json.dumps(call.tool_kwargs)
-    return {"id": call.tool_call_id, "type": "function", "function": {"name": call.tool_name, "arguments": arguments}}
-
-
-def _arguments(call: ToolCallBlock) -> dict[str, Any]:
-    """A call's arguments as keywords; a stream's unfinished JSON is read as far as it goes."""
-    if not isinstance(call.tool_kwargs, str):
-        return call.tool_kwargs
-    try:
-        parsed = parse_partial_json(call.tool_kwargs) if call.tool_kwargs.strip() else {}
-    except ValueError:  # json.JSONDecodeError too
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
-
-
-def _assistant(text: str, calls: Sequence[ChatCompletionMessageFunctionToolCall], extra: dict[str, Any]) -> ChatMessage:
-    """An answer as OpenAI's LlamaIndex LLM gives one: tool calls in ``additional_kwargs`` and as blocks."""
-    blocks = [
-        TextBlock(text=text),
-        *(ToolCallBlock(tool_call_id=c.id, tool_name=c.function.name, tool_kwargs=c.function.arguments) for c in calls),
-    ]
-    extra = {**extra, "tool_calls": list(calls)} if calls else extra
-    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=extra)
-
-
-def _chat_response(response: ChatCompletion) -> ChatResponse:
-    choice = response.choices[0]
-    extra: dict[str, Any] = {}
-    if reasoning := reasoning_text(choice.message):
-        extra["reasoning_content"] = reasoning
-    calls = [c for c in choice.message.tool_calls or () if isinstance(c, ChatCompletionMessageFunctionToolCall)]
-    usage = response.usage.model_dump() if response.usage else None
-    message = _assistant(choice.message.content or "", calls, extra)
-    kwargs = {
-        "usage": usage,
-        "finish_reason": choice.finish_reason,
-        "model": response.model,
-        **call_metadata(call_info(response)),
-    }
-    return ChatResponse(message=message, raw=response.model_dump(), additional_kwargs=kwargs)
-
-
-class _StreamState:
-    """Accumulates text, reasoning and tool calls across chunks; LlamaIndex responses carry the whole so far.
-
-    A tool call comes in pieces keyed by its ``index``: vLLM sends the id and name first (arguments
-    ``null``), then the arguments a few characters at a time.
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.reasoning = ""
-        self.usage: dict[str, Any] | None = None
-        self.calls: dict[int, dict[str, str]] = {}
-
-    def _add_calls(self, chunk: ChatCompletionChunk) -> None:
-        for piece in chunk.choices[0].delta.tool_calls or ():
-            call = self.calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
-            call["id"] = call["id"] or piece.id or ""
-            if piece.function is not None:
-                call["name"] += piece.function.name or ""
-                call["arguments"] += piece.function.arguments or ""
-
-    def calls_so_far(self) -> list[ChatCompletionMessageFunctionToolCall]:
-        """The calls as OpenAI's SDK types a finished one; arguments may still be unfinished JSON."""
-        return [
-            ChatCompletionMessageFunctionToolCall(
-                id=call["id"], type="function", function=Function(name=call["name"], arguments=call["arguments"])
-            )
-            for _, call in sorted(self.calls.items())
-        ]
-
-    def add(self, chunk: ChatCompletionChunk) -> ChatResponse | None:
-        if chunk.usage is not None:
-            self.usage = chunk.usage.model_dump()
-        delta, finish = "", None
-        if chunk.choices:
-            choice = chunk.choices[0]
-            delta = choice.delta.content or ""
-            finish = choice.finish_reason
-            self.reasoning += reasoning_text(choice.delta) or ""
-            self._add_calls(chunk)
-        elif self.usage is None:
-            return None
-        self.text += delta
-        extra = {"reasoning_content": self.reasoning} if self.reasoning else {}
-        message = _assistant(self.text, self.calls_so_far(), extra)
-        kwargs = {"usage": self.usage, "finish_reason": finish, **call_metadata(call_info(chunk))}
-        return ChatResponse(message=message, delta=delta, raw=chunk.model_dump(), additional_kwargs=kwargs)
-
-
-def _completion(response: ChatResponse) -> CompletionResponse:
-    return CompletionResponse(
-        text=response.message.content or "",
-        delta=response.delta,
-        raw=response.raw,
-        additional_kwargs={**response.additional_kwargs, **response.message.additional_kwargs},
-    )

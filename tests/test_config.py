@@ -178,3 +178,59 @@ def test_api_key_is_never_echoed_in_errors(tmp_path: Path) -> None:
 def test_the_shipped_config_is_valid() -> None:
     config = load_config(Path(__file__).parent.parent / "config.yaml", env={})
     assert len(config.routes) == 2
+
+
+@pytest.mark.parametrize("layout", [FLAT, nested(FLAT)], ids=["flat", "nested"])
+def test_every_problem_in_a_file_is_reported_together_with_did_you_mean(tmp_path: Path, layout: dict) -> None:
+    data = yaml.safe_load(yaml.safe_dump(layout))
+    section = data["llm"].get("vllm_openai", data["llm"])
+    prefix = "llm.vllm_openai" if "vllm_openai" in data["llm"] else "llm"
+    section["lb_polcy"] = section.pop("lb_policy")
+    section["routes"]["gpt20_a"]["bsae_url"] = section["routes"]["gpt20_a"].pop("base_url")
+    section["params"]["temprature"] = 0.3
+    section["health"] = {"failure_treshold": 2, "cooldown": -1}
+    section["params"]["max_tokens"] = 0
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data), env={})
+    assert dict(info.value.problems) == {
+        f"{prefix}.lb_polcy": "unknown key; did you mean 'lb_policy'?",
+        f"{prefix}.routes.gpt20_a.bsae_url": "unknown key; did you mean 'base_url'?",
+        f"{prefix}.routes.gpt20_a.base_url": "missing (required)",
+        f"{prefix}.params.temprature": "unknown key; did you mean 'temperature'?",
+        f"{prefix}.params.max_tokens": "Input should be greater than 0 (got 0)",
+        f"{prefix}.health.failure_treshold": "unknown key; did you mean 'failure_threshold'?",
+        f"{prefix}.health.cooldown": "Input should be greater than or equal to 0 (got -1)",
+    }
+
+
+def test_an_unknown_key_with_no_likely_meaning_lists_the_keys_there(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, with_route(colour="blue")), env={})
+    [(key, message)] = info.value.problems
+    assert key == "llm.routes.gpt20_a.colour" and message.startswith("unknown key; expected one of aliases, api, ")
+
+
+def test_keys_beside_the_nested_section_do_not_hide_its_own_problems(tmp_path: Path) -> None:
+    data = nested(with_route(timeout=-1))
+    data["llm"]["lb_policy"] = "round_robin"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data), env={})
+    assert [key for key, _ in info.value.problems] == ["llm.lb_policy", "llm.vllm_openai.routes.gpt20_a.timeout"]
+
+
+def test_router_from_config_takes_a_parsed_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anorag_integrations import config_from_dict
+
+    for variable in ("VLLM_BASE_URL", "VLLM_MODEL", "VLLM_API_KEY"):  # a dict takes them as a file does
+        monkeypatch.delenv(variable, raising=False)
+    router = Router.from_config(FLAT, start_prober=False)
+    try:
+        assert list(router.routes) == ["gpt20_a", "gpt20_b"] and router.config.source == "<dict>"
+        again = Router.from_config(router.config, start_prober=False)  # a Config as it is
+        assert again.config is router.config
+        again.close()
+    finally:
+        router.close()
+    assert config_from_dict(FLAT, env={}).lb_policy == "least_latency"
+    with pytest.raises(ConfigError, match=r"<dict>: llm\.lb_polcy: unknown key; did you mean 'lb_policy'\?"):
+        Router.from_config(with_llm(lb_polcy="round_robin"))

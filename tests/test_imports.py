@@ -41,3 +41,17 @@ def test_the_package_and_a_fault_server_import_nothing_they_do_not_use() -> None
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]", "anorag_integrations.router.core"]
+
+
+def test_adapters_convert_in_private_modules_and_stay_small() -> None:
+    """LlamaIndex's conversions live in ``_llama_convert.py``, as LangChain's in ``langchain/_convert.py``; the
+    adapter classes stay short enough to read (style: an adapter under ~300 lines)."""
+    from pathlib import Path
+
+    from anorag_integrations import _llama_convert, llama_index
+
+    assert {"to_dicts", "chat_response", "StreamState", "completion", "tool_calls"} <= set(vars(_llama_convert))
+    assert not {"_to_dicts", "_chat_response", "_StreamState"} & set(vars(llama_index))
+    package = Path(anorag_integrations.__file__).parent
+    for adapter in ("llama_index.py", "langchain/chat_model.py", "langchain/embeddings.py"):
+        assert len((package / adapter).read_text().splitlines()) <= 350, adapter

@@ -7,11 +7,14 @@ echo a secret.
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Collection, Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..router.errors import ConfigError
 from ..router.secrets import clip, is_secret_key, preview
@@ -43,6 +46,8 @@ ROUTER_KEYS = frozenset(
         "state",
     }
 )
+MAX_MISSPELLING = 64
+"""Longest unknown key matched against the known ones for a "did you mean": a longer one is no typo."""
 OLLAMA_FALLBACK_ROUTE = "ollama"
 """Name of the route ``fallback_to_ollama: true`` builds from the ``llm.ollama`` section."""
 
@@ -55,21 +60,31 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
 
 
 def config_from_dict(data: object, *, source: str = "<dict>", env: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-parsed config document (the whole file, with its ``llm:`` key)."""
+    """Validate an already-parsed config document (the whole file, with its ``llm:`` key).
+
+    Every problem found is reported in one ``ConfigError``: an unknown key does not hide the others.
+    """
     env = os.environ if env is None else env
-    section, prefix = _router_section(data, source)
-    section = dict(section)
+    problems: list[tuple[str, str]] = []
+    section, prefix = _router_section(data, source, problems)
     if section.pop("fallback_to_ollama", False):
-        _add_ollama_fallback(section, data, prefix, source)
+        _add_ollama_fallback(section, data, prefix, problems)
     from_env = _apply_env(section, prefix, env)
     try:
-        return Config.model_validate({**section, "source": source})
+        config = Config.model_validate({**section, "source": source})
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(err, prefix, from_env) for err in exc.errors()]) from None
+        problems += validation_problems(exc, prefix=prefix, from_env=from_env, root=Config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
 
 
-def _router_section(data: object, source: str) -> tuple[dict[str, Any], str]:
-    """Find the router's keys in either layout; return them and their key-path prefix."""
+def _router_section(data: object, source: str, problems: list[tuple[str, str]]) -> tuple[dict[str, Any], str]:
+    """Find the router's keys in either layout; return them and their key-path prefix.
+
+    Unknown or misplaced keys are added to ``problems`` and left out, so the rest is still checked;
+    only a document with no router section to check raises here.
+    """
     if data is None:
         raise ConfigError(source, [("llm", "missing: the file is empty")])
     if not isinstance(data, dict):
@@ -78,41 +93,42 @@ def _router_section(data: object, source: str) -> tuple[dict[str, Any], str]:
     if not isinstance(llm, dict):
         got = "missing" if llm is None else f"expected a mapping, got {type(llm).__name__}"
         raise ConfigError(source, [("llm", got)])
-    problems = [
-        (
-            f"llm.{clip(str(key))}",
-            f"unknown key; expected one of {', '.join(sorted(ROUTER_KEYS | {'provider', 'vllm_openai'}))}",
-        )
+    known = ROUTER_KEYS | OTHER_PROVIDER_SECTIONS | {"provider", "vllm_openai"}
+    problems += [
+        (f"llm.{clip(str(key))}", unknown_key(str(key), known, shown=ROUTER_KEYS | {"provider", "vllm_openai"}))
         for key in llm
-        if key not in ROUTER_KEYS | OTHER_PROVIDER_SECTIONS | {"provider", "vllm_openai"}
+        if key not in known
     ]
-    if "vllm_openai" in llm:
-        nested = llm["vllm_openai"]
-        if not isinstance(nested, dict):
-            problems.append(("llm.vllm_openai", f"expected a mapping, got {type(nested).__name__}"))
-        problems += [
-            (f"llm.{clip(str(key))}", "with the llm.vllm_openai layout this key belongs under llm.vllm_openai")
-            for key in llm
-            if key in ROUTER_KEYS
-        ]
-        if problems:
-            raise ConfigError(source, problems)
-        section = {k: v for k, v in nested.items()}
-        if "provider" in llm:
-            section.setdefault("provider", llm["provider"])
-        return section, "llm.vllm_openai"
-    if problems:
-        raise ConfigError(source, problems)
-    return {k: v for k, v in llm.items() if k not in OTHER_PROVIDER_SECTIONS}, "llm"
+    if "vllm_openai" not in llm:
+        return {k: v for k, v in llm.items() if k in ROUTER_KEYS | {"provider"}}, "llm"
+    nested = llm["vllm_openai"]
+    problems += [
+        (f"llm.{clip(str(key))}", "with the llm.vllm_openai layout this key belongs under llm.vllm_openai")
+        for key in llm
+        if key in ROUTER_KEYS
+    ]
+    if not isinstance(nested, dict):
+        raise ConfigError(source, [*problems, ("llm.vllm_openai", f"expected a mapping, got {type(nested).__name__}")])
+    section = dict(nested)
+    if "provider" in llm:
+        section.setdefault("provider", llm["provider"])
+    return section, "llm.vllm_openai"
 
 
-def _add_ollama_fallback(section: dict[str, Any], data: Any, prefix: str, source: str) -> None:
+def unknown_key(key: str, known: Collection[str], *, shown: Collection[str] | None = None) -> str:
+    """The message for an unknown ``key``: the known key it likely misspells, else the keys ``shown`` (all known)."""
+    close = difflib.get_close_matches(key, list(known), n=1) if len(key) <= MAX_MISSPELLING else []
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key; expected one of {clip(', '.join(sorted(known if shown is None else shown)))}"
+
+
+def _add_ollama_fallback(section: dict[str, Any], data: Any, prefix: str, problems: list[tuple[str, str]]) -> None:
     """``fallback_to_ollama: true``: the ``llm.ollama`` host becomes the route tried when no vLLM route is."""
     ollama = data["llm"].get("ollama")
     if not isinstance(ollama, dict) or not ollama.get("model"):
-        raise ConfigError(
-            source, [(f"{prefix}.fallback_to_ollama", "needs an llm.ollama section with at least model:")]
-        )
+        problems.append((f"{prefix}.fallback_to_ollama", "needs an llm.ollama section with at least model:"))
+        return
     route = {"api": "ollama", "base_url": ollama.get("base_url", "http://localhost:11434"), "model": ollama["model"]}
     route.update({k: ollama[k] for k in ("options", "keep_alive", "timeout") if k in ollama})
     routes = section.get("routes")
@@ -140,7 +156,23 @@ def _apply_env(section: dict[str, Any], prefix: str, env: Mapping[str, str]) -> 
     return {("routes", name, key): by_key[key] for key in overrides}
 
 
-def _describe(err: Any, prefix: str, from_env: dict[tuple[str, ...], str]) -> tuple[str, str]:
+def validation_problems(
+    exc: ValidationError,
+    *,
+    prefix: str = "",
+    from_env: Mapping[tuple[str, ...], str] | None = None,
+    root: type[BaseModel] | None = None,
+) -> list[tuple[str, str]]:
+    """Pydantic's errors as (key path, message) pairs under ``prefix``; secrets are never echoed back.
+
+    With ``root`` (the model validated), an unknown key gets the known key it likely misspells.
+    """
+    return [_describe(err, prefix, from_env or {}, root) for err in exc.errors()]
+
+
+def _describe(
+    err: Any, prefix: str, from_env: Mapping[tuple[str, ...], str], root: type[BaseModel] | None
+) -> tuple[str, str]:
     """One pydantic error as (key path, message); secrets are never echoed back."""
     loc = tuple(str(part) for part in err["loc"])
     message: str = err["msg"]
@@ -150,16 +182,48 @@ def _describe(err: Any, prefix: str, from_env: dict[tuple[str, ...], str]) -> tu
     if kind == "missing":
         message = "missing (required)"
     elif kind == "extra_forbidden":
-        message = "unknown key"
+        known = _keys_at(root, loc[:-1]) if root is not None else []
+        message = unknown_key(loc[-1], known) if known else "unknown key"
     elif kind == "too_short" and loc == ("routes",):
         message = "no routes defined; add at least one under routes:"
     elif not any(is_secret_key(part) for part in loc) and not kind.startswith("value_error") and "input" in err:
         message = f"{message} (got {preview(err['input'])})"
-    key = ".".join((prefix, *map(clip, loc))) if loc else prefix
+    key = _key_path(prefix, *map(clip, loc))
     if loc[:3] in from_env:
         key += f" (from ${from_env[loc[:3]]})"
     # A model-level check (default_route, fallback_route) names its own key in the message.
     if not loc and ":" in message:
         field, _, message = message.partition(": ")
-        key = f"{prefix}.{field}"
+        key = _key_path(prefix, field)
     return key, message
+
+
+def _key_path(*parts: str) -> str:
+    return ".".join(part for part in parts if part)
+
+
+def _keys_at(root: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """The keys the section at ``loc`` (a path under ``root``) takes; [] when ``loc`` is not a section."""
+    annotation: Any = root
+    for part in (*loc, None):
+        annotation = _section_type(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if part is None:
+                return [name for name, field in annotation.model_fields.items() if not field.exclude]
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict and part is not None:
+            annotation = typing.get_args(annotation)[1]  # a mapping of sections (routes): the key is a name
+        else:
+            return []
+    return []
+
+
+def _section_type(annotation: Any) -> Any:
+    """``X | None`` as ``X``; any other annotation as it is."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation

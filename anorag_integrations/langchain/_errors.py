@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from langchain_core import exceptions as lc_errors
 
 from .. import router as r
+from ..router.errors import EndpointNotFoundError
 
 
 def both(ours: type[BaseException], theirs: type[BaseException]) -> type[BaseException]:
@@ -24,6 +25,8 @@ LC_ERRORS: Mapping[type[BaseException], type[BaseException]] = {
     r.InvalidRequestError: both(r.InvalidRequestError, lc_errors.ModelInvalidRequestError),
     r.AuthenticationError: both(r.AuthenticationError, lc_errors.ModelAuthenticationError),
     r.ModelNotFoundError: both(r.ModelNotFoundError, lc_errors.ModelNotFoundError),
+    # LangChain keys its classes to the status (404), and a wrong base_url is not worth retrying either
+    EndpointNotFoundError: both(EndpointNotFoundError, lc_errors.ModelNotFoundError),
     r.AllRoutesFailed: both(r.AllRoutesFailed, lc_errors.ModelAPIError),
     r.StreamInterruptedError: both(r.StreamInterruptedError, lc_errors.ModelConnectionError),
 }

@@ -28,7 +28,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, model_validator
 
-from .._adapters import API_KEY_ENV, router_params
+from .._adapters import API_KEY_ENV, chat_route, router_params
 from ..router import CallInfo, call_info
 from ._callbacks import areport, report
 from ._convert import (
@@ -52,22 +52,19 @@ class ChatVLLMRouted(Routed, BaseChatModel):
     """
 
     # --- serializable fields (those that find the router: Routed) -------------------------------
-    temperature: float | None = None
-    max_tokens: int | None = None
-    top_p: float | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
     streaming: bool = False
     stream_usage: bool = True
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
     extra_body: dict[str, Any] | None = None
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
     @model_validator(mode="after")
     def _connect(self) -> Self:
-        router = self._connect_router("chat")
-        if self.route is not None and self.route not in router.routes:
-            raise ValueError(f"route {self.route!r} is not among the routes ({', '.join(router.routes)})")
+        chat_route(type(self).__name__, self._connect_router("chat"), self.route)
         return self
 
     @classmethod

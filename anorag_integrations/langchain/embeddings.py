@@ -25,12 +25,10 @@ class VLLMRoutedEmbeddings(Routed, Embeddings):
     ``model=`` skip the config for a single server, ``route=`` pins an embedding route.
     """
 
-    batch_size: int | None = None
+    batch_size: int | None = Field(default=None, gt=0)
     """Inputs per request; default ``embedding.batch_size`` of the config."""
     truncate: bool | None = None
     """Let the server cut inputs past its context window; default ``embedding.truncate`` of the config."""
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Other request parameters (vLLM's ``use_activation``, ``truncate_prompt_tokens``, ...)."""
 
     model_config = ConfigDict(protected_namespaces=())  # model_name is a field, not pydantic's
 
@@ -38,7 +36,7 @@ class VLLMRoutedEmbeddings(Routed, Embeddings):
     def _connect(self) -> Self:
         router = self._connect_router("embedding")
         router._check_kind("embedding")  # NoRouteOfKindError now, not at the first call
-        embedding_route(router, self.route)
+        embedding_route(type(self).__name__, router, self.route)
         return self
 
     @property

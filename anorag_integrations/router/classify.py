@@ -4,6 +4,10 @@ The router acts on the class it gets back (fail over, raise at once, count again
 one place decides it for every API a route speaks: ``classify`` for an exception from the SDK (or
 from parsing its answer), ``status_error`` for a bare HTTP status (Ollama's native API), and
 ``trips_breaker`` for whether the failure is the route's own. ``Retry-After`` is read here too.
+
+A 404 is one of two things: the server does not serve the model (an OpenAI error object; the route
+leaves that model's group), or it has no such path (FastAPI's ``{"detail": "Not Found"}``: most often a
+``base_url`` without ``/v1``), an ``EndpointNotFoundError`` that names the path and the likely fix.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from .errors import (
     AuthenticationError,
     BadRequestError,
     ContextOverflowError,
+    EndpointNotFoundError,
     MalformedResponse,
     ModelNotFoundError,
     RouteError,
     TransientRouteError,
     UnprocessableEntityError,
 )
+from .secrets import clip
 
 _OVERFLOW_MARKERS = (
     "maximum context length",  # vLLM, OpenAI
@@ -28,6 +34,9 @@ _OVERFLOW_MARKERS = (
     "exceeds the context length",  # Ollama's /api/embed
 )
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
+_NO_SUCH_PATH = frozenset({"not found", "404: not found", "404 page not found"})
+"""404 bodies that say the path has no handler, whatever the model: FastAPI's ``{"detail": "Not Found"}`` (vLLM,
+llama-cpp-python), aiohttp's and Go's plain text. A server's 404 for a model is an OpenAI error object instead."""
 
 
 def _error_fields(body: object) -> tuple[str | None, str | None, int | None]:
@@ -122,7 +131,14 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
         message, kind, _ = _error_fields(exc.body)
         retry_after = parse_retry_after(exc.response.headers)
         return status_error(
-            exc.status_code, message or exc.message, kind=kind, retry_after=retry_after, model=model, **where
+            exc.status_code,
+            message or exc.message,
+            kind=kind,
+            retry_after=retry_after,
+            model=model,
+            body=exc.body,
+            path=_request_path(exc),
+            **where,
         )
     if isinstance(exc, openai.APIError):
         # An error event inside an HTTP 200 stream: vLLM puts the status in body.code.
@@ -143,6 +159,35 @@ def classify(exc: BaseException, *, route: str, url: str, model: str, timeout: f
     return TransientRouteError(f"{type(exc).__name__}: {_short(exc)}", **where)
 
 
+def _request_path(exc: Any) -> str | None:
+    """The path the failed request asked for (``/v1/chat/completions``), when the SDK kept the request."""
+    try:
+        return str(exc.response.request.url.path) or None
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError for a response built without a request
+        return None
+
+
+def no_such_path(body: object) -> bool:
+    """Whether a 404's body says the server has no handler for the path (not that it lacks a model)."""
+    if isinstance(body, dict):
+        body = body.get("detail") if set(body) == {"detail"} else None
+    return isinstance(body, str) and body.strip().lower() in _NO_SUCH_PATH
+
+
+def endpoint_not_found(route: str, url: str, path: str | None) -> EndpointNotFoundError:
+    """The error for a path 404: what the server lacks, and the ``base_url`` that likely fixes it."""
+    missing = f"the server has no {clip(path)}" if path else "the server has no such endpoint"
+    root = url.rstrip("/")
+    if root.endswith("/v1"):
+        hint = (
+            "check base_url: it is the OpenAI API's root (vLLM: http://host:8000/v1), and the server must offer "
+            "this endpoint (chat: a generate model; embeddings: vLLM --runner pooling)"
+        )
+    else:
+        hint = f"does base_url end with /v1? vLLM serves the API under /v1: base_url: {root}/v1"
+    return EndpointNotFoundError(missing, route=route, url=url, status=404, hint=hint)
+
+
 def _short(exc: BaseException, limit: int = 300) -> str:
     """An exception's text, capped: a parser's error can quote a whole response body."""
     text = str(exc)
@@ -159,8 +204,14 @@ def status_error(
     kind: str | None = None,
     retry_after: float | None = None,
     not_found_hint: str | None = None,
+    body: object = None,
+    path: str | None = None,
 ) -> RouteError:
-    """The typed error for an HTTP error status, whichever API answered it."""
+    """The typed error for an HTTP error status, whichever API answered it.
+
+    ``body`` is the error body as parsed, when the API has one to read: a 404 whose body says the path
+    has no handler (:func:`no_such_path`) is the route's ``base_url`` at fault, not the model.
+    """
     where: dict[str, Any] = {"route": route, "url": url, "status": status}
     if status in _TRANSIENT_STATUSES or status >= 500:
         hint = "the server asks to slow down" if status == 429 else "server-side error; retried elsewhere"
@@ -168,6 +219,8 @@ def status_error(
     if status in (401, 403):
         hint = "check this route's api_key (or VLLM_API_KEY); it must match the server's --api-key"
         return AuthenticationError(message, hint=hint, **where)
+    if status == 404 and no_such_path(body):
+        return endpoint_not_found(route, url, path)
     if status == 404:
         hint = not_found_hint or (
             f"the server does not serve model {model!r}: compare the route's `model` with the "
@@ -185,4 +238,4 @@ def status_error(
 
 def trips_breaker(error: RouteError) -> bool:
     """Whether an error counts against the route's circuit breaker."""
-    return isinstance(error, TransientRouteError | AuthenticationError)
+    return isinstance(error, TransientRouteError | AuthenticationError | EndpointNotFoundError)

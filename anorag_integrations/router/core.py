@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from typing import TYPE_CHECKING, Any
@@ -150,11 +150,23 @@ class Router:
             start(self.scraper)
 
     @classmethod
-    def from_config(cls, path: str | PathLike[str] | None = None, **kwargs: Any) -> Router:
-        """Build from ``path`` (else ``$ANORAG_CONFIG``, else ``./config.yaml``)."""
-        from ..config import load_config  # config imports router.errors: keep the cycle out of import time
+    def from_config(
+        cls, config: str | PathLike[str] | Mapping[str, Any] | Config | None = None, **kwargs: Any
+    ) -> Router:
+        """Build from a config file's path (default ``$ANORAG_CONFIG``, else ``./config.yaml``), or a parsed one.
 
-        return cls(load_config(path), **kwargs)
+        A mapping is the document a file holds, ``llm:`` key and all (``{"llm": {"routes": {...}}}``),
+        read as :func:`~anorag_integrations.config.config_from_dict` reads it: ``VLLM_*`` overrides apply,
+        and a problem raises ``ConfigError``. A ``Config`` is used as it is.
+        """
+        # config imports router.errors: keep the cycle out of import time
+        from ..config import Config, config_from_dict, load_config
+
+        if isinstance(config, Config):
+            return cls(config, **kwargs)
+        if isinstance(config, Mapping):
+            return cls(config_from_dict(dict(config)), **kwargs)
+        return cls(load_config(config), **kwargs)
 
     @classmethod
     def shared(

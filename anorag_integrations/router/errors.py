@@ -17,6 +17,9 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     │       │                              max_model_len: refused before sending (also an
     │       │                              InvalidRequestError)
     │       ├── AuthenticationError        401 / 403: wrong or missing api_key
+    │       ├── EndpointNotFoundError      404 for the path, not the model: the server has no
+    │       │                              such endpoint (a base_url without /v1?); counts
+    │       │                              against the route's breaker, as a 401 does
     │       ├── ModelNotFoundError         404: the route does not serve that model
     │       │   └── UnknownModelError      no route serves the call's model: refused before
     │       │                              sending, naming the served ones (also an
@@ -112,6 +115,15 @@ class ContextOverflowError(BadRequestError):
 
 class AuthenticationError(PermanentRouteError):
     """HTTP 401/403: the route rejected the api key."""
+
+
+class EndpointNotFoundError(PermanentRouteError):
+    """HTTP 404 for the path itself (FastAPI's ``{"detail": "Not Found"}``): the route's ``base_url`` is wrong.
+
+    Most often a vLLM ``base_url`` without ``/v1`` (``http://host:8000``). Not a ``ModelNotFoundError``:
+    the route is misconfigured for every model, so it does not leave a model's group but counts
+    against its breaker, as a 401 does.
+    """
 
 
 class ModelNotFoundError(PermanentRouteError):
