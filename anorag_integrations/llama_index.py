@@ -162,9 +162,9 @@ class VLLMRouted(_Routed, FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Chat model; context window from the servers' max_model_len (smallest of the chat routes it may use)."""
-        names = [self.route] if self.route else self._router.config.route_names("chat")
-        routes = [self._router.routes[name] for name in names]
+        """Chat model; context window from the servers' max_model_len (smallest of the routes serving its model)."""
+        router = self._router
+        routes = [router.routes[self.route]] if self.route else router.models.candidates("chat", self.model)
         window = self.context_window
         if window is None:
             for route in routes:

@@ -427,6 +427,16 @@ def test_adapters_name_the_model_and_report_what_served(
         ChatVLLMRouted(router=router, model="huge").invoke("hi")
 
 
+def test_llama_index_context_window_is_its_models(fleet: dict[str, FaultServer], build: Callable[..., Router]) -> None:
+    from anorag_integrations import VLLMRouted
+
+    fleet["small"].max_model_len, fleet["big_a"].max_model_len, fleet["big_b"].max_model_len = 1024, 8192, 16384
+    router = build()
+    assert VLLMRouted(router=router, model="small").metadata.context_window == 1024
+    assert VLLMRouted(router=router, model="big").metadata.context_window == 8192  # the smaller of big's two
+    assert VLLMRouted(router=router).metadata.context_window == 8192  # no model: the default route's, big
+
+
 def test_embedding_routes_form_groups_too() -> None:
     with (
         FaultServer("minilm", reply="") as minilm,

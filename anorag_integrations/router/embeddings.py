@@ -262,8 +262,7 @@ def _routes(router: Router, call: EmbeddingCall) -> list[Route]:
     """The routes the call may go to (the pinned one, else those serving its model, and the fallback route)."""
     if call.pinned is not None:
         return [call.pinned]
-    fallback = router.models.fallback_for(call.kind, call.model)
-    return [*router.models.group(call.kind, call.model), *([fallback] if fallback is not None else [])]
+    return router.models.candidates(call.kind, call.model)
 
 
 def _unknown(route: Route) -> bool:

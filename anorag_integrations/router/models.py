@@ -122,12 +122,12 @@ class Catalog:
             return None
         return route
 
-    def sent_name(self, route: Route, name: str) -> str:
-        """The model name an attempt for ``name`` sends to ``route``: an alias becomes the route's model;
-        the fallback route, taking a call for a model it does not serve, is sent its own."""
-        if name == route.model or name in route.aliases:
-            return route.model
-        return name if name in route.served_names() else route.model
+    def candidates(self, kind: str, name: str | None) -> list[Route]:
+        """Every route a call of ``kind`` for ``name`` (None: the default model) may go to: its group, then the
+        fallback route where it may take it."""
+        name = name or self.default.get(kind) or ""
+        fallback = self.fallback_for(kind, name)
+        return [*self.group(kind, name), *([fallback] if fallback is not None else [])]
 
     def serves(self, kind: str, name: str) -> bool:
         """Whether any route of ``kind`` (the fallback route included) is known to serve ``name``."""
