@@ -143,18 +143,22 @@ def sort_arguments(adapter: str, data: dict[str, Any], known: Collection[str], e
     """
     unknown = [name for name in data if isinstance(name, str) and name not in known]
     given = data.get(extra)
-    if not unknown or not isinstance(given, dict | None):  # a bad extra= itself is pydantic's to report
+    if not isinstance(given, dict | None):  # a bad extra= itself is pydantic's to report
+        return data
+    problems = _extra_problems(adapter, given or {}, known, extra)
+    if not unknown and not problems:
         return data
     moved = dict(given or {})
-    problems: list[tuple[str, str]] = []
     warned: list[str] = []
     for name in unknown:
         value = data[name]
         meant = MEANT_ARGUMENTS.get(name) or _misspells(name, known)
         if meant is not None and meant not in SENT_ARGUMENTS:
             problems.append((clip(name), _misspelt(adapter, name, meant, value)))
-        elif is_secret_key(name):
+        elif _secret(name):
             problems.append((clip(name), f"not an argument of {adapter}; a secret is never sent (the key: api_key)"))
+        elif "header" in name.lower():
+            problems.append((clip(name), f"not an argument of {adapter}: headers are not set per adapter"))
         elif name in moved:
             problems.append((clip(name), f"given twice: as an argument and in {extra}"))
         elif not _json(value):
@@ -165,6 +169,8 @@ def sort_arguments(adapter: str, data: dict[str, Any], known: Collection[str], e
             warned.append(f"{name!r}" + (f" (did you mean {meant!r}?)" if meant else ""))
     if problems:
         raise ConfigError(arguments_source(adapter), problems)
+    if not warned:
+        return data
     warnings.warn(
         f"{adapter}: {clip(', '.join(warned))} {'is not an argument' if len(warned) == 1 else 'are not arguments'}; "
         f"sent to the server with every request as {extra} (pass {extra}={{...}} to say so)",
@@ -172,6 +178,26 @@ def sort_arguments(adapter: str, data: dict[str, Any], known: Collection[str], e
         stacklevel=_callers_level(),
     )
     return {**{k: v for k, v in data.items() if k in known}, extra: moved}
+
+
+def _extra_problems(adapter: str, given: dict[Any, Any], known: Collection[str], extra: str) -> list[tuple[str, str]]:
+    """What is wrong in ``model_kwargs`` / ``additional_kwargs`` themselves: an argument of the adapter (pass it as
+    one: it is checked there), a secret (it would go in the request body), a header."""
+    problems = []
+    for name in given:
+        where = f"{extra}.{clip(str(name))}"
+        if name in known:
+            problems.append((where, f"an argument of {adapter}: pass {name}= itself (it is checked there)"))
+        elif _secret(str(name)) or "header" in str(name).lower():
+            problems.append(
+                (where, "a secret or header would be sent in the request body; never sent (the key: api_key)")
+            )
+    return problems
+
+
+def _secret(name: str) -> bool:
+    """Whether an argument's name names a secret (``access_token``; not ``max_tokens`` or ``max_token``)."""
+    return name not in REQUEST_PARAMETERS and not name.lower().startswith(("max_", "min_")) and is_secret_key(name)
 
 
 def _misspells(name: str, known: Collection[str]) -> str | None:
@@ -251,3 +277,12 @@ def call_metadata(info: CallInfo | None) -> dict[str, Any]:
         metadata["model_fallback"] = info.fallback_reason
         metadata["models_tried"] = list(info.models_tried)
     return metadata
+
+
+def given_router(adapter: str, router: object) -> Router | None:
+    """The ``router=`` an adapter was given (None: none), or ConfigError when it is no Router (a path given as the
+    first argument: ``VLLMRouted("config.yaml")`` means ``config_path=``)."""
+    if router is None or isinstance(router, Router):
+        return router
+    hint = " (a config file: config_path=...)" if isinstance(router, str | os.PathLike) else ""
+    raise ConfigError(arguments_source(adapter), [("router", f"expected a Router, got {type(router).__name__}{hint}")])

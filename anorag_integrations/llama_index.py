@@ -44,6 +44,7 @@ from ._adapters import (
     embedding_model,
     embedding_params,
     embedding_route,
+    given_router,
     router_params,
     shared_router,
     sort_arguments,
@@ -148,7 +149,7 @@ class VLLMRouted(_Routed, FunctionCallingLLM):
 
     def __init__(self, router: Router | None = None, **data: Any) -> None:
         super().__init__(**data)
-        self._router = router or self._shared("chat")
+        self._router = given_router(type(self).__name__, router) or self._shared("chat")
         chat_route(type(self).__name__, self._router, self.route)
 
     @classmethod
@@ -291,7 +292,7 @@ class VLLMRoutedEmbedding(_Routed, BaseEmbedding):
 
     def __init__(self, router: Router | None = None, **data: Any) -> None:
         super().__init__(**data)
-        self._router = router or self._shared("embedding")
+        self._router = given_router(type(self).__name__, router) or self._shared("embedding")
         self._router._check_kind("embedding")  # NoRouteOfKindError now, not at the first call
         embedding_route(type(self).__name__, self._router, self.route)
         config = self._router.config.embedding

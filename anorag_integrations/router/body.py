@@ -29,7 +29,22 @@ DEFAULTED = ("temperature", "max_tokens", "top_p")
 NOT_BODY = frozenset({"extra_headers", "extra_query", "extra_body"})
 """The SDK's keywords that are not sent as body fields as they are (``extra_body`` is merged into it)."""
 
+RESERVED_CHAT = {
+    "stream": "call stream() / astream() for a stream, chat() / achat() for one answer",
+    "messages": "the messages are the call's first argument",
+}
+"""Body fields the router sets itself: a caller's (an adapter's model_kwargs, a bind()) would break every
+answer, and count against routes that did nothing wrong."""
+
 Messages = Iterable[Mapping[str, Any]]
+
+
+def reserved(params: Mapping[str, Any], fields: Mapping[str, str]) -> None:
+    """InvalidRequestError when ``params`` (or its ``extra_body``) sets a field the router sets itself."""
+    extra = params.get("extra_body")
+    for name, instead in fields.items():
+        if name in params or (isinstance(extra, Mapping) and name in extra):
+            raise InvalidRequestError(f"{name!r} is set by the router, not by the caller: {instead}")
 
 
 def chat_body(defaults: Params, messages: Messages, params: dict[str, Any], *, stream: bool) -> dict[str, Any]:
@@ -38,6 +53,7 @@ def chat_body(defaults: Params, messages: Messages, params: dict[str, Any], *, s
         default = getattr(defaults, key)
         if default is not None and key not in params:
             params[key] = default
+    reserved(params, RESERVED_CHAT)
     extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
     if extra:
         params["extra_body"] = {**extra, **(params.get("extra_body") or {})}

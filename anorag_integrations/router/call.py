@@ -369,9 +369,21 @@ class Call:
         throttled = [r.not_before for r in self.router.routes.values() if r.not_before > now]
         if throttled:
             return f"every available route is throttled by Retry-After until {wall_clock(min(throttled))}"
-        return (
-            "every available route failed" if self.info.attempts else "no route available (all circuit breakers open)"
-        )
+        if self.info.attempts:
+            return "every available route failed"
+        return "no route available (all circuit breakers open" + self._last_errors() + ")"
+
+    def _last_errors(self) -> str:
+        """What opened the breakers of the call's routes (their last error or failed probe), for a call that could
+        try none of them: the hint (a base_url without /v1, a wrong key) must not vanish once a breaker is open."""
+        seen: list[str] = []
+        for route in self.router.models.candidates(self.kind, self.model):
+            error = route.probe_result.error or route.stats.last_error
+            if error and error not in seen:
+                seen.append(error if len(error) <= 400 else error[:400] + "...")
+            if len(seen) == 2:
+                break
+        return "; last: " + " | ".join(seen) if seen else ""
 
     def enter(self) -> None:
         """The call starts running: Router.close() can now end it."""

@@ -174,11 +174,18 @@ def no_such_path(body: object) -> bool:
     return isinstance(body, str) and body.strip().lower() in _NO_SUCH_PATH
 
 
+_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/models")
+"""Endpoint paths a ``base_url`` sometimes ends with by mistake (it is the API's root)."""
+
+
 def endpoint_not_found(route: str, url: str, path: str | None) -> EndpointNotFoundError:
     """The error for a path 404: what the server lacks, and the ``base_url`` that likely fixes it."""
     missing = f"the server has no {clip(path)}" if path else "the server has no such endpoint"
     root = url.rstrip("/")
-    if root.endswith("/v1"):
+    endpoint = next((tail for tail in _ENDPOINTS if root.endswith(tail)), None)
+    if endpoint is not None:
+        hint = f"base_url is the API's root, not an endpoint: base_url: {root.removesuffix(endpoint)}"
+    elif root.endswith("/v1"):
         hint = (
             "check base_url: it is the OpenAI API's root (vLLM: http://host:8000/v1), and the server must offer "
             "this endpoint (chat: a generate model; embeddings: vLLM --runner pooling)"
@@ -219,8 +226,8 @@ def status_error(
     if status in (401, 403):
         hint = "check this route's api_key (or VLLM_API_KEY); it must match the server's --api-key"
         return AuthenticationError(message, hint=hint, **where)
-    if status == 404 and no_such_path(body):
-        return endpoint_not_found(route, url, path)
+    if status == 404 and (no_such_path(body) or "model" not in message.lower()):
+        return endpoint_not_found(route, url, path)  # a model 404 names the model (vLLM, OpenAI, Ollama alike)
     if status == 404:
         hint = not_found_hint or (
             f"the server does not serve model {model!r}: compare the route's `model` with the "

@@ -29,7 +29,7 @@ from . import embeddings, forks
 from .call import Call, Control, Messages, wall_clock
 from .endpoints.health import BreakerState, Poller, Prober
 from .endpoints.route import Route
-from .errors import NoRouteOfKindError, RouterClosed
+from .errors import ConfigError, NoRouteOfKindError, RouterClosed
 from .fleet.state import State, make_state
 from .hedge import Hedger, race
 from .info import CallInfo, attach, call_info
@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 __all__ = ["CallInfo", "Router", "call_info"]
 
 log = logging.getLogger("anorag_integrations.router")
+
+MAX_PATH_CHARS = 4096
+"""Longer text given to ``from_config`` is no file name (Linux's PATH_MAX)."""
 
 
 class Router:
@@ -166,6 +169,12 @@ class Router:
             return cls(config, **kwargs)
         if isinstance(config, Mapping):
             return cls(config_from_dict(dict(config)), **kwargs)
+        if isinstance(config, str) and ("\n" in config or len(config) > MAX_PATH_CHARS):
+            problem = "this text is no file name (YAML text? pass yaml.safe_load(text), a dict, instead)"
+            raise ConfigError("Router.from_config", [("", problem)])  # never echoed: it may hold a key
+        if config is not None and not isinstance(config, str | PathLike):
+            problem = f"expected a config file's path, a dict or a Config, got {type(config).__name__}"
+            raise ConfigError("Router.from_config", [("", problem)])
         return cls(load_config(config), **kwargs)
 
     @classmethod

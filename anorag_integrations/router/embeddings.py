@@ -43,7 +43,7 @@ from openai.resources.embeddings import Embeddings
 from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
 
-from .body import check_extras
+from .body import check_extras, reserved
 from .call import Call, Control
 from .errors import InputTooLongError, InvalidRequestError, MixedEmbeddingsError
 from .info import attach
@@ -77,6 +77,12 @@ class EmbeddingCall(Call):
         if truncate is not None and not isinstance(truncate, bool):
             raise InvalidRequestError(f"truncate must be True or False, got {truncate!r}")
         self.truncate: bool = cfg.truncate if truncate is None else truncate
+        reserved(params, RESERVED_EMBEDDING)
+        encoding = params.get("encoding_format")
+        if encoding not in (None, "float"):
+            raise InvalidRequestError(
+                f"encoding_format {encoding!r} is not supported: vectors come back as lists of floats (the default)"
+            )
         extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
         check_extras(params)
         extra_body = {**extra, **(params.get("extra_body") or {})}
@@ -129,6 +135,10 @@ class EmbeddingCall(Call):
         info.rounds = max((part.info.rounds for part in parts), default=0)
         info.batches = [part.info.route for part in parts if part.info.route is not None]
         info.route = info.batches[0] if info.batches else None
+
+
+RESERVED_EMBEDDING = {"input": "the texts are the call's first argument", "stream": "embeddings are not streamed"}
+"""Body fields the router sets itself in an embeddings request."""
 
 
 def embed(router: Router, call: EmbeddingCall, texts: str | Sequence[str]) -> CreateEmbeddingResponse:

@@ -30,6 +30,7 @@ from .classify import classify, trips_breaker
 from .endpoints.health import Ticket
 from .errors import (
     Attempt,
+    EndpointNotFoundError,
     InvalidRequestError,
     ModelNotFoundError,
     PermanentRouteError,
@@ -210,8 +211,7 @@ class Lease:
         call.info.attempts.append(Attempt(self.route.name, error, time.perf_counter() - self.t0, call.info.rounds))
         if self.span is not None:
             tracing.end_attempt(self, "failure", error)
-        elsewhere = dropped and call.router.models.serves(call.kind, call.model)  # other routes serve the model
-        if isinstance(error, PermanentRouteError) and not elsewhere:
+        if isinstance(error, PermanentRouteError) and not self._elsewhere(error, dropped):
             raise error from exc
         call.failed_on = self.route
         log.info("failing over: %s", error)
@@ -247,6 +247,16 @@ class Lease:
             )
         return classify(exc, route=route.name, url=route.base_url, model=call.sent_model(route), timeout=self.timeout)
 
+    def _elsewhere(self, error: RouteError, dropped: bool) -> bool:
+        """Whether a permanent error is this route's alone, with another route to try: a 404 for the model (the
+        route left its group) or a route without the endpoint (its base_url lacks /v1), when others serve it."""
+        call = self.call
+        if dropped:
+            return call.router.models.serves(call.kind, call.model)
+        if isinstance(error, EndpointNotFoundError) and call.pinned is None:
+            return len(call.router.models.candidates(call.kind, call.model)) > 1
+        return False
+
     def _drop_model(self) -> bool:
         """A 404 from a route thought to serve the call's model: the route leaves that model's group (until its
         ``/v1/models`` lists it again) and the call fails over within the group; the breaker is not touched."""
@@ -266,7 +276,8 @@ class Lease:
 
     def _count(self, error: RouteError, *, trips: bool = True) -> None:
         route, call = self.route, self.call
-        route.stats.failed(f"{type(error).__name__}: {error.message}", error.error_class)
+        hint = f" (hint: {error.hint})" if error.hint else ""
+        route.stats.failed(f"{type(error).__name__}: {error.message}{hint}", error.error_class)
         if trips and trips_breaker(error):
             if route.breaker.record_failure(self.ticket):
                 log.warning("route %r: circuit breaker opened after: %s", route.name, error)
