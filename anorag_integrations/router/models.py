@@ -82,6 +82,8 @@ class Catalog:
         self._version = 0
         self._built = -1
         self._groups: dict[tuple[str, str], Group] = {}
+        self._dropped: list[Route] = []
+        """Routes with names out of their groups after a 404 (as of the last build): re-listed in the background."""
         self._looked_up: dict[str, float] = {}
         for route in routes.values():
             route.models_changed = self._changed
@@ -101,6 +103,7 @@ class Catalog:
         with self._lock:
             version = self._version
             members: dict[tuple[str, str], list[Route]] = {}
+            self._dropped = [route for route in self._routes.values() if route.dropped]
             for route in self._routes.values():
                 if route is self.fallback.get(route.kind):
                     continue
@@ -191,8 +194,11 @@ class Catalog:
         """Routes out of a group after a 404 list their models again in the background, at most every
         LOOKUP_EVERY_S: a spurious 404 (a proxy during a redeploy) does not keep a route out for good when
         nothing probes it."""
-        dropped = [route for route in self._routes.values() if route.kind == kind and route.dropped]
-        for route in self._due(dropped):
+        if self._built != self._version:
+            self._build()
+        if not self._dropped:  # the common case: one attribute read per call
+            return
+        for route in self._due(route for route in self._dropped if route.kind == kind and route.dropped):
             self._loop.submit(route.alist_models(route.probe_timeout))
 
     def fallback_models(self, kind: str, name: str, overflow: bool) -> tuple[str, ...]:
