@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import difflib
 import json
 import os
+import struct
 import sys
 import warnings
 from collections.abc import Collection
@@ -249,7 +251,16 @@ def embedding_params(adapter: object, *, model: str | None, batch_size: int | No
 
 def vectors(response: CreateEmbeddingResponse) -> list[list[float]]:
     """The response's vectors as plain lists, in input order."""
-    return [list(item.embedding) for item in response.data]
+    return [_floats(item.embedding) for item in response.data]
+
+
+def _floats(embedding: object) -> list[float]:
+    """One vector as floats: as sent, or decoded from the base64 text ``encoding_format="base64"`` asks for
+    (little-endian float32, as vLLM and OpenAI send it): a framework's vector is never a string's characters."""
+    if isinstance(embedding, str):
+        raw = base64.b64decode(embedding)
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    return [float(value) for value in embedding]  # type: ignore[attr-defined]
 
 
 def reasoning_text(obj: Any) -> str | None:

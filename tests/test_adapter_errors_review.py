@@ -97,13 +97,18 @@ def test_model_kwargs_may_not_hold_arguments_secrets_or_headers(servers: dict[st
         assert "max_token" in str(caught[0].message) and llm.model_kwargs == {"max_token": 5}
 
 
-def test_embeddings_refuse_an_encoding_they_cannot_read() -> None:
+def test_embeddings_adapters_decode_base64_vectors() -> None:
+    from anorag_integrations.llama_index import VLLMRoutedEmbedding
+    from anorag_integrations.testing.embeddings import fake_vector
+
     with FaultServer(MODEL) as server:
         routes = {"e": {"base_url": server.base_url, "model": MODEL, "kind": "embedding"}}
         with Router(config_from_dict({"llm": {"routes": routes}}, env={}), start_prober=False) as router:
-            with pytest.raises(InvalidRequestError, match="encoding_format 'base64'"):
-                VLLMRoutedEmbeddings(router=router, model_kwargs={"encoding_format": "base64"}).embed_query("x")
-            assert server.hits == 0
+            wanted = pytest.approx(fake_vector("x"), abs=1e-6)
+            lc = VLLMRoutedEmbeddings(router=router, model_kwargs={"encoding_format": "base64"})
+            assert lc.embed_query("x") == wanted  # floats, not the base64 text's characters
+            li = VLLMRoutedEmbedding(router=router, additional_kwargs={"encoding_format": "base64"})
+            assert li.get_text_embedding("x") == wanted
 
 
 def test_a_path_given_as_router_is_a_config_error() -> None:

@@ -78,11 +78,6 @@ class EmbeddingCall(Call):
             raise InvalidRequestError(f"truncate must be True or False, got {truncate!r}")
         self.truncate: bool = cfg.truncate if truncate is None else truncate
         reserved(params, RESERVED_EMBEDDING)
-        encoding = params.get("encoding_format")
-        if encoding not in (None, "float"):
-            raise InvalidRequestError(
-                f"encoding_format {encoding!r} is not supported: vectors come back as lists of floats (the default)"
-            )
         extra = {k: params.pop(k) for k in list(params) if k not in SDK_PARAMS}
         check_extras(params)
         extra_body = {**extra, **(params.get("extra_body") or {})}
