@@ -248,7 +248,9 @@ def test_error_mapping(exc: BaseException, cls: type[errors.RouteError], hint: s
 def test_breaker_counts_transient_and_misconfiguration_only() -> None:
     assert mapping.trips_breaker(classify(status_error(503, "x")))
     assert mapping.trips_breaker(classify(status_error(401, "x")))
-    assert not mapping.trips_breaker(classify(status_error(404, "x")))  # out of the model's group instead
+    model_404 = classify(status_error(404, "The model `x` does not exist."))
+    assert not mapping.trips_breaker(model_404)  # out of the model's group instead
+    assert mapping.trips_breaker(classify(status_error(404, "Not Found")))  # no such path: base_url is wrong
     assert not mapping.trips_breaker(classify(status_error(400, "x")))
     assert not mapping.trips_breaker(classify(status_error(422, "x")))
 
