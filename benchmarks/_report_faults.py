@@ -155,3 +155,23 @@ def shared_state(data: dict[str, Any]) -> list[str]:
         "",
         machine(meta),
     ]
+
+
+def membership(data: dict[str, Any]) -> list[str]:
+    meta, r = data["meta"], data["results"]
+    rows = [[kind, f"{r[kind]['calls']:,}", r[kind]["lost"], r[kind]["changes"], r[kind]["cpu_us_per_call"],
+             r[kind]["p50_ms"]] for kind in ("static", "churn")]  # fmt: skip
+    header = ["fleet", "calls", "lost", "route changes", "CPU µs per call", "p50 ms"]
+    return [
+        f"## 15. Membership changes under load (routes a, b, c; while churning a route is removed and another added "
+        f"every {meta['period_s']:g} s; concurrency {meta['concurrency']}, {meta['rounds']} x {meta['phase_s']:g} s "
+        "per fleet, phases alternated)",
+        "",
+        table(header, rows),
+        "",
+        f"CPU per call, churn over static: **{r['cpu_per_call_churn_over_static']:.2f}x**; median latency: "
+        f"**{r['p50_churn_over_static']:.2f}x**; every removed route released: "
+        f"{'yes' if r['all_released'] else '**no**'}.",
+        "",
+        machine(meta),
+    ]

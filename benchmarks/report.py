@@ -38,6 +38,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("observability", cost.observability),
     ("embeddings", cost.embeddings),
     ("shared_state", faults.shared_state),
+    ("membership", faults.membership),
 ]
 
 

@@ -13,12 +13,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .manage import EMBED_PORT
 from .presets import PRESET_NAMES, PresetError
 from .servers import DEFAULT_PORTS, ServerStartError, interrupted_by_termination
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..router import Router
 
 PRESET_FLAGS: dict[str, type] = {
     "--model": str,
@@ -198,6 +202,8 @@ def _healthcheck(config_path: str | None, *, as_json: bool, watch: float | None,
 
     checks = 0
     with Router.from_config(config_path, start_prober=False) as router:
+        if watch:
+            reload_on_sighup(router)
         while True:
             rows = router.health()
             healthy = sum(1 for row in rows.values() if row["healthy"])
@@ -255,12 +261,15 @@ def _metrics(args: argparse.Namespace) -> int:
 
     if args.probe_interval <= 0:
         raise ValueError(f"--probe-interval must be a positive number of seconds, got {args.probe_interval}")
-    config = load_config(args.config)
-    if config.health.probe_interval <= 0:  # the metrics would never show a dead route otherwise
-        health = config.health.model_copy(update={"probe_interval": args.probe_interval})
-        config = config.model_copy(update={"health": health})
 
-    with Router(config) as router:
+    def probing(config: Config) -> Config:
+        if config.health.probe_interval > 0:
+            return config
+        health = config.health.model_copy(update={"probe_interval": args.probe_interval})
+        return config.model_copy(update={"health": health})  # the metrics would never show a dead route otherwise
+
+    with Router(probing(load_config(args.config))) as router:
+        reload_on_sighup(router, probing)
         port = router.serve_metrics(args.port, args.host)
         _wait_for_stop(f"serving metrics of {len(router.routes)} routes at http://{args.host}:{port}/metrics",
                        "Ctrl-C stops.")  # fmt: skip
@@ -332,6 +341,26 @@ def _ports(text: str) -> list[int]:
     if not parts or not all(part.isdigit() for part in parts):
         raise ValueError(f"--ports wants comma-separated port numbers, e.g. 8201,8202 (got {text!r})")
     return [int(part) for part in parts]
+
+
+def reload_on_sighup(router: Router, prepare: Callable[[Config], Config] = lambda config: config) -> None:
+    """``kill -HUP``: the router reloads its config file (``Router.reload``) in a thread, and says what changed; a
+    config that does not load is refused and the running one keeps serving."""
+    from ..config import load_config
+
+    def reload() -> None:
+        try:
+            changes = router.reload(prepare(load_config(router.config.source)))
+        except Exception as exc:  # a bad file, a closed router: said, never the end of the command
+            print(f"reload refused; the running config keeps serving: {str(exc).strip()}", file=sys.stderr, flush=True)
+            return
+        print(f"reloaded {router.config.source}: {changes.summary()}", flush=True)
+
+    def hangup(*_: object) -> None:
+        threading.Thread(target=reload, name="anorag-reload", daemon=True).start()
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, hangup)
 
 
 def _wait_for_stop(*ready: str) -> None:

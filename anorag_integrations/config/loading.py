@@ -27,6 +27,7 @@ OTHER_PROVIDER_SECTIONS = frozenset({"ollama", "multi_ollama", "openai"})
 ROUTER_KEYS = frozenset(
     {
         "routes",
+        "discovery",
         "default_route",
         "fallback_route",
         "default_embedding_route",

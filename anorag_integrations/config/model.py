@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ..router.balancing.policies import POLICIES
+from ..router.errors import ConfigError
 from ..router.secrets import clip, preview
+from .discovery import PLACEHOLDER_URL, DiscoveryConfig, discovery_list
 from .sections import (
     EmbeddingConfig,
     HealthConfig,
@@ -28,7 +31,10 @@ class Config(_Section):
     """The router's whole configuration."""
 
     provider: str = "vllm_openai"
-    routes: dict[str, RouteConfig] = Field(min_length=1)
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
+    discovery: list[DiscoveryConfig] = Field(
+        default_factory=list, description="routes found in DNS (one mapping, or a list of them)"
+    )
     default_route: str | None = None
     fallback_route: str | None = None
     default_embedding_route: str | None = None
@@ -58,8 +64,12 @@ class Config(_Section):
             raise ValueError(f"unknown lb_policy {preview(value)}; choose one of {', '.join(sorted(POLICIES))}")
         return value
 
+    _discovery_list = field_validator("discovery", mode="before")(discovery_list)
+
     @model_validator(mode="after")
     def _known_routes(self) -> Config:
+        if not self.routes and not self.discovery:
+            raise ValueError("routes: no routes defined; add at least one under routes: (or a discovery: entry)")
         for kind, keys in _KIND_KEYS.items():
             for key in keys:
                 name = getattr(self, key)
@@ -86,12 +96,17 @@ class Config(_Section):
         for route in self.routes.values():
             for name in (route.model, *route.aliases):
                 names.setdefault(name, route.kind)
+        for entry in self.discovery:
+            found = entry.route_config(PLACEHOLDER_URL)
+            for name in (found.model, *found.aliases):
+                names.setdefault(name, found.kind)
         return names
 
     def _served_as(self) -> dict[str, set[str]]:
         """Each configured name -> the models it is sent as (an alias: its routes' models; a model: itself)."""
         served: dict[str, set[str]] = {}
-        for route in self.routes.values():
+        found = [entry.route_config(PLACEHOLDER_URL) for entry in self.discovery]
+        for route in [*self.routes.values(), *found]:
             for name in (route.model, *route.aliases):
                 served.setdefault(name, set()).add(route.model)
         return served
@@ -124,6 +139,16 @@ class Config(_Section):
     def default_route_name(self) -> str:
         """The default chat route (the first route when there is no chat route at all)."""
         return self.default_route_of("chat") or next(iter(self.routes))
+
+    def with_routes(self, routes: Mapping[str, RouteConfig | Mapping[str, Any]]) -> Config:
+        """A copy with ``routes`` instead of its own, checked as a file is (``ConfigError`` naming the key)."""
+        data = {**self.model_dump(exclude={"routes"}), "routes": dict(routes), "source": self.source}
+        try:
+            return Config.model_validate(data)
+        except ValidationError as exc:
+            from .loading import validation_problems
+
+            raise ConfigError(self.source, validation_problems(exc, prefix="llm", root=Config)) from None
 
     def with_api_key(self, api_key: str) -> Config:
         """A copy in which every route uses ``api_key``."""

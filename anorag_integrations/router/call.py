@@ -156,7 +156,8 @@ class Call:
         info = self.info
         route = info.route or (info.attempts[-1].route if info.attempts else "")
         ended = "success" if exc is None else tracing.outcome(exc)
-        self.router.outcomes.add(route, self.served_model(), ended)
+        if not route or route in self.router.routes:  # a route that left: its outcomes went with it
+            self.router.outcomes.add(route, self.served_model(), ended)
         if self.span is not None:
             span, self.span = self.span, None
             tracing.end_call(self, span, ended, exc)

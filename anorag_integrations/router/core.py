@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,18 +25,21 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from . import embeddings, forks
-from .call import Call, Control, Messages, wall_clock
-from .endpoints.health import BreakerState, Poller, Prober
+from .building import load
+from .call import Call, Control, Messages
+from .endpoints.health import Poller, Prober
 from .endpoints.route import Route
-from .errors import ConfigError, NoRouteOfKindError, RouterClosed
+from .errors import NoRouteOfKindError, RouterClosed
 from .fleet.state import State, make_state
 from .hedge import Hedger, race
 from .info import CallInfo, attach, call_info
 from .loop import LoopThread
+from .members import discovery, membership
+from .members.membership import Changes, Drain
 from .models import Catalog
 from .rounds import aserve, make_pools, serve
 from .streams import astream, stream
-from .telemetry import prometheus
+from .telemetry import prometheus, reports
 from .telemetry.stats import CallOutcomes
 from .telemetry.tracing import Tracing
 from .vectors import VectorLengths
@@ -46,14 +48,12 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
-    from ..config import Config
+    from ..config import Config, RouteConfig
+    from .members.dns import DnsWatcher
 
 __all__ = ["CallInfo", "Router", "call_info"]
 
 log = logging.getLogger("anorag_integrations.router")
-
-MAX_PATH_CHARS = 4096
-"""Longer text given to ``from_config`` is no file name (Linux's PATH_MAX)."""
 
 
 class Router:
@@ -63,8 +63,21 @@ class Router:
         self, config: Config, *, start_prober: bool = True, tracer_provider: TracerProvider | None = None
     ) -> None:
         """``tracer_provider``: trace with this provider instead of OpenTelemetry's global one."""
+        self.serving = False
+        """Set once the router is built: discovery's changes wait for it."""
+        self.watchers: list[DnsWatcher] = discovery.make_watchers(config.discovery, self)
+        """One DNS watcher per ``discovery:`` entry (``members/discovery.py``)."""
+        config, self.origins, fleet_state = discovery.first_config(config, self.watchers)
+        """``origins``: where each route came from: the config, ``add_route`` ("api") or a discovery entry."""
         self.config = config
-        self.routes: dict[str, Route] = {name: _make_route(name, rc, config) for name, rc in config.routes.items()}
+        self.routes: dict[str, Route] = {name: make_route(name, rc, config) for name, rc in config.routes.items()}
+        self.member_settings = {name: membership.settings(rc, config) for name, rc in config.routes.items()}
+        """The settings each route was built from: a change that keeps them keeps the route."""
+        self.draining: set[Route] = set()
+        """Routes that left and still have requests in flight (released when the last one ends)."""
+        self.owned: set[Route] = set(self.routes.values())
+        """Every route this router built and has not released: closed with it, or by its finaliser."""
+        self.members_lock = forks.rlock()
         self._loop_thread = LoopThread()
         self.models = Catalog(self.routes, config, self._loop_thread)
         """Which routes serve which model name (``models.py``): a call's ``model=`` picks its group."""
@@ -86,7 +99,7 @@ class Router:
             )
         self.hedger = Hedger(config.hedge) if config.hedge is not None else None
         self.state: State = make_state(
-            config.state,
+            fleet_state,
             self.routes,
             self.hedger,
             config.observability.name or prometheus.default_name(config.source),
@@ -95,7 +108,8 @@ class Router:
         """What this router shares with the other replicas of its fleet (``state:``; local: nothing)."""
         if config.state.backend != "local":
             self.prober.gate = self.state.leads  # one replica probes each route; all read its results
-        self._continuable = any(route.continue_streams for route in self.routes.values())
+        self.continuable = any(route.continue_streams for route in self.routes.values())
+        """Whether any route may continue a cut stream."""
         self._live: set[Control] = set()
         """Calls in flight, so that close() can end them."""
         self._closing = forks.event()
@@ -114,15 +128,19 @@ class Router:
             self.prober,
             self.scraper,
             self._loop_thread,
-            list(self.routes.values()),
+            self.owned,
             self._metrics,
             self.state,
+            self.watchers,
         )
         if obs.prometheus:
             self.register_metrics()
         self.state.start()
         if start_prober:
             self._background(Poller.start)
+        self.serving = True
+        for watcher in self.watchers:
+            watcher.start()
         forks.renew_in_child(self)  # after the state, which renews itself first
 
     def renew_after_fork(self) -> None:
@@ -136,6 +154,8 @@ class Router:
         self._loop_thread.renew_after_fork()
         self._metrics.renew_after_fork()
         if not self.closed:
+            for watcher in self.watchers:
+                watcher.renew_after_fork()
             self.prober.renew_after_fork()
             if self.scraper is not None:
                 self.scraper.renew_after_fork()
@@ -162,20 +182,7 @@ class Router:
         read as :func:`~anorag_integrations.config.config_from_dict` reads it: ``VLLM_*`` overrides apply,
         and a problem raises ``ConfigError``. A ``Config`` is used as it is.
         """
-        # config imports router.errors: keep the cycle out of import time
-        from ..config import Config, config_from_dict, load_config
-
-        if isinstance(config, Config):
-            return cls(config, **kwargs)
-        if isinstance(config, Mapping):
-            return cls(config_from_dict(dict(config)), **kwargs)
-        if isinstance(config, str) and ("\n" in config or len(config) > MAX_PATH_CHARS):
-            problem = "this text is no file name (YAML text? pass yaml.safe_load(text), a dict, instead)"
-            raise ConfigError("Router.from_config", [("", problem)])  # never echoed: it may hold a key
-        if config is not None and not isinstance(config, str | PathLike):
-            problem = f"expected a config file's path, a dict or a Config, got {type(config).__name__}"
-            raise ConfigError("Router.from_config", [("", problem)])
-        return cls(load_config(config), **kwargs)
+        return cls(load(config), **kwargs)
 
     @classmethod
     def shared(
@@ -252,17 +259,17 @@ class Router:
     def health(self, *, probe: bool = True) -> dict[str, dict[str, Any]]:
         """Per route: healthy, breaker state, probe latency, served models (probing all now by default)."""
         if probe and self.routes:
-            self._check_open()
+            self.check_open()
             with ThreadPoolExecutor(max_workers=min(16, len(self.routes))) as pool:
                 list(pool.map(Route.probe, self.routes.values()))
-        return {name: self._health_row(route) for name, route in self.routes.items()}
+        return {name: reports.health_row(route) for name, route in self.routes.items()}
 
     async def ahealth(self, *, probe: bool = True) -> dict[str, dict[str, Any]]:
         """Async twin of :meth:`health`."""
         if probe:
-            self._check_open()
+            self.check_open()
             await asyncio.gather(*(route.aprobe() for route in self.routes.values()))
-        return {name: self._health_row(route) for name, route in self.routes.items()}
+        return {name: reports.health_row(route) for name, route in self.routes.items()}
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per route: attempts, failures (and by error class), in-flight, failovers, latency and TTFT
@@ -270,19 +277,32 @@ class Router:
         model, then outcome), ``serves`` (the model names it serves now), and the
         prefix-cache hit rate: ``prefix_hit_rate_predicted`` by ``prefix_aware``'s index (None under other
         policies), ``prefix_hit_rate_measured`` from the server's ``/metrics`` when it is read and exports one."""
-        ended = self.outcomes.snapshot()
-        predicted: dict[str, float | None] = {}
-        for pool in self.pools.values():
-            if (rates := getattr(pool.policy, "hit_rates", None)) is not None:
-                predicted.update(rates())
-        return {
-            name: {"url": r.base_url, "model": r.model, "serves": sorted(r.served_names()),
-                   "state": str(r.breaker.state), **r.stats.snapshot(),
-                   "outcomes": _by_outcome(ended, name), "models": _by_model(ended, name),
-                   "prefix_hit_rate_predicted": predicted.get(name),
-                   "prefix_hit_rate_measured": r.load.prefix_hit_rate if r.load is not None else None}
-            for name, r in self.routes.items()
-        }  # fmt: skip
+        return reports.stats(self)
+
+    # --- membership: routes added, removed and reloaded live (``members/``) -------------------------------
+
+    def add_route(self, name: str, route: RouteConfig | Mapping[str, Any]) -> Changes:
+        """Add a route while serving (a ``routes:`` entry's keys); ``ConfigError`` if the name is taken or the
+        route is invalid. A reload keeps it (it is not the file's)."""
+        return membership.add(self, name, route)
+
+    def remove_route(self, name: str) -> Drain:
+        """Take a route out of service: no new request goes there, those in flight (streams included) finish,
+        then its clients, breaker, statistics, prefix index and metric series are released (``Drain``)."""
+        return membership.remove(self, name)
+
+    def reload(self, config: str | PathLike[str] | Mapping[str, Any] | Config | None = None) -> Changes:
+        """Read the config again (the file it came from, or ``config``) and apply the difference while serving.
+
+        Routes whose settings are unchanged are kept as they are; new ones are added, the others drain. A
+        config that does not load raises ``ConfigError`` and the running one keeps serving. Sections that shape
+        the router itself (lb_policy, state, hedge, ...) keep their running values, with a warning.
+        """
+        return membership.reload(self, load(config if config is not None else self.config.source))
+
+    def found(self, index: int, addresses: frozenset[str]) -> None:
+        """Discovery entry ``index`` resolved to ``addresses``: its routes become one per address."""
+        discovery.found(self, index, addresses)
 
     def register_metrics(self, registry: CollectorRegistry | None = None) -> None:
         """Export this router's metrics in ``registry`` (default: prometheus_client's global one).
@@ -298,7 +318,7 @@ class Router:
         For apps without an endpoint of their own; port 0 picks a free one. The metrics of the
         registries this router is registered in are served (a private one when there is none).
         """
-        self._check_open()
+        self.check_open()
         return self._metrics.serve(port, addr)
 
     async def astart_prober(self) -> None:
@@ -313,13 +333,17 @@ class Router:
         for ctl in list(self._live):
             ctl.abort()
         self._finalizer.detach()
+        for watcher in self.watchers:
+            watcher.stop()
         self._metrics.close()
         self.prober.stop()
         self.state.stop()
         if self.scraper is not None:
             self.scraper.stop()
-        self._loop_thread.stop(self.routes.values())
-        for route in self.routes.values():
+        with self.members_lock:
+            owned = [*self.routes.values(), *self.draining]
+        self._loop_thread.stop(owned)
+        for route in owned:
             route.close()
 
     async def aclose(self) -> None:
@@ -347,7 +371,7 @@ class Router:
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         if self.closed:
             raise RouterClosed()
 
@@ -361,7 +385,7 @@ class Router:
 
     def _check_kind(self, kind: str) -> None:
         """The router is open and has routes of ``kind``; else RouterClosed or NoRouteOfKindError."""
-        self._check_open()
+        self.check_open()
         pool = self.pools[kind]
         if not pool.primary and pool.fallback is None:
             raise NoRouteOfKindError(kind, self.config.source)
@@ -378,31 +402,6 @@ class Router:
             else:
                 log.warning("primary routes are back: %r served a request", route.name)
 
-    def _health_row(self, route: Route) -> dict[str, Any]:
-        probe = route.probe_result
-        state = route.breaker.state
-        throttled = route.not_before > time.monotonic()
-        error = probe.error or route.stats.last_error
-        if throttled:
-            error = f"throttled by the server (Retry-After) until {wall_clock(route.not_before)}"
-        return {
-            "url": route.base_url,
-            "model": route.model,
-            "healthy": state is not BreakerState.OPEN and probe.healthy is not False and not throttled,
-            "state": "throttled" if throttled and state is BreakerState.CLOSED else str(state),
-            "throttled_until": time.time() + route.not_before - time.monotonic() if throttled else None,
-            "latency_ms": probe.latency_ms,
-            "kind": route.kind,
-            "serves": sorted(route.served_names()),
-            "aliases": sorted(route.aliases),
-            "adapters": dict(route.parents),
-            "dropped": sorted(route.dropped),
-            "models": list(probe.models),
-            "max_model_len": probe.max_model_len,
-            "error": error,
-            "checked_at": probe.checked_at,
-        }
-
     def _hedges(self, call: Call) -> bool:
         """Whether this request may be hedged (hedging on, more than one route serving its model, not pinned)."""
         return self.hedger is not None and call.pinned is None and len(self.models.group(call.kind, call.model)) > 1
@@ -416,46 +415,31 @@ def _halt(
     prober: Poller,
     scraper: Poller | None,
     loop_thread: LoopThread,
-    routes: list[Route],
+    routes: set[Route],
     metrics: prometheus.Exports,
     state: State,
+    watchers: list[DnsWatcher],
 ) -> None:
     """A router nobody holds any more: stop its threads without waiting (runs from the garbage collector)."""
+    for watcher in watchers:
+        watcher.halt()
     metrics.halt()
     prober.halt()
     state.halt()
     if scraper is not None:
         scraper.halt()
     loop_thread.stop(wait=False)
-    for route in routes:
+    for route in list(routes):
         with contextlib.suppress(Exception):
             route.close()
 
 
-def _make_route(name: str, cfg: Any, config: Config) -> Route:
+def make_route(name: str, cfg: Any, config: Config) -> Route:
     if cfg.api == "ollama":
         from .endpoints.ollama import OllamaRoute
 
         return OllamaRoute(name, cfg, config)
     return Route(name, cfg, config)
-
-
-def _by_outcome(ended: dict[tuple[str, str, str], int], route: str) -> dict[str, int]:
-    """The calls that ended on ``route``, by outcome (all models)."""
-    counts: dict[str, int] = {}
-    for (name, _, outcome), n in ended.items():
-        if name == route:
-            counts[outcome] = counts.get(outcome, 0) + n
-    return counts
-
-
-def _by_model(ended: dict[tuple[str, str, str], int], route: str) -> dict[str, dict[str, int]]:
-    """The calls that ended on ``route``, by model, then outcome."""
-    counts: dict[str, dict[str, int]] = {}
-    for (name, model, outcome), n in ended.items():
-        if name == route:
-            counts.setdefault(model, {})[outcome] = n
-    return counts
 
 
 def _completion_tokens(response: ChatCompletion) -> int | None:

@@ -58,26 +58,8 @@ class Catalog:
     """The fleet's model groups, per route kind; one per router, shared by every call (thread-safe)."""
 
     def __init__(self, routes: Mapping[str, Route], config: Config, loop: LoopThread) -> None:
-        from ..config import ROUTE_KINDS  # the config module imports the router: not at import time
-
-        self._routes = routes
         self._loop = loop
         """Where lookups run (a sync call waits for them there, bounded by its time left)."""
-        self.fallback: dict[str, Route | None] = {}
-        """Each kind's ``fallback_route``: tried last for its default model (and for names it serves)."""
-        self.default: dict[str, str | None] = {}
-        """Each kind's default model: the one a call without ``model=`` asks for (its default route's)."""
-        for kind in ROUTE_KINDS:
-            name = config.fallback_route_of(kind)
-            self.fallback[kind] = routes[name] if name else None
-            default = config.default_route_of(kind)
-            self.default[kind] = routes[default].model if default is not None else None
-        self.fallbacks: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in config.fallbacks.items()}
-        """``fallbacks:``: the models a call goes on to when every route of its own has failed."""
-        self.window_fallbacks: dict[str, tuple[str, ...]] = {
-            k: tuple(v) for k, v in config.context_window_fallbacks.items()
-        }
-        """``context_window_fallbacks:``: the models a prompt too long for its own goes on to."""
         self._lock = forks.lock()
         self._version = 0
         self._built = -1
@@ -85,8 +67,36 @@ class Catalog:
         self._dropped: list[Route] = []
         """Routes with names out of their groups after a 404 (as of the last build): re-listed in the background."""
         self._looked_up: dict[str, float] = {}
+        self.reconfigure(routes, config)
+
+    def reconfigure(self, routes: Mapping[str, Route], config: Config) -> None:
+        """Take the router's routes and config (at start, and when routes are added, removed or reloaded live):
+        the groups are built again before the next pick; a pick in flight keeps the groups it read."""
+        from ..config import ROUTE_KINDS  # the config module imports the router: not at import time
+
+        fallback: dict[str, Route | None] = {}
+        default: dict[str, str | None] = {}
+        for kind in ROUTE_KINDS:
+            name = config.fallback_route_of(kind)
+            fallback[kind] = routes[name] if name else None
+            first = config.default_route_of(kind)
+            default[kind] = routes[first].model if first is not None else None
         for route in routes.values():
             route.models_changed = self._changed
+        with self._lock:
+            self._routes = routes
+            self.fallback = fallback
+            """Each kind's ``fallback_route``: tried last for its default model (and for names it serves)."""
+            self.default = default
+            """Each kind's default model: the one a call without ``model=`` asks for (its default route's)."""
+            self.fallbacks: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in config.fallbacks.items()}
+            """``fallbacks:``: the models a call goes on to when every route of its own has failed."""
+            self.window_fallbacks: dict[str, tuple[str, ...]] = {
+                k: tuple(v) for k, v in config.context_window_fallbacks.items()
+            }
+            """``context_window_fallbacks:``: the models a prompt too long for its own goes on to."""
+            self._looked_up = {name: at for name, at in self._looked_up.items() if name in routes}
+            self._version += 1
 
     def _changed(self) -> None:
         """A route's names changed (a listing, a 404): the groups are built again before the next pick."""

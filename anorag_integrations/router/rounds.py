@@ -80,6 +80,14 @@ def make_pools(config: Config, routes: Mapping[str, Route]) -> dict[str, Pool]:
     return pools
 
 
+def update_pools(pools: Mapping[str, Pool], config: Config, routes: Mapping[str, Route]) -> None:
+    """The routes changed live: each pool takes its kind's new routes and keeps its policy (and what it learnt)."""
+    for kind, pool in pools.items():
+        fallback_name = config.fallback_route_of(kind)
+        pool.fallback = routes[fallback_name] if fallback_name else None
+        pool.primary = [routes[name] for name in config.route_names(kind) if routes[name] is not pool.fallback]
+
+
 def claim(router: Router, call: Call, tried: set[str]) -> Lease | None:
     """Lease the next route of the call's kind to try in this round; None when the round is exhausted."""
     if call.pinned is not None:

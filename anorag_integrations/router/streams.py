@@ -286,7 +286,7 @@ class Delivery:
         """The call that continues the cut stream elsewhere; raises the stream's error when it cannot be continued."""
         error, tally = self.error, self.tally
         assert error is not None, "continuation() follows interrupted()"
-        if error.continuation or not self.router._continuable:
+        if error.continuation or not self.router.continuable:
             raise error  # no route has continue_streams: true (the default), or it is too late
         if tally.other:
             raise error.not_continued("reasoning or tool calls had been delivered; only text can be continued")

@@ -154,6 +154,11 @@ class RoundRobin:
             return None
         return self._smooth(_usable(routes, usable))
 
+    def forget(self, route: str) -> None:
+        """``route`` left the router: drop its running score."""
+        with self._lock:
+            self._current.pop(route, None)
+
     def _smooth(self, candidates: list[Route]) -> Route | None:
         if len(candidates) <= 1:
             return candidates[0] if candidates else None
@@ -188,6 +193,10 @@ class LeastLatency:
         self.explore_after_s = explore_after_s
         self._clock = clock
         self._last_pick: dict[str, float] = {}
+
+    def forget(self, route: str) -> None:
+        """``route`` left the router: drop when it was last picked."""
+        self._last_pick.pop(route, None)
 
     def pick(self, routes: Sequence[Route], usable: Usable, request: Request | None = None) -> Route | None:
         now = self._clock()

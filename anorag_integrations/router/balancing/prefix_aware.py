@@ -169,6 +169,13 @@ class PrefixAware:
                 self.index.forget(route.name)
             self._epochs[route.name] = epoch
 
+    def forget(self, route: str) -> None:
+        """``route`` left the router: release its part of the index and its hit-rate tally."""
+        self.index.forget(route)
+        with self._lock:
+            self._epochs.pop(route, None)
+            self._blocks.pop(route, None)
+
     def hit_rates(self) -> dict[str, float | None]:
         """Per route: the share of the prompt blocks sent there that the index predicted cached."""
         with self._lock:

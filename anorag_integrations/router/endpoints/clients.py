@@ -139,5 +139,14 @@ class PerLoop(Generic[_C]):
         if entry is not None:
             await entry[1].aclose()
 
+    def close_all(self) -> None:
+        """Close every loop's client on its own loop (a route that left the router); a stopped loop's is dropped."""
+        with self._lock:
+            entries, self._clients = list(self._clients.items()), {}
+        for loop, (_, keeper) in entries:
+            if loop.is_running():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to close on
+                    asyncio.run_coroutine_threadsafe(keeper.aclose(), loop)
+
     def __len__(self) -> int:
         return len(self._clients)

@@ -60,11 +60,13 @@ class Ticket:
     before the breaker last opened is stale and cannot close it or hold its trial slot.
     """
 
-    __slots__ = ("epoch", "trial")
+    __slots__ = ("epoch", "held", "trial")
 
     def __init__(self, epoch: int, trial: bool) -> None:
         self.epoch = epoch
         self.trial = trial
+        self.held = True
+        """Not handed back yet: the breaker counts it among its tickets out (a removed route drains on them)."""
 
 
 class CircuitBreaker:
@@ -86,6 +88,10 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._epoch = 0
         self._trial_in_flight = False
+        self._out = 0
+        self._on_idle: Callable[[], None] | None = None
+        self.retired = False
+        """The route left the router: no new ticket; ``on_idle`` runs once the last one out is handed back."""
         self.name = ""
         """The route's name, as the listener knows it."""
         self.listener: BreakerListener | None = None
@@ -139,54 +145,108 @@ class CircuitBreaker:
     def available(self) -> bool:
         """Whether a request may be sent now, without claiming the half-open trial."""
         with self._lock:
+            if self.retired:
+                return False
             state = self._peek()
             return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self._trial_in_flight)
 
     def acquire(self) -> Ticket | None:
         """Claim permission to send one request; in half-open only one caller at a time gets it."""
         with self._lock:
+            if self.retired:
+                return None
             state = self._peek()
             if state is BreakerState.CLOSED:
+                self._out += 1
                 return Ticket(self._epoch, False)
             if state is BreakerState.HALF_OPEN and not self._trial_in_flight:
                 self._state = BreakerState.HALF_OPEN
                 self._trial_in_flight = True
+                self._out += 1
                 return Ticket(self._epoch, True)
             return None
 
+    @property
+    def tickets_out(self) -> int:
+        """Tickets issued and not handed back yet: the route's requests in flight, streams included."""
+        with self._lock:
+            return self._out
+
+    def retire(self, on_idle: Callable[[], None]) -> None:
+        """The route leaves the router: refuse every new ticket and run ``on_idle`` (once, outside the lock) as
+        soon as no ticket is out (at once when none is)."""
+        with self._lock:
+            self.retired = True
+            self._on_idle = on_idle
+            idle = self._idle()
+        if idle is not None:
+            idle()
+
+    def _hand_back(self, ticket: Ticket) -> Callable[[], None] | None:
+        """Count ``ticket`` back in (once, whatever the outcome calls); the idle callback when it was the last."""
+        if ticket.held:
+            ticket.held = False
+            self._out -= 1
+        return self._idle()
+
+    def _idle(self) -> Callable[[], None] | None:
+        """The retired breaker's ``on_idle``, taken (so it runs once), when no ticket is out; else None."""
+        if not self.retired or self._out > 0 or self._on_idle is None:
+            return None
+        idle, self._on_idle = self._on_idle, None
+        return idle
+
     def record_success(self, ticket: Ticket) -> None:
         with self._lock:
-            if ticket.epoch != self._epoch:
-                return  # admitted before the breaker opened: says nothing about the server now
-            if ticket.trial or self._state is BreakerState.CLOSED:
-                reopened = self._state is not BreakerState.CLOSED
-                self._state = BreakerState.CLOSED
-                self._failures = 0
-                self._trial_in_flight = False
-                if reopened and self.listener is not None:
-                    self.listener.breaker_changed(self.name)
+            idle = self._hand_back(ticket)
+            self._succeeded(ticket)
+        if idle is not None:
+            idle()
+
+    def _succeeded(self, ticket: Ticket) -> None:
+        """A success: closes a half-open breaker when it is the trial's (under the lock)."""
+        if ticket.epoch != self._epoch:
+            return  # admitted before the breaker opened: says nothing about the server now
+        if ticket.trial or self._state is BreakerState.CLOSED:
+            reopened = self._state is not BreakerState.CLOSED
+            self._state = BreakerState.CLOSED
+            self._failures = 0
+            self._trial_in_flight = False
+            if reopened and self.listener is not None:
+                self.listener.breaker_changed(self.name)
 
     def record_failure(self, ticket: Ticket) -> bool:
         """Count a transient failure; True when this one opened the breaker."""
         with self._lock:
-            if ticket.epoch != self._epoch:
-                return False
-            if ticket.trial:
-                self._open()
-                return True
-            if self._state is not BreakerState.CLOSED:
-                return False
-            self._failures += 1
-            if self._failures >= self.failure_threshold:
-                self._open()
-                return True
+            idle = self._hand_back(ticket)
+            opened = self._failed(ticket)
+        if idle is not None:
+            idle()
+        return opened
+
+    def _failed(self, ticket: Ticket) -> bool:
+        """A transient failure counted (under the lock); True when it opened the breaker."""
+        if ticket.epoch != self._epoch:
             return False
+        if ticket.trial:
+            self._open()
+            return True
+        if self._state is not BreakerState.CLOSED:
+            return False
+        self._failures += 1
+        if self._failures >= self.failure_threshold:
+            self._open()
+            return True
+        return False
 
     def release(self, ticket: Ticket) -> None:
         """Give back a ticket whose request ended neither way (cancelled, a permanent 400)."""
         with self._lock:
+            idle = self._hand_back(ticket)
             if ticket.trial and ticket.epoch == self._epoch:
                 self._trial_in_flight = False
+        if idle is not None:
+            idle()
 
     def probe_succeeded(self) -> None:
         """An active probe found the server up: end the cool-down so one trial request goes through.

@@ -184,6 +184,10 @@ class OllamaRoute(Route):
     async def aclose(self) -> None:
         await self._anative.aclose()
 
+    def release(self) -> None:
+        super().release()
+        self._anative.close_all()
+
     def serves(self, models: list[str]) -> bool:
         return self.model in models or f"{self.model}:latest" in models
 

@@ -420,6 +420,12 @@ class Route:
         """Close this loop's async client (those of other loops close with their loops)."""
         await self._aclients.aclose()
 
+    def release(self) -> None:
+        """The route left the router and its last request ended: close its clients, on every loop."""
+        with contextlib.suppress(Exception):
+            self.close()
+        self._aclients.close_all()
+
 
 def _window(listing: Iterable[Listed], model: str) -> object:
     """The context window a listing reports for ``model`` (None: not listed, or not said)."""

@@ -245,7 +245,10 @@ class _Families:
         return [value for value in vars(self).values() if isinstance(value, Metric)]
 
     def add_calls(self, name: str, router: Router) -> None:
+        routes = router.routes
         for (route, model, outcome), count in sorted(router.outcomes.snapshot().items()):
+            if route and route not in routes:
+                continue  # a route that left: its series went with it (a late call's outcome included)
             self.requests.add_metric([name, route, model, outcome], count)
 
     def add_route(self, name: str, route: Route, now: float, wall: float) -> None:

@@ -239,6 +239,11 @@ class CallOutcomes:
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
 
+    def forget(self, route: str) -> None:
+        """``route`` left the router: its counts go (and its series with them)."""
+        with self._lock:
+            self._counts = {key: n for key, n in self._counts.items() if key[0] != route}
+
     def snapshot(self) -> dict[tuple[str, str, str], int]:
         with self._lock:
             return dict(self._counts)

@@ -1,0 +1,1 @@
+"""Live membership: routes added, removed and discovered while the router serves."""
