@@ -116,6 +116,15 @@ def test_prefix_affinity_benchmark_runs(tmp_path: Path) -> None:
     assert all(sum(row["served"].values()) == 4 for row in rows)
 
 
+def test_membership_smoke_run_loses_no_call_and_releases_every_route(tmp_path: Path) -> None:
+    result = run("membership.py", "--phase", "1.5", "--rounds", "1", "--period", "0.2", "--concurrency", "8",
+                 results=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "membership.json").read_text())["results"]
+    assert summary["churn"]["changes"] >= 2 and summary["churn"]["lost"] == 0 and summary["static"]["lost"] == 0
+    assert summary["churn"]["released"] and summary["all_released"]
+
+
 def test_continuation_smoke_run_completes_every_stream(tmp_path: Path) -> None:
     result = run("continuation.py", "--requests", "24", "--concurrency", "4", results=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,3 +261,23 @@ def _read_until(proc: subprocess.Popen[str], text: str) -> str:
         if text in line:
             return "".join(seen)
     raise AssertionError(f"the command ended without printing {text!r}:\n{''.join(seen)}")
+
+
+def test_models_built_per_key_and_dropped_leave_no_thread_behind(
+    servers: dict[str, FaultServer], tmp_path: Path
+) -> None:
+    """80 per-user-key models (each its own shared router, prober every 30 s), each dropped after a call: every
+    router's prober and loop threads end when it is dropped, without waiting for the next probe."""
+    from anorag_integrations import ChatVLLMRouted
+
+    path = write(tmp_path / "config.yaml", {"a": route(servers["a"])}, health={"probe_interval": 30})
+    ChatVLLMRouted(config_path=str(path), api_key="warm-up").invoke("hi")  # the process-wide watchdog starts once
+    before = {t.ident for t in threading.enumerate()}
+    for i in range(80):
+        llm = ChatVLLMRouted(config_path=str(path), api_key=f"user-key-{i}")
+        llm.invoke("hi")
+        del llm
+    deadline = time.monotonic() + 10  # far below the 30 s probe interval
+    while (extra := [t.name for t in threading.enumerate() if t.ident not in before]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polls the threads themselves: the condition, not a guess at a duration
+    assert extra == []

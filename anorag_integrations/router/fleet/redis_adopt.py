@@ -38,6 +38,12 @@ class Adopter:
         self._seen: dict[str, tuple[str, int]] = {}
         """Per route, the other replica's breaker record last adopted (each is adopted once)."""
 
+    def set_routes(self, routes: Mapping[str, Route]) -> None:
+        """The router's routes changed: records apply to ``routes`` (swapped whole); a route new under a name, or
+        gone, has adopted nothing yet (the fleet's record of it is adopted afresh)."""
+        old, self.routes = self.routes, routes
+        self._seen = {name: seen for name, seen in self._seen.items() if routes.get(name) is old.get(name)}
+
     def renew(self, replica: str) -> None:
         """In a forked child: a replica of another name, which has adopted nothing yet."""
         self.replica = replica

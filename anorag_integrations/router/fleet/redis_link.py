@@ -147,7 +147,7 @@ class RedisLink:
         while not stop.is_set():
             client = self.new_client()
             try:
-                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(channel)
                 backoff.reset()
                 while not stop.is_set():

@@ -32,6 +32,13 @@ One half-open trial fleet-wide: a replica sends a route's trial only while it ho
 trial lock and the lock cannot have expired; ``redis_trials.py`` says when it claims, renews and
 gives back the lock (a crashed holder's expires within ``leader_ttl``).
 
+A replica that joins the fleet reads it before it serves: ``start`` (called by the router's
+constructor) waits for the sync thread's first sync, at most 4 ``timeout``s, so the breakers, Retry-Afters
+and probe results the fleet learned are this router's from its first request. If Redis is down or slow
+it starts on its own state, as it does during an outage, and the sync thread keeps retrying.
+
+The routes may change while serving (``set_routes``): the next sync is about the new set only.
+
 ``RedisState`` is the router's side: the hooks, the two threads and the fall-back to this replica's
 own state. The rest lives beside it: the connection and its outages in ``redis_link.py``, one sync
 in ``redis_sync.py``, applying other replicas' records in ``redis_adopt.py``, the half-open trials in
@@ -40,6 +47,7 @@ in ``redis_sync.py``, applying other replicas' records in ``redis_adopt.py``, th
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -58,6 +66,12 @@ if TYPE_CHECKING:
     from ...config import StateConfig
     from ..endpoints.route import Route
     from ..hedge import Hedger
+
+log = logging.getLogger("anorag_integrations.router")
+
+FIRST_SYNC_CALLS = 4
+"""Redis calls a first sync may take (connect, scripts, exchange), each bounded by ``state.timeout``: ``start``
+waits at most this many timeouts (the same bound as ``staleness_bound_s``'s)."""
 
 __all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "HEDGE_BURST", "LISTEN_POLL_S", "RedisState"]
 
@@ -171,7 +185,9 @@ class RedisState:
             "namespace_from": "routes" if self.namespace_derived else "config",
             "replica": self.replica,
             "connected": self.connected,
-            "leads": sorted(self._sync.leading) if self.connected else sorted(self.routes),
+            "leads": sorted(n for n in self._sync.leading if n in self.routes)
+            if self.connected
+            else sorted(self.routes),
             "trials": self._sync.trials.live() if self.connected else [],
             "staleness_bound_s": self.staleness_bound_s,
         }
@@ -179,12 +195,43 @@ class RedisState:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start both threads and wait for the first sync (at most ``FIRST_SYNC_CALLS`` timeouts): a new replica
+        serves its first request knowing the fleet's state, or, with Redis down or slow, on its own (retrying)."""
         if self._threads:
             return
-        for target, name in ((self._run, "anorag-state-sync"), (self._listen, "anorag-state-listen")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+        first = threading.Event()
+        sync = threading.Thread(target=self._run, args=(first,), name="anorag-state-sync", daemon=True)
+        listen = threading.Thread(target=self._listen, name="anorag-state-listen", daemon=True)
+        for thread in (sync, listen):
             thread.start()
             self._threads.append(thread)
+        bound = FIRST_SYNC_CALLS * self.config.timeout
+        if not first.wait(bound):
+            log.debug("shared state: no first sync within %.2f s; serving on this replica's own state", bound)
+
+    def set_routes(self, routes: Mapping[str, Route]) -> None:
+        """The router's routes changed while serving: the fleet state follows them from the next sync (woken now).
+
+        The new mapping is swapped whole, so a sync under way finishes with the set it read. New routes
+        report their changes here; removed ones no longer do, nothing more about them is published, and
+        the leader and trial locks this replica held for them are given back by the next sync (left to
+        expire within ``leader_ttl`` if that sync fails).
+        """
+        new = dict(routes)
+        old, self.routes = self.routes, new
+        kept = {id(route) for route in new.values()}
+        for route in old.values():
+            if id(route) not in kept:  # gone, or replaced under its name: a draining route reports to nobody
+                if route.breaker.listener is self:
+                    route.breaker.listener = None
+                if route.listener is self:
+                    route.listener = None
+        for route in new.values():
+            route.breaker.listener = self
+            route.listener = self
+        self._adopter.set_routes(new)
+        self._sync.set_routes(new)
+        self._wake.set()
 
     def halt(self) -> None:
         self._stop.set()
@@ -199,18 +246,22 @@ class RedisState:
 
     # --- the threads --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        """The sync thread: one sync every ``refresh_interval``, or at once when woken; backoff while Redis fails."""
+    def _run(self, first: threading.Event) -> None:
+        """The sync thread: one sync every ``refresh_interval``, or at once when woken; backoff while Redis fails.
+
+        ``first`` is set once the first sync succeeded or failed (``start`` waits for it)."""
         backoff = Backoff()
         while not self._stop.is_set():
             try:
                 again = self._sync.sync(self._link.connect())
             except Exception as exc:  # Redis down, slow, refusing us: never the thread's end
                 self._down(exc)
+                first.set()
                 backoff.wait(self._stop)
                 continue
             backoff.reset()
             self._link.up(self.replica)
+            first.set()
             if again:
                 self._wake.set()
             self._wake.wait(self.config.refresh_interval)

@@ -7,6 +7,10 @@ runs in Redis (``redis_scripts.py``), what it reads is bounded by this replica's
 (``redis_peers.py``), the records are written and read by ``redis_records.py``, and other
 replicas' records are applied by ``redis_adopt.py``. A command that fails alone (a key of the
 wrong type) fails the exchange for that kind only; a script Redis refuses fails it whole, as an outage.
+
+The route set may change while serving (``set_routes``): each sync reads the mapping once and
+exchanges about those routes only; the locks this replica holds for routes it no longer has are given
+back in that sync (left to expire within ``leader_ttl`` if it fails), and their changes are not pushed.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Sync:
     ) -> None:
         self.config = config
         self.routes = routes
+        """The routes the next sync exchanges about; swapped whole by ``set_routes``, never changed in place."""
         self.hedger = hedger
         self.replica = replica
         self._link = link
@@ -79,6 +84,11 @@ class Sync:
         """``route``'s record of ``kind`` changed here: pushed with the next sync (local memory only)."""
         with self._lock:
             self._dirty[kind].add(route)
+
+    def set_routes(self, routes: Mapping[str, Route]) -> None:
+        """The router's routes changed: the next sync takes ``routes`` (a mapping nobody changes), read once per sync
+        so a sync under way keeps the set it started with."""
+        self.routes = routes
 
     def renew(self, replica: str) -> None:
         """In a forked child: a replica of another name, holding no lock (the parent's stay the parent's)."""
@@ -111,14 +121,18 @@ class Sync:
 
         Whether to sync again at once (a fleet hash of the wrong type was replaced: its records go again).
         """
+        routes = self.routes  # once: ``set_routes`` may swap it meanwhile
+        self.trials.routes = routes
         with self._lock:
-            dirty, self._dirty = self._dirty, {kind: set() for kind in self._dirty}
+            marked, self._dirty = self._dirty, {kind: set() for kind in self._dirty}
+        dirty = {kind: {name for name in names if name in routes} for kind, names in marked.items()}  # gone: unsaid
+        gone = self._gone(routes)
         hedge = self.hedger.fleet_exchange() if self.hedger is not None else None
         try:
-            exchange = self._exchange(client, dirty, hedge)
+            exchange = self._exchange(client, routes, dirty, gone, hedge)
             if forgotten(exchange.replies):  # Redis lost the scripts (SCRIPT FLUSH, a failover): load them, repeat
                 self._link.load_scripts(client)
-                exchange = self._exchange(client, dirty, hedge)
+                exchange = self._exchange(client, routes, dirty, gone, hedge)
             refused = failure(exchange.replies, exchange.scripts)
             if refused is not None:
                 raise refused
@@ -129,13 +143,29 @@ class Sync:
         self._apply(exchange)
         return again
 
-    def _exchange(self, client: redis.Redis, dirty: dict[str, set[str]], hedge: tuple[float, bool] | None) -> _Exchange:
+    def _gone(self, routes: Mapping[str, Route]) -> list[str]:
+        """The keys of the locks this replica holds for routes it no longer has; their trial grants end here."""
+        grants = self.trials.grants
+        dropped = [name for name in grants if name not in routes]
+        if dropped:  # replaced whole: the request path reads it without a lock
+            self.trials.grants = {name: grant for name, grant in grants.items() if name in routes}
+        leaders = [self._key("leader", name) for name in self.leading if name not in routes]
+        return leaders + [self._key("trial", name) for name in dropped]
+
+    def _exchange(
+        self,
+        client: redis.Redis,
+        routes: Mapping[str, Route],
+        dirty: dict[str, set[str]],
+        gone: list[str],
+        hedge: tuple[float, bool] | None,
+    ) -> _Exchange:
         """One pipeline, one round trip: this replica's news and load, its claims, and the fleet's state."""
         ns, me, now, scripts = self._ns, self.replica, time.time(), self._link.scripts
         assert scripts is not None
         pipe = client.pipeline(transaction=False)
         ttl_ms = int(self.config.leader_ttl * 1000)
-        out = _Exchange()
+        out = _Exchange(routes)
 
         def script(name: str, keys: list[str], args: list[Any]) -> int:
             """Queue a script; remember where its reply will be (see ``redis_scripts.failure``)."""
@@ -144,24 +174,26 @@ class Sync:
 
         news: dict[str, str] = {}
         for name in dirty["breakers"]:
-            is_open, opened_at, _ = self.routes[name].breaker.reading()
+            is_open, opened_at, _ = routes[name].breaker.reading()
             self._seq += 1
             news[name] = BreakerRecord(is_open, wall(opened_at) if is_open else now, me, self._seq).dumps()
             pipe.hset(f"{ns}:breakers", name, news[name])
         out.released, out.renewed = self.trials.split()
         if out.released:  # the breaker moved on, or nobody here asks for the trial: the next one is anyone's
             script("release", [self._key("trial", name) for name in out.released], [me])
+        if gone:  # routes this replica no longer has: another replica leads and trials them now
+            script("release", gone, [me])
         for name in dirty["throttle"]:
-            pipe.hset(f"{ns}:throttle", name, throttle_record(self.routes[name].not_before))
+            pipe.hset(f"{ns}:throttle", name, throttle_record(routes[name].not_before))
         for name in dirty["probes"]:
-            pipe.hset(f"{ns}:probes", name, probe_record(self.routes[name].probe_result, me))
+            pipe.hset(f"{ns}:probes", name, probe_record(routes[name].probe_result, me))
         if out.renewed:  # a grant keeps its lock while it stands; a crashed holder's expires
             out.renewed_at = script("claim", [self._key("trial", n) for n in out.renewed], [me, ttl_ms])
-        load = [*load_fields(self.routes), AT_FIELD, repr(now)]
-        args = peers_args(me, self.config.load_ttl, f"{ns}:load:", load, list(self.routes))
+        load = [*load_fields(routes), AT_FIELD, repr(now)]
+        args = peers_args(me, self.config.load_ttl, f"{ns}:load:", load, list(routes))
         out.peers_at = script("peers", [f"{ns}:replicas", self._key("load", me)], args)
         if self.probing:  # a router that does not probe (a CLI healthcheck, say) never takes a route's probing away
-            out.leaders = list(self.routes)
+            out.leaders = list(routes)
             out.leaders_at = script("claim", [self._key("leader", n) for n in out.leaders], [me, ttl_ms])
         out.wanted = self.trials.wanted()
         if out.wanted:
@@ -169,7 +201,7 @@ class Sync:
         if hedge is not None:
             out.hedge_at = script("hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
         reads = [f"{ns}:{kind}" for kind in KINDS]  # this replica's routes only, each record within its kind's size
-        out.reads_at = script("read", reads, [*(MAX_BYTES[kind] for kind in KINDS), *self.routes])
+        out.reads_at = script("read", reads, [*(MAX_BYTES[kind] for kind in KINDS), *routes])
         if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
             pipe.publish(self.channel, json.dumps({"by": me, "breakers": news}))
         out.sent, out.sent_wall = time.monotonic(), time.time()  # locks taken or renewed expire after sent + ttl
@@ -204,22 +236,22 @@ class Sync:
         self.trials.settle(out.renewed, renewals, out.wanted, claims, out.sent)
         if self.hedger is not None and out.hedge_at is not None:
             self.hedger.fleet_granted(1.0 if replies[out.hedge_at] == 1 else 0.0)
-        self._apply_reads(replies[out.reads_at])
+        self._apply_reads(out.routes, replies[out.reads_at])
         peers = replies[out.peers_at]
         now = redis_time(peers)
         if now is not None:  # this replica's own clock against Redis's, within half the round trip
             mid, error = (out.sent_wall + out.received_wall) / 2, (out.received_wall - out.sent_wall) / 2
             self.clocks.check(f"{self.replica} (this replica)", mid - now, error)
-        for name, elsewhere in read_peers(peers, list(self.routes), self.clocks, self._adopter.skipped).items():
-            self.routes[name].elsewhere = elsewhere
+        for name, elsewhere in read_peers(peers, list(out.routes), self.clocks, self._adopter.skipped).items():
+            out.routes[name].elsewhere = elsewhere
 
-    def _apply_reads(self, reads: object) -> None:
-        """Adopt the records of the fleet hashes (``READ``'s reply: per kind, a value per route or None)."""
+    def _apply_reads(self, routes: Mapping[str, Route], reads: object) -> None:
+        """Adopt the fleet hashes' records (``READ``'s reply: per kind, a value per route of ``routes`` or None)."""
         if not isinstance(reads, list) or len(reads) != len(KINDS):
             return
         for kind, values in zip(KINDS, reads, strict=True):
-            if isinstance(values, list) and len(values) == len(self.routes):
-                for name, raw in zip(self.routes, values, strict=True):
+            if isinstance(values, list) and len(values) == len(routes):
+                for name, raw in zip(routes, values, strict=True):
                     if raw is not None:
                         self._adopter.adopt(kind, name, raw)
 
@@ -228,6 +260,8 @@ class Sync:
 class _Exchange:
     """One exchange's replies, and where in them each part's answers start."""
 
+    routes: Mapping[str, Route]
+    """The routes the exchange was about (the sync's one reading of ``Sync.routes``)."""
     scripts: list[int] = field(default_factory=list)
     """Where the scripts' replies are (an error there is Redis refusing us, see ``redis_scripts.failure``)."""
     released: list[str] = field(default_factory=list)

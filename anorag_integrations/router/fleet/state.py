@@ -99,7 +99,11 @@ class State(Protocol):
     backend: str
 
     def start(self) -> None:
-        """Start the background work (no-op for local state)."""
+        """Start the background work, having read the fleet's state once (bounded; no-op for local state)."""
+        ...
+
+    def set_routes(self, routes: Mapping[str, Route]) -> None:
+        """The router's routes changed while serving (added, removed, replaced): share about these from now on."""
         ...
 
     def stop(self) -> None:
@@ -129,6 +133,9 @@ class LocalState:
     backend = "local"
 
     def start(self) -> None:
+        pass
+
+    def set_routes(self, routes: Mapping[str, Route]) -> None:
         pass
 
     def stop(self) -> None:

@@ -131,8 +131,7 @@ def _publish(router: Router, config: Config, routes: dict[str, Route], origins: 
 
     router.config = config
     router.origins = origins
-    if (set_routes := getattr(router.state, "set_routes", None)) is not None:  # TODO(lead): direct call
-        set_routes(routes)
+    router.state.set_routes(routes)
     router.routes = routes
     router.models.reconfigure(routes, config)
     update_pools(router.pools, config, routes)
