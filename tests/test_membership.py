@@ -281,3 +281,40 @@ def test_models_built_per_key_and_dropped_leave_no_thread_behind(
     while (extra := [t.name for t in threading.enumerate() if t.ident not in before]) and time.monotonic() < deadline:
         time.sleep(0.05)  # polls the threads themselves: the condition, not a guess at a duration
     assert extra == []
+
+
+def test_bad_names_and_keys_in_garbage_are_refused_without_echoing_the_key(servers: dict[str, FaultServer]) -> None:
+    key = "sk-SECRET-abcdef123456"
+    with Router(make_config({"a": servers["a"]})) as router:
+        for name in ("", "x\ny", "n" * 201):
+            with pytest.raises(ConfigError, match="printable characters"):
+                router.add_route(name, route(servers["b"]))
+        for garbage in (f'{{"base_url": "http://x/v1", "api_key": "{key}"}}', ("api_key", key)):
+            with pytest.raises(ConfigError) as err:
+                router.add_route("b", garbage)  # type: ignore[arg-type]
+            assert key not in str(err.value)
+        with pytest.raises(ConfigError, match="no such route"):
+            router.remove_route(["a"])  # type: ignore[arg-type]
+        assert list(router.routes) == ["a"]
+
+
+def test_reload_of_a_dict_keeps_the_file_for_the_next_reload(servers: dict[str, FaultServer], tmp_path: Path) -> None:
+    path = write(tmp_path / "config.yaml", {"a": route(servers["a"])})
+    with Router.from_config(path) as router:
+        router.reload({"llm": {"routes": {"a": route(servers["a"]), "b": route(servers["b"])}}})
+        assert router.config.source == str(path)
+        assert router.reload().removed == ["b"]
+        path.write_bytes(b"\xff\xfe\x00garbage")
+        with pytest.raises(ConfigError, match="not UTF-8"):
+            router.reload()
+
+
+def test_close_ends_every_drain_even_with_a_stream_held_unread(servers: dict[str, FaultServer]) -> None:
+    servers["b"].set_fault(Fault.STALL, after_chunks=1)
+    router = Router(make_config({"a": servers["a"], "b": servers["b"]}))
+    held = router.stream(USER, route="b")
+    next(held)
+    changes = router.add_route("c", route(servers["c"]))
+    drain = router.remove_route("b")
+    router.close()
+    assert drain.wait(5) and changes.wait(5) and not router.draining

@@ -56,6 +56,8 @@ def read_document(
         raise ConfigError(str(file), [("", f"{where}not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
     except OSError as exc:
         raise ConfigError(str(file), [("", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(file), [("", f"not UTF-8 text (byte {exc.start}): is it the config file?")]) from None
 
 
 class _AliasBomb(yaml.YAMLError):

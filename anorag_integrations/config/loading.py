@@ -187,7 +187,12 @@ def _describe(
         message = unknown_key(loc[-1], known) if known else "unknown key"
     elif kind == "too_short" and loc == ("routes",):
         message = "no routes defined; add at least one under routes:"
-    elif not any(is_secret_key(part) for part in loc) and not kind.startswith("value_error") and "input" in err:
+    elif (
+        not any(is_secret_key(part) for part in loc)
+        and not kind.startswith("value_error")
+        and "input" in err
+        and not (loc[:1] == ("routes",) and len(loc) <= 2)  # a whole route given as text may hold its key
+    ):
         message = f"{message} (got {preview(err['input'])})"
     key = _key_path(prefix, *map(clip, loc))
     if loc[:3] in from_env:

@@ -26,6 +26,9 @@ from .sections import (
     _Section,
 )
 
+MAX_ROUTE_NAME = 200
+"""Longest route name (names label metrics and spans; discovery's are ``name@[v6 address]:port``)."""
+
 
 class Config(_Section):
     """The router's whole configuration."""
@@ -65,6 +68,14 @@ class Config(_Section):
         return value
 
     _discovery_list = field_validator("discovery", mode="before")(discovery_list)
+
+    @field_validator("routes")
+    @classmethod
+    def _route_names(cls, routes: dict[str, RouteConfig]) -> dict[str, RouteConfig]:
+        for name in routes:
+            if not 0 < len(name) <= MAX_ROUTE_NAME or not name.isprintable():
+                raise ValueError(f"route name {preview(name)}: 1 to {MAX_ROUTE_NAME} printable characters")
+        return routes
 
     @model_validator(mode="after")
     def _known_routes(self) -> Config:

@@ -254,13 +254,13 @@ class Timer:
     per chunk cost about 7 us; this costs a float assignment.
     """
 
-    __slots__ = ("_handle", "_loop", "_scheduled", "at", "ctl", "expired")
+    __slots__ = ("_handle", "_scheduled", "at", "ctl", "expired", "loop")
 
     def __init__(self, ctl: Any) -> None:
         self.ctl = ctl
         self.at = float("inf")
         self.expired = False
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
         self._scheduled = float("inf")
 
@@ -271,15 +271,19 @@ class Timer:
             if self._handle is not None:
                 self._handle.cancel()
             self._scheduled = at
-            self._handle = self._loop.call_at(at, self._fire)
+            self._handle = self.loop.call_at(at, self._fire)
 
     def _fire(self) -> None:
         self._handle, self._scheduled = None, float("inf")
         if not self.ctl.awaiting:
             return  # the caller holds a chunk: its next read sets a fresh bound
-        if self._loop.time() < self.at:
+        if self.loop.time() < self.at:
             self.start(self.at)  # moved later since: wait for it
             return
+        self.expire()
+
+    def expire(self) -> None:
+        """Cancel the awaited read now, read as this bound's timeout (on the loop, while ``ctl.awaiting``)."""
         task = self.ctl.task
         if task is not None and not task.done():
             self.expired = True

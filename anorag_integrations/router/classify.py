@@ -92,6 +92,8 @@ def parse_retry_after(headers: object) -> float | None:
             return None
 
 
+REFUSED = "its port refuses connections (the server stopped or is restarting)"
+"""Why a route's attempts in flight are cut when a request or probe finds nothing listening there."""
 RETRY_AFTER_CEILING_S = 86400.0
 """No ``Retry-After`` is taken as longer than a day, whatever the server says."""
 
@@ -246,3 +248,15 @@ def status_error(
 def trips_breaker(error: RouteError) -> bool:
     """Whether an error counts against the route's circuit breaker."""
     return isinstance(error, TransientRouteError | AuthenticationError | EndpointNotFoundError)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a refused connection: nothing listens on the server's port."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False

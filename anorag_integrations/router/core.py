@@ -73,7 +73,7 @@ class Router:
         self.routes: dict[str, Route] = {name: make_route(name, rc, config) for name, rc in config.routes.items()}
         self.member_settings = {name: membership.settings(rc, config) for name, rc in config.routes.items()}
         """The settings each route was built from: a change that keeps them keeps the route."""
-        self.draining: set[Route] = set()
+        self.draining: dict[Route, Drain] = {}
         """Routes that left and still have requests in flight (released when the last one ends)."""
         self.owned: set[Route] = set(self.routes.values())
         """Every route this router built and has not released: closed with it, or by its finaliser."""
@@ -342,9 +342,13 @@ class Router:
             self.scraper.stop()
         with self.members_lock:
             owned = [*self.routes.values(), *self.draining]
+            drains = list(self.draining.values())
+            self.draining.clear()
         self._loop_thread.stop(owned)
         for route in owned:
             route.close()
+        for drain in drains:  # closed: a stream a caller holds unread can never hand its ticket back to us now
+            drain.set()
 
     async def aclose(self) -> None:
         """Async twin of :meth:`close`; also closes the running loop's clients."""

@@ -19,6 +19,7 @@ failover when this attempt follows a transient failure of the same request on an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .bounds import WATCHDOG, Timer, Watch
 from .call import Call
-from .classify import classify, trips_breaker
+from .classify import REFUSED, classify, refused, trips_breaker
 from .endpoints.health import Ticket
 from .errors import (
     Attempt,
@@ -55,11 +56,13 @@ _CALLERS_OWN = (GeneratorExit, KeyboardInterrupt, SystemExit, asyncio.CancelledE
 class Lease:
     """Route ``route`` claimed for one attempt of ``call`` (see the module docstring)."""
 
-    __slots__ = ("call", "ended", "headers", "route", "span", "t0", "ticket", "timeout", "timer", "watch")
+    __slots__ = ("call", "cut_reason", "ended", "headers", "route", "span", "t0", "ticket", "timeout", "timer", "watch")
 
     def __init__(self, call: Call, route: Route, ticket: Ticket) -> None:
         self.call, self.route, self.ticket = call, route, ticket
         self.ended = False
+        self.cut_reason: str | None = None
+        """Why :meth:`cut` ended the attempt early (its server went away), if it did."""
         self.watch: Watch | None = None
         self.timer: Timer | None = None
         try:
@@ -68,6 +71,7 @@ class Lease:
             route.breaker.release(ticket)  # the deadline ran out between the pick and the send
             raise
         route.stats.started()
+        route.leases.add(self)
         self.t0 = time.perf_counter()
         call.active, call.ctl.lease = route, self
         call.round_attempts += 1
@@ -87,6 +91,8 @@ class Lease:
 
     def bound(self) -> float:
         """Monotonic time by which the next piece (answer, first chunk, next chunk) must arrive."""
+        if self.cut_reason is not None:
+            return time.monotonic()  # cut while the caller held a chunk: the next read ends it
         at = time.monotonic() + self.timeout
         return at if self.call.deadline is None else min(at, self.call.deadline)
 
@@ -149,6 +155,25 @@ class Lease:
         self.call.ctl.awaiting = False
         if kind is asyncio.CancelledError and self.timer is not None and self.timer.taken():
             raise TimeoutError(f"no answer within the attempt's bound ({self.timeout:g}s)") from None
+
+    def cut(self, reason: str) -> None:
+        """End the attempt now, as if its bound had passed (from any thread): its server went away, so the call
+        fails over, or its stream continues, instead of waiting out the timeout on a connection nobody serves."""
+        if self.ended or self.cut_reason is not None:
+            return
+        self.cut_reason = reason
+        if self.watch is not None:
+            self.watch.fire(reason)
+        timer = self.timer
+        if timer is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing awaits there any more
+                timer.loop.call_soon_threadsafe(self._expire)
+
+    def _expire(self) -> None:
+        """On the attempt's loop: cancel the await of this attempt, if it is the one the call awaits now."""
+        ctl = self.call.ctl
+        if not self.ended and ctl.lease is self and ctl.awaiting and self.timer is not None:
+            self.timer.expire()
 
     # --- outcomes ---------------------------------------------------------------------------------
 
@@ -213,6 +238,8 @@ class Lease:
             tracing.end_attempt(self, "failure", error)
         if isinstance(error, PermanentRouteError) and not self._elsewhere(error, dropped):
             raise error from exc
+        if error.error_class == "connect_error" and refused(exc):
+            self.route.cut_in_flight(REFUSED)
         call.failed_on = self.route
         log.info("failing over: %s", error)
         return error
@@ -234,6 +261,14 @@ class Lease:
 
     def _classify(self, exc: BaseException) -> RouteError:
         route, call = self.route, self.call
+        if self.cut_reason is not None and self._timed_out(exc):
+            return TransientRouteError(
+                f"cut short: {self.cut_reason}",
+                route=route.name,
+                url=route.base_url,
+                hint="the server went away mid-request (a restart, a rolling update); retried elsewhere",
+                error_class="server_gone",
+            )
         if self._timed_out(exc):
             past_deadline = call.deadline is not None and time.monotonic() >= call.deadline - 0.005
             what = "the request deadline passed" if past_deadline else f"after {self.timeout:g}s"
@@ -293,6 +328,7 @@ class Lease:
         if self.ended:
             return True
         self.ended = True
+        self.route.leases.discard(self)
         if self.watch is not None:
             self.watch.end()
         if self.timer is not None:

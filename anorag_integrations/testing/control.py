@@ -171,10 +171,14 @@ class ServerControl(LoopServer):
         name = body.get("model")
         return name if isinstance(name, str) and name in self.adapters else self.model
 
-    def set_fault(self, fault: Fault | str | None, *, times: int | None = None, **options: Any) -> None:
+    def set_fault(
+        self, fault: Fault | str | None, *, times: int | None = None, release: bool = True, **options: Any
+    ) -> None:
         """Switch the fault for the next ``times`` chat requests (all when None); None clears it.
 
         ``every=N`` among the options applies it to every Nth chat request only (an occasional fault).
+        ``release=False`` leaves requests held by HANG, TRICKLE or STALL held (until the server stops): with
+        REFUSE, what vLLM does on SIGTERM (the port closes, requests in flight are never answered).
         """
         fault = Fault(fault or Fault.NONE)
         if fault is Fault.STATUS and options.get("retry_after") is not None:
@@ -182,10 +186,10 @@ class ServerControl(LoopServer):
         previous = self._state.fault
         with self._lock:
             self._state = FaultState(fault, times, options)
-        if previous in HELD and fault is not previous:
+        if previous in HELD and fault is not previous and release:
             self._call(self._wake_hung())  # hung requests answer, trickling ones send the rest at once
         if fault is Fault.REFUSE and previous is not Fault.REFUSE:
-            self._call(self._stop_listening())
+            self._call(self._stop_listening(drop=release))
         elif previous is Fault.REFUSE and fault is not Fault.REFUSE:
             self._call(self._listen())
 

@@ -105,11 +105,14 @@ class LoopServer:
         if self.port == 0 and server is not None:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
-    async def _stop_listening(self) -> None:
-        """Stop accepting and drop kept-alive connections, as a dead process would."""
+    async def _stop_listening(self, drop: bool = True) -> None:
+        """Stop accepting and drop kept-alive connections, as a dead process would (``drop=False``: keep them open,
+        as vLLM does with the requests in flight on SIGTERM)."""
         if self._site is not None:
             await self._site.stop()
             self._site = None
+        if not drop:
+            return
         server = self._runner.server if self._runner is not None else None
         for handler in list(server.connections if server is not None else ()):
             handler.force_close()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import forks
-from ..classify import classify
+from ..classify import REFUSED, classify, refused
 
 if TYPE_CHECKING:
     from .route import Route
@@ -67,6 +67,8 @@ def record_probe(route: Route, started: float, models: list[Listed], exc: BaseEx
             classify(exc, route=route.name, url=route.base_url, model=route.model, timeout=route.probe_timeout)
         )
         route.breaker.force_open()
+        if refused(exc):
+            route.cut_in_flight(REFUSED)
     else:
         result.models = [entry.name for entry in models]
         result.max_model_len = context_window(

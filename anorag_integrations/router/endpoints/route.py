@@ -34,6 +34,7 @@ from .probe import Listed, ProbeResult, context_window, model_entry, record_prob
 if TYPE_CHECKING:
     from ...config import Config, RouteConfig
     from ..balancing.server_load import LoadReport
+    from ..lease import Lease
 
 __all__ = [
     "KEEPALIVE_S",
@@ -114,6 +115,8 @@ class Route:
         self.elsewhere = Elsewhere()
         """What the fleet's other replicas report about this route (shared state only)."""
         self.stats = RouteStats()
+        self.leases: set[Lease] = set()
+        """The attempts in flight here (``cut_in_flight`` ends them when the server stops listening)."""
         self.probe_result = ProbeResult()
         self.peeked = False
         """Whether a call already read the context window (:meth:`peek_context_window`), found or not."""
@@ -246,6 +249,16 @@ class Route:
         if own is None:
             return others.latency_sum / others.latency_n
         return (own + others.latency_sum) / (1 + others.latency_n)
+
+    def cut_in_flight(self, reason: str) -> None:
+        """The server stopped listening (connection refused): its attempts in flight will never be answered (vLLM
+        keeps their connections open after SIGTERM), so end them now: their calls fail over or continue."""
+        leases = list(self.leases)
+        if leases:
+            log.warning("route %r (%s): %s; cutting its %d attempts in flight", self.name, self.base_url, reason,
+                        len(leases))  # fmt: skip
+        for lease in leases:
+            lease.cut(reason)
 
     def available(self, now: float) -> bool:
         """Whether the route may be offered to the policy now."""

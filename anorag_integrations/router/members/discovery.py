@@ -70,6 +70,11 @@ def first_routes(config: Config, watchers: list[DnsWatcher]) -> tuple[dict[str, 
     for index, (entry, watcher) in enumerate(zip(config.discovery, watchers, strict=True)):
         addresses = watcher.resolve_now() or frozenset()
         for name, cfg in found_routes(entry, addresses).items():
+            if name in routes or name in config.routes:  # the first one keeps it, as while running
+                log.warning(
+                    "discovery %s: route %r exists already; the address found is not added", origin(index), name
+                )
+                continue
             routes[name], origins[name] = cfg, origin(index)
     return routes, origins
 

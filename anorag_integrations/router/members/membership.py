@@ -17,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from ..secrets import preview
 
 if TYPE_CHECKING:
     from ...config import Config, RouteConfig
@@ -75,8 +78,11 @@ class Changes:
     """The routes that left (removed, or the old route of a replaced name), each draining."""
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every route that left is released; False when ``timeout`` ran out first."""
-        return all(drain.wait(timeout) for drain in self.drains.values())
+        """Wait until every route that left is released; False when ``timeout`` (for them all) ran out first."""
+        end = None if timeout is None else time.monotonic() + timeout
+        return all(
+            drain.wait(None if end is None else max(0.0, end - time.monotonic())) for drain in self.drains.values()
+        )
 
     def summary(self) -> str:
         return f"added {self.added}, removed {self.removed}, replaced {self.replaced}, kept {len(self.kept)}" + (
@@ -146,7 +152,7 @@ def _publish(router: Router, config: Config, routes: dict[str, Route], origins: 
 def retire(router: Router, route: Route) -> Drain:
     """Take ``route`` out of service: no new request; released once its requests in flight have ended."""
     drain = Drain(route.name)
-    router.draining.add(route)
+    router.draining[route] = drain
     for pool in router.pools.values():
         if (forget := getattr(pool.policy, "forget", None)) is not None:
             forget(route.name)  # a replaced route's name now means another server: its prefix index is stale
@@ -156,7 +162,7 @@ def retire(router: Router, route: Route) -> Drain:
         route.release()
         owner = ref()
         if owner is not None:
-            owner.draining.discard(route)
+            owner.draining.pop(route, None)
             owner.owned.discard(route)
             if route.name not in owner.routes:
                 owner.outcomes.forget(route.name)
@@ -181,6 +187,7 @@ def reloaded(running: Config, new: Config, origins: Mapping[str, str]) -> tuple[
             routes[name] = running.routes[name]
             new_origins[name] = origin
     update = {key: getattr(running, key) for key in restart}
+    update["source"] = running.source if new.source == "<dict>" else new.source  # reload() reads the file again
     merged = new.model_copy(update=update).with_routes(routes)
     return merged, new_origins, restart
 
@@ -191,6 +198,8 @@ def add(router: Router, name: str, route: RouteConfig | Mapping[str, Any]) -> Ch
 
     with router.members_lock:
         router.check_open()
+        if not isinstance(name, str):
+            raise ConfigError(router.config.source, [("routes", f"a route name is text, not {type(name).__name__}")])
         if name in router.routes:
             raise ConfigError(router.config.source, [(f"routes.{name}", "exists already: remove_route() it first")])
         config = router.config.with_routes({**router.config.routes, name: route})
@@ -203,9 +212,9 @@ def remove(router: Router, name: str) -> Drain:
 
     with router.members_lock:
         router.check_open()
-        if name not in router.routes:
+        if not isinstance(name, str) or name not in router.routes:
             problem = f"no such route; routes: {', '.join(router.routes)}"
-            raise ConfigError(router.config.source, [(f"routes.{name}", problem)])
+            raise ConfigError(router.config.source, [(f"routes.{preview(name)}", problem)])
         config = router.config.with_routes({n: r for n, r in router.config.routes.items() if n != name})
         changes = apply(router, config, {n: o for n, o in router.origins.items() if n != name})
         return changes.drains[name]
