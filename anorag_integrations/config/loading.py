@@ -191,7 +191,7 @@ def _describe(
         not any(is_secret_key(part) for part in loc)
         and not kind.startswith("value_error")
         and "input" in err
-        and not (loc[:1] == ("routes",) and len(loc) <= 2)  # a whole route given as text may hold its key
+        and not (loc[:1] == ("routes",) and len(loc) == 2)  # a whole route given as text may hold its key
     ):
         message = f"{message} (got {preview(err['input'])})"
     key = _key_path(prefix, *map(clip, loc))
