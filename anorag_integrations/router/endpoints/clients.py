@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import os
+import ssl
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Generic, Protocol, TypeVar
@@ -36,6 +38,17 @@ LIMITS = type(openai.DEFAULT_CONNECTION_LIMITS)(
     max_keepalive_connections=openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
     keepalive_expiry=KEEPALIVE_S,
 )
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The TLS context every client of the process shares (the SDK's default: its CA bundle, ``SSL_CERT_FILE``).
+
+    httpx builds one per client by default, loading the CA bundle each time: about 30 ms of CPU per client,
+    paid for every route added, every loop of an ``asyncio.run`` per call; shared, a client costs 0.2 ms.
+    """
+    context: ssl.SSLContext = SDK_HTTPX.create_ssl_context()
+    return context
 
 
 def prepared(client: _C) -> _C:

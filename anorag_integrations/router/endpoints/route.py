@@ -27,7 +27,7 @@ from ..fleet.state import Elsewhere
 from ..secrets import MASK, redact_url, split_credentials
 from ..telemetry.stats import RouteStats
 from .answers import checked, checked_embeddings
-from .clients import KEEPALIVE_S, LIMITS, SDK_HTTPX, AsyncChunkStream, ChunkStream, PerLoop, prepared
+from .clients import KEEPALIVE_S, LIMITS, SDK_HTTPX, AsyncChunkStream, ChunkStream, PerLoop, prepared, tls_context
 from .health import CircuitBreaker
 from .probe import Listed, ProbeResult, context_window, model_entry, record_probe
 
@@ -143,7 +143,7 @@ class Route:
                 api_key=key,
                 max_retries=0,
                 timeout=self.timeout,
-                http_client=openai.DefaultAsyncHttpxClient(limits=LIMITS, auth=self._auth),
+                http_client=openai.DefaultAsyncHttpxClient(limits=LIMITS, auth=self._auth, verify=tls_context()),
             ),
             lambda client: client.close(),
         )
@@ -167,7 +167,7 @@ class Route:
             max_retries=0,
             timeout=self.timeout,
             http_client=openai.DefaultHttpxClient(
-                transport=watched_transport(SDK_HTTPX, limits=LIMITS), auth=self._auth
+                transport=watched_transport(SDK_HTTPX, limits=LIMITS, verify=tls_context()), auth=self._auth
             ),
         )
 
