@@ -71,8 +71,6 @@ class Router:
         """``origins``: where each route came from: the config, ``add_route`` ("api") or a discovery entry."""
         self.config = config
         self.routes: dict[str, Route] = {name: make_route(name, rc, config) for name, rc in config.routes.items()}
-        self.member_settings = {name: membership.settings(rc, config) for name, rc in config.routes.items()}
-        """The settings each route was built from: a change that keeps them keeps the route."""
         self.draining: dict[Route, Drain] = {}
         """Routes that left and still have requests in flight (released when the last one ends)."""
         self.owned: set[Route] = set(self.routes.values())

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...config.discovery import DiscoveryConfig, base_url, route_name
 from ..fleet.state import fleet_namespace
+from .membership import CONFIG, apply, origin
 
 if TYPE_CHECKING:
     from ...config import Config, RouteConfig, StateConfig
@@ -25,14 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("anorag_integrations.router")
 
 
-def origin(index: int) -> str:
-    """The origin of the routes the ``index``-th discovery entry found."""
-    return f"discovery:{index}"
-
-
 def make_watchers(entries: list[DiscoveryConfig], router: Router) -> list[DnsWatcher]:
     """One watcher per entry, each handing what it finds to ``router.found`` (held weakly; nothing before the
-    router serves: the first lookups' results are read by :func:`first_routes`)."""
+    router serves: the first lookups' results are read by :func:`first_config`)."""
     if not entries:
         return []
     from .dns import DnsWatcher
@@ -61,22 +57,6 @@ def _sink(ref: weakref.ref[Router], index: int) -> Callable[[frozenset[str]], No
             router.found(index, addresses)
 
     return found
-
-
-def first_routes(config: Config, watchers: list[DnsWatcher]) -> tuple[dict[str, RouteConfig], dict[str, str]]:
-    """Every entry's routes from one lookup each (none for an entry whose lookup failed), with their origins."""
-    routes: dict[str, RouteConfig] = {}
-    origins: dict[str, str] = {}
-    for index, (entry, watcher) in enumerate(zip(config.discovery, watchers, strict=True)):
-        addresses = watcher.resolve_now() or frozenset()
-        for name, cfg in found_routes(entry, addresses).items():
-            if name in routes or name in config.routes:  # the first one keeps it, as while running
-                log.warning(
-                    "discovery %s: route %r exists already; the address found is not added", origin(index), name
-                )
-                continue
-            routes[name], origins[name] = cfg, origin(index)
-    return routes, origins
 
 
 def found_routes(entry: DiscoveryConfig, addresses: frozenset[str]) -> dict[str, RouteConfig]:
@@ -116,14 +96,12 @@ def with_found(
 
 def found(router: Router, index: int, addresses: frozenset[str]) -> None:
     """``Router.found``: entry ``index``'s routes become one per address (under the members lock)."""
-    from . import membership
-
     with router.members_lock:
         if router.closed or index >= len(router.config.discovery):
             return
         change = with_found(router.config, router.origins, index, addresses)
         if change is not None:
-            membership.apply(router, *change)
+            apply(router, *change)
 
 
 def rewatch(router: Router) -> None:
@@ -140,13 +118,14 @@ def first_config(config: Config, watchers: list[DnsWatcher]) -> tuple[Config, di
     """The config a router starts with: the file's routes and those the first lookups found, each route's
     origin, and the state config (its namespace derived from the fleet's identity when discovery is on, so
     replicas agree whatever addresses each found)."""
-    from .membership import CONFIG
-
     origins = dict.fromkeys(config.routes, CONFIG)
     if not config.discovery:
         return config, origins, config.state
-    found, found_origins = first_routes(config, watchers)
     state = config.state
     if state.namespace is None:
         state = state.model_copy(update={"namespace": fleet_namespace(fleet_identity(config))})
-    return config.with_routes({**config.routes, **found}), {**origins, **found_origins}, state
+    for index, watcher in enumerate(watchers):  # one lookup each; a failed one finds nothing yet
+        change = with_found(config, origins, index, watcher.resolve_now() or frozenset())
+        if change is not None:
+            config, origins = change
+    return config, origins, state

@@ -99,20 +99,18 @@ def apply(router: Router, config: Config, origins: Mapping[str, str]) -> Changes
     """Make ``config``'s routes the router's (``origins``: each route's origin); the caller holds the members lock."""
     from ..core import make_route
 
-    old = router.routes
+    old, running = router.routes, router.config
     routes: dict[str, Route] = {}
     changes = Changes()
     leaving: list[Route] = []
     for name, cfg in config.routes.items():
-        wanted = settings(cfg, config)
-        route = old.get(name)
-        if route is not None and router.member_settings.get(name) == wanted:
+        route, was = old.get(name), running.routes.get(name)
+        if route is not None and was is not None and settings(was, running) == settings(cfg, config):
             routes[name] = route
             changes.kept.append(name)
             continue
         routes[name] = make_route(name, cfg, config)
         router.owned.add(routes[name])
-        router.member_settings[name] = wanted
         if route is None:
             changes.added.append(name)
         else:
@@ -122,7 +120,6 @@ def apply(router: Router, config: Config, origins: Mapping[str, str]) -> Changes
         if name not in routes:
             changes.removed.append(name)
             leaving.append(route)
-            router.member_settings.pop(name, None)
     _publish(router, config, routes, dict(origins))
     for route in leaving:
         changes.drains[route.name] = retire(router, route)
@@ -172,13 +169,18 @@ def retire(router: Router, route: Route) -> Drain:
     return drain
 
 
+def origin(index: int) -> str:
+    """The origin of the routes the ``index``-th discovery entry found."""
+    return f"discovery:{index}"
+
+
 def reloaded(running: Config, new: Config, origins: Mapping[str, str]) -> tuple[Config, dict[str, str], list[str]]:
     """The config a reload applies: ``new``'s routes and settings, the running router's routes of other
     origins (``api``, discovery's while its entry is unchanged) and its ``RESTART_ONLY`` sections; with the
     new origins and the sections that need a restart to change."""
     restart = [key for key in RESTART_ONLY if getattr(running, key) != getattr(new, key)]
     keep_from: set[str] = {API}
-    keep_from |= {f"discovery:{i}" for i, entry in enumerate(new.discovery) if i < len(running.discovery)
+    keep_from |= {origin(i) for i, entry in enumerate(new.discovery) if i < len(running.discovery)
                   and running.discovery[i] == entry}  # fmt: skip
     routes: dict[str, Any] = dict(new.routes)
     new_origins = {name: CONFIG for name in new.routes}
