@@ -15,6 +15,7 @@ if TYPE_CHECKING:
         CallInfo,
         ConfigError,
         ContextOverflowError,
+        FleetSaturatedError,
         InputTooLongError,
         InvalidRequestError,
         MalformedResponse,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AllRoutesFailed",
+    "FleetSaturatedError",
     "AuthenticationError",
     "BadRequestError",
     "CallInfo",

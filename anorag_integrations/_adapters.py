@@ -22,7 +22,7 @@ from .router.secrets import clip, is_secret_key
 
 API_KEY_ENV = "VLLM_API_KEY"
 """The default route's key (applied by the config loader), and the key of a single ``base_url`` server."""
-ADAPTER_PARAMS = ("temperature", "max_tokens", "top_p", "timeout", "max_retries", "route")
+ADAPTER_PARAMS = ("temperature", "max_tokens", "top_p", "timeout", "max_retries", "route", "priority")
 """Adapter fields passed to the router as they are (when set)."""
 FRAMEWORK_EXTRAS = {
     "langchain_core": ("langchain-core", "langchain"),

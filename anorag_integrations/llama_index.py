@@ -91,6 +91,9 @@ class _Routed(BaseModel):
     )
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="seconds per attempt")
     max_retries: int | None = Field(default=None, ge=0, description="extra full rounds over the routes")
+    priority: int | None = Field(
+        default=None, description="lower is served first when the fleet is saturated (0 interactive, 10 batch)"
+    )
     additional_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra request parameters; unknown arguments land here too"
     )

@@ -45,6 +45,8 @@ ROUTER_KEYS = frozenset(
         "hedge",
         "observability",
         "state",
+        "admission",
+        "retry_budget",
     }
 )
 MAX_MISSPELLING = 64

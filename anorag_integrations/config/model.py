@@ -13,6 +13,7 @@ from ..router.errors import ConfigError
 from ..router.secrets import clip, preview
 from .discovery import PLACEHOLDER_URL, DiscoveryConfig, discovery_list
 from .sections import (
+    AdmissionConfig,
     EmbeddingConfig,
     HealthConfig,
     HedgeConfig,
@@ -21,6 +22,7 @@ from .sections import (
     Params,
     PrefixAffinityConfig,
     PrefixAwareConfig,
+    RetryBudgetConfig,
     RouteConfig,
     StateConfig,
     _Section,
@@ -55,6 +57,8 @@ class Config(_Section):
     prefix_aware: PrefixAwareConfig = PrefixAwareConfig()
     least_queue: LeastQueueConfig = LeastQueueConfig()
     hedge: HedgeConfig | None = None
+    admission: AdmissionConfig = AdmissionConfig()
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     state: StateConfig = StateConfig()

@@ -44,6 +44,15 @@ class RouteConfig(_Section):
         default=False,
         description="a stream cut on another route may continue here (vLLM's continue_final_message)",
     )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="most attempts in flight on this route at once (unset: learned from its latency under load)",
+    )
+    send_priority: bool = Field(
+        default=False,
+        description="send each call's priority on as vLLM's `priority` (the server runs --scheduling-policy priority)",
+    )
     propagate: tuple[Literal["traceparent", "baggage"], ...] = Field(
         default=("traceparent",),
         description="trace headers a traced attempt sends this route: traceparent (W3C trace context, with its "
@@ -140,6 +149,51 @@ class HedgeConfig(_Section):
         if (self.after_ms is None) == (self.after is None):
             raise ValueError("set exactly one of after_ms (a number) or after (p50, p90, p95 or p99)")
         return self
+
+
+class AdmissionConfig(_Section):
+    """Overload control (``router/admission/``): each route kept near its useful concurrency, the rest queued."""
+
+    enabled: bool = Field(default=True, description="false: every call is sent at once, as before admission control")
+    initial_limit: int = Field(default=64, ge=1, description="attempts in flight per route before any is learnt")
+    max_limit: int = Field(default=1024, ge=1, description="the most a learnt limit grows to")
+    tolerance: float = Field(
+        default=1.5,
+        gt=1,
+        allow_inf_nan=False,
+        description="an attempt this many times slower than the route's unloaded latency (for as many tokens) "
+        "means the route is queueing: its limit is lowered",
+    )
+    max_queue: int = Field(default=10_000, ge=0, description="calls waiting for a route at once; more are shed")
+    queue_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="longest wait for a route (unset: the call's attempt timeout); the call's deadline also bounds it",
+    )
+    lifo_after: float = Field(
+        default=0.5,
+        ge=0,
+        allow_inf_nan=False,
+        description="once the oldest waiter has waited this long, the newest of a priority goes first (adaptive "
+        "LIFO): under sustained overload answered calls stay fast and the hopeless ones are shed early",
+    )
+
+    @model_validator(mode="after")
+    def _limits(self) -> AdmissionConfig:
+        if self.initial_limit > self.max_limit:
+            raise ValueError(f"initial_limit ({self.initial_limit}) is above max_limit ({self.max_limit})")
+        return self
+
+
+class RetryBudgetConfig(_Section):
+    """Retries and failovers together at most ``ratio`` of calls plus ``min_per_s`` (Envoy's and Finagle's budget)."""
+
+    ratio: float = Field(default=0.2, ge=0, le=10, allow_inf_nan=False, description="retries allowed per call started")
+    min_per_s: float = Field(
+        default=3.0, ge=0, allow_inf_nan=False, description="retries allowed per second however few calls start"
+    )
+    window: float = Field(default=10.0, gt=0, le=600, allow_inf_nan=False, description="seconds the counts cover")
 
 
 class EmbeddingConfig(_Section):

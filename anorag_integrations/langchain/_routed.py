@@ -35,6 +35,8 @@ class Routed(BaseModel):
     """Seconds per attempt; default: each route's ``timeout``, else ``params.timeout``."""
     max_retries: int | None = Field(default=None, ge=0)
     """Extra full rounds over the routes; default ``params.max_retries``."""
+    priority: int | None = None
+    """Lower is served first when the fleet is saturated (e.g. 0 interactive, 10 batch); default 0."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other request parameters, sent as they are (vLLM's ``top_k``, ``use_activation``, ...); unknown arguments too."""
 

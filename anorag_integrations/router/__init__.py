@@ -11,6 +11,7 @@ from .errors import (
     BadRequestError,
     ConfigError,
     ContextOverflowError,
+    FleetSaturatedError,
     InputTooLongError,
     InvalidRequestError,
     MalformedResponse,
@@ -30,6 +31,7 @@ from .errors import (
 __all__ = [
     "POLICIES",
     "AllRoutesFailed",
+    "FleetSaturatedError",
     "Attempt",
     "AuthenticationError",
     "BadRequestError",

@@ -121,6 +121,15 @@ class Call:
             )
         self.session_id: str | None = None if session is None else _session_key(session)
         """The conversation this request belongs to: it stays on one route while that route is usable."""
+        priority = params.pop("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+            raise InvalidRequestError(f"priority must be a whole number (lower is served first), got {priority!r}")
+        self.priority: int = priority
+        """Lower is served first when calls wait for a route (vLLM's convention); sent on where ``send_priority``."""
+        self.granted: Route | None = None
+        """A slot on this route was handed to the call while it waited (``admission/queue.py``)."""
+        self.retries = 0
+        """Attempts after a failure that the retry budget paid for."""
         self.body = {}
         self.info = CallInfo(requested_model=self.model)
         self.retry_after = 0.0
@@ -145,6 +154,7 @@ class Call:
         """The route whose attempt just failed transiently: the next attempt elsewhere is a failover from it."""
         self.said: dict[str, Any] | None = None
         """What the answer said about itself (model, usage), for the call's span when it ends."""
+        router.retry_budget.deposit()
 
     def __enter__(self) -> Call:
         tracer = self.router.tracing  # tracing off, or no provider at all: two attribute reads, nothing else
@@ -174,7 +184,7 @@ class Call:
         """A copy of this request that has not run yet (no attempts, rounds or route); same bounds and span."""
         twin = copy.copy(self)
         twin.info, twin.retry_after, twin.active = CallInfo(requested_model=self.info.requested_model), 0.0, None
-        twin.round_attempts, twin.failed_on = 0, None
+        twin.round_attempts, twin.failed_on, twin.granted, twin.retries = 0, None, None, 0
         twin.tried_models, twin.next_models = list(self.tried_models), list(self.next_models)
         twin.first_round = 0  # its rounds count from its own start (its info is new)
         return twin
@@ -323,6 +333,8 @@ class Call:
     def body_for(self, route: Route) -> dict[str, Any]:
         """The request body for an attempt on ``route``; a traced attempt's ``traceparent`` goes in its headers."""
         body = {**self.body, "model": self.sent_model(route)}
+        if route.send_priority and self.priority:
+            body["extra_body"] = {**(body.get("extra_body") or {}), "priority": self.priority}
         if self.span is None:
             return body
         lease = self.ctl.lease

@@ -25,6 +25,7 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from . import embeddings, forks
+from .admission import Admission, RetryBudget
 from .building import load
 from .call import Call, Control, Messages
 from .endpoints.health import Poller, Prober
@@ -96,12 +97,18 @@ class Router:
                 "anorag-metrics-scraper",
             )
         self.hedger = Hedger(config.hedge) if config.hedge is not None else None
+        self.admission = Admission(config.admission, config.params.timeout)
+        """Slots per route, the calls waiting for one, what was shed (``admission/``)."""
+        budget = config.retry_budget
+        self.retry_budget = RetryBudget(budget.ratio, budget.min_per_s, budget.window)
+        """Retries and failovers at most a share of calls (fleet-wide with shared state)."""
         self.state: State = make_state(
             fleet_state,
             self.routes,
             self.hedger,
             config.observability.name or prometheus.default_name(config.source),
             config.params.max_retry_after,
+            self.retry_budget,
         )
         """What this router shares with the other replicas of its fleet (``state:``; local: nothing)."""
         if config.state.backend != "local":
@@ -277,6 +284,11 @@ class Router:
         policies), ``prefix_hit_rate_measured`` from the server's ``/metrics`` when it is read and exports one."""
         return reports.stats(self)
 
+    def overload(self) -> dict[str, Any]:
+        """Overload control: the queue of calls waiting for a route (depth by priority, drain rate), calls shed
+        (by ``why/priority``), the retry budget, and per route its concurrency limit, in flight and saturation."""
+        return reports.overload(self)
+
     # --- membership: routes added, removed and reloaded live (``members/``) -------------------------------
 
     def add_route(self, name: str, route: RouteConfig | Mapping[str, Any]) -> Changes:
@@ -328,6 +340,7 @@ class Router:
         if self.closed:
             return
         self._closing.set()
+        self.admission.close()
         for ctl in list(self._live):
             ctl.abort()
         self._finalizer.detach()

@@ -27,6 +27,8 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     │       └── UnprocessableEntityError   422: the body failed the server's validation
     ├── StreamInterruptedError      a stream broke after text was delivered; says how much
     ├── AllRoutesFailed             every route (and retry round) failed; .attempts lists them
+    │   └── FleetSaturatedError     every route was busy and the call could not be served in time:
+    │                               shed at once, with a suggested .retry_after (no route failed)
     ├── RouterClosed                the router was closed before or while the call ran
     └── InvalidRequestError         the caller's request is unusable (bad bound, unknown route,
         │                           a message that cannot be sent); also a ValueError
@@ -195,6 +197,45 @@ class AllRoutesFailed(RouterError):
         lines = [f"round {a.round}, {a.elapsed_s * 1000:.0f} ms: {a.error}" for a in self.attempts]
         body = ("\n  " + "\n  ".join(lines)) if lines else ""
         super().__init__(f"all routes failed ({reason}); {len(self.attempts)} attempts{body}")
+
+
+class FleetSaturatedError(AllRoutesFailed):
+    """The fleet is saturated: every route of the call's model was at its concurrency limit and the call could not
+    be served within its time (or the queue was full), so it was shed before waiting out a timeout.
+
+    ``retry_after`` is a suggested wait in seconds (the queue's expected drain time); ``why`` is "queue_full",
+    "wait" (the expected wait passes the call's time), "timeout" (it waited its whole time) or "priority" (pushed
+    out by calls of a higher priority); ``priority`` the call's; ``waited_s`` how long it waited.
+    """
+
+    def __init__(
+        self,
+        attempts: Sequence[Attempt],
+        *,
+        why: str,
+        retry_after: float,
+        priority: int,
+        waited_s: float,
+        queued: int,
+    ) -> None:
+        self.why, self.retry_after, self.priority, self.waited_s, self.queued = (
+            why,
+            retry_after,
+            priority,
+            waited_s,
+            queued,
+        )
+        reasons = {
+            "queue_full": "the queue of calls waiting for a route is full",
+            "wait": "the expected wait for a route is longer than the call's time left",
+            "timeout": "no route had room within the call's time",
+            "priority": "calls of a higher priority took its place",
+        }
+        super().__init__(
+            attempts,
+            f"fleet saturated: {reasons.get(why, why)} (priority {priority}, waited {waited_s * 1000:.0f} ms, "
+            f"{queued} waiting); retry in about {retry_after:.1f}s",
+        )
 
 
 class StreamCut(TransientRouteError):

@@ -41,6 +41,10 @@ class CallInfo:
     """Models whose routes all failed before the one that answered (``fallbacks``)."""
     fallback_reason: str | None = None
     """Why the call left its model: "fallbacks" (its routes failed) or "context_window" (the prompt did not fit)."""
+    queued_s: float = 0.0
+    """Seconds the call waited for a route with room (admission control; 0: it never waited)."""
+    shed: str | None = None
+    """Why the call was shed (``FleetSaturatedError.why``), or None."""
 
 
 def call_info(obj: ChatCompletion | ChatCompletionChunk | CreateEmbeddingResponse) -> CallInfo | None:

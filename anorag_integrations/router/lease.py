@@ -56,10 +56,26 @@ _CALLERS_OWN = (GeneratorExit, KeyboardInterrupt, SystemExit, asyncio.CancelledE
 class Lease:
     """Route ``route`` claimed for one attempt of ``call`` (see the module docstring)."""
 
-    __slots__ = ("call", "cut_reason", "ended", "headers", "route", "span", "t0", "ticket", "timeout", "timer", "watch")
+    __slots__ = (
+        "at_limit",
+        "call",
+        "cut_reason",
+        "ended",
+        "headers",
+        "route",
+        "span",
+        "t0",
+        "ticket",
+        "timeout",
+        "timer",
+        "watch",
+    )
 
-    def __init__(self, call: Call, route: Route, ticket: Ticket) -> None:
+    def __init__(self, call: Call, route: Route, ticket: Ticket, *, at_limit: bool = False) -> None:
+        """Takes over ``ticket`` and a slot of the route's concurrency (``Admission.take``, done by the caller)."""
         self.call, self.route, self.ticket = call, route, ticket
+        self.at_limit = at_limit
+        """The route was at its concurrency limit when the attempt started (a quick answer lets the limit grow)."""
         self.ended = False
         self.cut_reason: str | None = None
         """Why :meth:`cut` ended the attempt early (its server went away), if it did."""
@@ -69,6 +85,7 @@ class Lease:
             self.timeout = call.attempt_timeout(route)
         except BaseException:
             route.breaker.release(ticket)  # the deadline ran out between the pick and the send
+            call.router.admission.give_back(route)
             raise
         route.stats.started()
         route.leases.add(self)
@@ -188,6 +205,7 @@ class Lease:
         route, info = self.route, self.call.info
         latency = time.perf_counter() - self.t0
         route.stats.succeeded(latency, ttft_s=ttft_s, output_tokens=output_tokens)
+        self.call.router.admission.answered(route, self.t0, latency, output_tokens, self.at_limit)
         route.breaker.record_success(self.ticket)
         self.call.router._served(route)
         info.route, info.latency_s, info.ttft_s = route.name, latency, ttft_s
@@ -313,7 +331,10 @@ class Lease:
         route, call = self.route, self.call
         hint = f" (hint: {error.hint})" if error.hint else ""
         route.stats.failed(f"{type(error).__name__}: {error.message}{hint}", error.error_class)
-        if trips and trips_breaker(error):
+        if trips and self._saturated(error):
+            route.breaker.release(self.ticket)  # saturated is not broken: the route is sent less, not shut out
+            call.router.admission.saturation(route, self.t0)
+        elif trips and trips_breaker(error):
             if route.breaker.record_failure(self.ticket):
                 log.warning("route %r: circuit breaker opened after: %s", route.name, error)
         else:
@@ -323,12 +344,22 @@ class Lease:
             route.throttle(wait)
             call.retry_after = max(call.retry_after, wait)
 
+    def _saturated(self, error: RouteError) -> bool:
+        """Whether the route failed the attempt because it is busy, not broken: a 429 or 503, or a timeout, while
+        it had other attempts in flight and answered one lately (since one attempt timeout before this one
+        began). A server that answers nothing for longer is hung, loaded or not: its breaker counts it."""
+        if error.error_class not in ("429", "503", "timeout"):
+            return False
+        limit = self.route.limit
+        return limit.answered_since(self.t0 - self.timeout) and (limit.in_flight > 0 or limit.answered_since(self.t0))
+
     def _end(self) -> bool:
         """Mark the lease ended; True when it already was (every outcome is taken once)."""
         if self.ended:
             return True
         self.ended = True
         self.route.leases.discard(self)
+        self.call.router.admission.give_back(self.route)
         if self.watch is not None:
             self.watch.end()
         if self.timer is not None:

@@ -21,7 +21,7 @@ from tenacity import wait_random_exponential
 from .balancing.policies import Policy, make_policy
 from .balancing.prefix_index import Sessions
 from .call import Call, wall_clock
-from .errors import AllRoutesFailed, ContextOverflowError, ModelNotFoundError, RouterClosed
+from .errors import AllRoutesFailed, ContextOverflowError, FleetSaturatedError, ModelNotFoundError, RouterClosed
 from .lease import Lease
 
 if TYPE_CHECKING:
@@ -88,85 +88,154 @@ def update_pools(pools: Mapping[str, Pool], config: Config, routes: Mapping[str,
         pool.primary = [routes[name] for name in config.route_names(kind) if routes[name] is not pool.fallback]
 
 
-def claim(router: Router, call: Call, tried: set[str]) -> Lease | None:
-    """Lease the next route of the call's kind to try in this round; None when the round is exhausted."""
+def claim(router: Router, call: Call, tried: set[str], full: set[str]) -> Lease | None:
+    """Lease the next route of the call's kind to try in this round; None when the round is exhausted.
+
+    Routes skipped only because they are at their concurrency limit are added to ``full``: the call may wait
+    for one of them (``admission/``) rather than fail.
+    """
+    if call.granted is not None and (lease := _granted(router, call, tried)) is not None:
+        return lease
     if call.pinned is not None:
-        if call.pinned.name in tried or (ticket := call.pinned.breaker.acquire()) is None:
+        if call.pinned.name in tried:
             return None
-        return Lease(call, call.pinned, ticket)
+        return _lease(router, call, call.pinned, full)
     now = time.monotonic()
-    lost: set[str] = set()  # half-open trials a concurrent request took first
+    lost: set[str] = set()  # half-open trials a concurrent request took first, or slots taken meanwhile
 
     def usable(route: Route) -> bool:
-        return (
-            route.name not in tried
-            and route.name not in lost
-            and route.available(now)
-            and (route.continue_streams or not call.continuing)
-        )
+        if (
+            route.name in tried
+            or route.name in lost
+            or not route.available(now)
+            or not (route.continue_streams or not call.continuing)
+        ):
+            return False
+        if admission.enabled and not route.limit.room():
+            full.add(route.name)
+            return False
+        return True
 
+    admission = router.admission
     pool = router.pools[call.kind]
     group = router.models.group(call.kind, call.model)
     session = call.session_id
-    if session is not None and (lease := _session_lease(router, call, pool, group, session, usable)) is not None:
+    if session is not None and (lease := _session_lease(router, call, pool, group, session, usable, full)) is not None:
         return lease
     while (route := pool.policy.pick(group, usable, call)) is not None:
-        if (ticket := route.breaker.acquire()) is not None:
+        if (lease := _lease(router, call, route, full)) is not None:
             if session is not None:
                 pool.sessions.set(session, route.name)
-            return Lease(call, route, ticket)
+            return lease
         lost.add(route.name)
     fb = router.models.fallback_for(call.kind, call.model)
     if call.continuing and fb is not None and call.sent_model(fb) != call.continues_model:
         fb = None  # a cut stream is never continued by another model: two models' text in one answer
-    if fb is not None and usable(fb) and (ticket := fb.breaker.acquire()) is not None:
-        return Lease(call, fb, ticket)
+    if fb is not None and usable(fb):
+        return _lease(router, call, fb, full)
+    return None
+
+
+def _lease(router: Router, call: Call, route: Route, full: set[str]) -> Lease | None:
+    """An attempt on ``route``: its breaker's ticket and a slot, paid by the retry budget when it follows a
+    failure; None (nothing held) when the breaker refuses or the route is full (then added to ``full``)."""
+    if len(call.info.attempts) > call.retries:  # a retry or failover: the budget pays for it, or the call ends
+        if not router.retry_budget.withdraw():
+            raise call.exhausted("retries and failovers are over the retry budget (retry_budget: in the config)")
+        call.retries = len(call.info.attempts)
+    if (ticket := route.breaker.acquire()) is None:
+        return None
+    slot = router.admission.take(route, call)
+    if slot is None:
+        route.breaker.release(ticket)
+        full.add(route.name)
+        return None
+    return Lease(call, route, ticket, at_limit=slot)
+
+
+def _granted(router: Router, call: Call, tried: set[str]) -> Lease | None:
+    """The attempt on the route whose slot was handed to the call while it waited; None (the slot handed on)
+    when that route cannot take it now (its breaker opened meanwhile)."""
+    route = call.granted
+    assert route is not None
+    if route.name not in tried and route.name in router.routes and (ticket := route.breaker.acquire()) is not None:
+        slot = router.admission.take(route, call)
+        assert slot is not None  # the grant is the call's own slot
+        return Lease(call, route, ticket, at_limit=slot)
+    router.admission.return_grant(call)
     return None
 
 
 def _session_lease(
-    router: Router, call: Call, pool: Pool, group: Group, session: str, usable: Callable[[Route], bool]
+    router: Router,
+    call: Call,
+    pool: Pool,
+    group: Group,
+    session: str,
+    usable: Callable[[Route], bool],
+    full: set[str],
 ) -> Lease | None:
     """The route of the call's conversation, leased, while it is a usable primary route of its model; else None."""
     name = pool.sessions.get(session)
     route = router.routes.get(name) if name is not None else None
     if route is None or route.name not in group.members or not usable(route):
         return None
-    if (ticket := route.breaker.acquire()) is None:
+    lease = _lease(router, call, route, full)
+    if lease is None:
         return None
     if (note := getattr(pool.policy, "note", None)) is not None:
         try:
             note(route, call)  # a prefix-aware policy records the prompt where the conversation went
         except BaseException:
-            route.breaker.release(ticket)  # never keep a (half-open trial) slot for a request not sent
+            lease.abandoned()  # never keep a (half-open trial) slot for a request not sent
             raise
-    return Lease(call, route, ticket)
+    return lease
 
 
 def one_round(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tuple[Lease, _T]:
-    """One round, sync: the first route that answers, with its (still open) lease."""
+    """One round, sync: the first route that answers, with its (still open) lease. When every route left is
+    only full, the call waits for a slot (``admission/queue.py``) instead of ending the round."""
     call.start_round()
     tried = set(call.avoid)
-    while (lease := claim(router, call, tried)) is not None:
+    while True:
+        full: set[str] = set()
+        lease = claim(router, call, tried, full)
+        if lease is None:
+            if not _waits(call, full, tried):
+                raise call.exhausted()
+            router.admission.wait(call, frozenset(full))
+            continue
         tried.add(lease.route.name)
         try:
             return lease, lease.send(send)
         except BaseException as exc:
             lease.failed(exc)
-    raise call.exhausted()
 
 
 async def aone_round(router: Router, call: Call, send: Callable[[Route, float], Awaitable[_T]]) -> tuple[Lease, _T]:
     """Async twin of :func:`one_round`."""
     call.start_round()
     tried = set(call.avoid)
-    while (lease := claim(router, call, tried)) is not None:
+    while True:
+        full: set[str] = set()
+        lease = claim(router, call, tried, full)
+        if lease is None:
+            if not _waits(call, full, tried):
+                raise call.exhausted()
+            await router.admission.await_slot(call, frozenset(full))
+            continue
         tried.add(lease.route.name)
         try:
             return lease, await lease.asend(send)
         except BaseException as exc:
             lease.failed(exc)
-    raise call.exhausted()
+
+
+def _waits(call: Call, full: set[str], tried: set[str]) -> bool:
+    """Whether a call that found no route may wait for a slot: some untried route was only full, and the call is
+    not a hedged copy (a hedge is extra load: it never queues)."""
+    full -= tried
+    return bool(full) and call.role != "hedge"
 
 
 def rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tuple[Lease, _T]:
@@ -200,6 +269,8 @@ def _rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> t
     while True:
         try:
             return one_round(router, call, send)
+        except FleetSaturatedError:
+            raise  # shed: the fleet has no room in the call's time, and another round would only add load
         except AllRoutesFailed as failed:
             wait = next_wait(call, failed)
         if router._closing.wait(wait):
@@ -211,6 +282,8 @@ async def _arounds(router: Router, call: Call, send: Callable[[Route, float], Aw
     while True:
         try:
             return await aone_round(router, call, send)
+        except FleetSaturatedError:
+            raise  # shed: the fleet has no room in the call's time, and another round would only add load
         except AllRoutesFailed as failed:
             wait = next_wait(call, failed)
         call.ctl.awaiting = True

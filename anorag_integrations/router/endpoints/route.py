@@ -22,6 +22,7 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
 from .. import forks
+from ..admission.limit import ConcurrencyLimit
 from ..bounds import watched_transport
 from ..fleet.state import Elsewhere
 from ..secrets import MASK, redact_url, split_credentials
@@ -126,6 +127,13 @@ class Route:
         self.load: LoadReport | None = None
         """The server's queue at the last ``/metrics`` scrape (``least_queue``); None: no data."""
         self.continue_streams = cfg.continue_streams
+        admission = config.admission
+        self.limit = ConcurrencyLimit(
+            cfg.max_concurrency, admission.initial_limit, admission.max_limit, admission.tolerance
+        )
+        """How many attempts the route is sent at once (``admission/``; counted under the router's admission lock)."""
+        self.send_priority = cfg.send_priority
+        """Whether calls' ``priority`` goes on to the server (vLLM ``--scheduling-policy priority``)."""
         self.propagate = cfg.propagate
         """The trace headers a traced attempt sends this route (``propagate:``; see ``tracing.carrier``)."""
 
@@ -420,6 +428,7 @@ class Route:
         self._renew_clients()
         self.stats.renew_after_fork()
         self.breaker.renew_after_fork()
+        self.limit.in_flight = self.limit.reserved = 0
 
     def _renew_clients(self) -> None:
         """Those :meth:`_connect` prepared (the sync client is dropped above)."""

@@ -57,7 +57,38 @@ return take
 """Add a replica's earnings (ARGV[1]) to the fleet's hedge bucket (at most ARGV[2] tokens); hand it one
 token when it wants one (ARGV[3] == '1') and there is one. A bucket that is not a number starts empty."""
 
-SOURCES = {"claim": CLAIM, "release": RELEASE, "hedge": HEDGE, "peers": PEERS, "read": READ}
+BUDGET = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local now = tonumber(redis.call('TIME')[1])
+local size = tonumber(ARGV[3])
+local key = KEYS[1] .. ':' .. now
+if ARGV[1] ~= '0' or ARGV[2] ~= '0' then
+  if type(redis.pcall('HINCRBY', key, 'calls', ARGV[1])) == 'table'
+    or type(redis.pcall('HINCRBY', key, 'retries', ARGV[2])) == 'table' then
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'calls', ARGV[1], 'retries', ARGV[2])
+  end
+  redis.call('EXPIRE', key, size + 2)
+end
+local sums = {0, 0}
+for second = now - size + 1, now do
+  local row = redis.pcall('HMGET', KEYS[1] .. ':' .. second, 'calls', 'retries')
+  if type(row) == 'table' and not row.err then
+    for i = 1, 2 do
+      local n = tonumber(row[i])
+      if n and n > 0 then sums[i] = sums[i] + n end
+    end
+  end
+end
+return {math.min(sums[1], 1e15), math.min(sums[2], 1e15)}
+"""
+"""Add a replica's retry-budget counts since its last sync (ARGV[1] calls, ARGV[2] retries) to the bucket of
+Redis's current second (KEYS[1] .. ':' .. TIME's seconds, a hash that expires ARGV[3] + 2 s later), and return
+the fleet's {calls, retries} summed over the buckets of the last ARGV[3] seconds, this one's included. The
+seconds are Redis's, so replicas whose clocks differ count into the same buckets. A bucket that is not a hash
+of integers is replaced; a field that is not a positive number counts as 0."""
+
+SOURCES = {"claim": CLAIM, "release": RELEASE, "hedge": HEDGE, "budget": BUDGET, "peers": PEERS, "read": READ}
 
 
 @dataclass(slots=True)

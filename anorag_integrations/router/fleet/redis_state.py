@@ -11,6 +11,8 @@ Keys (``ns`` is the namespace)::
     ns:trial:<route>   string the replica that sends the route's half-open trial; expires after leader_ttl
                               unless renewed (while its holder runs or asks for the trial)
     ns:hedge           string the fleet's hedge tokens
+    ns:budget:<second> hash   "calls", "retries" -> what the fleet's replicas counted for the retry budget, added
+                              to the bucket of Redis's second (TIME) at their sync; expires window + 2 s later
     ns:changed         pub/sub channel: a replica published a change ({"by": replica, "breakers": records})
 
 Two daemon threads per router. The sync thread pushes this replica's changes, reads the fleet's
@@ -19,8 +21,8 @@ and applies it, every ``refresh_interval`` or at once when
 woken by a local change or by a message on ``ns:changed``; the listen thread adopts the breaker
 news those messages carry at once and wakes the sync thread. Every call carries ``timeout``; when
 Redis fails the router routes on its own state (every replica probes, trials and hedges for
-itself), logs one warning, retries with backoff and logs one more warning when Redis is back. The
-request path never calls Redis.
+itself, and judges retries by its own counts), logs one warning, retries with backoff and logs one
+more warning when Redis is back. The request path never calls Redis.
 
 Liveness is Redis's clock and TTLs; the times in records cross processes as Unix time, so a replica
 whose clock is off Redis's is named in a warning (``redis_peers.py``).
@@ -64,6 +66,7 @@ from .state import Elsewhere, fleet_namespace
 
 if TYPE_CHECKING:
     from ...config import StateConfig
+    from ..admission import RetryBudget
     from ..endpoints.route import Route
     from ..hedge import Hedger
 
@@ -88,6 +91,7 @@ class RedisState:
         hedger: Hedger | None,
         label: str,
         max_retry_after: float = math.inf,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         self.namespace_derived = config.namespace is None
         """Whether the namespace was derived from the routes (``state.namespace`` not set)."""
@@ -97,6 +101,8 @@ class RedisState:
         self.config = config
         self.routes = dict(routes)
         self.hedger = hedger
+        self.retry_budget = retry_budget
+        """The router's retry budget: judged by the fleet's counts while Redis answers (None: not shared)."""
         self.replica = _replica_name(label)
         """This router's name in the fleet: host, process, config name and a random part."""
         self._link = RedisLink(config)
@@ -105,7 +111,7 @@ class RedisState:
         self.namespace: str = config.namespace or ""
         """The prefix of every key this replica reads and writes: its fleet's."""
         self._adopter = Adopter(self.routes, self.replica, max_retry_after)
-        self._sync = Sync(config, self.routes, hedger, self.replica, self._link, self._adopter)
+        self._sync = Sync(config, self.routes, hedger, self.replica, self._link, self._adopter, retry_budget)
         self._wake = forks.event()
         self._sync.trials.wake = self._wake_up
         self._stop = forks.event()
@@ -268,13 +274,15 @@ class RedisState:
             self._wake.clear()
 
     def _down(self, exc: BaseException) -> None:
-        """Redis failed: route on this replica's own state (it probes, trials and hedges for itself)."""
+        """Redis failed: route on this replica's own state (it probes, trials, hedges and counts retries for itself)."""
         self._link.lost(exc)
         self._sync.lost()
         for route in self.routes.values():
             route.elsewhere = Elsewhere()
         if self.hedger is not None:
             self.hedger.fleet_lost()
+        if self.retry_budget is not None:
+            self.retry_budget.fleet_lost()
 
     def _listen(self) -> None:
         """The listen thread: wake the sync thread whenever another replica publishes a change (read at once)."""

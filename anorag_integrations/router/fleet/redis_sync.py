@@ -2,7 +2,8 @@
 
 ``Sync`` keeps what the exchange needs between two syncs: the changes not pushed yet (the request
 path marks them, in local memory only) and the locks this replica holds (the routes it probes as
-leader, the half-open trials it owns). Each sync is one pipeline, one round trip; the multi-key work
+leader, the half-open trials it owns). Each sync is one pipeline, one round trip (the retry budget's
+counts ride along: ``BUDGET`` adds this replica's and returns the fleet's); the multi-key work
 runs in Redis (``redis_scripts.py``), what it reads is bounded by this replica's routes
 (``redis_peers.py``), the records are written and read by ``redis_records.py``, and other
 replicas' records are applied by ``redis_adopt.py``. A command that fails alone (a key of the
@@ -32,6 +33,7 @@ from .redis_trials import TrialGrants
 
 if TYPE_CHECKING:
     from ...config import StateConfig
+    from ..admission import RetryBudget
     from ..endpoints.route import Route
     from ..hedge import Hedger
     from .redis_adopt import Adopter
@@ -56,11 +58,14 @@ class Sync:
         replica: str,
         link: RedisLink,
         adopter: Adopter,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         self.config = config
         self.routes = routes
         """The routes the next sync exchanges about; swapped whole by ``set_routes``, never changed in place."""
         self.hedger = hedger
+        self.retry_budget = retry_budget
+        """The retry budget whose counts this replica adds to the fleet's (``ns:budget:<second>``), None: not shared."""
         self.replica = replica
         self._link = link
         self._adopter = adopter
@@ -128,11 +133,12 @@ class Sync:
         dirty = {kind: {name for name in names if name in routes} for kind, names in marked.items()}  # gone: unsaid
         gone = self._gone(routes)
         hedge = self.hedger.fleet_exchange() if self.hedger is not None else None
+        budget = self.retry_budget.fleet_exchange() if self.retry_budget is not None else None
         try:
-            exchange = self._exchange(client, routes, dirty, gone, hedge)
+            exchange = self._exchange(client, routes, dirty, gone, hedge, budget)
             if forgotten(exchange.replies):  # Redis lost the scripts (SCRIPT FLUSH, a failover): load them, repeat
                 self._link.load_scripts(client)
-                exchange = self._exchange(client, routes, dirty, gone, hedge)
+                exchange = self._exchange(client, routes, dirty, gone, hedge, budget)
             refused = failure(exchange.replies, exchange.scripts)
             if refused is not None:
                 raise refused
@@ -159,6 +165,7 @@ class Sync:
         dirty: dict[str, set[str]],
         gone: list[str],
         hedge: tuple[float, bool] | None,
+        budget: tuple[int, int] | None,
     ) -> _Exchange:
         """One pipeline, one round trip: this replica's news and load, its claims, and the fleet's state."""
         ns, me, now, scripts = self._ns, self.replica, time.time(), self._link.scripts
@@ -200,6 +207,8 @@ class Sync:
             out.trials_at = script("claim", [self._key("trial", n) for n, _ in out.wanted], [me, ttl_ms])
         if hedge is not None:
             out.hedge_at = script("hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
+        if budget is not None and self.retry_budget is not None:  # add this replica's counts, read the fleet's
+            out.budget_at = script("budget", [f"{ns}:budget"], [budget[0], budget[1], self.retry_budget.size])
         reads = [f"{ns}:{kind}" for kind in KINDS]  # this replica's routes only, each record within its kind's size
         out.reads_at = script("read", reads, [*(MAX_BYTES[kind] for kind in KINDS), *routes])
         if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
@@ -236,6 +245,10 @@ class Sync:
         self.trials.settle(out.renewed, renewals, out.wanted, claims, out.sent)
         if self.hedger is not None and out.hedge_at is not None:
             self.hedger.fleet_granted(1.0 if replies[out.hedge_at] == 1 else 0.0)
+        if self.retry_budget is not None and out.budget_at is not None:
+            totals = replies[out.budget_at]
+            if isinstance(totals, list) and len(totals) == 2 and all(isinstance(n, int) for n in totals):
+                self.retry_budget.fleet_totals(float(totals[0]), float(totals[1]))
         self._apply_reads(out.routes, replies[out.reads_at])
         peers = replies[out.peers_at]
         now = redis_time(peers)
@@ -278,6 +291,8 @@ class _Exchange:
     """(route, breaker epoch) whose trial lock this exchange tried to take."""
     trials_at: int = 0
     hedge_at: int | None = None
+    budget_at: int | None = None
+    """Where ``BUDGET``'s reply is: the fleet's (calls, retries) over the retry budget's window."""
     reads_at: int = 0
     """Where ``READ``'s reply is: the fleet hashes' records of this replica's routes."""
     sent_wall: float = 0.0

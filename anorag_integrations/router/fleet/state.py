@@ -13,6 +13,8 @@ in-flight counts           each replica's own counts under a key that expires; `
                            adds the other replicas' counts to its own
 latency estimate           ``least_latency`` averages its own estimate with the other replicas'
 hedge budget               one token bucket for the fleet (``hedge.max_rate`` of all its requests)
+retry budget               retries and failovers judged against the fleet's calls and retries over
+                           ``retry_budget.window`` (each replica adds its counts at every sync)
 =========================  ====================================================================
 
 The request path never waits on Redis: a pick reads local memory only. The hooks below record a
@@ -37,6 +39,7 @@ from ..secrets import redact_url
 
 if TYPE_CHECKING:
     from ...config import StateConfig
+    from ..admission import RetryBudget
     from ..endpoints.route import Route
     from ..hedge import Hedger
 
@@ -158,9 +161,17 @@ class LocalState:
 
 
 def make_state(
-    config: StateConfig, routes: Mapping[str, Route], hedger: Hedger | None, label: str, max_retry_after: float
+    config: StateConfig,
+    routes: Mapping[str, Route],
+    hedger: Hedger | None,
+    label: str,
+    max_retry_after: float,
+    retry_budget: RetryBudget | None = None,
 ) -> State:
-    """The backend ``config`` asks for; Redis needs the ``redis`` extra (``pip install anorag-integrations[redis]``)."""
+    """The backend ``config`` asks for; Redis needs the ``redis`` extra (``pip install anorag-integrations[redis]``).
+
+    With Redis, ``hedger`` and ``retry_budget`` count fleet-wide; local state leaves them this replica's own.
+    """
     if config.backend == "local":
         return LocalState()
     try:
@@ -169,4 +180,4 @@ def make_state(
         raise ImportError(
             "state.backend: redis needs the redis client: pip install 'anorag-integrations[redis]'"
         ) from exc
-    return RedisState(config, routes, hedger, label, max_retry_after)
+    return RedisState(config, routes, hedger, label, max_retry_after, retry_budget)

@@ -34,7 +34,17 @@ log = logging.getLogger("anorag_integrations.router")
 
 CONFIG, API = "config", "api"
 """Origins of a route: the config file, or ``Router.add_route``; discovery's are ``discovery:<index>``."""
-RESTART_ONLY = ("lb_policy", "prefix_affinity", "prefix_aware", "least_queue", "hedge", "state", "observability")
+RESTART_ONLY = (
+    "lb_policy",
+    "prefix_affinity",
+    "prefix_aware",
+    "least_queue",
+    "hedge",
+    "state",
+    "observability",
+    "admission",
+    "retry_budget",
+)
 """Sections a reload does not change in a running router (they shape its policies, threads and exports)."""
 
 

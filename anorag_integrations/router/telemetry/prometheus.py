@@ -25,6 +25,15 @@ routers share one collector per registry, so each family is written once however
     anorag_route_info{model, kind}                 1, to join a route to the model and kind (chat, embedding) it serves
     anorag_route_serves{model}                     1 for each name the route serves now (its model, aliases,
                                                    the names its server lists: served-name aliases, LoRA)
+    anorag_route_concurrency_limit                 attempts the route is sent at once (learnt, or max_concurrency)
+    anorag_route_saturated                         1 while the route signals saturation (``admission/limit.py``)
+    anorag_route_saturation_events_total           429/503/timeouts under load and slow answers that lowered it
+
+and per router only (no ``route`` label)::
+
+    anorag_queue_depth{priority}                   calls waiting for a route with room
+    anorag_shed_total{reason, priority}            calls shed with FleetSaturatedError, by its ``why``
+    anorag_retries_denied_total                    retries and failovers the retry budget refused
 
 Histograms, not quantile gauges: the statistics keep cumulative bucket counts beside their sample
 windows (one integer increment per request), and only buckets add up across routes and replicas.
@@ -240,6 +249,22 @@ class _Families:
             "anorag_route_info", "1 for each route, labelled with the model and kind it serves", "model", "kind"
         )
         self.serves = gauge("anorag_route_serves", "1 for each model name the route serves now", "model")
+        self.limit = gauge("anorag_route_concurrency_limit", "Attempts the route is sent at once (admission control)")
+        self.saturated = gauge("anorag_route_saturated", "1 while the route signals saturation (queueing, 429, 503)")
+        self.saturations = counter(
+            "anorag_route_saturation_events", "Saturation signals that lowered the route's concurrency limit"
+        )
+        self.queue = GaugeMetricFamily(
+            "anorag_queue_depth", "Calls waiting for a route with room, by priority", labels=("router", "priority")
+        )
+        self.shed = CounterMetricFamily(
+            "anorag_shed",
+            "Calls shed with FleetSaturatedError, by reason and priority",
+            labels=("router", "reason", "priority"),
+        )
+        self.denied = CounterMetricFamily(
+            "anorag_retries_denied", "Retries and failovers the retry budget refused", labels=("router",)
+        )
 
     def all(self) -> list[Metric]:
         return [value for value in vars(self).values() if isinstance(value, Metric)]
@@ -250,6 +275,11 @@ class _Families:
             if route and route not in routes:
                 continue  # a route that left: its series went with it (a late call's outcome included)
             self.requests.add_metric([name, route, model, outcome], count)
+        for priority, depth in sorted(router.admission.depth().items()):
+            self.queue.add_metric([name, str(priority)], depth)
+        for (why, priority), count in sorted(router.admission.shed.copy().items()):
+            self.shed.add_metric([name, why, str(priority)], count)
+        self.denied.add_metric([name], router.retry_budget.denied)
 
     def add_route(self, name: str, route: Route, now: float, wall: float) -> None:
         labels = [name, route.name]
@@ -278,6 +308,10 @@ class _Families:
         self.info.add_metric([*labels, route.model, route.kind], 1.0)
         for model in sorted(route.served_names()):
             self.serves.add_metric([*labels, model], 1.0)
+        limit = route.limit
+        self.limit.add_metric(labels, limit.fixed if limit.fixed is not None else limit.limit)
+        self.saturated.add_metric(labels, 1.0 if limit.saturated else 0.0)
+        self.saturations.add_metric(labels, limit.saturations)
 
 
 def _buckets(histogram: Histogram) -> Iterator[tuple[str, float]]:

@@ -25,9 +25,16 @@ def stats(router: Router) -> dict[str, dict[str, Any]]:
                "state": "draining" if r.breaker.retired else str(r.breaker.state), **r.stats.snapshot(),
                "outcomes": _by_outcome(ended, name), "models": _by_model(ended, name),
                "prefix_hit_rate_predicted": predicted.get(name),
-               "prefix_hit_rate_measured": r.load.prefix_hit_rate if r.load is not None else None}
+               "prefix_hit_rate_measured": r.load.prefix_hit_rate if r.load is not None else None,
+               **r.limit.snapshot()}
         for name, r in listed(router)
     }  # fmt: skip
+
+
+def overload(router: Router) -> dict[str, Any]:
+    """``Router.overload()``: the admission queue, what was shed, the retry budget, each route's limit."""
+    routes = {name: {"in_flight": r.limit.in_flight, **r.limit.snapshot()} for name, r in listed(router)}
+    return {**router.admission.snapshot(), "retry_budget": router.retry_budget.snapshot(), "routes": routes}
 
 
 def listed(router: Router) -> list[tuple[str, Route]]:

@@ -36,6 +36,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ..errors import (
     AllRoutesFailed,
+    FleetSaturatedError,
     InvalidRequestError,
     PermanentRouteError,
     RouteError,
@@ -164,10 +165,10 @@ def response_attributes(
 def outcome(exc: BaseException | None) -> str:
     """How a call ended, in one word (the ``outcome`` label of ``anorag_requests_total``).
 
-    success; rejected (a route answered a permanent error: 400, 401, 404, 422); exhausted (every
-    route and round failed, or the deadline passed); interrupted (a stream broke after delivery);
-    closed (``Router.close()``); invalid (the request could not be sent); cancelled (the caller
-    cancelled its task or closed its stream early); error (anything else).
+    success; rejected (a route answered a permanent error: 400, 401, 404, 422); shed (the fleet was
+    saturated: ``FleetSaturatedError``); exhausted (every route and round failed, or the deadline passed);
+    interrupted (a stream broke after delivery); closed (``Router.close()``); invalid (the request could not
+    be sent); cancelled (the caller cancelled its task or closed its stream early); error (anything else).
     """
     if exc is None:
         return "success"
@@ -175,6 +176,8 @@ def outcome(exc: BaseException | None) -> str:
         return "invalid"
     if isinstance(exc, PermanentRouteError):
         return "rejected"
+    if isinstance(exc, FleetSaturatedError):
+        return "shed"
     if isinstance(exc, AllRoutesFailed):
         return "exhausted"
     if isinstance(exc, StreamInterruptedError):
@@ -211,6 +214,12 @@ def end_call(call: Call, span: Span, ended: str, exc: BaseException | None) -> N
         attributes["anorag.hedge_route"] = info.hedge
     if info.continued:
         attributes["anorag.continued"] = info.continued
+    if info.queued_s:
+        attributes["anorag.queued_ms"] = round(info.queued_s * 1000, 3)
+    if info.shed:
+        attributes["anorag.shed"] = info.shed
+    if call.priority:
+        attributes["anorag.priority"] = call.priority
     if exc is not None and ended != "cancelled":
         attributes["error.type"] = exc.error_class if isinstance(exc, RouteError) else type(exc).__qualname__
         text = str(exc)[:DESCRIPTION_CHARS]
