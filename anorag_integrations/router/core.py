@@ -86,19 +86,20 @@ class Router:
         """The vector length each embedding group answers: a route answering another length fails."""
         self.policy = self.pools["chat"].policy
         self.prober = Prober(self.routes.values(), config.health.probe_interval)
+        self.admission = Admission(config.admission, config.params.timeout)
+        """Slots per route, the calls waiting for one, what was shed (``admission/``)."""
+        admission = self.admission  # the scraper's checks hold it, never the router
         self.scraper: Poller | None = None
         """Reads every route's ``/metrics`` when the policy uses server queues (``least_queue``)."""
         if getattr(self.policy, "scrapes_metrics", False):
             self.scraper = Poller(
                 self.routes.values(),
                 config.least_queue.interval,
-                lambda r: r.scrape_load(),
-                lambda r: r.ascrape_load(),
+                lambda r: admission.scraped(r, r.scrape_load()),
+                lambda r: _ascraped(admission, r),
                 "anorag-metrics-scraper",
             )
         self.hedger = Hedger(config.hedge) if config.hedge is not None else None
-        self.admission = Admission(config.admission, config.params.timeout)
-        """Slots per route, the calls waiting for one, what was shed (``admission/``)."""
         budget = config.retry_budget
         self.retry_budget = RetryBudget(budget.ratio, budget.min_per_s, budget.window)
         """Retries and failovers at most a share of calls (fleet-wide with shared state)."""
@@ -154,6 +155,7 @@ class Router:
         The calls in flight at the fork are the parent's; the shared state renews itself (``fleet/``).
         """
         self._live.clear()
+        self.admission.renew_after_fork()
         for route in self.routes.values():
             route.renew_after_fork()
         self._loop_thread.renew_after_fork()
@@ -447,6 +449,10 @@ def _halt(
     for route in list(routes):
         with contextlib.suppress(Exception):
             route.close()
+
+
+async def _ascraped(admission: Admission, route: Route) -> None:
+    admission.scraped(route, await route.ascrape_load())
 
 
 def make_route(name: str, cfg: Any, config: Config) -> Route:

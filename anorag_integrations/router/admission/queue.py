@@ -27,6 +27,7 @@ from ..errors import FleetSaturatedError, RouterClosed
 
 if TYPE_CHECKING:
     from ...config import AdmissionConfig
+    from ..balancing.server_load import LoadReport
     from ..call import Call
     from ..endpoints.route import Route
 
@@ -114,6 +115,14 @@ class Admission:
     def saturation(self, route: Route, t0: float) -> None:
         with self._lock:
             route.limit.saturation(t0)
+
+    def scraped(self, route: Route, load: LoadReport | None) -> None:
+        """A ``/metrics`` reading of ``route``'s server (when a policy reads them): requests waiting there while
+        this router has attempts in flight mean it is sent more than it runs, whoever else sends it work."""
+        if load is not None and load.waiting >= 1:
+            with self._lock:
+                if route.limit.in_flight > 0:
+                    route.limit.saturation(time.perf_counter())
 
     def _grant(self, route: Route) -> None:
         """Hand ``route``'s free slots to waiters, first come (by priority) first served (under the lock)."""
@@ -283,6 +292,11 @@ class Admission:
                 "waited_s_total": round(self.waited_s, 3),
                 "shed": {f"{why}/{priority}": n for (why, priority), n in sorted(self.shed.items())},
             }
+
+    def renew_after_fork(self) -> None:
+        """In a forked child: the parent's waiters are the parent's (the routes' counts are renewed with them)."""
+        self._waiting = []
+        self._releases.clear()
 
     def close(self) -> None:
         """The router closes: every waiter wakes to ``RouterClosed``."""
