@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         ModelNotFoundError,
         NoRouteOfKindError,
         PermanentRouteError,
+        RetryBudgetExhausted,
         RouteError,
         Router,
         RouterClosed,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AllRoutesFailed",
     "FleetSaturatedError",
+    "RetryBudgetExhausted",
     "AuthenticationError",
     "BadRequestError",
     "CallInfo",

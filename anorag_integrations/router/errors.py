@@ -27,8 +27,10 @@ Catch ``RouterError`` for everything; the tree says what else you can tell apart
     │       └── UnprocessableEntityError   422: the body failed the server's validation
     ├── StreamInterruptedError      a stream broke after text was delivered; says how much
     ├── AllRoutesFailed             every route (and retry round) failed; .attempts lists them
-    │   └── FleetSaturatedError     every route was busy and the call could not be served in time:
-    │                               shed at once, with a suggested .retry_after (no route failed)
+    │   ├── FleetSaturatedError     every route was busy and the call could not be served in time:
+    │   │                           shed at once, with a suggested .retry_after (no route failed)
+    │   └── RetryBudgetExhausted    an attempt failed and retries are over the retry budget: the
+    │                               call ends at that failure (.attempts has it)
     ├── RouterClosed                the router was closed before or while the call ran
     └── InvalidRequestError         the caller's request is unusable (bad bound, unknown route,
         │                           a message that cannot be sent); also a ValueError
@@ -236,6 +238,11 @@ class FleetSaturatedError(AllRoutesFailed):
             f"fleet saturated: {reasons.get(why, why)} (priority {priority}, waited {waited_s * 1000:.0f} ms, "
             f"{queued} waiting); retry in about {retry_after:.1f}s",
         )
+
+
+class RetryBudgetExhausted(AllRoutesFailed):
+    """An attempt failed and retries plus failovers are over the retry budget (``retry_budget:``), so the call
+    ends with that failure instead of adding load: neither another round nor a fallback model is tried."""
 
 
 class StreamCut(TransientRouteError):

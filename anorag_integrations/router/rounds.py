@@ -21,7 +21,14 @@ from tenacity import wait_random_exponential
 from .balancing.policies import Policy, make_policy
 from .balancing.prefix_index import Sessions
 from .call import Call, wall_clock
-from .errors import AllRoutesFailed, ContextOverflowError, FleetSaturatedError, ModelNotFoundError, RouterClosed
+from .errors import (
+    AllRoutesFailed,
+    ContextOverflowError,
+    FleetSaturatedError,
+    ModelNotFoundError,
+    RetryBudgetExhausted,
+    RouterClosed,
+)
 from .lease import Lease
 
 if TYPE_CHECKING:
@@ -141,7 +148,9 @@ def _lease(router: Router, call: Call, route: Route, full: set[str]) -> Lease | 
     failure; None (nothing held) when the breaker refuses or the route is full (then added to ``full``)."""
     if len(call.info.attempts) > call.retries:  # a retry or failover: the budget pays for it, or the call ends
         if not router.retry_budget.withdraw():
-            raise call.exhausted("retries and failovers are over the retry budget (retry_budget: in the config)")
+            raise RetryBudgetExhausted(
+                call.info.attempts, "retries and failovers are over the retry budget (retry_budget: in the config)"
+            )
         call.retries = len(call.info.attempts)
     if (ticket := route.breaker.acquire()) is None:
         return None
@@ -203,7 +212,7 @@ def one_round(router: Router, call: Call, send: Callable[[Route, float], _T]) ->
         if lease is None:
             if not _waits(call, full, tried):
                 raise call.exhausted()
-            router.admission.wait(call, frozenset(full))
+            router.admission.wait(call, _full_routes(router, full))
             continue
         tried.add(lease.route.name)
         try:
@@ -222,13 +231,18 @@ async def aone_round(router: Router, call: Call, send: Callable[[Route, float], 
         if lease is None:
             if not _waits(call, full, tried):
                 raise call.exhausted()
-            await router.admission.await_slot(call, frozenset(full))
+            await router.admission.await_slot(call, _full_routes(router, full))
             continue
         tried.add(lease.route.name)
         try:
             return lease, await lease.asend(send)
         except BaseException as exc:
             lease.failed(exc)
+
+
+def _full_routes(router: Router, full: set[str]) -> tuple[Route, ...]:
+    """The routes named in ``full`` (those that left meanwhile are not waited for)."""
+    return tuple(route for name in sorted(full) if (route := router.routes.get(name)) is not None)
 
 
 def _waits(call: Call, full: set[str], tried: set[str]) -> bool:
@@ -247,7 +261,7 @@ def rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> tu
                 raise overflow
             return _rounds(router, call, send)
         except FALL_BACK_AFTER as failed:
-            if not call.fall_back(failed):
+            if isinstance(failed, RetryBudgetExhausted) or not call.fall_back(failed):
                 raise
 
 
@@ -260,7 +274,7 @@ async def arounds(router: Router, call: Call, send: Callable[[Route, float], Awa
                 raise overflow
             return await _arounds(router, call, send)
         except FALL_BACK_AFTER as failed:
-            if not call.fall_back(failed):
+            if isinstance(failed, RetryBudgetExhausted) or not call.fall_back(failed):
                 raise
 
 
@@ -269,8 +283,8 @@ def _rounds(router: Router, call: Call, send: Callable[[Route, float], _T]) -> t
     while True:
         try:
             return one_round(router, call, send)
-        except FleetSaturatedError:
-            raise  # shed: the fleet has no room in the call's time, and another round would only add load
+        except (FleetSaturatedError, RetryBudgetExhausted):
+            raise  # shed, or over budget: another round would only add load
         except AllRoutesFailed as failed:
             wait = next_wait(call, failed)
         if router._closing.wait(wait):
@@ -282,8 +296,8 @@ async def _arounds(router: Router, call: Call, send: Callable[[Route, float], Aw
     while True:
         try:
             return await aone_round(router, call, send)
-        except FleetSaturatedError:
-            raise  # shed: the fleet has no room in the call's time, and another round would only add load
+        except (FleetSaturatedError, RetryBudgetExhausted):
+            raise  # shed, or over budget: another round would only add load
         except AllRoutesFailed as failed:
             wait = next_wait(call, failed)
         call.ctl.awaiting = True

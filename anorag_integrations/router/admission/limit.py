@@ -54,6 +54,7 @@ class ConcurrencyLimit:
         "_base_old",
         "_done",
         "_ratio",
+        "_released",
         "_rotated",
         "_typical",
         "fixed",
@@ -93,6 +94,8 @@ class ConcurrencyLimit:
         self._rotated = time.monotonic()
         self._done: deque[float] = deque(maxlen=100_000)
         """When (perf_counter) the route answered lately: its throughput."""
+        self._released: deque[float] = deque(maxlen=100_000)
+        """When (monotonic) attempts here ended lately, however: the pace a queue for this route drains at."""
         self._ratio = 1.0
         """Running (exponentially smoothed) ratio of answers' latency to their unloaded latency."""
         self._typical: float | None = None
@@ -101,6 +104,21 @@ class ConcurrencyLimit:
     def room(self) -> bool:
         """Whether a new attempt may start here without waiting."""
         return self.in_flight + self.reserved < self.limit
+
+    def released(self, now: float) -> None:
+        """An attempt here ended (its slot is free)."""
+        self.in_flight -= 1
+        self._released.append(now)
+
+    def drain_rate(self, now: float) -> float:
+        """Slots freed per second lately (0 until ``MIN_SAMPLES`` were freed within ``RATE_WINDOW_S``): measured
+        over the span the samples cover, so a first burst or one after a quiet spell is not diluted."""
+        released = self._released
+        while released and now - released[0] > RATE_WINDOW_S:
+            released.popleft()
+        if len(released) < MIN_SAMPLES:
+            return 0.0
+        return len(released) / max(now - released[0], RATE_WINDOW_S / 8)
 
     @property
     def saturated(self) -> bool:

@@ -5,9 +5,9 @@ oldest of a priority has waited ``lifo_after`` seconds the newest of that priori
 (adaptive LIFO: under sustained overload the calls that are answered stay fast, the hopeless ones are
 shed early rather than all answered late). A freed slot is handed to the first waiter that may use its
 route (no newcomer takes it first). A waiter's time is its deadline, else ``queue_timeout``, else its
-attempt timeout; a call whose expected wait (its place in the queue over the fleet's drain rate) passes
-that is shed at once with :class:`FleetSaturatedError`, and so is one pushed back past it later, or out
-of a full queue by a higher priority. One lock guards the queue and every route's counts.
+attempt timeout; a call whose expected wait (its place among the waiters for the same routes, over the
+pace those routes free slots at) passes that is shed at once with :class:`FleetSaturatedError`, and so is
+one pushed back past it later, or out of a full queue by a higher priority. One lock guards the queue and every route's counts.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import contextlib
 import itertools
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from .. import forks
 from ..errors import FleetSaturatedError, RouterClosed
+from .limit import ConcurrencyLimit
 
 if TYPE_CHECKING:
     from ...config import AdmissionConfig
@@ -31,27 +32,33 @@ if TYPE_CHECKING:
     from ..call import Call
     from ..endpoints.route import Route
 
-RATE_WINDOW_S = 2.0
-"""Slots freed in this many seconds give the drain rate an expected wait is computed from."""
-MAX_RATE_SAMPLES = 100_000
-"""Most release times kept for the drain rate."""
 RETRY_AFTER_BOUNDS = (0.1, 60.0)
 """The suggested ``retry_after`` of a shed call, in seconds, is kept within these."""
 
 
 class Waiter:
-    """One call waiting for a slot; ``granted`` is the route whose slot it was handed."""
+    """One call waiting for a slot on one of ``routes``; ``granted`` is the route whose slot it was handed.
 
-    __slots__ = ("call", "expires", "future", "granted", "key", "names", "shed", "since", "wake")
+    Waiters for the same route names are one class: a waiter's expected wait counts the waiters of its class
+    ahead of it over its routes' drain rate (waiters of other classes, which overlap rarely, are not counted).
+    """
 
-    def __init__(self, call: Call, names: frozenset[str], expires: float, key: tuple[int, int]) -> None:
-        self.call, self.names, self.expires, self.key = call, names, expires, key
+    __slots__ = ("call", "expires", "granted", "key", "names", "routes", "shed", "since", "wake")
+
+    def __init__(self, call: Call, routes: tuple[Route, ...], expires: float, key: tuple[int, int]) -> None:
+        self.call, self.routes, self.expires, self.key = call, routes, expires, key
+        self.names = frozenset(route.name for route in routes)
+        """A slot on any route of these names will do (a route replaced by a reload keeps its name)."""
         self.since = time.monotonic()
         self.granted: Route | None = None
         self.shed: str | None = None
         """Why the waiter was shed while it waited (pushed back past its time, pushed out by a priority)."""
-        self.wake: Callable[[], None] = _nothing
-        self.future: asyncio.Future[None] | None = None
+        self.wake: Callable[[], bool] = _woken
+        """Wakes the waiting call; False when it cannot be woken any more (its event loop is closed)."""
+
+    def rate(self, now: float) -> float:
+        """Slots its routes freed per second lately (0: not measured yet)."""
+        return sum(route.limit.drain_rate(now) for route in self.routes)
 
 
 class Admission:
@@ -67,7 +74,6 @@ class Admission:
         self._waiting: list[Waiter] = []
         """In the order they are served: by ``Waiter.key`` (priority, then arrival; LIFO entries negative)."""
         self._order = itertools.count(1)
-        self._releases: deque[float] = deque(maxlen=MAX_RATE_SAMPLES)
         self.shed: Counter[tuple[str, int]] = Counter()
         """Calls shed, by (why, priority)."""
         self.queued = 0
@@ -94,8 +100,7 @@ class Admission:
     def give_back(self, route: Route) -> None:
         """An attempt on ``route`` ended: its slot goes to the first waiter that may use it."""
         with self._lock:
-            route.limit.in_flight -= 1
-            self._releases.append(time.monotonic())
+            route.limit.released(time.monotonic())
             if self._waiting:
                 self._grant(route)
 
@@ -124,6 +129,13 @@ class Admission:
                 if route.limit.in_flight > 0:
                     route.limit.saturation(time.perf_counter())
 
+    def offer(self, routes: Iterable[Route]) -> None:
+        """Routes joined (added, or replaced by a reload): their room goes to the calls waiting for their names."""
+        with self._lock:
+            for route in routes:
+                if self._waiting:
+                    self._grant(route)
+
     def _grant(self, route: Route) -> None:
         """Hand ``route``'s free slots to waiters, first come (by priority) first served (under the lock)."""
         limit = route.limit
@@ -136,30 +148,40 @@ class Admission:
             del self._waiting[i]
             waiter.granted = route
             limit.reserved += 1
-            waiter.wake()
+            if not waiter.wake():  # nobody can take it (the waiter's loop is closed): the slot stays free
+                waiter.granted = None
+                limit.reserved -= 1
 
     # --- waiting ----------------------------------------------------------------------------------
 
-    def wait(self, call: Call, names: frozenset[str]) -> None:
-        """Wait (sync) until a slot on one of ``names`` is handed to ``call`` (``call.granted``); else raise
+    def wait(self, call: Call, routes: tuple[Route, ...]) -> None:
+        """Wait (sync) until a slot on one of ``routes`` is handed to ``call`` (``call.granted``); else raise
         :class:`FleetSaturatedError` (or ``RouterClosed``)."""
         event = threading.Event()
-        waiter = self._enqueue(call, names, event.set)
+
+        def wake() -> bool:
+            event.set()
+            return True
+
+        waiter = self._enqueue(call, routes, wake)
         try:
             event.wait(max(0.0, waiter.expires - time.monotonic()))
         finally:
             self._settle(waiter)
 
-    async def await_slot(self, call: Call, names: frozenset[str]) -> None:
+    async def await_slot(self, call: Call, routes: tuple[Route, ...]) -> None:
         """Async twin of :meth:`wait`; a cancellation gives a slot handed meanwhile back."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
-        def wake() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits there any more
+        def wake() -> bool:
+            try:
                 loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # the loop closed: nobody awaits there any more
+                return False
+            return True
 
-        waiter = self._enqueue(call, names, wake)
+        waiter = self._enqueue(call, routes, wake)
         timer = loop.call_later(max(0.0, waiter.expires - time.monotonic()), _resolve, future)
         call.ctl.awaiting = True
         try:
@@ -174,7 +196,7 @@ class Admission:
             timer.cancel()
         self._settle(waiter)
 
-    def _enqueue(self, call: Call, names: frozenset[str], wake: Callable[[], None]) -> Waiter:
+    def _enqueue(self, call: Call, routes: tuple[Route, ...], wake: Callable[[], bool]) -> Waiter:
         """Queue ``call``, or shed it at once (queue full, or its expected wait past its time)."""
         now = time.monotonic()
         bound = self.queue_timeout or call.timeout or self.attempt_timeout
@@ -182,22 +204,22 @@ class Admission:
         with self._lock:
             if self.closed:
                 raise RouterClosed("the router was closed while this call waited for a route")
-            key = (call.priority, self._key(call.priority, now))
-            waiter = Waiter(call, names, expires, key)
+            waiter = Waiter(call, routes, expires, (call.priority, self._key(call.priority, now)))
             waiter.wake = wake
-            if len(self._waiting) >= self.max_queue:
-                worst = self._waiting[-1] if self._waiting else None
-                if worst is None or worst.key[0] <= call.priority:
-                    raise self._shed_error(call, "queue_full", 0.0)
+            worst = self._waiting[-1] if len(self._waiting) >= self.max_queue and self._waiting else None
+            if len(self._waiting) >= self.max_queue and (worst is None or worst.key[0] <= call.priority):
+                raise self._shed_error(call, "queue_full", 0.0)
+            place = bisect.bisect(self._waiting, waiter.key, key=lambda w: w.key)
+            ahead = sum(1 for w in self._waiting[:place] if w.names == waiter.names)
+            rate = waiter.rate(now)
+            if rate > 0 and (ahead + 1) / rate > expires - now:
+                raise self._shed_error(call, "wait", 0.0, ahead, rate)
+            if worst is not None:
                 self._push_out(worst, "priority")
-            place = bisect.bisect(self._waiting, key, key=lambda w: w.key)
-            rate = self._rate(now)
-            if rate > 0 and (place + 1) / rate > expires - now:
-                raise self._shed_error(call, "wait", 0.0)
             self._waiting.insert(place, waiter)
             self.queued += 1
             if rate > 0:
-                self._recheck(place + 1, rate, now, call.priority)
+                self._recheck(waiter, place, ahead + 1, rate, now)
         return waiter
 
     def _key(self, priority: int, now: float) -> int:
@@ -206,20 +228,26 @@ class Admission:
         oldest = min((w.since for w in self._waiting if w.key[0] == priority), default=now)
         return -n if now - oldest > self.lifo_after else n
 
-    def _recheck(self, start: int, rate: float, now: float, priority: int) -> None:
-        """Waiters pushed back by a newcomer: shed those whose wait now passes their time (under the lock)."""
-        i = start
+    def _recheck(self, newcomer: Waiter, place: int, position: int, rate: float, now: float) -> None:
+        """Waiters of the newcomer's class it pushed back: shed those whose wait now passes their time (under the
+        lock). ``position`` is the newcomer's place in its class, counting from 1."""
+        i = place + 1
         while i < len(self._waiting):
             waiter = self._waiting[i]
-            if (i + 1) / rate > waiter.expires - now:
-                self._push_out(waiter, "priority" if priority < waiter.key[0] else "wait")
+            if waiter.names != newcomer.names:
+                i += 1
+                continue
+            position += 1
+            if position / rate > waiter.expires - now:
+                self._push_out(waiter, "priority" if newcomer.key[0] < waiter.key[0] else "wait")
+                position -= 1
             else:
                 i += 1
 
     def _push_out(self, waiter: Waiter, why: str) -> None:
         self._waiting.remove(waiter)
         waiter.shed = why
-        waiter.wake()
+        waiter.wake()  # a waiter that cannot be woken any more is simply gone
 
     def _settle(self, waiter: Waiter) -> None:
         """After the wait: the slot handed over becomes the call's, or the call is shed."""
@@ -235,7 +263,7 @@ class Admission:
                 self._waiting.remove(waiter)
             if self.closed:
                 raise RouterClosed("the router was closed while this call waited for a route")
-            raise self._shed_error(call, waiter.shed or "timeout", waited)
+            raise self._shed_error(call, waiter.shed or "timeout", waited, rate=waiter.rate(time.monotonic()))
 
     def _forget(self, waiter: Waiter) -> None:
         """A cancelled waiter leaves the queue; a slot it was handed goes to the next one."""
@@ -249,18 +277,23 @@ class Admission:
                 self._grant(route)
 
     def _rate(self, now: float) -> float:
-        """Slots freed per second lately (0: none, or not measured yet)."""
-        releases = self._releases
-        while releases and now - releases[0] > RATE_WINDOW_S:
-            releases.popleft()
-        return len(releases) / RATE_WINDOW_S
+        """Slots the fleet freed per second lately (0: not measured yet)."""
+        return sum(limit.drain_rate(now) for limit in self._limits())
 
-    def _shed_error(self, call: Call, why: str, waited: float) -> FleetSaturatedError:
-        """Count a shed call and build its error (under the lock)."""
+    def _limits(self) -> list[ConcurrencyLimit]:
+        """The limits of the routes the queue's waiters wait for."""
+        return list({id(r.limit): r.limit for w in self._waiting for r in w.routes}.values())
+
+    def _shed_error(
+        self, call: Call, why: str, waited: float, ahead: int | None = None, rate: float | None = None
+    ) -> FleetSaturatedError:
+        """Count a shed call and build its error (under the lock). ``ahead``: the waiters before it (default all),
+        ``rate``: how fast they drain (default the queue's): its ``retry_after`` is the time they take."""
         self.shed[(why, call.priority)] += 1
-        rate = self._rate(time.monotonic())
+        rate = self._rate(time.monotonic()) if rate is None else rate
         low, high = RETRY_AFTER_BOUNDS
-        retry_after = 1.0 if rate <= 0 else min(high, max(low, (len(self._waiting) + 1) / rate))
+        ahead = len(self._waiting) if ahead is None else ahead
+        retry_after = 1.0 if rate <= 0 else min(high, max(low, (ahead + 1) / rate))
         call.info.shed = why
         return FleetSaturatedError(
             call.info.attempts,
@@ -296,7 +329,6 @@ class Admission:
     def renew_after_fork(self) -> None:
         """In a forked child: the parent's waiters are the parent's (the routes' counts are renewed with them)."""
         self._waiting = []
-        self._releases.clear()
 
     def close(self) -> None:
         """The router closes: every waiter wakes to ``RouterClosed``."""
@@ -312,5 +344,5 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _nothing() -> None:
-    return None
+def _woken() -> bool:
+    return True

@@ -110,8 +110,10 @@ class CircuitBreaker:
             return self._peek()
 
     def renew_after_fork(self) -> None:
-        """In a forked child: a half-open trial in flight is the parent's, so the child's calls may send one."""
+        """In a forked child: the requests in flight are the parent's (their tickets never come back here), and so
+        is a half-open trial in flight: the child's calls may send one."""
         self._trial_in_flight = False
+        self._out = 0
 
     @property
     def trial_in_flight(self) -> bool:

@@ -133,6 +133,7 @@ def apply(router: Router, config: Config, origins: Mapping[str, str]) -> Changes
     _publish(router, config, routes, dict(origins))
     for route in leaving:
         changes.drains[route.name] = retire(router, route)
+    router.admission.offer(routes[name] for name in (*changes.added, *changes.replaced))
     if changes.added or changes.removed or changes.replaced:
         log.info("routes changed: %s", changes.summary())
     return changes
