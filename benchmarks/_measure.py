@@ -127,3 +127,47 @@ class Scenario:
             "max_ms": round(ordered[-1] if ordered else 0.0, 1),
             "faulted_routes": routes,
         }
+
+
+Outcome = tuple[str, bool, float, str, float]
+"""One call of an open-loop run: (its tag, answered, seconds from its scheduled start, error class or "", when it
+was due, in seconds from the run's start)."""
+
+
+async def open_loop(
+    call: Callable[[str], Awaitable[Any]], rate: float, duration: float, tags: Sequence[str] = ("",)
+) -> dict[str, Any]:
+    """Calls arriving on a fixed schedule (``rate`` per second for ``duration`` s), each its own task.
+
+    Open loop: an arrival never waits for earlier calls, as users do not wait for each other. Call ``i``
+    gets ``tags[i % len(tags)]`` (a priority mix); its time counts from when it was due, so a client
+    too busy to start calls on time is charged for it (``late_s``: the latest start past its due time).
+    """
+    loop = asyncio.get_running_loop()
+    count = max(1, round(rate * duration))
+    outcomes: list[Outcome] = []
+    late = 0.0
+
+    async def one(tag: str, due: float) -> None:
+        try:
+            await call(tag)
+        except Exception as exc:
+            outcomes.append((tag, False, loop.time() - due, type(exc).__name__, due - start))
+        else:
+            outcomes.append((tag, True, loop.time() - due, "", due - start))
+
+    tasks = []
+    cpu, start = time.process_time(), loop.time()
+    for i in range(count):
+        due = start + i / rate
+        if (wait := due - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        late = max(late, loop.time() - due)
+        tasks.append(asyncio.ensure_future(one(tags[i % len(tags)], due)))
+    await asyncio.gather(*tasks)
+    return {
+        "outcomes": outcomes,
+        "wall_s": loop.time() - start,
+        "cpu_s": time.process_time() - cpu,
+        "late_s": late,
+    }

@@ -5,7 +5,9 @@ on stdin and answers one JSON line on stdout, so it is measured in its own proce
 CPU clock and never changes the SDK the project is measured with. Commands:
 ``{"op": "versions"}``, ``{"op": "overhead", "client", "urls", "requests", "concurrency", "stream"}``,
 ``{"op": "failover", "client", "urls", "requests", "concurrency", "timeout", "faults"}`` where faults are
-``[fraction, url, pid, signal]`` lists.
+``[fraction, url, pid, signal]`` lists, ``{"op": "open_loop", "urls", "rate", "duration", "timeout", "warmup",
+"max_tokens"}``: LiteLLM's ``Router`` with that timeout and its defaults otherwise (retries, cooldowns), under
+calls arriving on a fixed schedule (``_measure.open_loop``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
 
-from _measure import MODEL, PROMPT, Call, Scenario, drain, throughput
+from _measure import MODEL, PROMPT, Call, Scenario, drain, open_loop, throughput
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 USAGE = {"include_usage": True}  # every client asks for usage on streams, as ours does
 _clients: dict[str, Call] = {}
 
 
-def litellm_router(urls: list[str], timeout: float | None = None, scenario: Scenario | None = None) -> Any:
+def litellm_router(
+    urls: list[str], timeout: float | None = None, scenario: Scenario | None = None, retries: int | None = 2
+) -> Any:
+    """LiteLLM's Router over ``urls``; with ``timeout``, that per-attempt bound and ``retries`` (None: its default)."""
     import litellm
     from litellm.integrations.custom_logger import CustomLogger
 
@@ -38,7 +43,7 @@ def litellm_router(urls: list[str], timeout: float | None = None, scenario: Scen
     ]
     settings: dict[str, Any] = {}
     if timeout is not None:  # the failover scenario: the same bounds our router gets
-        settings = {"timeout": timeout, "num_retries": 2}
+        settings = {"timeout": timeout} if retries is None else {"timeout": timeout, "num_retries": retries}
     if scenario is not None:
 
         class Failures(CustomLogger):  # type: ignore[misc]
@@ -113,6 +118,26 @@ async def failover(command: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+async def overload(command: dict[str, Any]) -> dict[str, Any]:
+    """LiteLLM's Router, its defaults but the timeout, under open-loop arrivals (``overload.py``)."""
+    import logging
+
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # a failed call logs a traceback otherwise
+    router = litellm_router(command["urls"], command["timeout"], retries=None)
+    names = {"num_retries": "num_retries", "allowed_fails": "allowed_fails", "cooldown_time_s": "cooldown_time"}
+    settings = {key: getattr(router, name, None) for key, name in names.items()}
+    max_tokens = command.get("max_tokens", 8)
+    for _ in range(command.get("warmup", 0)):
+        await router.acompletion(model="bench", messages=MESSAGES, max_tokens=max_tokens)
+
+    async def call(tag: str) -> None:
+        await router.acompletion(model="bench", messages=MESSAGES, max_tokens=max_tokens)
+
+    result = await open_loop(call, command["rate"], command["duration"])
+    return {**result, "settings": settings}
+
+
 async def handle(command: dict[str, Any]) -> Any:
     if command["op"] == "versions":
         return {name: version(name) for name in ("openai", "litellm", "llama-index-llms-openai-like")}
@@ -123,6 +148,8 @@ async def handle(command: dict[str, Any]) -> Any:
         return await throughput(_clients[key], command["requests"], command["concurrency"])
     if command["op"] == "failover":
         return await failover(command)
+    if command["op"] == "open_loop":
+        return await overload(command)
     raise ValueError(f"unknown op {command['op']!r}")
 
 

@@ -1,4 +1,4 @@
-"""Report sections on faults and the fleet: failover, hedging, stream continuation, soak, shared state."""
+"""Report sections on faults and the fleet: failover, hedging, stream continuation, soak, shared state, overload."""
 
 from __future__ import annotations
 
@@ -172,6 +172,110 @@ def membership(data: dict[str, Any]) -> list[str]:
         f"CPU per call, churn over static: **{r['cpu_per_call_churn_over_static']:.2f}x**; median latency: "
         f"**{r['p50_churn_over_static']:.2f}x**; every removed route released: "
         f"{'yes' if r['all_released'] else '**no**'}.",
+        "",
+        machine(meta),
+    ]
+
+
+def overload(data: dict[str, Any]) -> list[str]:
+    meta, r = data["meta"], data["results"]
+    unloaded = r["unloaded"]
+
+    def errors(row: dict[str, Any]) -> str:
+        return ", ".join(f"{name} {count}" for name, count in row["errors"].items()) or "-"
+
+    rows = [[row["client"], f"{row['load']:g}x", row["answers_per_s"], f"{row['vs_capacity']:.2f}x",
+             row["attempts_per_request"], f"{row['failed']} of {row['offered']}", row["median_fail_s"],
+             None if row["p50_vs_unloaded"] is None else f"{row['p50_vs_unloaded']:.2f}x",
+             None if row["p95_vs_unloaded"] is None else f"{row['p95_vs_unloaded']:.2f}x", errors(row),
+             "-" if row.get("breakers_opened") is None else row["breakers_opened"], row["client_late_s"]]
+            for row in r["rows"]]  # fmt: skip
+    header = ["client", "load", f"answers/s (capacity {r['capacity_per_s']:g})", "vs capacity (target ≥ 0.85x)",
+              "attempts per call (target ≤ 1.2)", "failed", "median s to fail", "p50 vs unloaded (target ≤ 2x)",
+              "p95 vs unloaded", "errors", "breakers opened", "client late s"]  # fmt: skip
+    mix, below = r["priority_mix"], r["below_capacity"]
+    off, on = below["Router, admission off"], below["Router, defaults"]
+    today = "" if meta["admission_available"] else (
+        " **Measured on a router without admission control**: both of our variants are the same router (today's), "
+        "and the priority mix sends no priority."
+    )  # fmt: skip
+    peers = f" LiteLLM not measured: {meta['peers_missing']}." if meta.get("peers_missing") else ""
+    return [
+        f"## 16. Under overload ({meta['servers']} servers of {meta['slots']} slots x {meta['service_s']:g} s = "
+        f"{r['capacity_per_s']:g} answers/s; calls arriving open loop at each load for {meta['duration_s']:g} s; "
+        f"per-attempt timeout {meta['timeout_s']:g} s)",
+        "",
+        "Servers queue what they cannot run and abort a request whose client disconnects, as vLLM does (one process "
+        "of their own, off the client's core). Calls arrive on a fixed schedule, each its own task; latency counts "
+        "from when a call was due. Answers/s: answered calls over the run's wall time (last answer included); "
+        "attempts per call: requests the servers received over calls offered. Raw SDK: `max_retries=2` (its "
+        "default), servers taken in turn; LiteLLM `Router`: its defaults (retries, cool-downs) but the timeout; "
+        f"ours: `round_robin`, `params.timeout` {meta['timeout_s']:g}. Unloaded latency (sequential calls on the "
+        f"idle fleet): p50 {unloaded['p50_s'] * 1000:.0f} ms, p95 {unloaded['p95_s'] * 1000:.0f} ms. Client late: "
+        "how far behind its schedule the client started a call at worst (a client short of CPU offers less than "
+        f"the load).{today}{peers}",
+        "",
+        table(header, rows),
+        "",
+        *(_mix(m) for m in (mix, r.get("priority_mix_scheduled")) if m is not None),
+        f"Below capacity ({below['load']:g}x, {below['rounds']} runs each, alternating): CPU per call with admission "
+        f"control over without **{below['cpu_per_call_on_over_off']:.3f}x** (target ≤ 1.03x), p50 "
+        f"**{below['p50_on_over_off']:.3f}x**, calls shed {on['shed']} (target 0); failed {off['failed']} without, "
+        f"{on['failed']} with.",
+        "",
+        machine(meta),
+    ]
+
+
+def _mix(mix: dict[str, Any]) -> str:
+    """The line of one priority-mix run (servers first come first served, or scheduling by priority)."""
+    inter, batch = mix["interactive"], mix["batch"]
+    servers = (
+        "servers scheduling by priority, routes `send_priority: true`"
+        if mix.get("server_priority")
+        else "servers first come first served: the router's queue alone orders calls"
+    )
+    return (
+        f"Priority mix at 2x (one call in five interactive, priority 0; the rest batch, priority 1; ours, defaults; "
+        f"{servers}; priority sent: {'yes' if mix['priority_sent'] else 'no'}): interactive p95 "
+        f"**{inter['p95_vs_unloaded']}x** the unloaded p95 over the whole run"
+        + (
+            f", **{inter['steady']['p95_vs_unloaded']}x** for calls due after the first {learnt:g} s"
+            if (learnt := mix.get("learnt_s")) is not None and "steady" in inter
+            else ""
+        )
+        + f" (target ≤ 1.5x), {inter['failed']} of "
+        f"{inter['offered']} failed; batch {batch['answers_per_s']} answers/s, {batch['failed']} of "
+        f"{batch['offered']} failed.\n"
+    )
+
+
+def overload_vllm(data: dict[str, Any]) -> list[str]:
+    meta, r = data["meta"], data["results"]
+    base = r["unloaded"]
+    rows = [
+        [run["client"], run["offered"], run["completed"], run["goodput_per_s"], f"{run['goodput_vs_capacity']:.2f}x",
+         run["attempts_per_call"], run["failed"], ", ".join(f"{k} {v}" for k, v in run["errors"].items()) or "-",
+         None if run["p50_vs_unloaded"] is None else f"{run['p50_vs_unloaded']:.2f}x",
+         None if run["p95_vs_unloaded"] is None else f"{run['p95_vs_unloaded']:.2f}x",
+         None if run["ttft_p95_vs_unloaded"] is None else f"{run['ttft_p95_vs_unloaded']:.2f}x"]
+        for row in r["rows"] for run in row["runs"]
+    ]  # fmt: skip
+    header = ["client", "offered", "completed", "goodput /s", "vs capacity", "attempts per call", "failed",
+              "errors", "p50 vs unloaded", "p95 vs unloaded", "TTFT p95 vs unloaded"]  # fmt: skip
+    return [
+        f"## 16b. Under overload on real vLLM ({meta['model']}; streams of {meta['max_tokens']} tokens arriving "
+        f"open loop at {meta['load']:g}x the measured capacity for {meta['duration_s']:g} s; per-attempt timeout "
+        f"{meta['timeout_s']:g} s)",
+        "",
+        f"Capacity: {r['capacity_per_s']:.2f} streams/s at concurrency {meta['capacity_concurrency']} (closed loop). "
+        f"Unloaded (sequential streams): p50 {base['p50_s']:.2f} s, TTFT p95 {base['ttft_p95_s'] * 1000:.0f} ms. "
+        "Runs alternate, one row each; attempts from the routes' own counts.",
+        "",
+        table(header, rows),
+        "",
+        f"Median over the runs, with admission control over without: goodput **{r['goodput_on_over_off']}x**, "
+        f"p95 latency of completed streams **{r['p95_on_over_off']}x**.",
         "",
         machine(meta),
     ]

@@ -39,6 +39,8 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("embeddings", cost.embeddings),
     ("shared_state", faults.shared_state),
     ("membership", faults.membership),
+    ("overload", faults.overload),
+    ("overload_vllm", faults.overload_vllm),
 ]
 
 

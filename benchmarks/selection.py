@@ -40,7 +40,7 @@ def per_pick_us(n_routes: int, policy: str, picks: int, models: int = 1) -> floa
     for _ in range(5):
         started = time.perf_counter()
         for i in range(picks):
-            lease = claim(router, calls[i % models], set())  # the pick, and claiming the route (breaker, in-flight)
+            lease = claim(router, calls[i % models], set(), set())  # the pick, and claiming the route (breaker, slot)
             assert lease is not None
             lease.abandoned()
         rounds.append((time.perf_counter() - started) / picks * 1e6)

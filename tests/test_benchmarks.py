@@ -125,6 +125,22 @@ def test_membership_smoke_run_loses_no_call_and_releases_every_route(tmp_path: P
     assert summary["churn"]["released"] and summary["all_released"]
 
 
+def test_overload_smoke_run_accounts_for_every_call_with_a_typed_error(tmp_path: Path) -> None:
+    result = run("overload.py", "--quick", "--loads", "2", results=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "overload.json").read_text())["results"]
+    ours = [row for row in summary["rows"] if row["client"].startswith("Router")]
+    assert [row["client"] for row in ours] == ["Router, admission off", "Router, defaults"]
+    for row in ours:
+        assert row["answered"] + row["failed"] == row["offered"] > 0
+    defaults = ours[1]
+    assert set(defaults["errors"]) <= {"FleetSaturatedError", "AllRoutesFailed", "RetryBudgetExhausted"}
+    assert defaults["breakers_opened"] == 0  # saturated, never broken
+    for mix in (summary["priority_mix"], summary["priority_mix_scheduled"]):
+        assert mix["interactive"]["offered"] > 0 and mix["batch"]["offered"] > 0
+    assert summary["below_capacity"]["Router, defaults"]["failed"] == 0
+
+
 def test_continuation_smoke_run_completes_every_stream(tmp_path: Path) -> None:
     result = run("continuation.py", "--requests", "24", "--concurrency", "4", results=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -118,7 +118,7 @@ def claim(router: Router, call: Call, tried: set[str], full: set[str]) -> Lease 
             or not (route.continue_streams or not call.continuing)
         ):
             return False
-        if admission.enabled and not route.limit.room():
+        if not admission.room(route, call):
             full.add(route.name)
             return False
         return True

@@ -8,10 +8,12 @@ the attributes below, the counters); the request handlers build on it (``replies
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -24,6 +26,49 @@ from .wire import header_value, usage
 
 PROMPTS_KEPT = 10_000
 """How many distinct prompts the prefix-cache counters remember."""
+SCHEDULING = ("fcfs", "priority")
+"""vLLM's ``--scheduling-policy``: first come first served (its default), or by each request's ``priority``."""
+
+
+def priority_refused(priority: int) -> str:
+    """vLLM's 400 when a request sets a non-zero ``priority`` and the server does not schedule by it."""
+    return f"Got priority {priority} but Priority scheduling is not enabled."
+
+
+class Slots:
+    """vLLM's ``--max-num-seqs``: at most ``size`` requests run at once, the rest wait their turn.
+
+    Waiters are served by (priority, arrival): lower ``priority`` first, as vLLM's ``--scheduling-policy
+    priority`` does (every request has priority 0 under ``fcfs``, so arrival alone decides). A freed slot
+    goes straight to the next waiter, so a newcomer never overtakes one. A waiter cancelled (its client
+    left) drops out of the queue, and one cancelled just as a slot reached it passes the slot on.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._queue: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    async def acquire(self, priority: int = 0) -> None:
+        if self.free > 0:  # a free slot means nobody waits: release hands slots to waiters first
+            self.free -= 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._queue, (priority, next(self._arrivals), turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # the slot came just as the client left: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._queue:
+            _, _, turn = heapq.heappop(self._queue)
+            if not turn.done():  # waiters whose client left are skipped
+                turn.set_result(None)
+                return
+        self.free += 1
 
 
 class ServerControl(LoopServer):
@@ -41,6 +86,7 @@ class ServerControl(LoopServer):
         auto_tool_choice: bool = True,
         keep_requests: int = 1000,
         max_running: int | None = None,
+        scheduling: Literal["fcfs", "priority"] = "fcfs",
         metrics: str | None = "vllm",
         served_names: Sequence[str] = (),
         adapters: Mapping[str, str | None] | None = None,
@@ -79,7 +125,13 @@ class ServerControl(LoopServer):
         self.tool_calls = 1
         """How many calls an answer that calls tools makes at once (a model calling in parallel)."""
         self.max_running = max_running
-        """As vLLM's --max-num-seqs: requests beyond it wait (``num_requests_waiting``); None: no limit."""
+        """As vLLM's --max-num-seqs: requests beyond it wait (``num_requests_waiting``); None: no limit. As
+        vLLM does, a request whose client disconnects is aborted, waiting or running, and frees its place."""
+        if scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {', '.join(SCHEDULING)}, not {scheduling!r}")
+        self.scheduling = scheduling
+        """As vLLM's --scheduling-policy: "fcfs" (the default) refuses a non-zero ``priority`` with vLLM's 400;
+        "priority" lets waiting requests in by their ``priority`` (lower first), then by arrival."""
         self.metrics = metrics
         """Metric names ``/metrics`` uses: "vllm", "vllm_old" (gpu_cache_usage_perc), "llamacpp"; None: 404."""
         self.kv_usage = 0.0
@@ -102,7 +154,7 @@ class ServerControl(LoopServer):
         self.waiting = 0
         self.embedding_dimensions = embeddings.DIMENSIONS
         """Length of the vectors ``/v1/embeddings`` answers (see ``embeddings.fake_vector``)."""
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: Slots | None = None
         self.requests: list[dict[str, Any]] = []
         self.request_models: list[str | None] = []
         """The ``model`` each kept request named (None: none), in step with ``requests``."""
@@ -197,7 +249,7 @@ class ServerControl(LoopServer):
 
     def _starting(self) -> None:
         if self.max_running is not None:
-            self._slots = asyncio.Semaphore(self.max_running)
+            self._slots = Slots(self.max_running)
 
     def _received(self, request: web.Request, body: dict[str, Any]) -> FaultState:
         """Count and keep a chat request; the fault that applies to it."""

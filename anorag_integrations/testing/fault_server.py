@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from . import embeddings, malformed, served
+from .control import priority_refused
 from .embeddings import overflow_message
 from .faults import DELAY_S, Fault, FaultState
 from .streams import Streams
@@ -148,14 +149,23 @@ class FaultServer(Streams):
         return await self._handle(request, self._embedding_reply, pooling=True)
 
     async def _handle(self, request: web.Request, reply: _Reply, *, pooling: bool = False) -> web.StreamResponse:
-        """A chat or embeddings request: counted, queued (``max_running``), faulted, else ``reply``."""
+        """A chat or embeddings request: counted, queued (``max_running``), faulted, else ``reply``.
+
+        A client that disconnects aborts the request where it is, waiting or running (the app cancels its
+        handler, as vLLM aborts it): its slot and the ``waiting``/``running`` counts come back at once.
+        """
         body = await request.json()
         state = self._received(request, body)
         opts = state.options
+        priority = body.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            return error(400, f"priority: Input should be a valid integer, got {priority!r}", param="priority")
+        if priority != 0 and self.scheduling != "priority":
+            return error(400, priority_refused(priority))
         if self._slots is not None:
             self.waiting += 1
             try:
-                await self._slots.acquire()
+                await self._slots.acquire(priority)
             finally:
                 self.waiting -= 1
         self.running += 1

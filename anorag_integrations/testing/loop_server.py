@@ -21,6 +21,10 @@ START_TIMEOUT_S = 10.0
 class LoopServer:
     """The thread, the loop and the listening socket; a subclass adds its endpoints in ``_add_routes``."""
 
+    abort_on_disconnect = True
+    """Whether a client that disconnects cancels its request's handler, wherever it waits (vLLM aborts such a
+    request and frees its place); set before ``start``."""
+
     def __init__(self, name: str, host: str, port: int) -> None:
         self.name = name
         """The server thread's name."""
@@ -86,7 +90,10 @@ class LoopServer:
         self._starting()
         app = web.Application()
         self._add_routes(app)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        # A client that disconnects cancels its handler (aiohttp does not by default): vLLM aborts such a request.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=self.abort_on_disconnect
+        )
         loop.run_until_complete(self._runner.setup())
         loop.run_until_complete(self._listen())
         ready.set()

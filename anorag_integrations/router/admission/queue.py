@@ -4,10 +4,12 @@ Waiters are served by priority (lower first, as vLLM's ``priority``), then in ar
 oldest of a priority has waited ``lifo_after`` seconds the newest of that priority goes first
 (adaptive LIFO: under sustained overload the calls that are answered stay fast, the hopeless ones are
 shed early rather than all answered late). A freed slot is handed to the first waiter that may use its
-route (no newcomer takes it first). A waiter's time is its deadline, else ``queue_timeout``, else its
-attempt timeout; a call whose expected wait (its place among the waiters for the same routes, over the
-pace those routes free slots at) passes that is shed at once with :class:`FleetSaturatedError`, and so is
-one pushed back past it later, or out of a full queue by a higher priority. One lock guards the queue and every route's counts.
+route (no newcomer takes it first), and calls of a lower priority leave some of each route's slots to a
+higher priority seen lately (``limit.HEADROOM``). A waiter's time is its deadline, else ``queue_timeout``,
+else its attempt timeout; a call whose expected wait (its place among the waiters for the same routes,
+over the pace those routes free slots at) passes that is shed at once with :class:`FleetSaturatedError`,
+and so is one pushed back past it later, or out of a full queue by a higher priority. One lock guards the
+queue and every route's counts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import bisect
 import contextlib
 import itertools
+import math
 import threading
 import time
 from collections import Counter
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from ..call import Call
     from ..endpoints.route import Route
 
+URGENT_S = 10.0
+"""How long after the last call of the most urgent priority lower priorities keep leaving it headroom."""
 RETRY_AFTER_BOUNDS = (0.1, 60.0)
 """The suggested ``retry_after`` of a shed call, in seconds, is kept within these."""
 
@@ -81,6 +86,8 @@ class Admission:
         self.waited_s = 0.0
         """Their total wait."""
         self.closed = False
+        self._urgent = (0, -math.inf)
+        """(the most urgent priority seen lately, when its last call came): lower priorities leave it headroom."""
 
     # --- slots ------------------------------------------------------------------------------------
 
@@ -92,10 +99,24 @@ class Admission:
             if call.granted is route:
                 call.granted = None
                 limit.reserved -= 1
-            elif self.enabled and not limit.room():
+            elif self.enabled and not limit.room(self._yields(call.priority)):
                 return None
             limit.in_flight += 1
             return limit.in_flight + limit.reserved >= limit.limit
+
+    def room(self, route: Route, call: Call) -> bool:
+        """Whether ``route`` has room for ``call`` now (read without the lock: :meth:`take` decides)."""
+        return not self.enabled or route.limit.room(self._yields(call.priority))
+
+    def _yields(self, priority: int) -> bool:
+        """Whether calls of ``priority`` leave headroom: a higher priority (lower number) was seen lately. The
+        most urgent priority seen is forgotten ``URGENT_S`` after its last call."""
+        now = time.monotonic()
+        best, seen = self._urgent
+        if priority <= best or now - seen > URGENT_S:
+            self._urgent = (priority, now)
+            return False
+        return True
 
     def give_back(self, route: Route) -> None:
         """An attempt on ``route`` ended: its slot goes to the first waiter that may use it."""
@@ -145,6 +166,8 @@ class Admission:
             if route.name not in waiter.names:
                 i += 1
                 continue
+            if not limit.room(self._yields(waiter.key[0])):
+                break  # the rest wait behind it at the same or a lower priority: the headroom is not theirs
             del self._waiting[i]
             waiter.granted = route
             limit.reserved += 1
