@@ -264,7 +264,9 @@ def overload_vllm(data: dict[str, Any]) -> list[str]:
     header = ["client", "offered", "completed", "goodput /s", "vs capacity", "attempts per call", "failed",
               "errors", "p50 vs unloaded", "p95 vs unloaded", "TTFT p95 vs unloaded"]  # fmt: skip
     return [
-        f"## 16b. Under overload on real vLLM ({meta['model']}; streams of {meta['max_tokens']} tokens arriving "
+        f"## 16{'c' if meta.get('tolerance') else 'b'}. Under overload on real vLLM"
+        + (f", `admission.tolerance: {meta['tolerance']:g}`" if meta.get("tolerance") else "")
+        + f" ({meta['model']}; streams of {meta['max_tokens']} tokens arriving "
         f"open loop at {meta['load']:g}x the measured capacity for {meta['duration_s']:g} s; per-attempt timeout "
         f"{meta['timeout_s']:g} s)",
         "",

@@ -7,7 +7,9 @@ MAX_TOKENS tokens, admission off and on alternating (``--rounds`` each). Measure
 per second, against capacity), p50/p95 latency of completed streams and their time to first token against the
 unloaded ones (sequential streams on the idle fleet), failed calls by error, attempts per call (the routes'
 own counts). The client is not pinned (the two cores are the servers'): it is an asyncio loop mostly waiting.
-Run: ``.venv/bin/python benchmarks/overload_vllm.py [--duration 40] [--load 2]``.
+``--tolerance 3`` measures admission control with that ``admission.tolerance`` instead of its default (a
+batching engine serves more at once when it may run slower). Run:
+``.venv/bin/python benchmarks/overload_vllm.py [--duration 40] [--load 2] [--tolerance 3]``.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ TIMEOUT_S = 10.0
 ASK = [{"role": "user", "content": "Write three sentences about rivers and the sea."}]
 
 
-def config(urls: list[str], model: str, admission: bool) -> Any:
+def config(urls: list[str], model: str, admission: bool, tolerance: float | None = None) -> Any:
     routes = {f"v{i}": {"base_url": url, "model": model} for i, url in enumerate(urls)}
     llm: dict[str, Any] = {
         "routes": routes,
         "lb_policy": "round_robin",
         "params": {"timeout": TIMEOUT_S, "temperature": 0, "max_tokens": MAX_TOKENS},
-        "admission": {"enabled": admission},
+        "admission": {"enabled": admission} if tolerance is None else {"enabled": admission, "tolerance": tolerance},
     }
     return config_from_dict({"llm": llm}, env={})
 
@@ -88,9 +90,11 @@ async def capacity(urls: list[str], model: str, concurrency: int, seconds: float
         return done / (time.perf_counter() - started)
 
 
-async def overload(urls: list[str], model: str, admission: bool, rate: float, seconds: float) -> dict[str, Any]:
+async def overload(
+    urls: list[str], model: str, admission: bool, rate: float, seconds: float, tolerance: float | None
+) -> dict[str, Any]:
     timings: dict[int, tuple[float, float]] = {}
-    async with Router(config(urls, model, admission)) as router:
+    async with Router(config(urls, model, admission, tolerance)) as router:
         count = iter(range(10**9))
 
         async def call(tag: str) -> None:
@@ -134,16 +138,18 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=2.0, help="arrivals as a multiple of the measured capacity")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop streams measuring capacity")
     parser.add_argument("--rounds", type=int, default=2, help="runs per variant, alternating")
+    parser.add_argument("--tolerance", type=float, help="admission.tolerance of the variant with admission control")
     args = parser.parse_args()
-    rows: dict[str, list[dict[str, Any]]] = {"round_robin, admission off": [], "round_robin, defaults": []}
+    ours = "round_robin, defaults" if args.tolerance is None else f"round_robin, tolerance {args.tolerance:g}"
+    rows: dict[str, list[dict[str, Any]]] = {"round_robin, admission off": [], ours: []}
     with running(start_servers("vllm")) as servers:
         urls, model = [s.base_url for s in servers], servers[0].alias
         base = asyncio.run(unloaded(urls, model, 10))
         cap = asyncio.run(capacity(urls, model, args.concurrency, 20.0))
         print(f"unloaded p50 {base['p50_s']:.2f} s, ttft p95 {base['ttft_p95_s']:.3f} s; capacity {cap:.2f}/s")
         for _ in range(args.rounds):
-            for name, admission in (("round_robin, admission off", False), ("round_robin, defaults", True)):
-                result = asyncio.run(overload(urls, model, admission, args.load * cap, args.duration))
+            for name, admission in (("round_robin, admission off", False), (ours, True)):
+                result = asyncio.run(overload(urls, model, admission, args.load * cap, args.duration, args.tolerance))
                 rows[name].append(summary(name, result, cap, base))
                 print(rows[name][-1], flush=True)
     merged = [
@@ -162,7 +168,7 @@ def main() -> None:
     }
     print(ratios)
     path = save(
-        "overload_vllm",
+        "overload_vllm" if args.tolerance is None else f"overload_vllm_tolerance{args.tolerance:g}",
         {"unloaded": base, "capacity_per_s": round(cap, 3), "rows": merged, **ratios},
         cores("vllm"),
         model=MODELS["vllm"],
@@ -171,6 +177,7 @@ def main() -> None:
         max_tokens=MAX_TOKENS,
         timeout_s=TIMEOUT_S,
         capacity_concurrency=args.concurrency,
+        tolerance=args.tolerance,
     )
     print("written to", path)
 

@@ -41,6 +41,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("membership", faults.membership),
     ("overload", faults.overload),
     ("overload_vllm", faults.overload_vllm),
+    ("overload_vllm_tolerance3", faults.overload_vllm),
 ]
 
 

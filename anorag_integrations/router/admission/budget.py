@@ -35,6 +35,8 @@ class RetryBudget:
     def _roll(self) -> int:
         """The bucket of this second, emptying those of the seconds passed since (under the lock)."""
         now = int(time.monotonic())
+        if now == self._second:
+            return now % self.size
         for second in range(self._second + 1, min(now, self._second + self.size) + 1):
             self._calls[second % self.size] = self._retries[second % self.size] = 0
         self._second = max(self._second, now)

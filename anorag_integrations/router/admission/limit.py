@@ -176,10 +176,12 @@ class ConcurrencyLimit:
 
     def _baseline(self, key: int) -> float | None:
         """The route's unloaded latency for bucket ``key``: the least seen in the last two windows."""
-        values = [v for v in (self._base.get(key), self._base_old.get(key)) if v is not None]
-        if sum(n for _, n in values) < MIN_SAMPLES:
-            return None
-        return min(best for best, _ in values)
+        now, old = self._base.get(key), self._base_old.get(key)
+        if now is None or old is None:
+            best, count = now or old or (math.inf, 0)
+        else:
+            best, count = min(now[0], old[0]), now[1] + old[1]
+        return best if count >= MIN_SAMPLES else None
 
     def _remember(self, key: int, latency_s: float) -> None:
         now = time.monotonic()
