@@ -130,6 +130,8 @@ class Call:
         """A slot on this route was handed to the call while it waited (``admission/queue.py``)."""
         self.retries = 0
         """Attempts after a failure that the retry budget paid for."""
+        self.queue_key: tuple[int, int] | None = None
+        """Its place in the admission queue, once it waited: kept if it must wait again."""
         self.body = {}
         self.info = CallInfo(requested_model=self.model)
         self.retry_after = 0.0
@@ -184,7 +186,7 @@ class Call:
         """A copy of this request that has not run yet (no attempts, rounds or route); same bounds and span."""
         twin = copy.copy(self)
         twin.info, twin.retry_after, twin.active = CallInfo(requested_model=self.info.requested_model), 0.0, None
-        twin.round_attempts, twin.failed_on, twin.granted, twin.retries = 0, None, None, 0
+        twin.round_attempts, twin.failed_on, twin.granted, twin.retries, twin.queue_key = 0, None, None, 0, None
         twin.tried_models, twin.next_models = list(self.tried_models), list(self.next_models)
         twin.first_round = 0  # its rounds count from its own start (its info is new)
         return twin

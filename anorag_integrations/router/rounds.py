@@ -118,7 +118,7 @@ def claim(router: Router, call: Call, tried: set[str], full: set[str]) -> Lease 
             or not (route.continue_streams or not call.continuing)
         ):
             return False
-        if not admission.room(route, call):
+        if admission.enabled and not route.limit.room():
             full.add(route.name)
             return False
         return True
@@ -146,12 +146,7 @@ def claim(router: Router, call: Call, tried: set[str], full: set[str]) -> Lease 
 def _lease(router: Router, call: Call, route: Route, full: set[str]) -> Lease | None:
     """An attempt on ``route``: its breaker's ticket and a slot, paid by the retry budget when it follows a
     failure; None (nothing held) when the breaker refuses or the route is full (then added to ``full``)."""
-    if len(call.info.attempts) > call.retries:  # a retry or failover: the budget pays for it, or the call ends
-        if not router.retry_budget.withdraw():
-            raise RetryBudgetExhausted(
-                call.info.attempts, "retries and failovers are over the retry budget (retry_budget: in the config)"
-            )
-        call.retries = len(call.info.attempts)
+    _pay_retry(router, call)
     if (ticket := route.breaker.acquire()) is None:
         return None
     slot = router.admission.take(route, call)
@@ -162,12 +157,32 @@ def _lease(router: Router, call: Call, route: Route, full: set[str]) -> Lease | 
     return Lease(call, route, ticket, at_limit=slot)
 
 
+def _pay_retry(router: Router, call: Call) -> None:
+    """An attempt after a failure is a retry or failover: the retry budget pays for it, or the call ends."""
+    if len(call.info.attempts) > call.retries:
+        if not router.retry_budget.withdraw():
+            raise RetryBudgetExhausted(
+                call.info.attempts, "retries and failovers are over the retry budget (retry_budget: in the config)"
+            )
+        call.retries = len(call.info.attempts)
+
+
 def _granted(router: Router, call: Call, tried: set[str]) -> Lease | None:
     """The attempt on the route whose slot was handed to the call while it waited; None (the slot handed on)
     when that route cannot take it now (its breaker opened meanwhile)."""
     route = call.granted
     assert route is not None
-    if route.name not in tried and route.name in router.routes and (ticket := route.breaker.acquire()) is not None:
+    if route.name not in tried and router.routes.get(route.name) is route:
+        try:
+            _pay_retry(router, call)
+        except BaseException:
+            router.admission.return_grant(call)
+            raise
+    if (
+        route.name not in tried
+        and router.routes.get(route.name) is route
+        and (ticket := route.breaker.acquire()) is not None
+    ):
         slot = router.admission.take(route, call)
         assert slot is not None  # the grant is the call's own slot
         return Lease(call, route, ticket, at_limit=slot)

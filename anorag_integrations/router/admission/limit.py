@@ -25,10 +25,6 @@ MIN_SAMPLES = 3
 """Latencies a token bucket needs before slowness is judged against it."""
 CUT_FLOOR = 0.5
 """The most one congestion signal cuts a limit by (a factor)."""
-HEADROOM = 0.2
-"""Share of a route's limit (one slot at least, none below a limit of two) that calls of a lower priority leave
-free while calls of a higher one arrive: an interactive call finds room at once instead of queueing behind
-batch calls, here or in the server's own queue."""
 SATURATION_CUT = 0.7
 """What a 429, 503 or a timeout under load multiplies the limit by."""
 SLACK_S = 0.05
@@ -105,13 +101,9 @@ class ConcurrencyLimit:
         self._typical: float | None = None
         """The unloaded latency of the route's last answer (for as many tokens)."""
 
-    def room(self, headroom: bool = False) -> bool:
-        """Whether a new attempt may start here without waiting; ``headroom``: and leave the slots kept for calls
-        of a higher priority free (``HEADROOM``)."""
-        taken = self.in_flight + self.reserved
-        if headroom and self.limit >= 2:
-            taken += max(1, int(self.limit * HEADROOM))
-        return taken < self.limit
+    def room(self) -> bool:
+        """Whether a new attempt may start here without waiting."""
+        return self.in_flight + self.reserved < self.limit
 
     def released(self, now: float) -> None:
         """An attempt here ended (its slot is free)."""

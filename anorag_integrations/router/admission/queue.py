@@ -4,8 +4,7 @@ Waiters are served by priority (lower first, as vLLM's ``priority``), then in ar
 oldest of a priority has waited ``lifo_after`` seconds the newest of that priority goes first
 (adaptive LIFO: under sustained overload the calls that are answered stay fast, the hopeless ones are
 shed early rather than all answered late). A freed slot is handed to the first waiter that may use its
-route (no newcomer takes it first), and calls of a lower priority leave some of each route's slots to a
-higher priority seen lately (``limit.HEADROOM``). A waiter's time is its deadline, else ``queue_timeout``,
+route (no newcomer takes it first). A waiter's time is its deadline, else ``queue_timeout``,
 else its attempt timeout; a call whose expected wait (its place among the waiters for the same routes,
 over the pace those routes free slots at) passes that is shed at once with :class:`FleetSaturatedError`,
 and so is one pushed back past it later, or out of a full queue by a higher priority. One lock guards the
@@ -18,7 +17,6 @@ import asyncio
 import bisect
 import contextlib
 import itertools
-import math
 import threading
 import time
 from collections import Counter
@@ -35,8 +33,6 @@ if TYPE_CHECKING:
     from ..call import Call
     from ..endpoints.route import Route
 
-URGENT_S = 10.0
-"""How long after the last call of the most urgent priority lower priorities keep leaving it headroom."""
 RETRY_AFTER_BOUNDS = (0.1, 60.0)
 """The suggested ``retry_after`` of a shed call, in seconds, is kept within these."""
 
@@ -86,8 +82,6 @@ class Admission:
         self.waited_s = 0.0
         """Their total wait."""
         self.closed = False
-        self._urgent = (0, -math.inf)
-        """(the most urgent priority seen lately, when its last call came): lower priorities leave it headroom."""
 
     # --- slots ------------------------------------------------------------------------------------
 
@@ -99,24 +93,10 @@ class Admission:
             if call.granted is route:
                 call.granted = None
                 limit.reserved -= 1
-            elif self.enabled and not limit.room(self._yields(call.priority)):
+            elif self.enabled and not limit.room():
                 return None
             limit.in_flight += 1
             return limit.in_flight + limit.reserved >= limit.limit
-
-    def room(self, route: Route, call: Call) -> bool:
-        """Whether ``route`` has room for ``call`` now (read without the lock: :meth:`take` decides)."""
-        return not self.enabled or route.limit.room(self._yields(call.priority))
-
-    def _yields(self, priority: int) -> bool:
-        """Whether calls of ``priority`` leave headroom: a higher priority (lower number) was seen lately. The
-        most urgent priority seen is forgotten ``URGENT_S`` after its last call."""
-        now = time.monotonic()
-        best, seen = self._urgent
-        if priority <= best or now - seen > URGENT_S:
-            self._urgent = (priority, now)
-            return False
-        return True
 
     def give_back(self, route: Route) -> None:
         """An attempt on ``route`` ended: its slot goes to the first waiter that may use it."""
@@ -160,14 +140,14 @@ class Admission:
     def _grant(self, route: Route) -> None:
         """Hand ``route``'s free slots to waiters, first come (by priority) first served (under the lock)."""
         limit = route.limit
+        if route.breaker.retired:
+            return  # the route left: its slots are nobody's (the waiters for its name wait for its successor)
         i = 0
         while limit.room() and i < len(self._waiting):
             waiter = self._waiting[i]
             if route.name not in waiter.names:
                 i += 1
                 continue
-            if not limit.room(self._yields(waiter.key[0])):
-                break  # the rest wait behind it at the same or a lower priority: the headroom is not theirs
             del self._waiting[i]
             waiter.granted = route
             limit.reserved += 1
@@ -227,7 +207,9 @@ class Admission:
         with self._lock:
             if self.closed:
                 raise RouterClosed("the router was closed while this call waited for a route")
-            waiter = Waiter(call, routes, expires, (call.priority, self._key(call.priority, now)))
+            key = call.queue_key or (call.priority, self._key(call.priority, now))
+            call.queue_key = key  # a call that waits again (its grant could not be used) keeps its place
+            waiter = Waiter(call, routes, expires, key)
             waiter.wake = wake
             worst = self._waiting[-1] if len(self._waiting) >= self.max_queue and self._waiting else None
             if len(self._waiting) >= self.max_queue and (worst is None or worst.key[0] <= call.priority):
@@ -243,6 +225,9 @@ class Admission:
             self.queued += 1
             if rate > 0:
                 self._recheck(waiter, place, ahead + 1, rate, now)
+            for route in routes:  # a slot freed after the call found its routes full: served in queue order now
+                if route.limit.room():
+                    self._grant(route)
         return waiter
 
     def _key(self, priority: int, now: float) -> int:
