@@ -492,7 +492,7 @@ def test_the_grafana_dashboard_queries_only_exported_metrics_and_labels() -> Non
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     exported = {f.name + s for f in RouterCollector().describe() for s in suffixes[f.type]}
-    labels = {"router", "route", "outcome", "error_class", "state", "model", "le"}
+    labels = {"router", "route", "outcome", "error_class", "state", "model", "le", "priority", "reason"}
     dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     assert len(exprs) >= 15

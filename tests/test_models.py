@@ -393,7 +393,7 @@ def test_each_group_takes_turns_on_its_own(policy: str) -> None:
         picks: dict[str, int] = {}
         for i in range(4 * 4 * 10):
             call = Call(router, [{"role": "user", "content": "hello"}], {"model": f"m{i % 4}"}, stream=False)
-            lease = claim(router, call, set())
+            lease = claim(router, call, set(), set())
             assert lease is not None and lease.route.model == f"m{i % 4}"
             picks[lease.route.name] = picks.get(lease.route.name, 0) + 1
             lease.abandoned()
