@@ -172,22 +172,20 @@ def _granted(router: Router, call: Call, tried: set[str]) -> Lease | None:
     when that route cannot take it now (its breaker opened meanwhile)."""
     route = call.granted
     assert route is not None
-    if route.name not in tried and router.routes.get(route.name) is route:
-        try:
-            _pay_retry(router, call)
-        except BaseException:
-            router.admission.return_grant(call)
-            raise
-    if (
-        route.name not in tried
-        and router.routes.get(route.name) is route
-        and (ticket := route.breaker.acquire()) is not None
-    ):
-        slot = router.admission.take(route, call)
-        assert slot is not None  # the grant is the call's own slot
-        return Lease(call, route, ticket, at_limit=slot)
-    router.admission.return_grant(call)
-    return None
+    if route.name in tried or router.routes.get(route.name) is not route:
+        router.admission.return_grant(call)
+        return None
+    try:
+        _pay_retry(router, call)
+    except BaseException:
+        router.admission.return_grant(call)
+        raise
+    if (ticket := route.breaker.acquire()) is None:
+        router.admission.return_grant(call)
+        return None
+    slot = router.admission.take(route, call)
+    assert slot is not None  # the grant is the call's own slot
+    return Lease(call, route, ticket, at_limit=slot)
 
 
 def _session_lease(
