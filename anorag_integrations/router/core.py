@@ -26,6 +26,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from . import embeddings, forks
 from .admission import Admission, RetryBudget
+from .balancing.prefix_aware import PrefixAware
 from .building import load
 from .call import Call, Control, Messages
 from .endpoints.health import Poller, Prober
@@ -112,6 +113,7 @@ class Router:
             self.retry_budget,
         )
         """What this router shares with the other replicas of its fleet (``state:``; local: nothing)."""
+        self._share_prefixes()
         if config.state.backend != "local":
             self.prober.gate = self.state.leads  # one replica probes each route; all read its results
         self.continuable = any(route.continue_streams for route in self.routes.values())
@@ -215,6 +217,13 @@ class Router:
 
     def __repr__(self) -> str:
         return f"Router(routes={list(self.routes)}, lb_policy={self.config.lb_policy!r}, source={self.config.source!r})"
+
+    def _share_prefixes(self) -> None:
+        """With shared state, each ``prefix_aware`` index learns from every replica (``fleet/redis_prefix.py``)."""
+        policies = {kind: pool.policy for kind, pool in self.pools.items() if isinstance(pool.policy, PrefixAware)}
+        share = self.state.share_prefixes(policies, self.config.prefix_aware.max_blocks) if policies else None
+        for policy in policies.values():
+            policy.fleet = share
 
     # --- public API -------------------------------------------------------------------------------
 

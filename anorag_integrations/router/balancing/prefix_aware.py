@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from .. import forks
 from .policies import STALE_AFTER_S, Request, Turns, Usable, _fewest, _usable, register
@@ -32,6 +32,18 @@ KV_ROOM = 0.25
 """How much emptier the least loaded server's KV cache must be for ``KV_FULL`` to count."""
 
 
+class FleetIndex(Protocol):
+    """Where the policy also reports what it records, to share it with other replicas (``fleet/redis_prefix.py``)."""
+
+    def recorded(self, route: str, blocks: Sequence[int], depth: int) -> None: ...
+
+    def restarted(self, route: str) -> None: ...
+
+    def left(self, route: str) -> None: ...
+
+    def fleet_hit_rates(self) -> dict[str, float | None]: ...
+
+
 @register
 class PrefixAware:
     """The route that most likely holds the prompt's prefix in its KV cache, unless it is overloaded.
@@ -51,9 +63,13 @@ class PrefixAware:
 
     Load is this router's in-flight count plus, where ``/metrics`` is read, the other clients'
     requests on the server at the last scrape, per unit of weight; KV-cache use breaks ties. A route
-    whose breaker has opened since it was last seen is forgotten: its server may have restarted
-    with an empty cache. ``hit_rates()`` gives, per route, the share of prompt blocks the index
-    predicted cached.
+    whose breaker has opened since it was last seen, or whose server's prefix-cache counters went
+    back (``/metrics``), is forgotten: its server may have restarted with an empty cache.
+    ``hit_rates()`` gives, per route, the share of prompt blocks the index predicted cached.
+
+    With shared state (``state: {backend: redis}``) the router sets ``fleet``: what this policy records
+    is pushed to the fleet's index and what the other replicas record is adopted into this one
+    (``fleet/redis_prefix.py``), so each replica places a prompt knowing where every replica sent its prefix.
     """
 
     name: ClassVar[str] = "prefix_aware"
@@ -83,6 +99,10 @@ class PrefixAware:
         self._turn = Turns()
         self._lock = forks.lock()
         self._epochs: dict[str, int] = {}
+        self._queries: dict[str, float] = {}
+        """Per route: the server's ``vllm:prefix_cache_queries_total`` at the last pick (it goes back on a restart)."""
+        self.fleet: FleetIndex | None = None
+        """The fleet's shared index (None: this replica's own only)."""
         self._blocks: dict[str, list[int]] = {}
         """Per route: [blocks predicted cached, blocks sent]."""
 
@@ -134,6 +154,8 @@ class PrefixAware:
 
     def _sent(self, route: str, blocks: Sequence[int], depth: int) -> None:
         self.index.record(route, blocks)
+        if (fleet := self.fleet) is not None:
+            fleet.recorded(route, blocks, depth)
         with self._lock:
             tally = self._blocks.setdefault(route, [0, 0])
             tally[0] += depth
@@ -161,22 +183,47 @@ class PrefixAware:
             return True
         return kv >= KV_FULL and least_kv <= kv - KV_ROOM
 
+    def adopt(self, route: Route, hashes: list[int]) -> None:
+        """Blocks other replicas sent ``route`` (``fleet/redis_prefix.py``), least recent first: indexed as if sent.
+
+        The route's breaker generation is noted now if it was not (a replica that never picked the route
+        still knows what its cache held), so a restart after this is seen at the next pick."""
+        with self._lock:
+            self._epochs.setdefault(route.name, route.breaker.epoch)
+        self.index.adopt(route.name, hashes)
+
     def _forget_restarted(self, routes: Sequence[Route]) -> None:
-        """Forget the index of a route whose breaker opened since the last pick (its cache may be gone)."""
+        """Forget the index of a route whose breaker opened, or whose server's prefix-cache query counter went
+        back, since the last pick: its server may have restarted, its cache is gone."""
         for route in routes:
-            epoch = route.breaker.epoch
-            if self._epochs.get(route.name, epoch) != epoch:
-                self.index.forget(route.name)
-            self._epochs[route.name] = epoch
+            name, epoch = route.name, route.breaker.epoch
+            restarted = self._epochs.get(name, epoch) != epoch
+            self._epochs[name] = epoch
+            queries = route.load.prefix_queries if route.load is not None else None
+            if queries is not None:
+                restarted |= queries < self._queries.get(name, queries)
+                self._queries[name] = queries
+            if restarted:
+                self.index.forget(name)
+                if (fleet := self.fleet) is not None:
+                    fleet.restarted(name)
 
     def forget(self, route: str) -> None:
         """``route`` left the router: release its part of the index and its hit-rate tally."""
         self.index.forget(route)
+        if (fleet := self.fleet) is not None:
+            fleet.left(route)
         with self._lock:
             self._epochs.pop(route, None)
+            self._queries.pop(route, None)
             self._blocks.pop(route, None)
 
     def hit_rates(self) -> dict[str, float | None]:
-        """Per route: the share of the prompt blocks sent there that the index predicted cached."""
+        """Per route: the share of the prompt blocks this router sent there that the index predicted cached."""
         with self._lock:
             return {name: (hit / sent if sent else None) for name, (hit, sent) in self._blocks.items()}
+
+    def fleet_hit_rates(self) -> dict[str, float | None]:
+        """Per route: the same over every replica of the fleet (shared state); empty when the index is not shared."""
+        fleet = self.fleet
+        return fleet.fleet_hit_rates() if fleet is not None else {}

@@ -11,8 +11,10 @@ Per route an ``OrderedDict`` keeps the block hashes of prompts recently sent the
 used first, never more than ``max_blocks`` of them (the hard memory cap).
 
 Why blocks and not a character tree: a Python character/radix tree costs a node object per edge and
-a walk per character; a block costs one dict entry per 64 characters and one ``hash()`` of a short
-string, so a 10,000-character prompt is hashed in tens of microseconds (see ``benchmarks/README.md``).
+a walk per character; a block costs one dict entry per 64 characters and one 64-bit xxHash (XXH3) of
+a short string, so a 10,000-character prompt is hashed in tens of microseconds (see ``benchmarks/README.md``).
+The hash is the same in every process (unlike ``hash()``, salted per process), so replicas sharing
+their indexes through Redis (``router/fleet/redis_prefix.py``) mean the same prefix by the same number.
 
 Why the index stays *prefix-closed*: a prompt's blocks are touched leaf first, root last, so a block
 is never more recent than its parent and LRU eviction always drops the deepest blocks first, as a
@@ -29,6 +31,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import xxhash
+
 from .. import forks
 
 BLOCK_CHARS = 64
@@ -43,14 +47,15 @@ MAX_HASHED_BLOCKS = 4_096
 def chain_blocks(text: str, block_chars: int = BLOCK_CHARS, limit: int = MAX_HASHED_BLOCKS) -> tuple[int, ...]:
     """The chained hashes of ``text``'s blocks (the last one may be short), at most ``limit`` of them.
 
-    ``hash()`` is salted per process: the hashes mean something only inside this process, which is
-    where the index lives.
+    Block *i*'s hash is XXH3-64 of its UTF-8 bytes seeded with block *i - 1*'s: unsigned 64-bit, equal
+    in every process and on every host (lone surrogates are kept, as ``surrogatepass`` encodes them).
     """
     end = min(len(text), block_chars * limit)
     out: list[int] = []
     h = 0
+    digest = xxhash.xxh3_64_intdigest
     for start in range(0, end, block_chars):
-        h = hash((h, text[start : start + block_chars]))
+        h = digest(text[start : start + block_chars].encode("utf-8", "surrogatepass"), seed=h)
         out.append(h)
     return tuple(out)
 
@@ -253,11 +258,21 @@ class PrefixIndex:
         Only the first ``max_blocks`` are kept (a prompt longer than the cap keeps its start).
         Blocks are touched deepest first, so a parent is always more recent than its children.
         """
+        self._touch(route, reversed(blocks[: self.max_blocks]))
+
+    def adopt(self, route: str, hashes: Iterable[int]) -> None:
+        """Blocks other replicas sent ``route`` (read from the fleet's index, least recent first): each becomes
+        the route's most recent in that order, the oldest go. The fleet's index is prefix-closed as this
+        one is (a prompt's blocks are pushed deepest first), so adopting keeps this one so."""
+        self._touch(route, hashes)
+
+    def _touch(self, route: str, hashes: Iterable[int]) -> None:
+        """Make each of ``hashes``, in order, the route's most recent block; then drop the oldest past the cap."""
         with self._lock:
             known = self._routes.get(route)
             if known is None:
                 known = self._routes[route] = OrderedDict()
-            for h in reversed(blocks[: self.max_blocks]):
+            for h in hashes:
                 if h in known:
                     known.move_to_end(h)
                 else:

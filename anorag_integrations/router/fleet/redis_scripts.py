@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from .redis_peers import PEERS, READ
+from .redis_prefix import PREFIX
 
 CLAIM = """
 local out = {}
@@ -88,7 +89,15 @@ the fleet's {calls, retries} summed over the buckets of the last ARGV[3] seconds
 seconds are Redis's, so replicas whose clocks differ count into the same buckets. A bucket that is not a hash
 of integers is replaced; a field that is not a positive number counts as 0."""
 
-SOURCES = {"claim": CLAIM, "release": RELEASE, "hedge": HEDGE, "budget": BUDGET, "peers": PEERS, "read": READ}
+SOURCES = {
+    "claim": CLAIM,
+    "release": RELEASE,
+    "hedge": HEDGE,
+    "budget": BUDGET,
+    "peers": PEERS,
+    "read": READ,
+    "prefix": PREFIX,
+}
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ Keys (``ns`` is the namespace)::
     ns:hedge           string the fleet's hedge tokens
     ns:budget:<second> hash   "calls", "retries" -> what the fleet's replicas counted for the retry budget, added
                               to the bucket of Redis's second (TIME) at their sync; expires window + 2 s later
+    ns:prefix:...      ``prefix_aware``'s shared index: see ``redis_prefix.py``
     ns:changed         pub/sub channel: a replica published a change ({"by": replica, "breakers": records})
 
 Two daemon threads per router. The sync thread pushes this replica's changes, reads the fleet's
@@ -61,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 from .. import forks
 from .redis_adopt import Adopter
 from .redis_link import BACKOFF_MAX_S, BACKOFF_MIN_S, LISTEN_POLL_S, Backoff, RedisLink
+from .redis_prefix import Learner, PrefixShare
 from .redis_sync import HEDGE_BURST, Sync
 from .state import Elsewhere, fleet_namespace
 
@@ -137,6 +139,8 @@ class RedisState:
         self._link.renew()
         self._sync.renew(self.replica)
         self._adopter.renew(self.replica)
+        if self._sync.prefixes is not None:
+            self._sync.prefixes.renew()
         self._wake, stop = forks.event(), self._stop
         self._stop = forks.event()
         started, self._threads = bool(self._threads), []
@@ -179,6 +183,13 @@ class RedisState:
         """Whether this replica probes ``route``: its elected leader, or every replica while Redis is down."""
         return not self.connected or route.name in self._sync.leading
 
+    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int) -> PrefixShare | None:
+        """Share ``prefix_aware``'s indexes with the fleet from the next sync (``redis_prefix.py``)."""
+        if not policies:
+            return None
+        self._sync.prefixes = PrefixShare(max_blocks, policies)
+        return self._sync.prefixes
+
     @property
     def staleness_bound_s(self) -> float:
         return self.config.staleness_bound_s
@@ -196,6 +207,7 @@ class RedisState:
             else sorted(self.routes),
             "trials": self._sync.trials.live() if self.connected else [],
             "staleness_bound_s": self.staleness_bound_s,
+            **({"prefix_blocks_adopted": prefixes.adopted} if (prefixes := self._sync.prefixes) is not None else {}),
         }
 
     # --- lifecycle ----------------------------------------------------------------------------------

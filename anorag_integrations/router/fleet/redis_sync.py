@@ -3,7 +3,8 @@
 ``Sync`` keeps what the exchange needs between two syncs: the changes not pushed yet (the request
 path marks them, in local memory only) and the locks this replica holds (the routes it probes as
 leader, the half-open trials it owns). Each sync is one pipeline, one round trip (the retry budget's
-counts ride along: ``BUDGET`` adds this replica's and returns the fleet's); the multi-key work
+counts ride along: ``BUDGET`` adds this replica's and returns the fleet's, and so does ``prefix_aware``'s
+shared index, ``redis_prefix.py``); the multi-key work
 runs in Redis (``redis_scripts.py``), what it reads is bounded by this replica's routes
 (``redis_peers.py``), the records are written and read by ``redis_records.py``, and other
 replicas' records are applied by ``redis_adopt.py``. A command that fails alone (a key of the
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from ..hedge import Hedger
     from .redis_adopt import Adopter
     from .redis_link import RedisLink
+    from .redis_prefix import PrefixShare, Push
 
 log = logging.getLogger("anorag_integrations.router")
 
@@ -84,6 +86,8 @@ class Sync:
         """Whether this router's prober runs: only a probing replica runs for leader."""
         self.clocks = Clocks(config.timeout)
         """Warns once about each replica whose clock is off Redis's (``redis_peers.py``)."""
+        self.prefixes: PrefixShare | None = None
+        """``prefix_aware``'s index shared with the fleet (``redis_prefix.py``); None: no pool runs it."""
 
     def mark(self, kind: str, route: str) -> None:
         """``route``'s record of ``kind`` changed here: pushed with the next sync (local memory only)."""
@@ -134,17 +138,20 @@ class Sync:
         gone = self._gone(routes)
         hedge = self.hedger.fleet_exchange() if self.hedger is not None else None
         budget = self.retry_budget.fleet_exchange() if self.retry_budget is not None else None
+        push = self.prefixes.take() if self.prefixes is not None else None
         try:
-            exchange = self._exchange(client, routes, dirty, gone, hedge, budget)
+            exchange = self._exchange(client, routes, dirty, gone, hedge, budget, push)
             if forgotten(exchange.replies):  # Redis lost the scripts (SCRIPT FLUSH, a failover): load them, repeat
                 self._link.load_scripts(client)
-                exchange = self._exchange(client, routes, dirty, gone, hedge, budget)
+                exchange = self._exchange(client, routes, dirty, gone, hedge, budget, push)
             refused = failure(exchange.replies, exchange.scripts)
             if refused is not None:
                 raise refused
             again = self._replace_wrong_types(client, exchange, dirty)
         except BaseException:
             self._requeue(dirty)  # pushed next time instead
+            if push is not None and self.prefixes is not None:
+                self.prefixes.requeue(push)
             raise
         self._apply(exchange)
         return again
@@ -166,6 +173,7 @@ class Sync:
         gone: list[str],
         hedge: tuple[float, bool] | None,
         budget: tuple[int, int] | None,
+        push: Push | None = None,
     ) -> _Exchange:
         """One pipeline, one round trip: this replica's news and load, its claims, and the fleet's state."""
         ns, me, now, scripts = self._ns, self.replica, time.time(), self._link.scripts
@@ -209,6 +217,9 @@ class Sync:
             out.hedge_at = script("hedge", [f"{ns}:hedge"], [repr(hedge[0]), HEDGE_BURST, int(hedge[1])])
         if budget is not None and self.retry_budget is not None:  # add this replica's counts, read the fleet's
             out.budget_at = script("budget", [f"{ns}:budget"], [budget[0], budget[1], self.retry_budget.size])
+        if push is not None and self.prefixes is not None and (names := self.prefixes.shared(routes)):
+            out.prefix_names = names  # push the prompts' blocks this replica recorded, read the fleet's new ones
+            out.prefix_at = script("prefix", *self.prefixes.args(ns or "", names, push))
         reads = [f"{ns}:{kind}" for kind in KINDS]  # this replica's routes only, each record within its kind's size
         out.reads_at = script("read", reads, [*(MAX_BYTES[kind] for kind in KINDS), *routes])
         if any(dirty.values()):  # breaker news rides along: listeners adopt it before their next read
@@ -250,6 +261,8 @@ class Sync:
             if isinstance(totals, list) and len(totals) == 2 and all(isinstance(n, int) for n in totals):
                 self.retry_budget.fleet_totals(float(totals[0]), float(totals[1]))
         self._apply_reads(out.routes, replies[out.reads_at])
+        if self.prefixes is not None and out.prefix_at is not None:
+            self.prefixes.apply(out.routes, out.prefix_names, replies[out.prefix_at])
         peers = replies[out.peers_at]
         now = redis_time(peers)
         if now is not None:  # this replica's own clock against Redis's, within half the round trip
@@ -295,6 +308,9 @@ class _Exchange:
     """Where ``BUDGET``'s reply is: the fleet's (calls, retries) over the retry budget's window."""
     reads_at: int = 0
     """Where ``READ``'s reply is: the fleet hashes' records of this replica's routes."""
+    prefix_names: list[str] = field(default_factory=list)
+    """The routes whose shared prefix index the exchange pushed to and read (``redis_prefix.py``)."""
+    prefix_at: int | None = None
     sent_wall: float = 0.0
     received_wall: float = 0.0
     """Unix time just before the exchange was sent and once its replies came: this clock against Redis's."""

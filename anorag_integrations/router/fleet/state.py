@@ -12,6 +12,8 @@ probe results              one replica (the route's leader) probes each route; a
 in-flight counts           each replica's own counts under a key that expires; ``least_outstanding``
                            adds the other replicas' counts to its own
 latency estimate           ``least_latency`` averages its own estimate with the other replicas'
+prefix index               ``prefix_aware``'s blocks sent per route, so every replica knows where each
+                           prompt's prefix went, whichever replica sent it (``redis_prefix.py``)
 hedge budget               one token bucket for the fleet (``hedge.max_rate`` of all its requests)
 retry budget               retries and failovers judged against the fleet's calls and retries over
                            ``retry_budget.window`` (each replica adds its counts at every sync)
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from ..admission import RetryBudget
     from ..endpoints.route import Route
     from ..hedge import Hedger
+    from .redis_prefix import Learner, PrefixShare
 
 
 @dataclass(slots=True)
@@ -129,6 +132,12 @@ class State(Protocol):
         """What the backend is doing, fit to show (no credentials)."""
         ...
 
+    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int) -> PrefixShare | None:
+        """Share the ``prefix_aware`` policies' indexes (per route kind) with the fleet; None: not shared (local state).
+
+        Called before ``start``, so a replica's first sync reads the fleet's index."""
+        ...
+
 
 class LocalState:
     """Today's behaviour: every replica learns on its own; nothing runs in the background."""
@@ -155,6 +164,9 @@ class LocalState:
 
     def status(self) -> dict[str, Any]:
         return {"backend": self.backend}
+
+    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int) -> PrefixShare | None:
+        return None
 
     def __repr__(self) -> str:
         return "LocalState()"

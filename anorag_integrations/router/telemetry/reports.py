@@ -17,14 +17,18 @@ def stats(router: Router) -> dict[str, dict[str, Any]]:
     """``Router.stats()``: the router's routes, then those still draining under a name now unused."""
     ended = router.outcomes.snapshot()
     predicted: dict[str, float | None] = {}
+    fleet: dict[str, float | None] = {}
     for pool in router.pools.values():
         if (rates := getattr(pool.policy, "hit_rates", None)) is not None:
             predicted.update(rates())
+        if (rates := getattr(pool.policy, "fleet_hit_rates", None)) is not None:
+            fleet.update(rates())
     return {
         name: {"url": r.base_url, "model": r.model, "serves": sorted(r.served_names()),
                "state": "draining" if r.breaker.retired else str(r.breaker.state), **r.stats.snapshot(),
                "outcomes": _by_outcome(ended, name), "models": _by_model(ended, name),
                "prefix_hit_rate_predicted": predicted.get(name),
+               "prefix_hit_rate_predicted_fleet": fleet.get(name),
                "prefix_hit_rate_measured": r.load.prefix_hit_rate if r.load is not None else None,
                **r.limit.snapshot()}
         for name, r in listed(router)
