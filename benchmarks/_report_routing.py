@@ -200,3 +200,102 @@ def least_queue(data: dict[str, Any]) -> list[str]:
         "",
         machine(meta),
     ]
+
+
+FLEET_TARGET_SHARED, FLEET_TARGET_ONE = 0.4, 0.31
+"""``prefix_fleet``'s targets: shared index at 4 and 8 replicas <= 0.4x round_robin; at one replica <= 0.31x."""
+
+
+def prefix_fleet(data: dict[str, Any]) -> list[str]:
+    meta, rows = data["meta"], data["results"]
+    header = [
+        "replicas",
+        "fleet",
+        "TTFT mean ms",
+        "TTFT p95 ms",
+        "req/s",
+        "hit rate (server)",
+        "hit rate (predicted)",
+        "share",
+        "mean vs round_robin",
+        "p95 vs round_robin",
+    ]
+    body = [
+        [
+            r["replicas"],
+            r["fleet"],
+            r["ttft_mean_ms"],
+            r["ttft_p95_ms"],
+            r["requests_per_s"],
+            _pct(r.get("hit_rate_measured_fleet")),
+            _pct(r.get("hit_rate_predicted")),
+            " / ".join(f"{v:.0%}" for v in r["share"].values()),
+            f"{r.get('ttft_mean_vs_round_robin', '-')}x",
+            f"{r.get('ttft_p95_vs_round_robin', '-')}x",
+        ]
+        for r in rows
+    ]
+    verdicts = []
+    for r in rows:
+        ratio = r.get("ttft_mean_vs_round_robin")
+        if r["fleet"] != "prefix_aware_shared" or ratio is None:
+            continue
+        target = FLEET_TARGET_ONE if r["replicas"] == 1 else FLEET_TARGET_SHARED
+        verdict = "met" if ratio <= target else "missed"
+        verdicts.append(f"{r['replicas']} replica(s) {ratio}x (target <= {target}x: {verdict})")
+    return [
+        f"## 7d. Prefix-aware routing with many app replicas ({meta['model']}, vLLM 0.32 CPU, two servers each "
+        f"pinned to its own core, KV cache {meta['kv_cache_tokens']:,} tokens each; a 600-token system prompt, "
+        f"{meta['docs']} documents of ~1,200 tokens x {meta['questions_per_doc']} questions, streamed at concurrency "
+        f"{meta['concurrency']}; request i through replica i mod N; every server's prefix cache emptied before each "
+        "fleet, then one warm-up pass)",
+        "",
+        "round_robin: the baseline; prefix_aware_local: each replica's own index (`state: local`); "
+        "prefix_aware_shared: the fleet's index shared through Redis (`state: {backend: redis}`). Hit rates over "
+        "warm-up and measured pass: vLLM's own counters over both servers, and the share of prompt blocks the "
+        "replicas' indexes predicted cached.",
+        "",
+        table(header, body),
+        "",
+        "Targets, prefix_aware_shared: " + "; ".join(verdicts) + "." if verdicts else "",
+        "",
+        machine(meta),
+    ]
+
+
+def prefix_index_cost(data: dict[str, Any]) -> list[str]:
+    r = data["results"]
+    mem = r["memory"]
+    return [
+        "## 7e. Prefix index at fleet scale (per pick, per shared block, per sync at 1,000 routes; memory at "
+        f"{mem['blocks']:,} blocks per route)",
+        "",
+        table(["routes", "us per pick"], [[p["routes"], p["pick_us"]] for p in r["picks"]]),
+        "",
+        table(
+            [
+                "hash a 10,000-char prompt us",
+                "adopt a shared block us",
+                "sync, 1,000 routes, idle ms",
+                f"sync, 1,000 routes, one prompt pushed ({r['pushed_blocks']} blocks) ms",
+                "local index MB (bytes/block)",
+                "Redis MB (bytes/block)",
+            ],
+            [
+                [
+                    r["hash_us_10k_chars"],
+                    r["adopt_us_per_block"],
+                    r["sync_idle_ms_1000_routes"],
+                    r["sync_push_ms_1000_routes"],
+                    f"{mem['index_mb']} ({mem['index_bytes_per_block']})",
+                    f"{mem['redis_mb']} ({mem['redis_bytes_per_block']})",
+                ]
+            ],
+        ),
+        "",
+        machine(data["meta"]),
+    ]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"

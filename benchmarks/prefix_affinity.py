@@ -72,13 +72,19 @@ def context(topic: str, facts: int) -> str:
     return f"Notes about {topic}.\n" + "\n".join(lines)
 
 
+def topic(d: int) -> str:
+    """The ``d``-th document's topic: past the list's end, the same topics again as later volumes."""
+    base = TOPICS[d % len(TOPICS)]
+    return base if d < len(TOPICS) else f"{base}, volume {d // len(TOPICS) + 1}"
+
+
 def rag(docs: int, questions: int, facts: int, system: str, seed: int = 7) -> list[list[dict[str, str]]]:
     pairs = [(d, q) for d in range(docs) for q in range(questions)]
     random.Random(seed).shuffle(pairs)
     return [
         [
             {"role": "system", "content": system},
-            {"role": "user", "content": f"{context(TOPICS[d], facts)}\n\nQuestion: what is fact {q}?"},
+            {"role": "user", "content": f"{context(topic(d), facts)}\n\nQuestion: what is fact {q}?"},
         ]
         for d, q in pairs
     ]

@@ -30,6 +30,8 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("prefix_affinity", routing.prefix_routing),
     ("prefix_affinity_llamacpp", routing.prefix_affinity),
     ("memory_prefix_index", routing.prefix_index_memory),
+    ("prefix_fleet", routing.prefix_fleet),
+    ("prefix_index_cost", routing.prefix_index_cost),
     ("least_queue", routing.least_queue),
     ("least_queue_fault", routing.least_queue),
     ("hedging", faults.hedging),

@@ -13,12 +13,16 @@ import sys
 
 import pytest
 import redis as redis_lib
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from anorag_integrations import Router, call_info
 from anorag_integrations.router import AllRoutesFailed
 from anorag_integrations.router.balancing.prefix_aware import PrefixAware
 from anorag_integrations.router.balancing.prefix_index import chain_blocks
 from anorag_integrations.router.endpoints.health import BreakerState
+from anorag_integrations.router.fleet import redis_prefix
+from anorag_integrations.router.fleet.redis_prefix import PrefixShare
 from anorag_integrations.testing import Fault, FaultServer, RedisServer
 
 from .fleet import connected, shared_config, wait_for
@@ -106,19 +110,24 @@ def test_a_replica_places_a_prompt_where_another_replica_sent_its_prefix(
             router.close()
 
 
-def test_a_replica_that_starts_late_knows_the_fleet_index_before_its_first_request(
-    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer]
+@pytest.mark.parametrize("page", [redis_prefix.PAGE, 8])
+def test_a_replica_that_starts_late_learns_the_fleet_index_page_by_page(
+    redis_server: RedisServer, namespace: str, two: dict[str, FaultServer], page: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With pages of 8 entries the documents' ~400 blocks take dozens of syncs each way: a full page has the next
+    sync run at once, so the late replica still converges within the staleness bound's order."""
+    monkeypatch.setattr(redis_prefix, "PAGE", page)
     config = shared_config(two, redis_server.url, namespace, lb_policy="prefix_aware")
     (a,) = replicas(1, config)
     try:
         placed = {i: call_info(a.chat(ask(doc))).route for i, doc in enumerate(DOCS)}  # type: ignore[union-attr]
-        wait_for(lambda: a.state.status().get("prefix_blocks_adopted", 0) > 0, 2, "a's push went through")
+        total = sum(len(blocks_of(a, doc)) for doc in DOCS)
+        wait_for(lambda: a.state.status().get("prefix_blocks_adopted", 0) >= total, 10, "a's pushes went through")
         late = Router(config, start_prober=False)  # the constructor waits for the first sync
         try:
             wait_for(
                 lambda: all(knows(late, placed[i], blocks_of(late, doc)) for i, doc in enumerate(DOCS)),
-                config.state.staleness_bound_s,
+                10 * config.state.staleness_bound_s,
                 "the late replica reads the fleet's index",
             )
             followed = {i: call_info(late.chat(ask(doc, "Why?"))).route for i, doc in enumerate(DOCS)}  # type: ignore[union-attr]
@@ -140,6 +149,9 @@ def test_a_server_that_restarted_is_forgotten_by_the_fleet_and_by_replicas_that_
         on_s1 = [doc for i, doc in enumerate(DOCS) if placed[i] == "s1"]
         bound = config.state.staleness_bound_s
         wait_for(lambda: all(knows(b, "s0", blocks_of(b, doc)) for doc in on_s0), bound, "b learns s0's prefixes")
+        client = redis_lib.Redis.from_url(redis_server.url)
+        key, roots = f"{namespace}:prefix:64:s0", [str(blocks_of(a, doc)[0]) for doc in on_s0]
+        assert on_s0 and all(client.zscore(key, root) is not None for root in roots)  # in the fleet's index
         two["s0"].set_fault(Fault.STATUS, status=503)  # s0 goes down (its breaker opens fleet-wide)...
         for _ in range(3):
             with pytest.raises(AllRoutesFailed):
@@ -154,11 +166,9 @@ def test_a_server_that_restarted_is_forgotten_by_the_fleet_and_by_replicas_that_
 
         wait_for(lambda: forgot(a), 10, "a forgets the restarted server")
         wait_for(lambda: forgot(b), 10, "b forgets the restarted server")
-        client = redis_lib.Redis.from_url(redis_server.url)
-        roots = [str(blocks_of(a, doc)[0]) for doc in on_s0]
         try:
             wait_for(
-                lambda: all(client.zscore(f"{namespace}:prefix:s0", root) is None for root in roots),
+                lambda: all(client.zscore(key, root) is None for root in roots),
                 bound,
                 "the replicas cut s0's entries from the fleet's index",
             )
@@ -173,3 +183,85 @@ def test_a_server_that_restarted_is_forgotten_by_the_fleet_and_by_replicas_that_
     finally:
         for router in (a, b):
             router.close()
+
+
+ROUTES = st.sampled_from(["r0", "r1"])
+CHAINS = st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=1, max_size=6)
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("record"), ROUTES, CHAINS, st.integers(0, 6)),
+        st.tuples(st.just("push"), st.booleans()),  # a sync: its push reaches Redis (True) or fails (False)
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=STEPS, cap=st.integers(1, 12))
+def test_the_outbox_loses_nothing_but_its_oldest_past_the_cap_and_keeps_the_order_through_failed_syncs(
+    steps: list[tuple[object, ...]], cap: int
+) -> None:
+    """Whatever the syncs do, each route's pushes arrive in the order recorded (deepest block first), a failed
+    push is sent again before anything newer, only the oldest blocks past ``max_blocks`` are dropped, and the
+    hit/sent tally that reaches Redis is exactly what was recorded."""
+    share = PrefixShare(cap, {}, 64)
+    recorded: dict[str, list[int]] = {"r0": [], "r1": []}
+    delivered: dict[str, list[int]] = {"r0": [], "r1": []}
+    tally_in, tally_out = [0, 0], [0, 0]
+    for step in steps:
+        if step[0] == "record":
+            _, route, chain, depth = step
+            assert isinstance(route, str) and isinstance(chain, list) and isinstance(depth, int)
+            share.recorded(route, chain, depth)
+            recorded[route] += list(reversed(chain[:cap]))
+            tally_in[0] += depth
+            tally_in[1] += len(chain)
+        else:
+            push = share.take()
+            if step[1]:
+                for route, hashes in push.hashes.items():
+                    delivered[route] += hashes
+                for hit, sent in push.tally.values():
+                    tally_out[0] += hit
+                    tally_out[1] += sent
+            else:
+                share.requeue(push)
+    final = share.take()
+    for route in ("r0", "r1"):
+        pending = final.hashes.get(route, [])
+        assert len(pending) <= cap
+        sent = delivered[route] + pending
+        assert _is_subsequence(sent, recorded[route])
+        assert sent[-len(pending) :] == recorded[route][-len(pending) :] if pending else True  # newest never dropped
+    tally_out[0] += sum(hit for hit, _ in final.tally.values())
+    tally_out[1] += sum(sent for _, sent in final.tally.values())
+    assert tally_out == tally_in
+
+
+def _is_subsequence(part: list[int], whole: list[int]) -> bool:
+    it = iter(whole)
+    return all(any(x == y for y in it) for x in part)
+
+
+def test_with_redis_gone_the_replicas_route_by_their_own_index_and_share_again_when_it_is_back(
+    namespace: str, two: dict[str, FaultServer]
+) -> None:
+    with RedisServer() as redis:
+        config = shared_config(two, redis.url, namespace, lb_policy="prefix_aware")
+        a, b = replicas(2, config)
+        try:
+            redis.kill()
+            wait_for(lambda: not a.state.status()["connected"], 5, "a notices the outage")
+            placed = {i: call_info(a.chat(ask(doc))).route for i, doc in enumerate(DOCS)}  # type: ignore[union-attr]
+            again = {i: call_info(a.chat(ask(doc, "And?"))).route for i, doc in enumerate(DOCS)}  # type: ignore[union-attr]
+            assert again == placed  # a's own index still places its contexts: degraded, not broken
+            assert not any(knows(b, placed[i], blocks_of(b, doc)) for i, doc in enumerate(DOCS))
+            redis.start()
+            wait_for(
+                lambda: all(knows(b, placed[i], blocks_of(b, doc)) for i, doc in enumerate(DOCS)),
+                10,
+                "what a recorded during the outage reaches b once Redis is back",
+            )
+        finally:
+            for router in (a, b):
+                router.close()

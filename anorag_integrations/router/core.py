@@ -221,7 +221,8 @@ class Router:
     def _share_prefixes(self) -> None:
         """With shared state, each ``prefix_aware`` index learns from every replica (``fleet/redis_prefix.py``)."""
         policies = {kind: pool.policy for kind, pool in self.pools.items() if isinstance(pool.policy, PrefixAware)}
-        share = self.state.share_prefixes(policies, self.config.prefix_aware.max_blocks) if policies else None
+        options = self.config.prefix_aware
+        share = self.state.share_prefixes(policies, options.max_blocks, options.block_chars) if policies else None
         for policy in policies.values():
             policy.fleet = share
 

@@ -218,10 +218,14 @@ class PrefixAware:
             self._queries.pop(route, None)
             self._blocks.pop(route, None)
 
+    def tallies(self) -> dict[str, tuple[int, int]]:
+        """Per route: (blocks the index predicted cached, blocks sent) of the prompts this router sent there."""
+        with self._lock:
+            return {name: (hit, sent) for name, (hit, sent) in self._blocks.items()}
+
     def hit_rates(self) -> dict[str, float | None]:
         """Per route: the share of the prompt blocks this router sent there that the index predicted cached."""
-        with self._lock:
-            return {name: (hit / sent if sent else None) for name, (hit, sent) in self._blocks.items()}
+        return {name: (hit / sent if sent else None) for name, (hit, sent) in self.tallies().items()}
 
     def fleet_hit_rates(self) -> dict[str, float | None]:
         """Per route: the same over every replica of the fleet (shared state); empty when the index is not shared."""

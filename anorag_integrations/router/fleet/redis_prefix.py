@@ -5,18 +5,23 @@ so a document another replica placed looks new and is placed again, elsewhere. W
 redis}`` every replica pushes the block hashes it records and reads back everyone's, so each replica's
 local index (``balancing/prefix_index.py``) holds the fleet's prefixes, as one router's would. Keys::
 
-    ns:prefix:<route>  zset    block hash (decimal) -> the fleet's sequence number when it was last sent there
-                               (higher: more recent); at most ``max_blocks`` (the least recent go), expires
-                               ``INDEX_TTL_S`` after its last write (a route nobody uses any more)
-    ns:prefix:seq      string  the fleet's sequence
-    ns:prefix:tally    hash    "<route>\\x1fhit", "<route>\\x1fsent" -> blocks predicted cached / sent, fleet-wide
+    ns:prefix:<B>:<route>  zset    block hash (decimal) -> the fleet's sequence number when it was last sent there
+                                   (higher: more recent); at most ``max_blocks`` (the least recent go); expires
+                                   ``INDEX_TTL_S`` after its last write (a route nobody uses any more)
+    ns:prefix:<B>:tally    hash    "<route>\\x1fhit", "<route>\\x1fsent" -> blocks predicted cached / sent, fleet-wide
+    ns:prefix:seq          string  the fleet's sequence
+
+``<B>`` is ``prefix_aware.block_chars``: replicas that cut prompts into blocks of another size (a config
+being rolled out) keep apart, since their hashes would never match.
 
 Each sync pushes, inside its one pipeline, the chains this replica recorded since the last one (a
 prompt's deepest block first, so its root gets the highest number: the shared index stays prefix-closed
 as the local one is) and reads back each route's entries numbered above the newest it has read, which
-it adopts in order. A replica that joins reads each route's newest ``max_blocks`` at its first sync, before
-it serves. A replica that finds a route's server restarted (``prefix_aware`` forgets the route) also
-removes from Redis the entries it had read, so a replica joining later does not learn a cache that is gone.
+it adopts in order. Both ways at most ``PAGE`` entries per route per sync (a sync is bounded by
+``state.timeout``); a full page has the next sync run at once. A replica that joins reads the fleet's
+index from its oldest entry on, a page per route per sync: its first page before it serves. A replica
+that finds a route's server restarted (``prefix_aware`` forgets the route) also removes from Redis the
+entries it had read, so a replica joining later does not learn a cache that is gone.
 
 The request path never waits on Redis: it appends to an outbox (bounded per route, oldest dropped) that
 the sync thread drains. While Redis is down the outbox is kept for the next sync and the local index goes
@@ -38,23 +43,25 @@ if TYPE_CHECKING:
 
 INDEX_TTL_S = 3600
 """A route's shared index expires this long after its last write (a route removed from every config)."""
+PAGE = 4096
+"""Entries a sync pushes, and reads back, per route at most (4096 blocks: 256 K characters of prompts)."""
 
 PREFIX = """
-local max, ttl = tonumber(ARGV[1]), ARGV[2]
+local max, ttl, page = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local function fresh(key, kind)
   local t = redis.call('TYPE', key)['ok']
   if t ~= kind and t ~= 'none' then redis.call('DEL', key) end
 end
 fresh(KEYS[1], 'string')
 fresh(KEYS[2], 'hash')
-local at, out = 3, {}
+local at, out = 4, {}
 for i = 3, #KEYS do
   local key = KEYS[i]
-  local name, since, cut = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local name, since, cut = ARGV[at], ARGV[at + 1], ARGV[at + 2]  -- strings: Lua prints big numbers as 1e+14
   local hit, sent, n = ARGV[at + 3], ARGV[at + 4], tonumber(ARGV[at + 5])
   at = at + 6
   fresh(key, 'zset')
-  if cut > 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', cut) end
+  if tonumber(cut) > 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', cut) end
   if n > 0 then
     local top = redis.pcall('INCRBY', KEYS[1], n)
     if type(top) ~= 'number' then redis.call('SET', KEYS[1], n) top = n end
@@ -75,19 +82,17 @@ for i = 3, #KEYS do
       redis.call('HDEL', KEYS[2], name .. '\\31hit', name .. '\\31sent')
     end
   end
-  local got
-  if since <= 0 then got = redis.call('ZRANGE', key, -max, -1, 'WITHSCORES')
-  else got = redis.call('ZRANGEBYSCORE', key, '(' .. since, '+inf', 'WITHSCORES', 'LIMIT', 0, max) end
+  local got = redis.call('ZRANGEBYSCORE', key, '(' .. since, '+inf', 'WITHSCORES', 'LIMIT', 0, page)
   local tally = redis.call('HMGET', KEYS[2], name .. '\\31hit', name .. '\\31sent')
   out[#out + 1] = {got, tally[1] or '0', tally[2] or '0'}
 end
 return out
 """
-"""Per route in KEYS[3..] (ARGV from 3 on, per route: name, since, cut, hit, sent, n, then n block hashes):
+"""Per route in KEYS[3..] (ARGV from 4 on, per route: name, since, cut, hit, sent, n, then n block hashes):
 drop the entries numbered ``cut`` or less (the replica found the server restarted), add the n hashes under the
 next n numbers of the fleet's sequence (KEYS[1]), keep the newest ARGV[1] and expire the key ARGV[2] ms after
-this write, add hit and sent to the fleet's tally (KEYS[2]); reply, per route, the entries numbered above
-``since`` (the newest ARGV[1] when ``since`` is 0), oldest first, as [hash, number, ...], and the fleet's tally.
+this write, add hit and sent to the fleet's tally (KEYS[2]); reply, per route, the first ARGV[3] entries numbered
+above ``since``, oldest first, as [hash, number, ...], and the fleet's tally.
 A key of another type (a hand edit) is replaced; a field that is not a number is reset."""
 
 
@@ -113,15 +118,16 @@ class PrefixShare:
     a route's entries are adopted by the policy of its kind; kinds absent here are not shared.
     """
 
-    def __init__(self, max_blocks: int, policies: Mapping[str, Learner]) -> None:
+    def __init__(self, max_blocks: int, policies: Mapping[str, Learner], block_chars: int) -> None:
         self.max_blocks = max_blocks
+        self.block_chars = block_chars
         self.policies = dict(policies)
         self._lock = forks.lock()
         self._out: dict[str, deque[int]] = {}
         self._cuts: dict[str, int] = {}
         self._tally: dict[str, tuple[int, int]] = {}
         self._since: dict[str, int] = {}
-        """Per route: the newest sequence number read (0: nothing yet; the first read takes the newest entries)."""
+        """Per route: the newest sequence number read (0: nothing yet, the first read starts at the oldest)."""
         self.fleet_tally: dict[str, tuple[int, int]] = {}
         """Per route: (blocks predicted cached, blocks sent) by every replica of the fleet, at the last sync."""
         self.adopted = 0
@@ -165,11 +171,23 @@ class PrefixShare:
     # --- the sync thread -----------------------------------------------------------------------------
 
     def take(self) -> Push:
-        """Everything recorded since the last push (the caller hands it back with ``requeue`` if the push fails)."""
+        """What the next sync pushes: per route the ``PAGE`` oldest hashes not pushed yet (the rest wait for the next
+        sync), the cuts and the tally. The caller hands it back with ``requeue`` if the push fails."""
         with self._lock:
-            push = Push({r: list(h) for r, h in self._out.items()}, self._cuts, self._tally)
-            self._out, self._cuts, self._tally = {}, {}, {}
+            hashes: dict[str, list[int]] = {}
+            for route, out in list(self._out.items()):
+                hashes[route] = [out.popleft() for _ in range(min(PAGE, len(out)))]
+                if not out:
+                    del self._out[route]
+            push = Push(hashes, self._cuts, self._tally)
+            self._cuts, self._tally = {}, {}
         return push
+
+    @property
+    def pending(self) -> bool:
+        """Whether hashes are waiting for a later push (more than a page was recorded)."""
+        with self._lock:
+            return bool(self._out)
 
     def requeue(self, push: Push) -> None:
         """A push that did not reach Redis: sent again with the next one, before what was recorded since."""
@@ -190,18 +208,22 @@ class PrefixShare:
 
     def args(self, ns: str, names: Sequence[str], push: Push) -> tuple[list[str], list[Any]]:
         """PREFIX's keys and arguments for ``names``, pushing ``push``."""
-        keys = [f"{ns}:prefix:seq", f"{ns}:prefix:tally", *(f"{ns}:prefix:{name}" for name in names)]
-        args: list[Any] = [self.max_blocks, INDEX_TTL_S * 1000]
+        at = f"{ns}:prefix:{self.block_chars}"
+        keys = [f"{ns}:prefix:seq", f"{at}:tally", *(f"{at}:{name}" for name in names)]
+        args: list[Any] = [self.max_blocks, INDEX_TTL_S * 1000, PAGE]
         for name in names:
             hashes = push.hashes.get(name, [])
             hit, sent = push.tally.get(name, (0, 0))
             args += [name, self._since.get(name, 0), push.cuts.get(name, 0), hit, sent, len(hashes), *hashes]
         return keys, args
 
-    def apply(self, routes: Mapping[str, Route], names: Sequence[str], reply: object) -> None:
-        """Adopt PREFIX's reply for ``names``: each route's new entries into its kind's index, and the fleet's tally."""
+    def apply(self, routes: Mapping[str, Route], names: Sequence[str], reply: object) -> bool:
+        """Adopt PREFIX's reply for ``names``: each route's new entries into its kind's index, and the fleet's tally.
+
+        Whether there is more to exchange at once: a full page was read, or more than a page waits to be pushed."""
+        more = self.pending
         if not isinstance(reply, list) or len(reply) != len(names):
-            return
+            return more
         for name, part in zip(names, reply, strict=True):
             route = routes.get(name)
             policy = self.policies.get(route.kind) if route is not None else None
@@ -209,6 +231,7 @@ class PrefixShare:
                 continue
             if not isinstance(part[0], list):
                 continue
+            more |= len(part[0]) >= 2 * PAGE
             hashes, newest = _entries(part[0])
             with self._lock:
                 if newest > self._since.get(name, 0):
@@ -219,6 +242,7 @@ class PrefixShare:
             hit, sent = _number(part[1]), _number(part[2])
             if hit is not None and sent is not None:
                 self.fleet_tally[name] = (hit, sent)
+        return more
 
     def fleet_hit_rates(self) -> dict[str, float | None]:
         """Per route: the share of the blocks the fleet's replicas sent there that their indexes predicted cached."""

@@ -183,11 +183,11 @@ class RedisState:
         """Whether this replica probes ``route``: its elected leader, or every replica while Redis is down."""
         return not self.connected or route.name in self._sync.leading
 
-    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int) -> PrefixShare | None:
+    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int, block_chars: int) -> PrefixShare | None:
         """Share ``prefix_aware``'s indexes with the fleet from the next sync (``redis_prefix.py``)."""
         if not policies:
             return None
-        self._sync.prefixes = PrefixShare(max_blocks, policies)
+        self._sync.prefixes = PrefixShare(max_blocks, policies, block_chars)
         return self._sync.prefixes
 
     @property

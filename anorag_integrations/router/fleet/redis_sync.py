@@ -154,7 +154,7 @@ class Sync:
                 self.prefixes.requeue(push)
             raise
         self._apply(exchange)
-        return again
+        return again or exchange.more
 
     def _gone(self, routes: Mapping[str, Route]) -> list[str]:
         """The keys of the locks this replica holds for routes it no longer has; their trial grants end here."""
@@ -262,7 +262,7 @@ class Sync:
                 self.retry_budget.fleet_totals(float(totals[0]), float(totals[1]))
         self._apply_reads(out.routes, replies[out.reads_at])
         if self.prefixes is not None and out.prefix_at is not None:
-            self.prefixes.apply(out.routes, out.prefix_names, replies[out.prefix_at])
+            out.more = self.prefixes.apply(out.routes, out.prefix_names, replies[out.prefix_at])
         peers = replies[out.peers_at]
         now = redis_time(peers)
         if now is not None:  # this replica's own clock against Redis's, within half the round trip
@@ -311,6 +311,8 @@ class _Exchange:
     prefix_names: list[str] = field(default_factory=list)
     """The routes whose shared prefix index the exchange pushed to and read (``redis_prefix.py``)."""
     prefix_at: int | None = None
+    more: bool = False
+    """The shared prefix index has more to push or read than one page: sync again at once."""
     sent_wall: float = 0.0
     received_wall: float = 0.0
     """Unix time just before the exchange was sent and once its replies came: this clock against Redis's."""

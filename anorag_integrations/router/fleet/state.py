@@ -132,7 +132,7 @@ class State(Protocol):
         """What the backend is doing, fit to show (no credentials)."""
         ...
 
-    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int) -> PrefixShare | None:
+    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int, block_chars: int) -> PrefixShare | None:
         """Share the ``prefix_aware`` policies' indexes (per route kind) with the fleet; None: not shared (local state).
 
         Called before ``start``, so a replica's first sync reads the fleet's index."""
@@ -165,7 +165,7 @@ class LocalState:
     def status(self) -> dict[str, Any]:
         return {"backend": self.backend}
 
-    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int) -> PrefixShare | None:
+    def share_prefixes(self, policies: Mapping[str, Learner], max_blocks: int, block_chars: int) -> PrefixShare | None:
         return None
 
     def __repr__(self) -> str:

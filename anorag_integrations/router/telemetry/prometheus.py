@@ -28,6 +28,12 @@ routers share one collector per registry, so each family is written once however
     anorag_route_concurrency_limit                 attempts the route is sent at once (learnt, or max_concurrency)
     anorag_route_saturated                         1 while the route signals saturation (``admission/limit.py``)
     anorag_route_saturation_events_total           429/503/timeouts under load and slow answers that lowered it
+    anorag_prefix_blocks_sent_total                ``prefix_aware``: prompt blocks this replica sent the route...
+    anorag_prefix_blocks_predicted_total           ...and those its index (the fleet's, with shared state) predicted
+                                                   cached: rate(predicted) / rate(sent), summed over replicas for
+                                                   the fleet, is the predicted hit rate
+    anorag_route_prefix_cache_hit_ratio            the server's own prefix-cache hit rate since it started
+                                                   (``vllm:prefix_cache_hits_total / queries``, from ``/metrics``)
 
 and per router only (no ``route`` label)::
 
@@ -203,8 +209,12 @@ class RouterCollector(Collector):
         now, wall = time.monotonic(), time.time()
         for name, router in self._live():
             families.add_calls(name, router)
+            tallies: dict[str, tuple[int, int]] = {}
+            for pool in router.pools.values():
+                if (tally := getattr(pool.policy, "tallies", None)) is not None:
+                    tallies.update(tally())
             for route in router.routes.values():
-                families.add_route(name, route, now, wall)
+                families.add_route(name, route, now, wall, tallies.get(route.name))
         return families.all()
 
 
@@ -254,6 +264,13 @@ class _Families:
         self.saturations = counter(
             "anorag_route_saturation_events", "Saturation signals that lowered the route's concurrency limit"
         )
+        self.prefix_sent = counter("anorag_prefix_blocks_sent", "prefix_aware: prompt blocks sent to the route")
+        self.prefix_predicted = counter(
+            "anorag_prefix_blocks_predicted", "prefix_aware: prompt blocks sent to the route its index predicted cached"
+        )
+        self.prefix_measured = gauge(
+            "anorag_route_prefix_cache_hit_ratio", "The server's prefix-cache hit rate since it started (its /metrics)"
+        )
         self.queue = GaugeMetricFamily(
             "anorag_queue_depth", "Calls waiting for a route with room, by priority", labels=("router", "priority")
         )
@@ -281,7 +298,7 @@ class _Families:
             self.shed.add_metric([name, why, str(priority)], count)
         self.denied.add_metric([name], router.retry_budget.denied)
 
-    def add_route(self, name: str, route: Route, now: float, wall: float) -> None:
+    def add_route(self, name: str, route: Route, now: float, wall: float, tally: tuple[int, int] | None) -> None:
         labels = [name, route.name]
         c = route.stats.counters()
         self.attempts.add_metric(labels, c.requests)
@@ -312,6 +329,11 @@ class _Families:
         self.limit.add_metric(labels, limit.fixed if limit.fixed is not None else limit.limit)
         self.saturated.add_metric(labels, 1.0 if limit.saturated else 0.0)
         self.saturations.add_metric(labels, limit.saturations)
+        if tally is not None:
+            self.prefix_predicted.add_metric(labels, tally[0])
+            self.prefix_sent.add_metric(labels, tally[1])
+        if route.load is not None and (measured := route.load.prefix_hit_rate) is not None:
+            self.prefix_measured.add_metric(labels, measured)
 
 
 def _buckets(histogram: Histogram) -> Iterator[tuple[str, float]]:
