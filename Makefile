@@ -41,7 +41,7 @@ install: $(STAMP)
 PEERS := .venv-peers
 bench: $(STAMP) $(PEERS)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	cd benchmarks && for b in overhead selection balancing failover memory real_engine prefix_affinity least_queue pure_overhead soak embeddings shared_state membership overload overload_vllm report; do \
+	cd benchmarks && for b in overhead selection balancing failover memory real_engine prefix_affinity prefix_fleet prefix_index_cost least_queue pure_overhead soak embeddings shared_state membership overload overload_vllm report; do \
 	  ../$(BIN)/python $$b.py || exit 1; done
 
 $(PEERS)/.installed: benchmarks/peers-requirements.txt

@@ -244,7 +244,7 @@ def prefix_fleet(data: dict[str, Any]) -> list[str]:
         verdict = "met" if ratio <= target else "missed"
         verdicts.append(f"{r['replicas']} replica(s) {ratio}x (target <= {target}x: {verdict})")
     return [
-        f"## 7d. Prefix-aware routing with many app replicas ({meta['model']}, vLLM 0.32 CPU, two servers each "
+        f"## 7d. Prefix-aware routing with many app replicas ({meta['model']}, two servers each "
         f"pinned to its own core, KV cache {meta['kv_cache_tokens']:,} tokens each; a 600-token system prompt, "
         f"{meta['docs']} documents of ~1,200 tokens x {meta['questions_per_doc']} questions, streamed at concurrency "
         f"{meta['concurrency']}; request i through replica i mod N; every server's prefix cache emptied before each "

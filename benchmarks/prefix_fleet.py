@@ -13,8 +13,9 @@ through the same replicas) before the measured pass:
 Workload (the shape issue 29 names): a ~600-token system prompt every request shares, ``--docs``
 documents of about 1,200 tokens, ``--questions`` questions each, shuffled, streamed at ``--concurrency``.
 Two real vLLM servers (SmolLM2-135M-Instruct, CPU), each pinned to its own core, each with a KV cache
-of ``--kv-blocks`` blocks of 128 tokens (default: about half the working set, so the pair holds it all
-only when each document lives on one server). Hit rates, over both passes: vLLM's own counters (measured)
+of ``--kv-blocks`` blocks of 128 tokens (default 144: about 0.6 of the working set, so one server cannot
+hold every document but the pair can, when each document lives on one server; at 120 the halves alone
+no longer fit and every policy thrashes). Hit rates, over both passes: vLLM's own counters (measured)
 and the share of prompt blocks the replicas' indexes predicted cached (summed over replicas).
 Targets: ``prefix_aware`` shared at 4 and 8 replicas: mean TTFT <= 0.4x round_robin's; at 1 replica no
 worse than 0.31x.

@@ -12,6 +12,7 @@ Run: ``.venv/bin/python benchmarks/prefix_index_cost.py`` (about a minute; nothi
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import time
@@ -28,7 +29,6 @@ from anorag_integrations.router.fleet.redis_prefix import PREFIX, PrefixShare, P
 from anorag_integrations.testing import RedisServer
 
 PROMPT_CHARS = 10_000
-BLOCKS_HELD = 1_000_000
 
 
 def fake_route(name: str) -> Any:
@@ -134,43 +134,47 @@ def sync_cost(url: str) -> dict[str, Any]:
     }
 
 
-def memory(url: str) -> dict[str, Any]:
-    """Bytes per block at 1,000,000 blocks in one route: the local index, and the route's sorted set in Redis."""
+def memory(url: str, held: int) -> dict[str, Any]:
+    """Bytes per block at ``held`` blocks in one route: the local index, and the route's sorted set in Redis."""
     gc.collect()
     tracemalloc.start()
-    index = PrefixIndex(BLOCKS_HELD)
+    index = PrefixIndex(held)
     base = 0x9E3779B97F4A7C15
-    chunk = 10_000
-    for start in range(0, BLOCKS_HELD, chunk):
+    chunk = min(10_000, held)
+    for start in range(0, held, chunk):
         index.adopt("r", [(base * (start + j)) & ((1 << 64) - 1) for j in range(chunk)])
     current, _peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert index.size("r") == BLOCKS_HELD
+    assert index.size("r") == held
     del index
     client = redis.Redis.from_url(url)
     sha = client.script_load(PREFIX)
-    share = PrefixShare(BLOCKS_HELD, {"chat": object()}, 64)  # type: ignore[dict-item]
-    for start in range(0, BLOCKS_HELD, chunk):
+    share = PrefixShare(held, {"chat": object()}, 64)  # type: ignore[dict-item]
+    for start in range(0, held, chunk):
         hashes = [(base * (start + j)) & ((1 << 64) - 1) for j in range(chunk)]
         keys, args = share.args("mem", ["r"], Push(hashes={"r": hashes}))
         args[4] = 2**62  # ``since``: read nothing back
         client.evalsha(sha, len(keys), *keys, *args)
-    held = client.zcard("mem:prefix:64:r")
+    stored = client.zcard("mem:prefix:64:r")
     used = client.memory_usage("mem:prefix:64:r", samples=0) or 0
     client.close()
     return {
-        "blocks": BLOCKS_HELD,
+        "blocks": held,
         "index_mb": round(current / 1e6, 1),
-        "index_bytes_per_block": round(current / BLOCKS_HELD),
-        "redis_blocks": held,
+        "index_bytes_per_block": round(current / held),
+        "redis_blocks": stored,
         "redis_mb": round(used / 1e6, 1),
-        "redis_bytes_per_block": round(used / max(held, 1)),
+        "redis_bytes_per_block": round(used / max(stored, 1)),
     }
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--routes", type=int, nargs="*", default=[2, 16, 100, 1000])
+    parser.add_argument("--blocks", type=int, default=1_000_000, help="blocks held in one route for the memory figure")
+    args = parser.parse_args()
     cores = pin_client()
-    picks = [pick_cost(n) for n in (2, 16, 100, 1000)]
+    picks = [pick_cost(n) for n in args.routes]
     for row in picks:
         print(row, flush=True)
     with RedisServer() as server:
@@ -179,7 +183,7 @@ def main() -> None:
             "hash_us_10k_chars": hash_cost(),
             **adopt_cost(),
             **sync_cost(server.url),
-            "memory": memory(server.url),
+            "memory": memory(server.url, args.blocks),
         }
     print(result)
     print("written to", save("prefix_index_cost", result, cores=cores))

@@ -57,6 +57,7 @@ def run(script: str, *args: str, results: Path, **env: str) -> subprocess.Comple
         ("soak.py", ["--requests", "400", "--concurrency", "32", "--warmup", "50", "--sync-threads", "2"]),
         ("observability.py", ["--requests", "20", "--rounds", "1", "--concurrency", "4", "--calls", "20"]),
         ("shared_state.py", ["--seconds", "1", "--kill-seconds", "1.5", "--pairs", "1", "--apps", "2"]),
+        ("prefix_index_cost.py", ["--routes", "2", "20", "--blocks", "2000"]),
     ],
 )
 def test_benchmark_runs(script: str, args: list[str], tmp_path: Path) -> None:
