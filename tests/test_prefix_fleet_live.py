@@ -32,8 +32,9 @@ def ask(doc: str, question: str) -> list[dict[str, str]]:
 def knows(router: Router, route: str, doc: str) -> bool:
     policy = router.policy
     assert isinstance(policy, PrefixAware)
-    blocks = conversation_blocks(ask(doc, "Q"), policy.block_chars)[:-1]  # the context's blocks, not the question's
-    return policy.index.depth(route, blocks) == len(blocks)
+    one, other = (conversation_blocks(ask(doc, q), policy.block_chars) for q in ("Q?", "Another one?"))
+    shared = next(i for i, (x, y) in enumerate(zip(one, other, strict=False)) if x != y)  # the context's blocks
+    return shared > 10 and policy.index.depth(route, one[:shared]) == shared
 
 
 def cached_tokens(router: Router, route: str) -> float:
