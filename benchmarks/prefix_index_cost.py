@@ -98,9 +98,9 @@ def adopt_cost() -> dict[str, Any]:
     names = list(routes)
     blocks = chain_blocks(text(0))[:64]
     reply = [[[str(h).encode(), str(j).encode()] for j, h in enumerate(blocks, 1)] for _ in names]
-    flat = [[[x for pair in part for x in pair], b"0", b"0"] for part in reply]
+    flat = [[[x for pair in part for x in pair], b"0", b"0", 2 * len(part)] for part in reply]
     started = time.perf_counter()
-    share.apply(routes, names, flat)
+    share.apply(routes, names, [len(blocks), flat], Push())
     took = time.perf_counter() - started
     return {"blocks": sum(adopted), "adopt_us_per_block": round(took / sum(adopted) * 1e6, 2)}
 

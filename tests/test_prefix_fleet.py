@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from anorag_integrations import Router, call_info
 from anorag_integrations.router import AllRoutesFailed
 from anorag_integrations.router.balancing.prefix_aware import PrefixAware
-from anorag_integrations.router.balancing.prefix_index import chain_blocks
+from anorag_integrations.router.balancing.prefix_index import PrefixIndex, chain_blocks
 from anorag_integrations.router.endpoints.health import BreakerState
 from anorag_integrations.router.fleet import redis_prefix
 from anorag_integrations.router.fleet.redis_prefix import PrefixShare
@@ -265,3 +265,53 @@ def test_with_redis_gone_the_replicas_route_by_their_own_index_and_share_again_w
         finally:
             for router in (a, b):
                 router.close()
+
+
+class _Learner:
+    """A policy's side of adoption, recording what it was taught."""
+
+    def __init__(self) -> None:
+        self.index = PrefixIndex(100)
+
+    def adopt(self, route: object, hashes: list[int]) -> None:
+        self.index.adopt(getattr(route, "name"), hashes)  # noqa: B009
+
+
+def _route(name: str) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, kind="chat")
+
+
+def test_an_exchange_under_way_when_a_server_restarts_or_a_route_leaves_teaches_nothing_about_it() -> None:
+    """The reply of an exchange taken before ``restarted``/``left`` may hold entries from before: not adopted, and
+    a push that failed meanwhile is not requeued (it was recorded for a cache that is gone)."""
+    learner = _Learner()
+    share = PrefixShare(100, {"chat": learner}, 64)
+    routes = {"r": _route("r")}
+    share.recorded("r", [1, 2, 3], 0)
+    push = share.take()
+    share.restarted("r")
+    share.requeue(push)  # the push failed after the restart
+    assert share.take().hashes == {}
+    push = share.take()
+    share.left("r")
+    share.apply(routes, ["r"], [9, [[[b"11", b"1", b"12", b"2"], b"5", b"9", 4]]], push)
+    assert learner.index.size("r") == 0 and share.fleet_tally == {}
+    fresh = share.take()  # an exchange taken after: adopted
+    share.apply(routes, ["r"], [9, [[[b"11", b"3", b"12", b"4"], b"5", b"9", 4]]], fresh)
+    assert learner.index.size("r") == 2 and share.fleet_tally == {"r": (5, 9)}
+
+
+def test_a_sequence_that_went_back_has_every_replica_read_the_index_anew() -> None:
+    """Redis lost ``ns:prefix:seq`` (a restart without persistence): new entries are numbered from 1 again, below
+    what replicas had read; they must start over rather than wait for the sequence to climb back."""
+    learner = _Learner()
+    share = PrefixShare(100, {"chat": learner}, 64)
+    routes = {"r": _route("r")}
+    share.apply(routes, ["r"], [500, [[[b"11", b"500"], b"0", b"0", 2]]], share.take())
+    _, args = share.args("ns", ["r"], share.take())
+    assert args[4] == 500  # since
+    assert share.apply(routes, ["r"], [3, [[[], b"0", b"0", 0]]], share.take()) is True  # sync again at once
+    _, args = share.args("ns", ["r"], share.take())
+    assert args[4] == 0

@@ -54,6 +54,8 @@ local function fresh(key, kind)
 end
 fresh(KEYS[1], 'string')
 fresh(KEYS[2], 'hash')
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+if not seq or seq < 0 or seq ~= math.floor(seq) or seq > 2^52 then redis.call('SET', KEYS[1], 0) end
 local at, out = 4, {}
 for i = 3, #KEYS do
   local key = KEYS[i]
@@ -63,8 +65,7 @@ for i = 3, #KEYS do
   fresh(key, 'zset')
   if tonumber(cut) > 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', cut) end
   if n > 0 then
-    local top = redis.pcall('INCRBY', KEYS[1], n)
-    if type(top) ~= 'number' then redis.call('SET', KEYS[1], n) top = n end
+    local top = redis.call('INCRBY', KEYS[1], n)
     local args = {}
     for j = 1, n do
       args[#args + 1] = string.format('%d', top - n + j)
@@ -82,18 +83,31 @@ for i = 3, #KEYS do
       redis.call('HDEL', KEYS[2], name .. '\\31hit', name .. '\\31sent')
     end
   end
-  local got = redis.call('ZRANGEBYSCORE', key, '(' .. since, '+inf', 'WITHSCORES', 'LIMIT', 0, page)
+  local raw = redis.call('ZRANGEBYSCORE', key, '(' .. since, '+inf', 'WITHSCORES', 'LIMIT', 0, page)
+  local top = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+  local got = {}
+  for j = 1, #raw, 2 do  -- only what a replica wrote: a hash of at most 20 digits, numbered by the sequence
+    local member, score = raw[j], tonumber(raw[j + 1])
+    if #member <= 20 and member:match('^%d+$') and score and score >= 1 and score <= top then
+      got[#got + 1] = member
+      got[#got + 1] = raw[j + 1]
+    else
+      redis.call('ZREM', key, member)
+    end
+  end
   local tally = redis.call('HMGET', KEYS[2], name .. '\\31hit', name .. '\\31sent')
-  out[#out + 1] = {got, tally[1] or '0', tally[2] or '0'}
+  out[#out + 1] = {got, tally[1] or '0', tally[2] or '0', #raw}
 end
-return out
+return {tonumber(redis.call('GET', KEYS[1]) or '0') or 0, out}
 """
 """Per route in KEYS[3..] (ARGV from 4 on, per route: name, since, cut, hit, sent, n, then n block hashes):
 drop the entries numbered ``cut`` or less (the replica found the server restarted), add the n hashes under the
 next n numbers of the fleet's sequence (KEYS[1]), keep the newest ARGV[1] and expire the key ARGV[2] ms after
-this write, add hit and sent to the fleet's tally (KEYS[2]); reply, per route, the first ARGV[3] entries numbered
-above ``since``, oldest first, as [hash, number, ...], and the fleet's tally.
-A key of another type (a hand edit) is replaced; a field that is not a number is reset."""
+this write, add hit and sent to the fleet's tally (KEYS[2]); reply the sequence and, per route, the first ARGV[3]
+entries numbered above ``since``, oldest first, as [hash, number, ...], the fleet's tally and how many were read.
+A key of another type (a hand edit) is replaced, a sequence that is not a count is reset (replicas then read
+again from the start), a field that is not a number is reset, and an entry no replica could have written (not
+a 64-bit decimal, or numbered past the sequence) is removed as it is read."""
 
 
 class Learner(Protocol):
@@ -109,6 +123,8 @@ class Push:
     hashes: dict[str, list[int]] = field(default_factory=dict)
     cuts: dict[str, int] = field(default_factory=dict)
     tally: dict[str, tuple[int, int]] = field(default_factory=dict)
+    generations: dict[str, int] = field(default_factory=dict)
+    """Per route, its generation when the push was taken: a route restarted or gone since is not requeued or read."""
 
 
 class PrefixShare:
@@ -128,6 +144,8 @@ class PrefixShare:
         self._tally: dict[str, tuple[int, int]] = {}
         self._since: dict[str, int] = {}
         """Per route: the newest sequence number read (0: nothing yet, the first read starts at the oldest)."""
+        self._generation: dict[str, int] = {}
+        """Per route: raised when it restarts or leaves, so an exchange under way then changes nothing about it."""
         self.fleet_tally: dict[str, tuple[int, int]] = {}
         """Per route: (blocks predicted cached, blocks sent) by every replica of the fleet, at the last sync."""
         self.adopted = 0
@@ -154,6 +172,7 @@ class PrefixShare:
         """``route``'s server restarted (its cache is gone): remove from the fleet's index what this replica had
         read of it, and drop what it had not pushed yet."""
         with self._lock:
+            self._generation[route] = self._generation.get(route, 0) + 1
             self._out.pop(route, None)
             since = self._since.get(route, 0)
             if since > 0:
@@ -162,6 +181,7 @@ class PrefixShare:
     def left(self, route: str) -> None:
         """``route`` left this router (other replicas may still use it): nothing more is pushed or read of it here."""
         with self._lock:
+            self._generation[route] = self._generation.get(route, 0) + 1
             self._out.pop(route, None)
             self._cuts.pop(route, None)
             self._tally.pop(route, None)
@@ -179,7 +199,7 @@ class PrefixShare:
                 hashes[route] = [out.popleft() for _ in range(min(PAGE, len(out)))]
                 if not out:
                     del self._out[route]
-            push = Push(hashes, self._cuts, self._tally)
+            push = Push(hashes, self._cuts, self._tally, dict(self._generation))
             self._cuts, self._tally = {}, {}
         return push
 
@@ -193,14 +213,22 @@ class PrefixShare:
         """A push that did not reach Redis: sent again with the next one, before what was recorded since."""
         with self._lock:
             for route, hashes in push.hashes.items():
+                if self._moved_on(route, push):
+                    continue
                 out = deque(hashes, maxlen=self.max_blocks)
                 out.extend(self._out.get(route, ()))
                 self._out[route] = out
             for route, cut in push.cuts.items():
                 self._cuts[route] = max(cut, self._cuts.get(route, 0))
             for route, (hit, sent) in push.tally.items():
+                if self._moved_on(route, push):
+                    continue
                 more = self._tally.get(route, (0, 0))
                 self._tally[route] = (hit + more[0], sent + more[1])
+
+    def _moved_on(self, route: str, push: Push) -> bool:
+        """Whether ``route`` restarted or left since ``push`` was taken (under the lock)."""
+        return self._generation.get(route, 0) != push.generations.get(route, 0)
 
     def shared(self, routes: Mapping[str, Route]) -> list[str]:
         """The routes whose index is shared: those of a kind whose pool runs ``prefix_aware``."""
@@ -217,23 +245,33 @@ class PrefixShare:
             args += [name, self._since.get(name, 0), push.cuts.get(name, 0), hit, sent, len(hashes), *hashes]
         return keys, args
 
-    def apply(self, routes: Mapping[str, Route], names: Sequence[str], reply: object) -> bool:
+    def apply(self, routes: Mapping[str, Route], names: Sequence[str], reply: object, push: Push) -> bool:
         """Adopt PREFIX's reply for ``names``: each route's new entries into its kind's index, and the fleet's tally.
+        A route that restarted or left while the exchange ran is skipped (what it read may predate the restart).
 
         Whether there is more to exchange at once: a full page was read, or more than a page waits to be pushed."""
         more = self.pending
-        if not isinstance(reply, list) or len(reply) != len(names):
+        if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[1], list):
             return more
-        for name, part in zip(names, reply, strict=True):
+        seq, parts = _number(reply[0]), reply[1]
+        if len(parts) != len(names):
+            return more
+        with self._lock:
+            if seq is not None and any(since > seq for since in self._since.values()):
+                self._since = {}  # the fleet's sequence started again (Redis lost it): read every route anew
+                return True
+        for name, part in zip(names, parts, strict=True):
             route = routes.get(name)
             policy = self.policies.get(route.kind) if route is not None else None
-            if route is None or policy is None or not isinstance(part, list) or len(part) != 3:
+            if route is None or policy is None or not isinstance(part, list) or len(part) != 4:
                 continue
             if not isinstance(part[0], list):
                 continue
-            more |= len(part[0]) >= 2 * PAGE
+            more |= (_number(part[3]) or 0) >= 2 * PAGE
             hashes, newest = _entries(part[0])
             with self._lock:
+                if self._moved_on(name, push):
+                    continue
                 if newest > self._since.get(name, 0):
                     self._since[name] = newest
             if hashes:

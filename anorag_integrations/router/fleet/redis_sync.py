@@ -218,7 +218,7 @@ class Sync:
         if budget is not None and self.retry_budget is not None:  # add this replica's counts, read the fleet's
             out.budget_at = script("budget", [f"{ns}:budget"], [budget[0], budget[1], self.retry_budget.size])
         if push is not None and self.prefixes is not None and (names := self.prefixes.shared(routes)):
-            out.prefix_names = names  # push the prompts' blocks this replica recorded, read the fleet's new ones
+            out.prefix_names, out.push = names, push  # push the blocks this replica recorded, read the fleet's new ones
             out.prefix_at = script("prefix", *self.prefixes.args(ns or "", names, push))
         reads = [f"{ns}:{kind}" for kind in KINDS]  # this replica's routes only, each record within its kind's size
         out.reads_at = script("read", reads, [*(MAX_BYTES[kind] for kind in KINDS), *routes])
@@ -261,8 +261,8 @@ class Sync:
             if isinstance(totals, list) and len(totals) == 2 and all(isinstance(n, int) for n in totals):
                 self.retry_budget.fleet_totals(float(totals[0]), float(totals[1]))
         self._apply_reads(out.routes, replies[out.reads_at])
-        if self.prefixes is not None and out.prefix_at is not None:
-            out.more = self.prefixes.apply(out.routes, out.prefix_names, replies[out.prefix_at])
+        if self.prefixes is not None and out.prefix_at is not None and out.push is not None:
+            out.more = self.prefixes.apply(out.routes, out.prefix_names, replies[out.prefix_at], out.push)
         peers = replies[out.peers_at]
         now = redis_time(peers)
         if now is not None:  # this replica's own clock against Redis's, within half the round trip
@@ -311,6 +311,8 @@ class _Exchange:
     prefix_names: list[str] = field(default_factory=list)
     """The routes whose shared prefix index the exchange pushed to and read (``redis_prefix.py``)."""
     prefix_at: int | None = None
+    push: Push | None = None
+    """What the exchange pushed of the shared prefix index."""
     more: bool = False
     """The shared prefix index has more to push or read than one page: sync again at once."""
     sent_wall: float = 0.0
